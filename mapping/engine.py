@@ -1,0 +1,166 @@
+"""The sync engine: loads an agent's state, applies ``rules.decide`` and saves state and outbox
+commands in one transaction. Adapters call it after parsing and before answering their upstream, so
+that what they acknowledge is durable (rule 7)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from mapping import rules as R
+from mapping.catalogue import Catalogue
+from mapping.clock import Clock, utcnow
+from mapping.model import CLEAR, Agent, PresenceObserved, SetPresence, System
+from mapping.ports import Store
+from mapping.rules import Result
+from mapping.telemetry import NullTelemetry, Telemetry
+from mapping.translation import Rules
+
+log = logging.getLogger("presence_sync.engine")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    result: Result
+    agent: Agent | None
+    commands: tuple[SetPresence, ...] = ()
+    detail: str = ""
+
+
+class SyncEngine:
+    def __init__(
+        self,
+        store: Store,
+        catalogue: Catalogue,
+        rules: Rules,
+        *,
+        telemetry: Telemetry | None = None,
+        clock: Clock = utcnow,
+        on_enqueued: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.catalogue = catalogue
+        self.rules = rules
+        self.telemetry = telemetry or NullTelemetry()
+        self.clock = clock
+        self.on_enqueued = on_enqueued
+        # Per-agent serialisation inside this process; across processes, load_state's row lock.
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _lock(self, agent_id: str) -> asyncio.Lock:
+        lock = self._locks.get(agent_id)
+        if lock is None:
+            lock = self._locks[agent_id] = asyncio.Lock()
+        return lock
+
+    async def agent_for(self, system: System, external_id: str) -> Agent | None:
+        """The directory entry for a Dynamics systemuserid or a Teams (Entra) object id. Unknown ids
+        are recorded for `agents list --unknown`, never guessed (rule 1)."""
+        key = external_id.strip().lower()
+        agent = await (
+            self.store.get_agent(key) if system is System.DYNAMICS else self.store.get_agent_by_entra(key)
+        )
+        if agent is None:
+            async with self.store.transaction() as tx:
+                await tx.record_unknown(system, key, self.clock())
+        return agent
+
+    async def observe(self, event: PresenceObserved, *, intake: str | None = None) -> Outcome:
+        """Applies one observation. ``event.agent_id`` is the Dynamics systemuserid (resolve Teams ids
+        with ``agent_for`` first)."""
+        source = intake or event.source
+        agent = await self.store.get_agent(event.agent_id)
+        if agent is None or not agent.enabled:
+            self.telemetry.event(source, Result.UNKNOWN_AGENT)
+            detail = "agent disabled" if agent else "agent not in directory"
+            return Outcome(Result.UNKNOWN_AGENT, agent, detail=detail)
+        async with self._lock(agent.dynamics_user_id):
+            now = self.clock()
+            async with self.store.transaction() as tx:
+                state = await tx.load_state(agent.dynamics_user_id)
+                decision = R.decide(state, event, self.rules, self.catalogue, now)
+                if decision.result not in (Result.STALE, Result.DUPLICATE):
+                    await tx.save_state(decision.state)
+                for system in decision.cancel:
+                    await tx.cancel_pending(agent.dynamics_user_id, system, now)
+                for cmd in decision.commands:
+                    await tx.enqueue(cmd, now)
+        self._after(agent, source, event, decision)
+        return Outcome(decision.result, agent, decision.commands, decision.detail)
+
+    async def observe_many(self, events: Sequence[PresenceObserved], *, intake: str | None = None) -> list[Outcome]:
+        return [await self.observe(e, intake=intake) for e in events]
+
+    async def command(self, agent: Agent, presence_id: str, *, source: str = "bot") -> Outcome:
+        """An agent's own request to change presence: Dynamics gets it, Teams follows."""
+        presence = self.catalogue.get(presence_id)
+        if presence is None:
+            return Outcome(Result.UNKNOWN_PRESENCE, agent, detail=f"presence id {presence_id} is not in the catalogue")
+        async with self._lock(agent.dynamics_user_id):
+            now = self.clock()
+            async with self.store.transaction() as tx:
+                state = await tx.load_state(agent.dynamics_user_id)
+                decision = R.command(state, presence, self.rules, now, source)
+                await tx.save_state(decision.state)
+                for cmd in decision.commands:
+                    await tx.enqueue(cmd, now)
+        self._after(agent, source, None, decision)
+        return Outcome(decision.result, agent, decision.commands, decision.detail)
+
+    async def refresh_sessions(self, *, available_every: timedelta, others_every: timedelta) -> int:
+        """Re-issues the bridge's Teams session before Graph lets it fade or expire (an Available
+        session fades to Away after 5 minutes; every session ends at its expiration). Goes through
+        the outbox like any write, so limits and retries apply. Returns how many were re-issued."""
+        agents = await self.store.list_agents(enabled_only=True)
+        states = await self.store.load_states([a.dynamics_user_id for a in agents])
+        now = self.clock()
+        count = 0
+        for agent_id, st in states.items():
+            held, at = st.teams.written_value, st.teams.written_at
+            if held is None or held == CLEAR or at is None:
+                continue
+            every = available_every if held.startswith("Available/") else others_every
+            if now - at < every:
+                continue
+            async with self._lock(agent_id):
+                async with self.store.transaction() as tx:
+                    fresh = await tx.load_state(agent_id)
+                    if fresh.teams.written_value != held:
+                        continue
+                    fresh.teams.written_at = now
+                    await tx.save_state(fresh)
+                    await tx.enqueue(SetPresence(agent_id, System.TEAMS, held, "session refresh"), now)
+            count += 1
+        if count and self.on_enqueued:
+            self.on_enqueued()
+        return count
+
+    def _after(self, agent: Agent, source: str, event: PresenceObserved | None, decision: R.Decision) -> None:
+        self.telemetry.event(source, decision.result)
+        extra = {
+            "agent": agent.dynamics_user_id,
+            "agent_name": agent.display_name,
+            "source": source,
+            "result": str(decision.result),
+            "commands": [f"{c.system}={c.value}" for c in decision.commands],
+        }
+        if event is not None:
+            extra |= {"system": str(event.system), "value": event.value, "version": event.version}
+        if decision.detail:
+            extra["detail"] = decision.detail
+        if decision.log:
+            extra |= {f"conflict_{k}": v for k, v in decision.log.items() if k != "conflict"}
+            log.warning("conflict", extra={"fields": extra})
+        else:
+            log.info("event", extra={"fields": extra})
+        if decision.commands and self.on_enqueued:
+            self.on_enqueued()
+
+
+def observed_now(agent_id: str, system: System, value: str, *, source: str, version: int | None = None,
+                 modified_by: str | None = None, at: datetime | None = None) -> PresenceObserved:
+    """Shorthand for adapters that observe a presence at this moment."""
+    return PresenceObserved(agent_id, system, value, at or utcnow(), version, modified_by, source)

@@ -1,0 +1,150 @@
+"""Ports: what the core needs from the outside world, as Protocols the adapters implement.
+
+The core never imports an adapter. ``service`` builds the adapters and hands them in:
+- ``Store`` / ``Transaction``: persistence (SQL in ``service.store``; in memory in ``mapping.memory``).
+- ``PresenceWriter``: one per system, used by the outbox workers to deliver commands.
+- ``PresenceReader``: one per system, used by reconciliation to read the truth in batches.
+- ``DeliveryListener``: told when a command finally lands or dies (the bot's follow-ups).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from typing import Any, Protocol
+
+from mapping.model import (
+    Agent,
+    AgentSyncState,
+    Delivery,
+    OutboxRow,
+    OutboxStatus,
+    Presence,
+    PresenceObserved,
+    SetPresence,
+    System,
+)
+
+
+class PresenceWriter(Protocol):
+    """Delivers one command to one system. Raises ``mapping.errors`` types on failure, never others
+    for upstream trouble (a bare exception is treated as retryable, but loses the upstream's words)."""
+
+    system: System
+
+    async def apply(self, agent: Agent, value: str) -> None: ...
+
+
+class PresenceReader(Protocol):
+    """Reads the current presence of many agents (batching is the adapter's business).
+    Agents the upstream does not know are left out of the result."""
+
+    system: System
+
+    async def read(self, agents: Sequence[Agent]) -> list[PresenceObserved]: ...
+
+
+class DeliveryListener(Protocol):
+    """``outcome`` is ``delivered`` or ``dead``; ``error`` is the last upstream message for ``dead``."""
+
+    async def on_outcome(self, delivery: Delivery, outcome: str, error: str | None) -> None: ...
+
+
+class Transaction(Protocol):
+    """One atomic unit: everything written through it commits together or not at all."""
+
+    async def load_state(self, agent_id: str) -> AgentSyncState:
+        """Loads (and on PostgreSQL locks, until commit) the agent's sync state; a blank state if new."""
+        ...
+
+    async def save_state(self, state: AgentSyncState) -> None: ...
+
+    async def enqueue(self, command: SetPresence, now: datetime) -> int:
+        """Coalescing upsert: one outbox row per (agent, system). A new value replaces the pending
+        one and bumps ``generation``; a row in flight keeps its lease and is redelivered with the new
+        value after the current attempt. Returns the row id."""
+        ...
+
+    async def cancel_pending(self, agent_id: str, system: System, now: datetime) -> bool:
+        """Withdraws a not-yet-delivered command (conflict resolution). True if one was withdrawn."""
+        ...
+
+    async def get_agent(self, dynamics_user_id: str) -> Agent | None: ...
+
+    async def upsert_agent(self, agent: Agent) -> str:
+        """Returns ``added``, ``updated`` or ``unchanged``."""
+        ...
+
+    async def record_unknown(self, system: System, external_id: str, now: datetime) -> None: ...
+
+
+class Store(Protocol):
+    def transaction(self) -> AbstractAsyncContextManager[Transaction]:
+        """Commits on normal exit, rolls back on exception."""
+        ...
+
+    # Directory
+    async def get_agent(self, dynamics_user_id: str) -> Agent | None: ...
+    async def get_agent_by_entra(self, entra_object_id: str) -> Agent | None: ...
+    async def list_agents(self, *, enabled_only: bool = False) -> list[Agent]: ...
+    async def upsert_agents(self, agents: Sequence[Agent]) -> dict[str, str]:
+        """All or nothing; returns ``{dynamics_user_id: added|updated|unchanged}``."""
+        ...
+    async def set_agent_enabled(self, dynamics_user_id: str, enabled: bool) -> bool: ...
+    async def list_unknown(self) -> list[dict[str, Any]]: ...
+
+    # Presence catalogue
+    async def replace_presences(self, presences: Sequence[Presence]) -> None: ...
+    async def list_presences(self) -> list[Presence]: ...
+
+    # Sync state (read-only views; writes go through a Transaction)
+    async def load_states(self, agent_ids: Sequence[str]) -> dict[str, AgentSyncState]: ...
+
+    # Outbox
+    async def claim(
+        self, systems: Sequence[System], limit: int, lease_seconds: float, owner: str, now: datetime
+    ) -> list[Delivery]:
+        """Claims due rows (pending and due, or in flight with an expired lease), at most one row per
+        (agent, system) in flight at any time; on PostgreSQL with ``FOR UPDATE SKIP LOCKED``."""
+        ...
+
+    async def ack(self, delivery: Delivery, now: datetime) -> bool:
+        """Marks delivered if the lease is still ours; if a newer generation was enqueued meanwhile,
+        the row goes back to pending for it. False if the lease was lost (someone reclaimed)."""
+        ...
+
+    async def fail(
+        self, delivery: Delivery, error: str, next_attempt_at: datetime | None, now: datetime
+    ) -> OutboxStatus:
+        """Records a failed attempt: pending again at ``next_attempt_at``, or dead when it is None.
+        A newer generation enqueued meanwhile resets attempts and is retried instead of dying."""
+        ...
+
+    async def list_outbox(self, status: OutboxStatus | None = None, limit: int = 100) -> list[OutboxRow]: ...
+    async def outbox_counts(self) -> dict[str, int]: ...
+    async def retry_dead(self, row_id: int | None, now: datetime) -> int:
+        """Dead rows back to pending (one id, or all when None); returns how many."""
+        ...
+    async def outbox_row(self, agent_id: str, system: System) -> OutboxRow | None: ...
+
+    # Adapter state: small JSON documents (subscriptions, follow-ups) and encrypted secrets
+    async def get_doc(self, kind: str, key: str) -> dict[str, Any] | None: ...
+    async def put_doc(self, kind: str, key: str, doc: dict[str, Any]) -> None: ...
+    async def delete_doc(self, kind: str, key: str) -> None: ...
+    async def list_docs(self, kind: str) -> dict[str, dict[str, Any]]: ...
+    async def get_secret(self, name: str) -> bytes | None: ...
+    async def put_secret(self, name: str, value: bytes) -> None: ...
+
+    async def ping(self) -> None:
+        """Raises when the store cannot be reached or its schema is not current."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class TokenProvider(Protocol):
+    """Bearer tokens for an upstream (azure-identity credential, or the fixed token of static mode).
+    Built once by ``service.auth``; adapters never build credentials themselves."""
+
+    async def token(self, scope: str) -> str: ...

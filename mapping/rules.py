@@ -1,0 +1,266 @@
+"""Sync rules 2-6 of DESIGN.md as one pure function: state + event in, decision out.
+
+Pure so that every rule is unit- and property-testable without a store, a clock or a network; the
+engine (``mapping.engine``) loads the state, calls ``decide`` and saves what it returns in one
+transaction.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from mapping.model import CLEAR, AgentSyncState, BasePresence, Presence, PresenceObserved, SetPresence, System
+from mapping.translation import NONE, RESTORE, Rules
+
+ECHO_WINDOW = timedelta(minutes=5)
+"""How long a value the bridge wrote is expected back as an echo. Past it, the same value arriving
+again is treated as a genuine change (the write may have failed and a person set the same value)."""
+
+# How strongly a Dynamics base presence keeps work away: an override from Teams may only block more.
+_BLOCKING = {
+    BasePresence.AVAILABLE: 0,
+    BasePresence.AWAY: 1,
+    BasePresence.BUSY: 2,
+    BasePresence.BUSY_DND: 3,
+    BasePresence.OFFLINE: 4,
+}
+
+
+class Result(enum.StrEnum):
+    APPLIED = "applied"  # commands were issued
+    NO_CHANGE = "no_change"  # a genuine observation that needs nothing done (already in sync, rule says none)
+    ECHO = "echo"  # the bridge's own write coming back: suppressed (rule 3)
+    STALE = "stale"  # older than what is known (rule 4)
+    DUPLICATE = "duplicate"  # the same observation again (rule 4)
+    CONFLICT = "conflict"  # both sides changed inside the window; the loser was dropped (rule 5)
+    UNKNOWN_PRESENCE = "unknown_presence"  # a Dynamics presence id not in the catalogue
+    UNKNOWN_AGENT = "unknown_agent"  # set by the engine, never by decide()
+
+
+@dataclass(frozen=True)
+class Decision:
+    result: Result
+    state: AgentSyncState
+    commands: tuple[SetPresence, ...] = ()
+    cancel: tuple[System, ...] = ()
+    detail: str = ""
+    log: Mapping[str, object] = field(default_factory=dict)
+
+
+def _is_set(value: str | None) -> bool:
+    return value is not None and value != CLEAR
+
+
+def order(state: AgentSyncState, event: PresenceObserved) -> Result | None:
+    """Rule 4: STALE or DUPLICATE when the event is not newer than what is known, else None."""
+    side = state.side(event.system)
+    if event.version is not None and side.observed_version is not None:
+        if event.version < side.observed_version:
+            return Result.STALE
+        if event.version == side.observed_version:
+            return Result.DUPLICATE
+        return None
+    if side.observed_at is not None:
+        if event.observed_at < side.observed_at:
+            return Result.STALE
+        if event.observed_at == side.observed_at and event.value == side.observed_value:
+            return Result.DUPLICATE
+    return None
+
+
+def decide(
+    state: AgentSyncState,
+    event: PresenceObserved,
+    rules: Rules,
+    catalogue: Mapping[str, Presence],
+    now: datetime,
+) -> Decision:
+    """What the bridge does about one observation. ``state`` is not modified; the new one is returned."""
+    s = copy.deepcopy(state)
+    verdict = order(s, event)
+    if verdict is not None:
+        return Decision(verdict, state, detail=f"{event.system} {event.value} v{event.version}")
+    side = s.side(event.system)
+    previous = side.observed_value
+    side.observed_value = event.value
+    if event.version is not None:
+        side.observed_version = event.version
+    side.observed_at = max(event.observed_at, side.observed_at) if side.observed_at else event.observed_at
+    if event.system is System.DYNAMICS:
+        return _from_dynamics(s, event, previous, rules, catalogue, now)
+    return _from_teams(s, event, previous, rules, catalogue, now)
+
+
+def _write(s: AgentSyncState, system: System, value: str, now: datetime, reason: str) -> SetPresence:
+    side = s.side(system)
+    side.written_value = value
+    side.written_at = now
+    side.write_seen = False
+    return SetPresence(s.agent_id, system, value, reason)
+
+
+def _from_dynamics(
+    s: AgentSyncState,
+    ev: PresenceObserved,
+    previous: str | None,
+    rules: Rules,
+    catalogue: Mapping[str, Presence],
+    now: datetime,
+) -> Decision:
+    d = s.dynamics
+    presence = catalogue.get(ev.value)
+    if presence is None:
+        return Decision(Result.UNKNOWN_PRESENCE, s, detail=f"presence id {ev.value} is not in msdyn_presences")
+
+    # Rule 3: our own write coming back. The bridge writes as the agent (impersonation), so a change
+    # Dataverse marks SYSTEM (routing) is never ours, even when the value happens to match.
+    if (
+        d.written_value == ev.value
+        and not d.write_seen
+        and ev.modified_by != "SYSTEM"
+        and d.written_at is not None
+        and now - d.written_at <= ECHO_WINDOW
+    ):
+        d.write_seen = True
+        return Decision(Result.ECHO, s, detail=f"echo of bridge write {presence.name}")
+
+    if previous == ev.value:
+        # A newer version of the same presence (a duplicate webhook, a reconcile read): nothing moved,
+        # and an override must survive it, or the restore after the call would be lost.
+        return Decision(Result.NO_CHANGE, s, detail="unchanged")
+
+    # Rule 5: the other side changed inside the window and our write for it has not landed yet.
+    cancel: tuple[System, ...] = ()
+    log: dict[str, object] = {}
+    t_changed = s.teams.changed_at
+    window = timedelta(seconds=rules.conflict_window_seconds)
+    in_conflict = (
+        rules.conflict_winner != "latest"
+        and t_changed is not None
+        and abs(ev.observed_at - t_changed) <= window
+        and s.override_value is not None
+    )
+    if in_conflict:
+        log = {
+            "conflict": True,
+            "dynamics": presence.name,
+            "teams": s.teams.observed_value,
+            "winner": rules.conflict_winner,
+        }
+        if rules.conflict_winner == "teams":
+            # Teams wins: the override stays and is written again over this change.
+            d.changed_at = ev.observed_at
+            assert s.override_value is not None
+            cmd = _write(s, System.DYNAMICS, s.override_value, now, "conflict: teams wins")
+            return Decision(Result.CONFLICT, s, (cmd,), detail="teams wins", log=log)
+        cancel = (System.DYNAMICS,)
+
+    d.changed_at = ev.observed_at
+    # A genuine Dynamics change ends any override: the agent (or routing) has decided.
+    s.override_value = None
+    s.restore_value = None
+    if cancel:
+        d.written_value = None
+    target = rules.teams_for(presence.base)
+    held = s.teams.written_value
+    if target == held or (target == CLEAR and not _is_set(held)):
+        result = Result.CONFLICT if cancel else Result.NO_CHANGE
+        return Decision(result, s, cancel=cancel, detail=f"Teams session already {target}", log=log)
+    cmd = _write(s, System.TEAMS, target, now, f"dynamics {presence.name}")
+    return Decision(Result.CONFLICT if cancel else Result.APPLIED, s, (cmd,), cancel, log=log)
+
+
+def _from_teams(
+    s: AgentSyncState,
+    ev: PresenceObserved,
+    previous: str | None,
+    rules: Rules,
+    catalogue: Mapping[str, Presence],
+    now: datetime,
+) -> Decision:
+    t = s.teams
+    session = t.written_value
+    if _is_set(session) and ev.value == session:
+        # Teams shows exactly the bridge's session: either the echo of our setPresence, or the person's
+        # own call/meeting/DND ended and Teams fell back to our session. Either way an override ends.
+        t.write_seen = True
+        if s.override_value is not None:
+            return _restore(s, now, "Teams fell back to the bridge session")
+        return Decision(Result.ECHO, s, detail=f"Teams shows the bridge session {session}")
+
+    if previous == ev.value:
+        return Decision(Result.NO_CHANGE, s, detail="unchanged")
+    t.changed_at = ev.observed_at
+    action = rules.action_for(ev.value)
+    if action.kind == NONE:
+        return Decision(Result.NO_CHANGE, s, detail=f"rule: {ev.value} changes nothing in Dynamics")
+    if action.kind == RESTORE:
+        if s.override_value is not None:
+            return _restore(s, now, f"Teams {ev.value}")
+        return Decision(Result.NO_CHANGE, s, detail="no override to end")
+
+    assert action.base is not None
+    target = rules.dynamics_targets[action.base]
+    # Rule 5: Dynamics changed on its own inside the window: by default it wins.
+    d_changed = s.dynamics.changed_at
+    window = timedelta(seconds=rules.conflict_window_seconds)
+    if (
+        rules.conflict_winner == "dynamics"
+        and d_changed is not None
+        and abs(ev.observed_at - d_changed) <= window
+    ):
+        log = {"conflict": True, "dynamics": s.dynamics.observed_value, "teams": ev.value, "winner": "dynamics"}
+        return Decision(Result.CONFLICT, s, detail="dynamics wins", log=log)
+
+    # What the override is measured against: the agent's own presence, not our earlier override.
+    own = s.restore_value if s.override_value is not None else s.dynamics.observed_value
+    own_presence = catalogue.get(own) if own else None
+    if own_presence is not None and (
+        own_presence.base is BasePresence.OFFLINE or _BLOCKING[own_presence.base] > _BLOCKING[action.base]
+    ):
+        return Decision(
+            Result.NO_CHANGE, s,
+            detail=f"Dynamics {own_presence.name} already keeps work away more than {action.base.label}",
+        )
+    current = s.dynamics.observed_value
+    if current == target and s.override_value is None:
+        return Decision(Result.NO_CHANGE, s, detail="Dynamics already there")
+    if s.override_value is None:
+        s.restore_value = current
+    s.override_value = target
+    if current == target:
+        return Decision(Result.NO_CHANGE, s, detail="Dynamics already there (override kept)")
+    cmd = _write(s, System.DYNAMICS, target, now, f"teams {ev.value}")
+    return Decision(Result.APPLIED, s, (cmd,))
+
+
+def _restore(s: AgentSyncState, now: datetime, why: str) -> Decision:
+    target = s.restore_value
+    s.override_value = None
+    s.restore_value = None
+    if target is None or target == s.dynamics.observed_value:
+        return Decision(Result.NO_CHANGE, s, detail=f"override ended ({why}); nothing to restore")
+    cmd = _write(s, System.DYNAMICS, target, now, f"restore after override ({why})")
+    return Decision(Result.APPLIED, s, (cmd,), detail=f"restore ({why})")
+
+
+def command(
+    state: AgentSyncState, presence: Presence, rules: Rules, now: datetime, source: str
+) -> Decision:
+    """An agent's own request (the bot): Dynamics gets it and Teams follows, both written by us, so
+    neither echo bounces; any override ends, because the agent has decided."""
+    s = copy.deepcopy(state)
+    s.override_value = None
+    s.restore_value = None
+    cmds = []
+    if s.dynamics.observed_value != presence.presence_id or s.dynamics.written_value not in (None, presence.presence_id):
+        cmds.append(_write(s, System.DYNAMICS, presence.presence_id, now, f"{source}: {presence.name}"))
+    target = rules.teams_for(presence.base)
+    held = s.teams.written_value
+    if not (target == held or (target == CLEAR and not _is_set(held))):
+        cmds.append(_write(s, System.TEAMS, target, now, f"{source}: {presence.name}"))
+    return Decision(Result.APPLIED if cmds else Result.NO_CHANGE, s, tuple(cmds))

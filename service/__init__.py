@@ -1,0 +1,1 @@
+"""Composition root: settings, store, the aiohttp application, background workers and the CLI."""

@@ -1,0 +1,206 @@
+"""The one settings object (DESIGN.md, "Settings"): environment with prefix ``PRESENCE_SYNC_``, or ``.env``.
+
+Every check that can be made before touching a network is made here, so that a bad value stops the
+process with one line naming the variable, instead of failing later inside an adapter.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mapping.errors import ConfigError
+
+PREFIX = "PRESENCE_SYNC_"
+MICROSOFT_JWKS_URL = "https://login.microsoftonline.com/common/discovery/v2.0/keys"
+
+
+def is_loopback_url(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    host: str = "127.0.0.1"
+    port: int = 3978
+    public_url: str = ""
+    database_url: str = "sqlite+aiosqlite:///presence-sync.db"
+
+    tenant_id: str = ""
+    client_id: str = ""
+    client_cert_path: str = ""
+    client_secret: str = ""
+    auth_mode: Literal["entra", "static"] = "entra"
+    static_token: str = ""
+    static_subscriber_tokens: str = ""
+
+    graph_url: str = "https://graph.microsoft.com/v1.0"
+    graph_client_state: str = ""
+    graph_encryption_cert_path: str = ""
+    graph_encryption_key_path: str = ""
+    graph_jwks_url: str = ""
+    graph_presence_mode: Literal["session", "preferred"] = "session"
+    graph_session_expiration_minutes: int = 60
+
+    dataverse_url: str = ""
+    dataverse_webhook_key: str = ""
+
+    bot_app_id: str = ""
+    bot_app_password: str = ""
+    bot_app_type: Literal["MultiTenant", "SingleTenant", "UserAssignedMSI"] = "MultiTenant"
+    bot_tenant_id: str = ""
+
+    mapping_file: str = ""
+    reconcile_interval_seconds: float = 300.0
+    secret_key: str = ""
+    """Fernet key (urlsafe base64, 32 bytes) for secrets at rest; without it token caches are refused."""
+    outbox_max_attempts: int = 8
+    log_level: str = "INFO"
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, v: int) -> int:
+        if not 0 <= v <= 65535:
+            raise ValueError("expected a port number from 0 to 65535")
+        return v
+
+    @field_validator("graph_session_expiration_minutes")
+    @classmethod
+    def _expiration(cls, v: int) -> int:
+        if not 5 <= v <= 240:
+            raise ValueError("Graph accepts a session expiration from 5 to 240 minutes")
+        return v
+
+    @field_validator("reconcile_interval_seconds")
+    @classmethod
+    def _interval(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError("expected seconds >= 0 (0 turns the periodic sweep off)")
+        return v
+
+    @field_validator("outbox_max_attempts")
+    @classmethod
+    def _attempts(cls, v: int) -> int:
+        if not 1 <= v <= 100:
+            raise ValueError("expected a number of tries from 1 to 100")
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, v: str) -> str:
+        v = v.strip()
+        for plain in ("postgresql://", "postgres://"):
+            if v.startswith(plain):
+                v = "postgresql+asyncpg://" + v[len(plain):]
+        if v.startswith("sqlite://") and not v.startswith("sqlite+aiosqlite://"):
+            v = "sqlite+aiosqlite://" + v[len("sqlite://"):]
+        if not (v.startswith("sqlite+aiosqlite:///") or v.startswith("postgresql+asyncpg://")):
+            raise ValueError(
+                "expected sqlite+aiosqlite:///FILE.db or postgresql+asyncpg://USER@HOST:PORT/DB"
+            )
+        return v
+
+    @field_validator("public_url", "graph_url", "dataverse_url", "graph_jwks_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        v = v.strip().rstrip("/")
+        if v and (urlsplit(v).scheme not in ("http", "https") or not urlsplit(v).hostname):
+            raise ValueError("expected an http(s) URL such as https://host/path")
+        return v
+
+    @model_validator(mode="after")
+    def _modes(self) -> Settings:
+        upstreams = {
+            "GRAPH_URL": self.graph_url,
+            "DATAVERSE_URL": self.dataverse_url,
+            "GRAPH_JWKS_URL": self.graph_jwks_url,
+        }
+        if self.auth_mode == "static":
+            for name, url in upstreams.items():
+                if url and not is_loopback_url(url):
+                    raise ValueError(
+                        f"{PREFIX}{name}={url} is not a loopback address; AUTH_MODE=static (a fixed "
+                        "token for the emulators) only talks to 127.0.0.1/localhost. Use AUTH_MODE=entra "
+                        "for a real tenant"
+                    )
+            if not self.static_token:
+                raise ValueError(f"{PREFIX}AUTH_MODE=static needs {PREFIX}STATIC_TOKEN")
+        else:
+            for name, url in upstreams.items():
+                if url and urlsplit(url).scheme != "https" and not is_loopback_url(url):
+                    raise ValueError(f"{PREFIX}{name}={url} must use https")
+        if (self.graph_encryption_cert_path == "") != (self.graph_encryption_key_path == ""):
+            raise ValueError(
+                f"{PREFIX}GRAPH_ENCRYPTION_CERT_PATH and {PREFIX}GRAPH_ENCRYPTION_KEY_PATH go together"
+            )
+        for name in ("client_cert_path", "graph_encryption_cert_path", "graph_encryption_key_path", "mapping_file"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ValueError(f"{PREFIX}{name.upper()}={path}: no such file")
+        return self
+
+    # Derived values: one place, so adapters and doctor agree.
+    @property
+    def jwks_url(self) -> str:
+        """Keys for Graph ``validationTokens``: Microsoft's, or in static mode the emulator's beside Graph."""
+        if self.graph_jwks_url:
+            return self.graph_jwks_url
+        if self.auth_mode == "static":
+            parts = urlsplit(self.graph_url)
+            return f"{parts.scheme}://{parts.netloc}/common/discovery/v2.0/keys"
+        return MICROSOFT_JWKS_URL
+
+    @property
+    def subscriber_tokens(self) -> list[str]:
+        tokens = [t.strip() for t in self.static_subscriber_tokens.split(",") if t.strip()]
+        return tokens or ([self.static_token] if self.static_token else [])
+
+    @property
+    def dataverse_enabled(self) -> bool:
+        return bool(self.dataverse_url)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def public(self, path: str) -> str:
+        base = self.public_url or f"http://{self.host}:{self.port}"
+        return base.rstrip("/") + path
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment (and ``.env``), with ``overrides`` on top; ConfigError on bad input."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as e:
+        raise ConfigError(describe_validation_error(e)) from None
+
+
+def describe_validation_error(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = [str(x) for x in err.get("loc", ()) if x != "__root__"]
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        if loc:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+            if any(s in loc[0] for s in ("password", "secret", "token", "key")) and "path" not in loc[0]:
+                shown = ""
+            lines.append(f"{PREFIX}{loc[0].upper()}: {msg}{shown}")
+        else:
+            lines.append(msg)
+    return "; ".join(lines)
