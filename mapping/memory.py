@@ -259,6 +259,10 @@ class MemoryStore:
     async def put_secret(self, name: str, value: bytes) -> None:
         self.d.secrets[name] = value
 
+    async def try_lead(self, name: str, owner: str) -> bool:
+        holder = self.d.docs.setdefault(("leader", name), {"owner": owner})
+        return bool(holder["owner"] == owner)
+
     async def ping(self) -> None:
         return None
 
