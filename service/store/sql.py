@@ -1,0 +1,250 @@
+"""``SqlStore``: the ``mapping.ports.Store`` on SQLAlchemy 2 (async Core), SQLite or PostgreSQL.
+
+``mapping.memory.MemoryStore`` is the reference; ``tests/store`` runs one contract suite on both.
+Concurrency model:
+- SQLite has one writer. Inside a process, write transactions queue on an ``asyncio.Lock`` and
+  begin with ``BEGIN IMMEDIATE`` (other processes, e.g. the CLI beside ``serve``, wait on
+  ``busy_timeout``); reads run on their own connections and, thanks to WAL, never block.
+- PostgreSQL has many writers, on many instances: ``load_state`` locks the agent's row, ``claim``
+  skips rows other claimers hold, and leadership is an advisory lock (``service.store.leader``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from mapping.clock import utcnow
+from mapping.errors import ConfigError
+from mapping.model import Agent, AgentSyncState, BasePresence, Delivery, OutboxRow, OutboxStatus, Presence, System
+from service.store import directory_sql, outbox_sql, state_sql
+from service.store.connect import BEGIN_MODE, ENV, Target, create_engine, describe_connect_error, parse_url
+from service.store.dialect import upsert
+from service.store.leader import Leadership
+from service.store.migrate import (
+    check_not_newer,
+    current_revision,
+    head_revision,
+    migrate_engine,
+    migration_status,
+    upgrade,
+)
+from service.store.schema import agents, docs, presences, secrets
+from service.store.secrets import SecretBox
+from service.store.tx import SqlTransaction
+
+__all__ = ["SqlStore", "migration_status", "open_store", "upgrade"]
+
+
+class SqlStore:
+    """Build it with ``open_store``; the constructor does no I/O and applies no migrations."""
+
+    def __init__(self, engine: AsyncEngine, target: Target, secret_box: SecretBox) -> None:
+        self.engine = engine
+        self.target = target
+        self._box = secret_box
+        self._sqlite = target.is_sqlite
+        self._write_lock: asyncio.Lock | None = asyncio.Lock() if self._sqlite else None
+        self._leader = Leadership(None if self._sqlite else engine, target.schema or "")
+        self._closed = False
+
+    @property
+    def dialect(self) -> str:
+        return self.target.dialect
+
+    # Connections -------------------------------------------------------------------------------
+    @asynccontextmanager
+    async def _writing(self) -> AsyncIterator[AsyncConnection]:
+        """One write transaction: commit on normal exit, rollback on exception."""
+        lock = self._write_lock if self._write_lock is not None else contextlib.nullcontext()
+        async with lock, self.engine.connect() as conn:
+            if self._sqlite:
+                conn = await conn.execution_options(**{BEGIN_MODE: "IMMEDIATE"})
+            async with conn.begin():
+                yield conn
+
+    @asynccontextmanager
+    async def _reading(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.connect() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[SqlTransaction]:
+        async with self._writing() as conn:
+            yield SqlTransaction(conn)
+
+    # Directory ---------------------------------------------------------------------------------
+    async def get_agent(self, dynamics_user_id: str) -> Agent | None:
+        async with self._reading() as conn:
+            return await directory_sql.get(conn, dynamics_user_id)
+
+    async def get_agent_by_entra(self, entra_object_id: str) -> Agent | None:
+        async with self._reading() as conn:
+            return await directory_sql.get_by_entra(conn, entra_object_id)
+
+    async def list_agents(self, *, enabled_only: bool = False) -> list[Agent]:
+        query = select(agents)
+        if enabled_only:
+            query = query.where(agents.c.enabled.is_(True))
+        async with self._reading() as conn:
+            found = [directory_sql.to_agent(r) for r in (await conn.execute(query)).all()]
+        # Sorted in Python: SQL lower() and collations differ between dialects for non-ASCII names.
+        return sorted(found, key=lambda a: (a.display_name.lower(), a.dynamics_user_id))
+
+    async def upsert_agents(self, agent_list: Sequence[Agent]) -> dict[str, str]:
+        async with self._writing() as conn:
+            return {directory_sql.norm(a).dynamics_user_id: await directory_sql.upsert_one(conn, a)
+                    for a in agent_list}
+
+    async def set_agent_enabled(self, dynamics_user_id: str, enabled: bool) -> bool:
+        async with self._writing() as conn:
+            return await directory_sql.set_enabled(conn, dynamics_user_id, enabled)
+
+    async def list_unknown(self) -> list[dict[str, Any]]:
+        async with self._reading() as conn:
+            return await directory_sql.list_unknown(conn)
+
+    # Presence catalogue ------------------------------------------------------------------------
+    async def replace_presences(self, presence_list: Sequence[Presence]) -> None:
+        unique: dict[str, Presence] = {}
+        for p in presence_list:  # the same id twice (any case): the last one wins, as in memory
+            unique[p.presence_id.lower()] = p
+        async with self._writing() as conn:
+            await conn.execute(delete(presences))
+            if unique:
+                await conn.execute(presences.insert(), [
+                    {"presence_id": p.presence_id, "name": p.name, "base": int(p.base),
+                     "can_user_set": p.can_user_set, "position": i}
+                    for i, p in enumerate(unique.values())
+                ])
+
+    async def list_presences(self) -> list[Presence]:
+        async with self._reading() as conn:
+            rows = (await conn.execute(select(presences).order_by(presences.c.position))).all()
+        return [Presence(r.presence_id, r.name, BasePresence(r.base), bool(r.can_user_set)) for r in rows]
+
+    # Sync state --------------------------------------------------------------------------------
+    async def load_states(self, agent_ids: Sequence[str]) -> dict[str, AgentSyncState]:
+        async with self._reading() as conn:
+            return await state_sql.load_many(conn, agent_ids)
+
+    # Outbox ------------------------------------------------------------------------------------
+    async def claim(self, systems: Sequence[System], limit: int, lease_seconds: float, owner: str,
+                    now: datetime) -> list[Delivery]:
+        async with self._writing() as conn:
+            return await outbox_sql.claim(conn, systems, limit, lease_seconds, owner, now)
+
+    async def ack(self, delivery: Delivery, now: datetime) -> bool:
+        async with self._writing() as conn:
+            return await outbox_sql.ack(conn, delivery, now)
+
+    async def fail(self, delivery: Delivery, error: str, next_attempt_at: datetime | None,
+                   now: datetime) -> OutboxStatus:
+        async with self._writing() as conn:
+            return await outbox_sql.fail(conn, delivery, error, next_attempt_at, now)
+
+    async def list_outbox(self, status: OutboxStatus | None = None, limit: int = 100) -> list[OutboxRow]:
+        async with self._reading() as conn:
+            return await outbox_sql.list_rows(conn, status, limit)
+
+    async def outbox_counts(self) -> dict[str, int]:
+        async with self._reading() as conn:
+            return await outbox_sql.counts(conn)
+
+    async def retry_dead(self, row_id: int | None, now: datetime) -> int:
+        async with self._writing() as conn:
+            return await outbox_sql.retry_dead(conn, row_id, now)
+
+    async def outbox_row(self, agent_id: str, system: System) -> OutboxRow | None:
+        async with self._reading() as conn:
+            return await outbox_sql.row_for(conn, agent_id, system)
+
+    # Documents and secrets ---------------------------------------------------------------------
+    async def get_doc(self, kind: str, key: str) -> dict[str, Any] | None:
+        async with self._reading() as conn:
+            doc = (await conn.execute(select(docs.c.doc).where(docs.c.kind == kind, docs.c.key == key))).scalar()
+        return dict(doc) if doc is not None else None
+
+    async def put_doc(self, kind: str, key: str, doc: dict[str, Any]) -> None:
+        stmt = upsert(self.dialect, docs).values(kind=kind, key=key, doc=doc, updated_at=utcnow())
+        async with self._writing() as conn:
+            await conn.execute(stmt.on_conflict_do_update(
+                index_elements=[docs.c.kind, docs.c.key],
+                set_={"doc": stmt.excluded.doc, "updated_at": stmt.excluded.updated_at},
+            ))
+
+    async def delete_doc(self, kind: str, key: str) -> None:
+        async with self._writing() as conn:
+            await conn.execute(delete(docs).where(docs.c.kind == kind, docs.c.key == key))
+
+    async def list_docs(self, kind: str) -> dict[str, dict[str, Any]]:
+        async with self._reading() as conn:
+            rows = (await conn.execute(select(docs.c.key, docs.c.doc).where(docs.c.kind == kind)
+                                       .order_by(docs.c.key))).all()
+        return {r.key: dict(r.doc) for r in rows}
+
+    async def get_secret(self, name: str) -> bytes | None:
+        async with self._reading() as conn:
+            sealed = (await conn.execute(select(secrets.c.ciphertext).where(secrets.c.name == name))).scalar()
+        return None if sealed is None else self._box.open(name, bytes(sealed))
+
+    async def put_secret(self, name: str, value: bytes) -> None:
+        sealed = self._box.seal(value)  # before touching the database: no key, nothing written
+        stmt = upsert(self.dialect, secrets).values(name=name, ciphertext=sealed, updated_at=utcnow())
+        async with self._writing() as conn:
+            await conn.execute(stmt.on_conflict_do_update(
+                index_elements=[secrets.c.name],
+                set_={"ciphertext": stmt.excluded.ciphertext, "updated_at": stmt.excluded.updated_at},
+            ))
+
+    # Operations --------------------------------------------------------------------------------
+    async def try_lead(self, name: str, owner: str) -> bool:
+        return await self._leader.try_lead(name, owner)
+
+    async def ping(self) -> None:
+        try:
+            current = await current_revision(self.engine)
+        except Exception as e:
+            raise ConfigError(f"{ENV}: cannot connect to {self.target.shown}: {describe_connect_error(e)}") from e
+        head = head_revision()
+        if current != head:
+            raise ConfigError(
+                f"{ENV}: the database at {self.target.shown} has schema revision {current or 'none'}, "
+                f"this presence-sync needs {head}; run: presence-sync db upgrade"
+            )
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._leader.close()
+        await self.engine.dispose()
+
+
+async def open_store(database_url: str, *, secret_key: str = "", migrate: bool = True,
+                     schema: str | None = None) -> SqlStore:
+    """Connects, applies pending migrations (unless ``migrate=False``) and returns the store.
+
+    ``schema`` (PostgreSQL; also ``?schema=NAME`` in the URL) keeps every table in that schema,
+    creating it when migrating. ``ConfigError`` (one line, naming PRESENCE_SYNC_DATABASE_URL, no
+    password) when the URL is bad, the database cannot be reached, or its schema is newer than the
+    code; also when ``secret_key`` is set but malformed."""
+    target = parse_url(database_url, schema)
+    box = SecretBox(secret_key)
+    engine = create_engine(target)
+    try:
+        if migrate:
+            await migrate_engine(engine, target)
+        else:
+            await check_not_newer(engine, target)
+    except BaseException:
+        await engine.dispose()
+        raise
+    return SqlStore(engine, target, box)
