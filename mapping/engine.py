@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from mapping import rules as R
 from mapping.catalogue import Catalogue
 from mapping.clock import Clock, utcnow
-from mapping.model import CLEAR, Agent, PresenceObserved, SetPresence, System
+from mapping.model import CLEAR, Agent, Delivery, PresenceObserved, SetPresence, System
 from mapping.ports import Store
 from mapping.rules import Result
 from mapping.telemetry import NullTelemetry, Telemetry
@@ -109,6 +109,16 @@ class SyncEngine:
                     await tx.enqueue(cmd, now)
         self._after(agent, source, None, decision)
         return Outcome(decision.result, agent, decision.commands, decision.detail)
+
+    async def on_outcome(self, delivery: Delivery, outcome: str, error: str | None) -> None:
+        """DeliveryListener: remembers what a system holds from us, so a later Teams change can be read
+        against the session Teams really shows (rule 2's fallback test)."""
+        if outcome != "delivered":
+            return
+        async with self._lock(delivery.agent_id):
+            async with self.store.transaction() as tx:
+                state = await tx.load_state(delivery.agent_id)
+                await tx.save_state(R.delivered(state, delivery.system, delivery.value, self.clock()))
 
     async def refresh_sessions(self, *, available_every: timedelta, others_every: timedelta) -> int:
         """Re-issues the bridge's Teams session before Graph lets it fade or expire (an Available

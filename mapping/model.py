@@ -175,6 +175,12 @@ class SideState:
     """Whether the echo of ``written_value`` has come back already."""
     changed_at: datetime | None = None
     """When the last genuine (not echo) change of this system was observed, for the conflict window."""
+    delivered_value: str | None = None
+    """The last write of ours the system acknowledged: what our Teams session really holds now."""
+    delivered_at: datetime | None = None
+    recent_writes: list[tuple[str, datetime]] = field(default_factory=list)
+    """Writes whose echo has not come back yet, oldest first: the echo of an older write can arrive
+    after a newer write was decided (and before it was delivered), and must not count as a change."""
 
 
 @dataclass

@@ -13,7 +13,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from mapping.model import CLEAR, AgentSyncState, BasePresence, Presence, PresenceObserved, SetPresence, System
+from mapping.model import (
+    CLEAR,
+    AgentSyncState,
+    BasePresence,
+    Presence,
+    PresenceObserved,
+    SetPresence,
+    SideState,
+    System,
+)
 from mapping.translation import NONE, RESTORE, Rules
 
 ECHO_WINDOW = timedelta(minutes=5)
@@ -55,6 +64,13 @@ def _is_set(value: str | None) -> bool:
     return value is not None and value != CLEAR
 
 
+def effective(side: SideState) -> str | None:
+    """What a system shows or is about to show: our write until its echo is seen, else what we saw."""
+    if side.written_value is not None and not side.write_seen:
+        return side.written_value
+    return side.observed_value
+
+
 def order(state: AgentSyncState, event: PresenceObserved) -> Result | None:
     """Rule 4: STALE or DUPLICATE when the event is not newer than what is known, else None."""
     side = state.side(event.system)
@@ -70,6 +86,17 @@ def order(state: AgentSyncState, event: PresenceObserved) -> Result | None:
         if event.observed_at == side.observed_at and event.value == side.observed_value:
             return Result.DUPLICATE
     return None
+
+
+def delivered(state: AgentSyncState, system: System, value: str, now: datetime) -> AgentSyncState:
+    """A write of ours landed: the system now holds ``value``; older writes can no longer show, and
+    the echo of this one is expected from now (a write held back by an outage echoes late)."""
+    s = copy.deepcopy(state)
+    side = s.side(system)
+    side.delivered_value = value
+    side.delivered_at = now
+    side.recent_writes = [(v, now if v == value else at) for v, at in side.recent_writes]
+    return s
 
 
 def decide(
@@ -95,12 +122,43 @@ def decide(
     return _from_teams(s, event, previous, rules, catalogue, now)
 
 
+MAX_RECENT_WRITES = 8
+
+
 def _write(s: AgentSyncState, system: System, value: str, now: datetime, reason: str) -> SetPresence:
     side = s.side(system)
     side.written_value = value
     side.written_at = now
     side.write_seen = False
+    recent = [(v, at) for v, at in side.recent_writes if now - at <= ECHO_WINDOW and v != value]
+    side.recent_writes = [*recent, (value, now)][-MAX_RECENT_WRITES:]
     return SetPresence(s.agent_id, system, value, reason)
+
+
+def _take_echo(side: SideState, value: str, now: datetime, observed_at: datetime | None = None) -> bool:
+    """True (and forgets it, with every older write) when ``value`` is a write of ours still expected back.
+
+    A write older than the one the system acknowledged last can only still be showing in an
+    observation made before that acknowledgement; anything later that matches it is the person's own
+    doing and must not be swallowed as an echo."""
+    live = [(v, at) for v, at in side.recent_writes if now - at <= ECHO_WINDOW]
+    held = next((i for i, (v, _) in enumerate(live) if v == side.delivered_value), None)
+    for i, (v, _) in enumerate(live):
+        if (
+            held is not None
+            and i < held
+            and observed_at is not None
+            and side.delivered_at is not None
+            and observed_at > side.delivered_at
+        ):
+            continue
+        if v == value:
+            side.recent_writes = live[i + 1:]
+            if value == side.written_value:
+                side.write_seen = True
+            return True
+    side.recent_writes = live
+    return False
 
 
 def _from_dynamics(
@@ -118,14 +176,7 @@ def _from_dynamics(
 
     # Rule 3: our own write coming back. The bridge writes as the agent (impersonation), so a change
     # Dataverse marks SYSTEM (routing) is never ours, even when the value happens to match.
-    if (
-        d.written_value == ev.value
-        and not d.write_seen
-        and ev.modified_by != "SYSTEM"
-        and d.written_at is not None
-        and now - d.written_at <= ECHO_WINDOW
-    ):
-        d.write_seen = True
+    if ev.modified_by != "SYSTEM" and _take_echo(d, ev.value, now):
         return Decision(Result.ECHO, s, detail=f"echo of bridge write {presence.name}")
 
     if previous == ev.value:
@@ -134,44 +185,46 @@ def _from_dynamics(
         return Decision(Result.NO_CHANGE, s, detail="unchanged")
 
     # Rule 5: the other side changed inside the window and our write for it has not landed yet.
-    cancel: tuple[System, ...] = ()
     log: dict[str, object] = {}
     t_changed = s.teams.changed_at
     window = timedelta(seconds=rules.conflict_window_seconds)
-    in_conflict = (
-        rules.conflict_winner != "latest"
+    if (
+        rules.conflict_winner == "teams"
+        and t_changed is not None
+        and abs(ev.observed_at - t_changed) <= window
+        and s.override_value is not None
+    ):
+        log = {"conflict": True, "dynamics": presence.name, "teams": s.teams.observed_value, "winner": "teams"}
+        d.changed_at = ev.observed_at
+        cmd = _write(s, System.DYNAMICS, s.override_value, now, "conflict: teams wins")
+        return Decision(Result.CONFLICT, s, (cmd,), detail="teams wins", log=log)
+    conflict = (
+        rules.conflict_winner == "dynamics"
         and t_changed is not None
         and abs(ev.observed_at - t_changed) <= window
         and s.override_value is not None
     )
-    if in_conflict:
-        log = {
-            "conflict": True,
-            "dynamics": presence.name,
-            "teams": s.teams.observed_value,
-            "winner": rules.conflict_winner,
-        }
-        if rules.conflict_winner == "teams":
-            # Teams wins: the override stays and is written again over this change.
-            d.changed_at = ev.observed_at
-            assert s.override_value is not None
-            cmd = _write(s, System.DYNAMICS, s.override_value, now, "conflict: teams wins")
-            return Decision(Result.CONFLICT, s, (cmd,), detail="teams wins", log=log)
-        cancel = (System.DYNAMICS,)
+    if conflict:
+        log = {"conflict": True, "dynamics": presence.name, "teams": s.teams.observed_value, "winner": "dynamics"}
 
     d.changed_at = ev.observed_at
-    # A genuine Dynamics change ends any override: the agent (or routing) has decided.
-    s.override_value = None
-    s.restore_value = None
+    # A genuine Dynamics change is newer knowledge than any write of ours still queued for Dynamics:
+    # withdraw it, and stop expecting echoes (a write already in flight that lands after this change
+    # is then a real change, mirrored like any other, so the two systems cannot drift apart).
+    cancel: tuple[System, ...] = (System.DYNAMICS,) if d.written_value is not None and not d.write_seen else ()
+    d.recent_writes = []
     if cancel:
         d.written_value = None
+    # ...and ends any override: the agent (or routing) has decided.
+    s.override_value = None
+    s.restore_value = None
     target = rules.teams_for(presence.base)
     held = s.teams.written_value
     if target == held or (target == CLEAR and not _is_set(held)):
-        result = Result.CONFLICT if cancel else Result.NO_CHANGE
+        result = Result.CONFLICT if conflict else Result.NO_CHANGE
         return Decision(result, s, cancel=cancel, detail=f"Teams session already {target}", log=log)
     cmd = _write(s, System.TEAMS, target, now, f"dynamics {presence.name}")
-    return Decision(Result.CONFLICT if cancel else Result.APPLIED, s, (cmd,), cancel, log=log)
+    return Decision(Result.CONFLICT if conflict else Result.APPLIED, s, (cmd,), cancel, log=log)
 
 
 def _from_teams(
@@ -184,13 +237,39 @@ def _from_teams(
 ) -> Decision:
     t = s.teams
     session = t.written_value
+    holds = t.delivered_value
+    live = [v for v, at in t.recent_writes if now - at <= ECHO_WINDOW]
+    if _is_set(holds) and ev.value == holds:
+        if holds in live and (t.delivered_at is None or ev.observed_at >= t.delivered_at):
+            # The first sight of the session we just delivered: our own write (it may mask the person's
+            # own state, which tells nothing about their call having ended).
+            _take_echo(t, ev.value, now)
+            return Decision(Result.ECHO, s, detail=f"echo of bridge session {holds}")
+        if s.override_value is not None:
+            # Teams showed something else since, and is back on our session: the person's own call,
+            # meeting or DND has ended (even if a newer write of ours is still on its way).
+            return _restore(s, now, "Teams fell back to the bridge session")
+        return Decision(Result.ECHO, s, detail=f"Teams shows the bridge session {holds}")
+    if (
+        holds is not None
+        and t.delivered_at is not None
+        and ev.observed_at >= t.delivered_at
+        and holds in live
+    ):
+        # Teams shows something other than the session it holds from us: the echo of that session is
+        # no longer coming, and a later return to it is a fallback, not an echo.
+        t.recent_writes = [(v, at) for v, at in t.recent_writes if v != holds]
     if _is_set(session) and ev.value == session:
         # Teams shows exactly the bridge's session: either the echo of our setPresence, or the person's
         # own call/meeting/DND ended and Teams fell back to our session. Either way an override ends.
+        _take_echo(t, ev.value, now)
         t.write_seen = True
         if s.override_value is not None:
             return _restore(s, now, "Teams fell back to the bridge session")
         return Decision(Result.ECHO, s, detail=f"Teams shows the bridge session {session}")
+    if _take_echo(t, ev.value, now, ev.observed_at):
+        # An older session of ours, shown before our newer write landed: its own notification follows.
+        return Decision(Result.ECHO, s, detail=f"Teams shows an earlier bridge session {ev.value}")
 
     if previous == ev.value:
         return Decision(Result.NO_CHANGE, s, detail="unchanged")
@@ -226,7 +305,7 @@ def _from_teams(
             Result.NO_CHANGE, s,
             detail=f"Dynamics {own_presence.name} already keeps work away more than {action.base.label}",
         )
-    current = s.dynamics.observed_value
+    current = effective(s.dynamics)
     if current == target and s.override_value is None:
         return Decision(Result.NO_CHANGE, s, detail="Dynamics already there")
     if s.override_value is None:
@@ -242,7 +321,7 @@ def _restore(s: AgentSyncState, now: datetime, why: str) -> Decision:
     target = s.restore_value
     s.override_value = None
     s.restore_value = None
-    if target is None or target == s.dynamics.observed_value:
+    if target is None or target == effective(s.dynamics):
         return Decision(Result.NO_CHANGE, s, detail=f"override ended ({why}); nothing to restore")
     cmd = _write(s, System.DYNAMICS, target, now, f"restore after override ({why})")
     return Decision(Result.APPLIED, s, (cmd,), detail=f"restore ({why})")
@@ -257,7 +336,7 @@ def command(
     s.override_value = None
     s.restore_value = None
     cmds = []
-    if s.dynamics.observed_value != presence.presence_id or s.dynamics.written_value not in (None, presence.presence_id):
+    if effective(s.dynamics) != presence.presence_id:
         cmds.append(_write(s, System.DYNAMICS, presence.presence_id, now, f"{source}: {presence.name}"))
     target = rules.teams_for(presence.base)
     held = s.teams.written_value

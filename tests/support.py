@@ -81,6 +81,7 @@ def make_bridge(
     writers = writers or {s: RecordingWriter(s) for s in System}
     outbox = OutboxWorker(store, writers, policy=policy or RetryPolicy(jitter=False), clock=clock, limiters={})
     engine = SyncEngine(store, catalogue, rules, clock=clock, on_enqueued=outbox.wake)
+    outbox.listeners.insert(0, engine)
     return Bridge(store, catalogue, rules, engine, outbox, limiters={}, clock=clock)
 
 
