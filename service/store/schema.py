@@ -91,6 +91,7 @@ sync_state = Table(
     Column("write_seen", Boolean, nullable=False),
     Column("changed_at", UTCDateTime),
     Column("delivered_value", Text),
+    Column("delivered_at", UTCDateTime),
     Column("recent_writes", JSON),  # [[value, ISO-8601 UTC], ...], oldest first
 )
 

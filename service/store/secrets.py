@@ -31,6 +31,9 @@ class SecretBox:
                     f"make one with: {_MAKE_ONE}"
                 ) from None
 
+    def require_key(self) -> None:
+        self._key()
+
     def _key(self) -> Fernet:
         if self._fernet is None:
             raise ConfigError(KEY_MISSING)

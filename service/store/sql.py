@@ -191,6 +191,7 @@ class SqlStore:
         return {r.key: dict(r.doc) for r in rows}
 
     async def get_secret(self, name: str) -> bytes | None:
+        self._box.require_key()  # say so now, not the first time a secret happens to exist
         async with self._reading() as conn:
             sealed = (await conn.execute(select(secrets.c.ciphertext).where(secrets.c.name == name))).scalar()
         return None if sealed is None else self._box.open(name, bytes(sealed))

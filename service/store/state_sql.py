@@ -16,7 +16,7 @@ from service.store.dialect import upsert
 from service.store.schema import agent_state, sync_state
 
 SIDE_COLUMNS = ("observed_value", "observed_version", "observed_at", "written_value", "written_at",
-                "write_seen", "changed_at", "delivered_value")
+                "write_seen", "changed_at", "delivered_value", "delivered_at")
 """``SideState`` fields stored as plain columns; ``recent_writes`` is JSON (see ``_encode_writes``).
 ``tests/store`` fails when the model gains a field that is in neither, so nothing is silently lost."""
 JSON_COLUMNS = ("recent_writes",)

@@ -66,6 +66,7 @@ def upgrade() -> None:
         sa.Column("write_seen", sa.Boolean(), nullable=False),
         sa.Column("changed_at", UTCDateTime(), nullable=True),
         sa.Column("delivered_value", sa.Text(), nullable=True),
+        sa.Column("delivered_at", UTCDateTime(), nullable=True),
         sa.Column("recent_writes", sa.JSON(), nullable=True),
         sa.ForeignKeyConstraint(
             ["agent_id"], ["agent_state.agent_id"], name="fk_sync_state_agent_id_agent_state", ondelete="CASCADE"
