@@ -48,7 +48,9 @@ def parse_agents_csv(text: str, source: str = "<csv>") -> CsvReport:
             continue
         d, e = row[0].strip().lower(), row[1].strip().lower()
         name = row[2].strip() if len(row) > 2 else ""
-        bad = [f"{col} {val!r} is not a GUID" for col, val in ((CSV_HEADER[0], d), (CSV_HEADER[1], e)) if not is_guid(val)]
+        bad = [
+            f"{col} {val!r} is not a GUID" for col, val in ((CSV_HEADER[0], d), (CSV_HEADER[1], e)) if not is_guid(val)
+        ]
         if bad:
             report.errors.append(f"{source}:{n}: " + "; ".join(bad))
             continue

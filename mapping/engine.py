@@ -60,9 +60,7 @@ class SyncEngine:
         """The directory entry for a Dynamics systemuserid or a Teams (Entra) object id. Unknown ids
         are recorded for `agents list --unknown`, never guessed (rule 1)."""
         key = external_id.strip().lower()
-        agent = await (
-            self.store.get_agent(key) if system is System.DYNAMICS else self.store.get_agent_by_entra(key)
-        )
+        agent = await (self.store.get_agent(key) if system is System.DYNAMICS else self.store.get_agent_by_entra(key))
         if agent is None:
             async with self.store.transaction() as tx:
                 await tx.record_unknown(system, key, self.clock())
@@ -150,7 +148,7 @@ class SyncEngine:
 
     def _after(self, agent: Agent, source: str, event: PresenceObserved | None, decision: R.Decision) -> None:
         self.telemetry.event(source, decision.result)
-        extra = {
+        extra: dict[str, object] = {
             "agent": agent.dynamics_user_id,
             "agent_name": agent.display_name,
             "source": source,
@@ -170,7 +168,15 @@ class SyncEngine:
             self.on_enqueued()
 
 
-def observed_now(agent_id: str, system: System, value: str, *, source: str, version: int | None = None,
-                 modified_by: str | None = None, at: datetime | None = None) -> PresenceObserved:
+def observed_now(
+    agent_id: str,
+    system: System,
+    value: str,
+    *,
+    source: str,
+    version: int | None = None,
+    modified_by: str | None = None,
+    at: datetime | None = None,
+) -> PresenceObserved:
     """Shorthand for adapters that observe a presence at this moment."""
     return PresenceObserved(agent_id, system, value, at or utcnow(), version, modified_by, source)

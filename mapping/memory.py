@@ -45,8 +45,19 @@ class _Row:
     delivered_generation: int = 0
 
     def view(self) -> OutboxRow:
-        return OutboxRow(self.id, self.agent_id, self.system, self.value, self.status, self.generation,
-                         self.attempts, self.next_attempt_at, self.last_error, self.updated_at, self.reason)
+        return OutboxRow(
+            self.id,
+            self.agent_id,
+            self.system,
+            self.value,
+            self.status,
+            self.generation,
+            self.attempts,
+            self.next_attempt_at,
+            self.last_error,
+            self.updated_at,
+            self.reason,
+        )
 
 
 class _Data:
@@ -75,8 +86,22 @@ class MemoryTransaction:
         key = (command.agent_id, command.system)
         row = self.d.outbox.get(key)
         if row is None:
-            row = _Row(self.d.next_id, command.agent_id, command.system, command.value, command.reason,
-                       OutboxStatus.PENDING, 1, 0, now, None, None, None, None, now)
+            row = _Row(
+                self.d.next_id,
+                command.agent_id,
+                command.system,
+                command.value,
+                command.reason,
+                OutboxStatus.PENDING,
+                1,
+                0,
+                now,
+                None,
+                None,
+                None,
+                None,
+                now,
+            )
             self.d.next_id += 1
             self.d.outbox[key] = row
             return row.id
@@ -111,15 +136,19 @@ class MemoryTransaction:
         return "added" if old is None else ("unchanged" if old == agent else "updated")
 
     async def record_unknown(self, system: System, external_id: str, now: datetime) -> None:
-        e = self.d.unknown.setdefault((system, external_id), {"system": str(system), "id": external_id,
-                                                              "first_seen": now, "count": 0})
+        e = self.d.unknown.setdefault(
+            (system, external_id), {"system": str(system), "id": external_id, "first_seen": now, "count": 0}
+        )
         e["count"] += 1
         e["last_seen"] = now
 
 
 def _norm(agent: Agent) -> Agent:
-    return replace(agent, dynamics_user_id=agent.dynamics_user_id.strip().lower(),
-                   entra_object_id=agent.entra_object_id.strip().lower())
+    return replace(
+        agent,
+        dynamics_user_id=agent.dynamics_user_id.strip().lower(),
+        entra_object_id=agent.entra_object_id.strip().lower(),
+    )
 
 
 class MemoryStore:
@@ -166,9 +195,10 @@ class MemoryStore:
     async def load_states(self, agent_ids: Sequence[str]) -> dict[str, AgentSyncState]:
         return {a: copy.deepcopy(self.d.states[a]) for a in agent_ids if a in self.d.states}
 
-    async def claim(self, systems: Sequence[System], limit: int, lease_seconds: float, owner: str,
-                    now: datetime) -> list[Delivery]:
-        out = []
+    async def claim(
+        self, systems: Sequence[System], limit: int, lease_seconds: float, owner: str, now: datetime
+    ) -> list[Delivery]:
+        out: list[Delivery] = []
         for row in sorted(self.d.outbox.values(), key=lambda r: r.id):
             if len(out) >= limit:
                 break
@@ -180,8 +210,18 @@ class MemoryStore:
                 continue
             row.status, row.lease_owner, row.lease_token = OutboxStatus.IN_FLIGHT, owner, uuid.uuid4().hex
             row.lease_until = now + timedelta(seconds=lease_seconds)
-            out.append(Delivery(row.id, row.agent_id, row.system, row.value, row.generation, row.attempts,
-                                row.lease_token, row.reason))
+            out.append(
+                Delivery(
+                    row.id,
+                    row.agent_id,
+                    row.system,
+                    row.value,
+                    row.generation,
+                    row.attempts,
+                    row.lease_token,
+                    row.reason,
+                )
+            )
         return out
 
     def _held(self, d: Delivery) -> _Row | None:
@@ -203,8 +243,9 @@ class MemoryStore:
             row.status, row.last_error = OutboxStatus.DELIVERED, None
         return True
 
-    async def fail(self, delivery: Delivery, error: str, next_attempt_at: datetime | None,
-                   now: datetime) -> OutboxStatus:
+    async def fail(
+        self, delivery: Delivery, error: str, next_attempt_at: datetime | None, now: datetime
+    ) -> OutboxStatus:
         row = self._held(delivery)
         if row is None:
             return OutboxStatus.IN_FLIGHT

@@ -122,9 +122,18 @@ class OutboxWorker:
             kept = await self.store.ack(d, now)
             secs = time.monotonic() - started
             self.telemetry.delivery(d.system, "delivered" if kept else "lease_lost", secs)
-            log.info("delivered", extra={"fields": {"agent": d.agent_id, "system": str(d.system),
-                                                    "value": d.value, "attempt": d.attempts + 1,
-                                                    "seconds": round(secs, 4)}})
+            log.info(
+                "delivered",
+                extra={
+                    "fields": {
+                        "agent": d.agent_id,
+                        "system": str(d.system),
+                        "value": d.value,
+                        "attempt": d.attempts + 1,
+                        "seconds": round(secs, 4),
+                    }
+                },
+            )
             await self._settle(d, "delivered", None)
             return
         await self._failed(d, error, time.monotonic() - started)
@@ -142,9 +151,15 @@ class OutboxWorker:
         status = await self.store.fail(d, error.message, next_at, now)
         result = "dead" if status is OutboxStatus.DEAD else ("throttled" if isinstance(error, Throttled) else "retry")
         self.telemetry.delivery(d.system, result, secs)
-        fields = {"agent": d.agent_id, "system": str(d.system), "value": d.value, "attempt": attempt,
-                  "error": error.message, "result": result,
-                  "retry_at": next_at.isoformat() if next_at else None}
+        fields = {
+            "agent": d.agent_id,
+            "system": str(d.system),
+            "value": d.value,
+            "attempt": attempt,
+            "error": error.message,
+            "result": result,
+            "retry_at": next_at.isoformat() if next_at else None,
+        }
         if status is OutboxStatus.DEAD:
             log.error("dead letter", extra={"fields": fields})
             await self._settle(d, "dead", error.message)
@@ -171,8 +186,10 @@ class OutboxWorker:
         deadline = time.monotonic() + timeout
         row = await self.store.outbox_row(agent_id, system)
         while True:
-            if row is not None and row.generation >= after_generation and row.status in (
-                OutboxStatus.DELIVERED, OutboxStatus.DEAD
+            if (
+                row is not None
+                and row.generation >= after_generation
+                and row.status in (OutboxStatus.DELIVERED, OutboxStatus.DEAD)
             ):
                 return row
             left = deadline - time.monotonic()

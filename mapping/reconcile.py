@@ -25,8 +25,7 @@ class ReconcileSummary:
     errors: list[str] = field(default_factory=list)
 
     def line(self) -> str:
-        return (f"checked {self.checked}, in sync {self.in_sync}, repaired {self.repaired}, "
-                f"failed {self.failed}")
+        return f"checked {self.checked}, in sync {self.in_sync}, repaired {self.repaired}, failed {self.failed}"
 
 
 async def reconcile(
@@ -45,7 +44,7 @@ async def reconcile(
     order = [s for s in (System.DYNAMICS, System.TEAMS) if s in readers]
     for system in order:
         for start in range(0, len(agents), batch_size):
-            chunk = agents[start:start + batch_size]
+            chunk = agents[start : start + batch_size]
             try:
                 observed = await readers[system].read(chunk)
             except UpstreamError as e:

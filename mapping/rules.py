@@ -153,7 +153,7 @@ def _take_echo(side: SideState, value: str, now: datetime, observed_at: datetime
         ):
             continue
         if v == value:
-            side.recent_writes = live[i + 1:]
+            side.recent_writes = live[i + 1 :]
             if value == side.written_value:
                 side.write_seen = True
             return True
@@ -250,12 +250,7 @@ def _from_teams(
             # meeting or DND has ended (even if a newer write of ours is still on its way).
             return _restore(s, now, "Teams fell back to the bridge session")
         return Decision(Result.ECHO, s, detail=f"Teams shows the bridge session {holds}")
-    if (
-        holds is not None
-        and t.delivered_at is not None
-        and ev.observed_at >= t.delivered_at
-        and holds in live
-    ):
+    if holds is not None and t.delivered_at is not None and ev.observed_at >= t.delivered_at and holds in live:
         # Teams shows something other than the session it holds from us: the echo of that session is
         # no longer coming, and a later return to it is a fallback, not an echo.
         t.recent_writes = [(v, at) for v, at in t.recent_writes if v != holds]
@@ -287,11 +282,7 @@ def _from_teams(
     # Rule 5: Dynamics changed on its own inside the window: by default it wins.
     d_changed = s.dynamics.changed_at
     window = timedelta(seconds=rules.conflict_window_seconds)
-    if (
-        rules.conflict_winner == "dynamics"
-        and d_changed is not None
-        and abs(ev.observed_at - d_changed) <= window
-    ):
+    if rules.conflict_winner == "dynamics" and d_changed is not None and abs(ev.observed_at - d_changed) <= window:
         log = {"conflict": True, "dynamics": s.dynamics.observed_value, "teams": ev.value, "winner": "dynamics"}
         return Decision(Result.CONFLICT, s, detail="dynamics wins", log=log)
 
@@ -302,7 +293,8 @@ def _from_teams(
         own_presence.base is BasePresence.OFFLINE or _BLOCKING[own_presence.base] > _BLOCKING[action.base]
     ):
         return Decision(
-            Result.NO_CHANGE, s,
+            Result.NO_CHANGE,
+            s,
             detail=f"Dynamics {own_presence.name} already keeps work away more than {action.base.label}",
         )
     current = effective(s.dynamics)
@@ -327,9 +319,7 @@ def _restore(s: AgentSyncState, now: datetime, why: str) -> Decision:
     return Decision(Result.APPLIED, s, (cmd,), detail=f"restore ({why})")
 
 
-def command(
-    state: AgentSyncState, presence: Presence, rules: Rules, now: datetime, source: str
-) -> Decision:
+def command(state: AgentSyncState, presence: Presence, rules: Rules, now: datetime, source: str) -> Decision:
     """An agent's own request (the bot): Dynamics gets it and Teams follows, both written by us, so
     neither echo bounces; any override ends, because the agent has decided."""
     s = copy.deepcopy(state)

@@ -53,9 +53,7 @@ RESTORE = "restore"
 NONE = "none"
 CONFLICT_WINNERS = ("dynamics", "teams", "latest")
 
-_BASE_BY_NAME = {b.label.lower(): b for b in BasePresence} | {
-    b.name.lower(): b for b in BasePresence
-}
+_BASE_BY_NAME = {b.label.lower(): b for b in BasePresence} | {b.name.lower(): b for b in BasePresence}
 
 DEFAULT_DYNAMICS_TO_TEAMS: dict[BasePresence, str] = {
     BasePresence.AVAILABLE: "Available/Available",
@@ -92,9 +90,7 @@ class TeamsAction:
 
 @dataclass(frozen=True)
 class Rules:
-    dynamics_to_teams: Mapping[BasePresence, str] = field(
-        default_factory=lambda: dict(DEFAULT_DYNAMICS_TO_TEAMS)
-    )
+    dynamics_to_teams: Mapping[BasePresence, str] = field(default_factory=lambda: dict(DEFAULT_DYNAMICS_TO_TEAMS))
     teams_to_dynamics: Mapping[str, TeamsAction] = field(
         default_factory=lambda: _parse_teams_rules(DEFAULT_TEAMS_TO_DYNAMICS, "defaults")
     )
@@ -119,13 +115,9 @@ class Rules:
         for base, pid in self.dynamics_targets.items():
             p = by_id.get(pid.lower())
             if p is None:
-                problems.append(
-                    f"target for {base.label} is presence id {pid}, which is not in msdyn_presences"
-                )
+                problems.append(f"target for {base.label} is presence id {pid}, which is not in msdyn_presences")
             elif p.base is not base:
-                problems.append(
-                    f"target for {base.label} is presence {p.name!r} ({pid}), whose base is {p.base.label}"
-                )
+                problems.append(f"target for {base.label} is presence {p.name!r} ({pid}), whose base is {p.base.label}")
         return problems
 
 
@@ -133,8 +125,10 @@ def _parse_teams_rules(raw: Mapping[str, Any], where: str) -> dict[str, TeamsAct
     out: dict[str, TeamsAction] = {}
     for key, target in raw.items():
         availability, sep, activity = key.partition("/")
-        if not sep or (availability != "*" and availability not in AVAILABILITIES) or (
-            activity != "*" and activity not in ACTIVITIES
+        if (
+            not sep
+            or (availability != "*" and availability not in AVAILABILITIES)
+            or (activity != "*" and activity not in ACTIVITIES)
         ):
             raise ConfigError(
                 f"{where}: [teams_to_dynamics] key {key!r} is not 'Availability/Activity' with Graph "

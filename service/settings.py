@@ -105,13 +105,11 @@ class Settings(BaseSettings):
         v = v.strip()
         for plain in ("postgresql://", "postgres://"):
             if v.startswith(plain):
-                v = "postgresql+asyncpg://" + v[len(plain):]
+                v = "postgresql+asyncpg://" + v[len(plain) :]
         if v.startswith("sqlite://") and not v.startswith("sqlite+aiosqlite://"):
-            v = "sqlite+aiosqlite://" + v[len("sqlite://"):]
+            v = "sqlite+aiosqlite://" + v[len("sqlite://") :]
         if not (v.startswith("sqlite+aiosqlite:///") or v.startswith("postgresql+asyncpg://")):
-            raise ValueError(
-                "expected sqlite+aiosqlite:///FILE.db or postgresql+asyncpg://USER@HOST:PORT/DB"
-            )
+            raise ValueError("expected sqlite+aiosqlite:///FILE.db or postgresql+asyncpg://USER@HOST:PORT/DB")
         return v
 
     @field_validator("public_url", "graph_url", "dataverse_url", "graph_jwks_url")
@@ -144,9 +142,7 @@ class Settings(BaseSettings):
                 if url and urlsplit(url).scheme != "https" and not is_loopback_url(url):
                     raise ValueError(f"{PREFIX}{name}={url} must use https")
         if (self.graph_encryption_cert_path == "") != (self.graph_encryption_key_path == ""):
-            raise ValueError(
-                f"{PREFIX}GRAPH_ENCRYPTION_CERT_PATH and {PREFIX}GRAPH_ENCRYPTION_KEY_PATH go together"
-            )
+            raise ValueError(f"{PREFIX}GRAPH_ENCRYPTION_CERT_PATH and {PREFIX}GRAPH_ENCRYPTION_KEY_PATH go together")
         for name in ("client_cert_path", "graph_encryption_cert_path", "graph_encryption_key_path", "mapping_file"):
             path = getattr(self, name)
             if path and not Path(path).is_file():

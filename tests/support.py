@@ -85,6 +85,13 @@ def make_bridge(
     return Bridge(store, catalogue, rules, engine, outbox, limiters={}, clock=clock)
 
 
-def ev(agent: Agent, system: System, value: str, at: datetime, version: int | None = None,
-       modified_by: str | None = None, source: str = "test") -> PresenceObserved:
+def ev(
+    agent: Agent,
+    system: System,
+    value: str,
+    at: datetime,
+    version: int | None = None,
+    modified_by: str | None = None,
+    source: str = "test",
+) -> PresenceObserved:
     return PresenceObserved(agent.dynamics_user_id, system, value, at, version, modified_by, source)

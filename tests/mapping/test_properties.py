@@ -21,8 +21,15 @@ from tests.support import ALICE, AVAILABLE, AWAY, BUSY, DND, OFFLINE, PRESENCES,
 
 D, T = System.DYNAMICS, System.TEAMS
 DYN_VALUES = [AVAILABLE, BUSY, DND, AWAY, OFFLINE]
-TEAMS_OWN = ["Available/Available", "Busy/InACall", "Busy/InAMeeting", "DoNotDisturb/Presenting",
-             "Away/Away", "BeRightBack/BeRightBack", "Offline/Offline"]
+TEAMS_OWN = [
+    "Available/Available",
+    "Busy/InACall",
+    "Busy/InAMeeting",
+    "DoNotDisturb/Presenting",
+    "Away/Away",
+    "BeRightBack/BeRightBack",
+    "Offline/Offline",
+]
 RANK = {"DoNotDisturb": 4, "Busy": 3, "Available": 2, "Away": 1, "BeRightBack": 1, "Offline": 0}
 BASE = {p.presence_id: p.base for p in PRESENCES}
 
@@ -62,7 +69,7 @@ class World:
         if by == "SYSTEM" or not bridge:
             self.genuine[D].append(self.queue[-1])
 
-    def set_teams(self, own: str | None = None, session: str | None | bool = False, bridge: bool = False) -> None:
+    def set_teams(self, own: str | None = None, session: str | bool | None = False, bridge: bool = False) -> None:
         before = self.shown()
         if own is not None:
             self.own = own
@@ -73,8 +80,9 @@ class World:
             # Our session write is echoed only when Teams then shows our value; when it shows the
             # person's own state instead (our write unmasked their call), that is news, not an echo.
             echo = bridge and after == self.session
-            self.queue.append(Event(PresenceObserved(ALICE.dynamics_user_id, T, after, self.clock(), None, None,
-                                                     "sim"), echo))
+            self.queue.append(
+                Event(PresenceObserved(ALICE.dynamics_user_id, T, after, self.clock(), None, None, "sim"), echo)
+            )
             if own is not None:
                 self.genuine[T].append(self.queue[-1])
 
@@ -165,14 +173,16 @@ def test_no_bounce_and_no_ping_pong(script):
         if state.override_value is None:
             expected = b.rules.teams_for(BASE[w.dyn])
             assert (w.session or CLEAR) == expected or (expected == CLEAR and w.session is None), (
-                f"Dynamics {BASE[w.dyn].label} but bridge session {w.session}")
+                f"Dynamics {BASE[w.dyn].label} but bridge session {w.session}"
+            )
         else:
             # An override holds Dynamics where Teams asked; Teams shows either that state, or our
             # session where it outranks the person's own state (an Available session masks Away).
             assert w.dyn == state.override_value
             action = b.rules.action_for(w.shown())
             assert (action.kind == "set" and b.rules.dynamics_targets[action.base] == w.dyn) or (
-                w.shown() == w.session), f"override {w.dyn} but Teams shows {w.shown()}"
+                w.shown() == w.session
+            ), f"override {w.dyn} but Teams shows {w.shown()}"
 
     run(go())
 
@@ -186,15 +196,19 @@ def test_no_bounce_and_no_ping_pong(script):
 def test_newest_dynamics_event_wins_whatever_the_order(values, rnd, dups):
     """Any interleaving and duplication of one agent's Dynamics events: the Teams state the bridge
     ends up delivering is the translation of the newest event (highest RowVersion)."""
+
     async def go():
         clock = FakeClock()
         b = make_bridge(clock=clock)
         await b.store.upsert_agents([ALICE])
-        events = [PresenceObserved(ALICE.dynamics_user_id, D, v, clock(), i, "AGENT", "sim")
-                  for i, v in enumerate(values, start=1)]
+        events = [
+            PresenceObserved(ALICE.dynamics_user_id, D, v, clock(), i, "AGENT", "sim")
+            for i, v in enumerate(values, start=1)
+        ]
         events += [events[i % len(events)] for i in dups]
         rnd.shuffle(events)
         delivered: list[str] = []
+
         async def deliver():
             for d in await b.store.claim([T], 10, 30, "w", clock()):
                 delivered.append(d.value)

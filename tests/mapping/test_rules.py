@@ -9,7 +9,18 @@ from mapping.model import CLEAR, OutboxStatus, System
 from mapping.rules import Result
 from mapping.translation import Rules
 from tests.support import (
-    ALICE, AVAILABLE, AWAY, BOB, BUSY, DND, OFFLINE, TRAINING, FakeClock, RecordingWriter, ev, make_bridge,
+    ALICE,
+    AVAILABLE,
+    AWAY,
+    BOB,
+    BUSY,
+    DND,
+    OFFLINE,
+    TRAINING,
+    FakeClock,
+    RecordingWriter,
+    ev,
+    make_bridge,
 )
 
 D, T = System.DYNAMICS, System.TEAMS
@@ -41,17 +52,24 @@ async def test_rule1_unknown_ids_are_counted_not_guessed(b):
 
 
 async def test_rule1_event_for_unknown_agent_changes_nothing(b):
-    out = await b.engine.observe(ev(ALICE, D, BUSY, b.clock(), 1).__class__(
-        "99999999-0000-0000-0000-000000000000", D, BUSY, b.clock(), 1))
+    out = await b.engine.observe(
+        ev(ALICE, D, BUSY, b.clock(), 1).__class__("99999999-0000-0000-0000-000000000000", D, BUSY, b.clock(), 1)
+    )
     assert out.result is Result.UNKNOWN_AGENT
     assert await b.store.list_outbox() == []
 
 
 # Rule 2: translation
-@pytest.mark.parametrize("presence,teams", [
-    (AVAILABLE, "Available/Available"), (BUSY, "Busy/InACall"), (DND, "DoNotDisturb/Presenting"),
-    (AWAY, "Away/Away"), (TRAINING, "DoNotDisturb/Presenting"),
-])
+@pytest.mark.parametrize(
+    "presence,teams",
+    [
+        (AVAILABLE, "Available/Available"),
+        (BUSY, "Busy/InACall"),
+        (DND, "DoNotDisturb/Presenting"),
+        (AWAY, "Away/Away"),
+        (TRAINING, "DoNotDisturb/Presenting"),
+    ],
+)
 async def test_rule2_dynamics_to_teams_by_base(b, presence, teams):
     out = await b.engine.observe(ev(ALICE, D, presence, b.clock(), 1))
     assert out.result is Result.APPLIED
@@ -71,11 +89,18 @@ async def test_rule2_offline_first_costs_no_call(b):
     assert out.result is Result.NO_CHANGE and out.commands == ()
 
 
-@pytest.mark.parametrize("teams,expected", [
-    ("Busy/InACall", BUSY), ("Busy/InAConferenceCall", BUSY), ("Busy/InAMeeting", BUSY),
-    ("DoNotDisturb/DoNotDisturb", DND), ("DoNotDisturb/Presenting", DND), ("Away/Away", AWAY),
-    ("BeRightBack/BeRightBack", AWAY),
-])
+@pytest.mark.parametrize(
+    "teams,expected",
+    [
+        ("Busy/InACall", BUSY),
+        ("Busy/InAConferenceCall", BUSY),
+        ("Busy/InAMeeting", BUSY),
+        ("DoNotDisturb/DoNotDisturb", DND),
+        ("DoNotDisturb/Presenting", DND),
+        ("Away/Away", AWAY),
+        ("BeRightBack/BeRightBack", AWAY),
+    ],
+)
 async def test_rule2_teams_to_dynamics(b, teams, expected):
     await b.engine.observe(ev(ALICE, D, AVAILABLE, b.clock(), 1))
     out = await b.engine.observe(ev(ALICE, T, teams, b.clock.advance(30)))
@@ -265,10 +290,12 @@ async def test_rule7_retries_with_backoff_and_honours_retry_after():
 async def test_rule7_dead_letter_after_bounded_tries_and_retry():
     from mapping.errors import RetryableError
     from mapping.retry import RetryPolicy
+
     clock = FakeClock()
     writer = RecordingWriter(T, [RetryableError("503")] * 3)
-    b = make_bridge(clock=clock, writers={T: writer, D: RecordingWriter(D)},
-                    policy=RetryPolicy(max_attempts=3, jitter=False))
+    b = make_bridge(
+        clock=clock, writers={T: writer, D: RecordingWriter(D)}, policy=RetryPolicy(max_attempts=3, jitter=False)
+    )
     await b.store.upsert_agents([ALICE])
     await b.engine.observe(ev(ALICE, D, BUSY, clock(), 1))
     for _ in range(3):
@@ -318,6 +345,7 @@ async def test_agent_command_writes_both_and_ends_override(b):
 
 async def test_session_refresh_reissues_held_sessions(b):
     from datetime import timedelta
+
     await b.engine.observe(ev(ALICE, D, AVAILABLE, b.clock(), 1))
     await b.engine.observe(ev(BOB, D, BUSY, b.clock(), 1))
     await settle(b)

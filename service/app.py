@@ -1,0 +1,115 @@
+"""The aiohttp application: routes of the interface contract, health, readiness and metrics.
+
+``create_app(settings)`` is the importable factory of the contract. The runtime (store, core,
+adapters) is built when the app starts and closed when it stops, so the factory itself does no I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from service.runtime import Runtime, describe
+from service.settings import Settings, load_settings
+
+log = logging.getLogger("presence_sync.service")
+
+RUNTIME = web.AppKey("runtime", Runtime)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_BODY = 1024 * 1024
+
+
+def _delegate(attr: str, method: str) -> Handler:
+    """A route whose adapter object exists only once the runtime has started."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        target = getattr(request.app[RUNTIME], attr)
+        response: web.StreamResponse = await getattr(target, method)(request)
+        return response
+
+    return handler
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Adapters answer bad input themselves; this turns what slips through into JSON, never HTML."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status >= 400 and e.content_type != "application/json":
+            reason = "too_large" if e.status == 413 else f"http_{e.status}"
+            rt = request.app.get(RUNTIME)
+            if rt is not None:
+                rt.telemetry.rejected(request.path, reason)
+            return web.json_response({"error": e.reason}, status=e.status)
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"fields": {"path": request.path}})
+        return web.json_response({"error": "internal error; the request was not processed, send it again"}, status=503)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    from service.store.sql import migration_status
+
+    rt = request.app[RUNTIME]
+    problems = []
+    try:
+        await rt.store.ping()
+        current, head = await migration_status(rt.store)
+        if current != head:
+            problems.append(f"store schema at {current}, code expects {head}: run `presence-sync db upgrade`")
+    except Exception as e:
+        problems.append(f"store unreachable: {e}")
+    if len(rt.bridge.catalogue) == 0:
+        problems.append("presence catalogue not loaded")
+    if problems:
+        return web.json_response({"status": "not ready", "problems": problems}, status=503)
+    return web.json_response({"status": "ready", "agents": len(await rt.store.list_agents(enabled_only=True))})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    body = await rt.telemetry.render(rt.store)
+    return web.Response(
+        body=body, content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"}
+    )
+
+
+def create_app(
+    settings: Settings | None = None, *, runtime: Runtime | None = None, background: bool = True
+) -> web.Application:
+    """The service as an aiohttp app. Pass ``runtime`` to serve one built already (demo, tests)."""
+    settings = settings or load_settings()
+    app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY + 64 * 1024)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        started = time.monotonic()
+        rt = runtime or await Runtime.open(settings)
+        app[RUNTIME] = rt
+        await rt.start_intakes()
+        if background:
+            rt.start_background()
+        log.info(
+            "service started",
+            extra={"fields": {"detail": describe(settings), "seconds": round(time.monotonic() - started, 3)}},
+        )
+        yield
+        if runtime is None:
+            await rt.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_post("/api/messages", _delegate("bot", "handle"))
+    app.router.add_post("/api/graph/notifications", _delegate("graph_intake", "notifications"))
+    app.router.add_post("/api/graph/lifecycle", _delegate("graph_intake", "lifecycle"))
+    app.router.add_post("/api/dataverse/webhook", _delegate("dataverse_intake", "handle"))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,384 @@
+"""``presence-sync``: the console script of the interface contract.
+
+Misuse or bad configuration prints one line saying what and where, and exits 2; every command
+applies pending migrations itself, so it works on a fresh store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+from mapping.errors import ConfigError, UpstreamError
+from mapping.model import OutboxStatus
+from service import logs
+from service.settings import Settings, load_settings
+
+EXIT_USAGE = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def say(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def progress(line: str) -> None:
+    print(f"  … {line}", file=sys.stderr, flush=True)
+
+
+def fail(line: str, code: int = EXIT_USAGE) -> int:
+    print(f"presence-sync: {line}", file=sys.stderr, flush=True)
+    return code
+
+
+async def _store(settings: Settings) -> Any:
+    from service.runtime import open_configured_store
+
+    return await open_configured_store(settings)
+
+
+async def _runtime(settings: Settings) -> Any:
+    from service.runtime import Runtime
+
+    return await Runtime.open(settings)
+
+
+# --- commands -------------------------------------------------------------------------------------
+
+
+async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from service.app import create_app
+    from service.runtime import Runtime
+
+    logs.configure(json_lines=True, level=settings.log_level)
+    runtime = await Runtime.open(settings)  # fail fast, with one line, before binding the port
+    app = create_app(settings, runtime=runtime)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        try:
+            await site.start()
+        except OSError as e:
+            raise ConfigError(
+                f"cannot listen on {settings.host}:{settings.port} "
+                f"(PRESENCE_SYNC_HOST/PRESENCE_SYNC_PORT): {e.strerror}"
+            ) from None
+        print(
+            f"presence-sync serving on http://{settings.host}:{settings.port} (Ctrl+C stops)",
+            file=sys.stderr,
+            flush=True,
+        )
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+        await runtime.close()
+    return 0
+
+
+async def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
+    from service.store.sql import upgrade
+
+    applied = await upgrade(settings.database_url)
+    say(f"applied {len(applied)} migration(s): {', '.join(applied)}" if applied else "store schema is current")
+    return 0
+
+
+async def cmd_agents_import(settings: Settings, args: argparse.Namespace) -> int:
+    from mapping.directory import read_agents_csv
+
+    report = read_agents_csv(args.file)
+    if report.errors:
+        for e in report.errors:
+            print(e, file=sys.stderr)
+        return fail(f"{args.file}: {len(report.errors)} problem(s); nothing was imported")
+    store = await _store(settings)
+    try:
+        try:
+            results = await store.upsert_agents(report.agents)
+        except ValueError as e:
+            return fail(f"{args.file}: {e}; nothing was imported")
+    finally:
+        await store.close()
+    counts = {k: sum(1 for v in results.values() if v == k) for k in ("added", "updated", "unchanged")}
+    say(
+        f"imported {len(results)} agent(s) from {args.file}: {counts['added']} added, "
+        f"{counts['updated']} updated, {counts['unchanged']} unchanged"
+    )
+    return 0
+
+
+async def cmd_agents_list(settings: Settings, args: argparse.Namespace) -> int:
+    store = await _store(settings)
+    try:
+        if args.unknown:
+            rows = await store.list_unknown()
+            say(f"{'system':<9} {'id':<37} {'count':>6}  last seen")
+            for r in rows:
+                say(f"{r['system']:<9} {r['id']:<37} {r['count']:>6}  {r.get('last_seen')}")
+            say(f"{len(rows)} unknown id(s)")
+            return 0
+        agents = await store.list_agents()
+        states = await store.load_states([a.dynamics_user_id for a in agents])
+        presences = {p.presence_id: p.name for p in await store.list_presences()}
+        say(
+            f"{'display name':<24} {'dynamics systemuserid':<37} {'entra object id':<37} {'on':<3} "
+            f"{'dynamics':<12} teams"
+        )
+        for a in agents:
+            st = states.get(a.dynamics_user_id)
+            dyn = presences.get(st.dynamics.observed_value or "", st.dynamics.observed_value or "-") if st else "-"
+            teams = (st.teams.observed_value or "-") if st else "-"
+            say(
+                f"{a.display_name[:24]:<24} {a.dynamics_user_id:<37} {a.entra_object_id:<37} "
+                f"{'yes' if a.enabled else 'no':<3} {dyn[:12]:<12} {teams}"
+            )
+        say(f"{len(agents)} agent(s)")
+    finally:
+        await store.close()
+    return 0
+
+
+async def cmd_agents_discover(settings: Settings, args: argparse.Namespace) -> int:
+    from dataverse.discovery import discover_agents
+
+    if not settings.dataverse_enabled:
+        return fail("agents discover reads Dataverse: set PRESENCE_SYNC_DATAVERSE_URL")
+    rt = await _runtime(settings)
+    try:
+        summary = await discover_agents(rt.dataverse, rt.bridge, progress)
+    finally:
+        await rt.close()
+    say(str(summary))
+    return 0
+
+
+async def cmd_outbox_list(settings: Settings, args: argparse.Namespace) -> int:
+    store = await _store(settings)
+    try:
+        status = OutboxStatus(args.status) if args.status else None
+        rows = await store.list_outbox(status, limit=args.limit)
+        counts = await store.outbox_counts()
+    finally:
+        await store.close()
+    say(f"{'id':>6} {'status':<10} {'system':<9} {'agent':<37} {'tries':>5} {'next try':<20} value / last error")
+    for r in rows:
+        nxt = r.next_attempt_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if r.next_attempt_at else "-"
+        say(
+            f"{r.id:>6} {r.status.value:<10} {r.system.value:<9} {r.agent_id:<37} {r.attempts:>5} {nxt:<20} "
+            f"{r.value}{'  ! ' + r.last_error if r.last_error else ''}"
+        )
+    say(" ".join(f"{k}={v}" for k, v in counts.items()))
+    return 0
+
+
+async def cmd_outbox_retry(settings: Settings, args: argparse.Namespace) -> int:
+    if args.id is None and not args.all_dead:
+        return fail("outbox retry needs an ID or --all-dead")
+    store = await _store(settings)
+    try:
+        n = await store.retry_dead(None if args.all_dead else args.id, datetime.now(UTC))
+    finally:
+        await store.close()
+    if n == 0 and args.id is not None:
+        return fail(f"outbox row {args.id} is not a dead letter (see `presence-sync outbox list --status dead`)")
+    say(f"{n} dead letter(s) queued again; a running `serve` delivers them")
+    return 0
+
+
+async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    rt = await _runtime(settings)
+    try:
+        summary = await rt.reconcile(progress)
+        progress("delivering repairs")
+        await rt.outbox.drain(timeout=args.timeout)
+        counts = await rt.store.outbox_counts()
+    finally:
+        await rt.close()
+    say(summary.line())
+    for e in summary.errors:
+        say(f"  error: {e}")
+    if counts.get("pending", 0) or counts.get("in_flight", 0):
+        say(
+            f"  {counts.get('pending', 0)} repair(s) still queued (upstream slow or throttled); "
+            "`serve` will deliver them"
+        )
+    return 1 if summary.failed else 0
+
+
+async def cmd_graph_login(settings: Settings, args: argparse.Namespace) -> int:
+    from graph_sync.login import device_code_login
+
+    if settings.auth_mode == "static":
+        return fail(
+            "graph login signs in a real account; with AUTH_MODE=static the subscriber accounts are "
+            "PRESENCE_SYNC_STATIC_SUBSCRIBER_TOKENS"
+        )
+    if not settings.tenant_id or not settings.client_id:
+        return fail("graph login needs PRESENCE_SYNC_TENANT_ID and PRESENCE_SYNC_CLIENT_ID")
+    store = await _store(settings)
+    try:
+        info = await device_code_login(tenant_id=settings.tenant_id, client_id=settings.client_id, store=store, out=say)
+    finally:
+        await store.close()
+    say(f"signed in {info}")
+    return 0
+
+
+async def cmd_graph_subscriptions(settings: Settings, args: argparse.Namespace) -> int:
+    rt = await _runtime(settings)
+    try:
+        if rt.subscriptions is None:
+            return fail("no subscriptions: PRESENCE_SYNC_PUBLIC_URL is not set, so Graph cannot reach the service")
+        if args.sync:
+            report = await rt.subscriptions.sync()
+            say(str(report))
+        rows = await rt.subscriptions.status()
+    finally:
+        await rt.close()
+    if not rows:
+        say("no subscriptions yet (a running `serve` creates them; or run with --sync)")
+    for r in rows:
+        say("  ".join(f"{k}={v}" for k, v in r.items()))
+    return 0
+
+
+async def cmd_register_webhook(settings: Settings, args: argparse.Namespace) -> int:
+    from dataverse.registration import register_webhook
+
+    if not settings.dataverse_enabled:
+        return fail("dataverse register-webhook needs PRESENCE_SYNC_DATAVERSE_URL")
+    if not settings.public_url:
+        return fail("dataverse register-webhook needs PRESENCE_SYNC_PUBLIC_URL (where Dataverse reaches the service)")
+    if not settings.dataverse_webhook_key:
+        return fail("dataverse register-webhook needs PRESENCE_SYNC_DATAVERSE_WEBHOOK_KEY (the shared secret)")
+    rt = await _runtime(settings)
+    try:
+        result = await register_webhook(
+            rt.dataverse,
+            url=settings.public("/api/dataverse/webhook"),
+            key=settings.dataverse_webhook_key,
+            dry_run=args.dry_run,
+            progress=say,
+        )
+    finally:
+        await rt.close()
+    say(str(result))
+    return 0
+
+
+async def cmd_teams_package(settings: Settings, args: argparse.Namespace) -> int:
+    from bot.package import build_teams_package
+
+    path = build_teams_package(app_id=settings.bot_app_id, output=Path(args.output))
+    say(f"wrote {path}: upload it in Teams admin center (Manage apps > Upload) or Teams (Apps > Manage your apps)")
+    return 0
+
+
+async def cmd_doctor(settings: Settings, args: argparse.Namespace) -> int:
+    from service.doctor import run_doctor
+
+    return await run_doctor(settings, say)
+
+
+async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from service.demo import run_demo
+
+    return await run_demo(agents=args.agents, speed=args.speed, out=say)
+
+
+# --- parser ---------------------------------------------------------------------------------------
+
+Command = Callable[[Settings, argparse.Namespace], Awaitable[int]]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="presence-sync",
+        description="Keep agents' presence identical in Dynamics 365 "
+        "Contact Center and Microsoft Teams. Settings come from PRESENCE_SYNC_* variables or .env.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    def add(name: str, fn: Command, help: str, parent: Any = sub) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    add("serve", cmd_serve, "run the service (webhooks, notifications, bot, workers)")
+    d = add("demo", cmd_demo, "play a scripted day against local emulators (no account, no network)")
+    d.add_argument("--agents", type=int, default=3, help="agents in the demo (default 3)")
+    d.add_argument("--speed", type=float, default=1.0, help="pace multiplier; 2 = twice as fast (default 1)")
+
+    agents = add("agents", None, "the agent directory")  # type: ignore[arg-type]
+    asub = agents.add_subparsers(dest="agents_command", required=True, parser_class=OneLineParser)
+    add("discover", cmd_agents_discover, "add agents from Dataverse systemusers with an Entra object id", asub)
+    imp = add("import", cmd_agents_import, "import FILE.csv (dynamics_user_id,entra_object_id,display_name)", asub)
+    imp.add_argument("file")
+    ls = add("list", cmd_agents_list, "list agents and their last known presence", asub)
+    ls.add_argument("--unknown", action="store_true", help="list ids seen in events but not in the directory")
+
+    add("reconcile", cmd_reconcile, "read both systems now and repair drift").add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to spend delivering repairs (default 60)"
+    )
+    add("doctor", cmd_doctor, "check settings, store, tokens, permissions, webhook and subscriptions")
+
+    graph = add("graph", None, "Microsoft Graph subscriber accounts and subscriptions")  # type: ignore[arg-type]
+    gsub = graph.add_subparsers(dest="graph_command", required=True, parser_class=OneLineParser)
+    add("login", cmd_graph_login, "sign in a subscriber account (device code)", gsub)
+    gs = add("subscriptions", cmd_graph_subscriptions, "list accounts, subscriptions and expiry", gsub)
+    gs.add_argument("--sync", action="store_true", help="create/renew subscriptions now")
+
+    dv = add("dataverse", None, "Dataverse set-up")  # type: ignore[arg-type]
+    dsub = dv.add_subparsers(dest="dataverse_command", required=True, parser_class=OneLineParser)
+    rw = add("register-webhook", cmd_register_webhook, "create or update the webhook and its two steps", dsub)
+    rw.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
+
+    tp = add("teams-package", cmd_teams_package, "build the Teams app package (zip)")
+    tp.add_argument(
+        "--output", default="presence-sync-teams.zip", help="zip to write (default presence-sync-teams.zip)"
+    )
+
+    ob = add("outbox", None, "commands waiting for delivery, and dead letters")  # type: ignore[arg-type]
+    osub = ob.add_subparsers(dest="outbox_command", required=True, parser_class=OneLineParser)
+    ol = add("list", cmd_outbox_list, "list outbox rows", osub)
+    ol.add_argument("--status", choices=[s.value for s in OutboxStatus])
+    ol.add_argument("--limit", type=int, default=100)
+    orr = add("retry", cmd_outbox_retry, "queue a dead letter again (ID, or --all-dead)", osub)
+    orr.add_argument("id", nargs="?", type=int)
+    orr.add_argument("--all-dead", action="store_true")
+
+    db = add("db", None, "the store")  # type: ignore[arg-type]
+    dbsub = db.add_subparsers(dest="db_command", required=True, parser_class=OneLineParser)
+    add("upgrade", cmd_db_upgrade, "apply pending migrations", dbsub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command not in ("serve",):
+        logs.configure(json_lines=False, level="WARNING")
+    try:
+        settings = load_settings() if args.command != "demo" else Settings.model_construct()
+        return asyncio.run(args.fn(settings, args))
+    except ConfigError as e:
+        return fail(str(e))
+    except UpstreamError as e:
+        return fail(f"upstream error: {e.message}", 1)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""The composition root at run time: builds the store, the core and the adapters from ``Settings``,
+and owns the background workers. ``serve``, ``demo``, ``reconcile``, ``doctor`` and the tests all
+build the service through here, so there is one way to assemble it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from mapping.bridge import Bridge, default_limiters
+from mapping.catalogue import Catalogue
+from mapping.engine import SyncEngine
+from mapping.errors import ConfigError, UpstreamError
+from mapping.model import OOB_PRESENCE_IDS, BasePresence, Presence, System
+from mapping.outbox import OutboxWorker
+from mapping.ports import PresenceReader, PresenceWriter, Store
+from mapping.reconcile import ReconcileSummary, reconcile
+from mapping.translation import load_rules
+from service.auth import token_provider
+from service.metrics import PrometheusTelemetry
+from service.settings import PREFIX, Settings
+
+log = logging.getLogger("presence_sync.service")
+
+OOB_CATALOGUE = [
+    Presence(OOB_PRESENCE_IDS[BasePresence.AVAILABLE], "Available", BasePresence.AVAILABLE),
+    Presence(OOB_PRESENCE_IDS[BasePresence.BUSY], "Busy", BasePresence.BUSY),
+    Presence(OOB_PRESENCE_IDS[BasePresence.BUSY_DND], "Busy - DND", BasePresence.BUSY_DND),
+    Presence(OOB_PRESENCE_IDS[BasePresence.AWAY], "Away", BasePresence.AWAY),
+    Presence(OOB_PRESENCE_IDS[BasePresence.OFFLINE], "Offline", BasePresence.OFFLINE),
+]
+
+
+async def open_configured_store(settings: Settings) -> Store:
+    from service.store.sql import open_store
+
+    return await open_store(settings.database_url, secret_key=settings.secret_key)
+
+
+class Runtime:
+    """Everything one running instance owns. Build with ``await Runtime.open(settings)``."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.telemetry = PrometheusTelemetry()
+        self.owner = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
+        self.writers: dict[System, PresenceWriter] = {}
+        self.readers: dict[System, PresenceReader] = {}
+        rules = load_rules(settings.mapping_file)
+        catalogue = Catalogue()
+        self.outbox = OutboxWorker(
+            store,
+            self.writers,
+            telemetry=self.telemetry,
+            limiters=default_limiters(),
+            owner=self.owner,
+        )
+        self.outbox.policy = self.outbox.policy.__class__(max_attempts=settings.outbox_max_attempts)
+        engine = SyncEngine(store, catalogue, rules, telemetry=self.telemetry, on_enqueued=self.outbox.wake)
+        self.outbox.listeners.append(engine)
+        self.bridge = Bridge(
+            store,
+            catalogue,
+            rules,
+            engine,
+            self.outbox,
+            self.telemetry,
+            limiters=self.outbox.limiters,
+            retry=self.outbox.policy,
+        )
+        self.tokens = token_provider(settings)
+        self.dataverse: Any = None
+        self.dataverse_intake: Any = None
+        self.teams: Any = None
+        self.accounts: Any = None
+        self.subscriptions: Any = None
+        self.graph_intake: Any = None
+        self.bot: Any = None
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @classmethod
+    async def open(cls, settings: Settings, *, store: Store | None = None) -> Runtime:
+        store = store or await open_configured_store(settings)
+        try:
+            rt = cls(settings, store)
+            rt._build_adapters()
+            await rt.load_catalogue()
+        except BaseException:
+            await store.close()
+            raise
+        return rt
+
+    def _build_adapters(self) -> None:
+        s = self.settings
+        from bot.teams import BotIntake
+        from dataverse.client import DataverseClient
+        from dataverse.webhook import DataverseIntake
+        from graph_sync.accounts import SubscriberAccounts
+        from graph_sync.crypto import Decryptor
+        from graph_sync.notifications import GraphIntake
+        from graph_sync.subscriptions import SubscriptionManager
+        from graph_sync.teams import TeamsPresenceClient
+
+        if s.dataverse_enabled:
+            self.dataverse = DataverseClient(s.dataverse_url, self.tokens)
+            self.writers[System.DYNAMICS] = self.dataverse
+            self.readers[System.DYNAMICS] = self.dataverse
+        self.dataverse_intake = DataverseIntake(self.bridge, webhook_key=s.dataverse_webhook_key, client=self.dataverse)
+
+        self.teams = TeamsPresenceClient(
+            s.graph_url,
+            self.tokens,
+            session_id=s.client_id or "presence-sync",
+            mode=s.graph_presence_mode,
+            expiration_minutes=s.graph_session_expiration_minutes,
+            store=self.store,
+        )
+        self.writers[System.TEAMS] = self.teams
+        self.readers[System.TEAMS] = self.teams
+        self.accounts = SubscriberAccounts(
+            self.store,
+            tenant_id=s.tenant_id,
+            client_id=s.client_id,
+            static_tokens=s.subscriber_tokens if s.auth_mode == "static" else None,
+        )
+        cert_pem = Path(s.graph_encryption_cert_path).read_bytes() if s.graph_encryption_cert_path else None
+        decryptor = Decryptor(cert_pem, Path(s.graph_encryption_key_path).read_bytes()) if cert_pem else None
+        if s.public_url:
+            self.subscriptions = SubscriptionManager(
+                self.bridge,
+                s.graph_url,
+                self.accounts,
+                notification_url=s.public("/api/graph/notifications"),
+                lifecycle_url=s.public("/api/graph/lifecycle"),
+                client_state=s.graph_client_state,
+                encryption_cert_pem=cert_pem,
+                encryption_cert_id=decryptor.certificate_id if decryptor else None,
+                owner=self.owner,
+            )
+        self.graph_intake = GraphIntake(
+            self.bridge,
+            client_state=s.graph_client_state,
+            client_id=s.client_id,
+            jwks_url=s.jwks_url,
+            decryptor=decryptor,
+            reader=self.teams,
+            subscriptions=self.subscriptions,
+        )
+        self.bot = BotIntake(
+            self.bridge,
+            self.readers,
+            app_id=s.bot_app_id,
+            app_password=s.bot_app_password,
+            app_type=s.bot_app_type,
+            tenant_id=s.bot_tenant_id,
+        )
+        self.outbox.listeners.append(self.bot.listener)
+
+    async def load_catalogue(self) -> None:
+        """The live ``msdyn_presences`` when Dataverse answers (kept in the store for the next start),
+        else the stored copy, else the out-of-the-box five; then the rules' targets are checked."""
+        presences: list[Presence] = []
+        if self.dataverse is not None:
+            try:
+                presences = await self.bridge.retry.run(self.dataverse.list_presences, max_attempts=3)
+                await self.store.replace_presences(presences)
+            except UpstreamError as e:
+                log.warning(
+                    "presence catalogue not read from Dataverse; using the stored copy",
+                    extra={"fields": {"error": e.message}},
+                )
+        if not presences:
+            presences = await self.store.list_presences() or OOB_CATALOGUE
+        self.bridge.catalogue.replace(presences)
+        problems = self.bridge.rules.check_catalogue(presences)
+        if problems:
+            where = self.settings.mapping_file or "the built-in defaults"
+            raise ConfigError(f"mapping rules ({where}) do not fit msdyn_presences: " + "; ".join(problems))
+
+    # Background work
+    def start_background(self) -> None:
+        s = self.settings
+        self._spawn("outbox", self.outbox.run(self._stop))
+        self._spawn("session-refresh", self._every(60, self._refresh_sessions))
+        if s.reconcile_interval_seconds > 0:
+            self._spawn(
+                "reconcile", self._every(s.reconcile_interval_seconds, self._reconcile_if_leader, first_delay=1.0)
+            )
+        if self.subscriptions is not None:
+            self._spawn("subscriptions", self.subscriptions.run(self._stop, 60))
+
+    async def start_intakes(self) -> None:
+        for intake in (self.dataverse_intake, self.graph_intake, self.bot):
+            await intake.start()
+
+    def _spawn(self, name: str, coro: Awaitable[None]) -> None:
+        async def guarded() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background task stopped", extra={"fields": {"task": name}})
+
+        self._tasks.append(asyncio.create_task(guarded(), name=name))
+
+    async def _every(
+        self, seconds: float, fn: Callable[[], Awaitable[Any]], *, first_delay: float | None = None
+    ) -> None:
+        delay = seconds if first_delay is None else first_delay
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+            if self._stop.is_set():
+                return
+            try:
+                await fn()
+            except Exception:
+                log.exception("periodic task failed; will try again", extra={"fields": {"task": fn.__name__}})
+            delay = seconds
+
+    async def _refresh_sessions(self) -> None:
+        expiry = timedelta(minutes=self.settings.graph_session_expiration_minutes)
+        await self.bridge.engine.refresh_sessions(
+            available_every=timedelta(minutes=4), others_every=max(expiry - timedelta(minutes=10), expiry / 2)
+        )
+
+    async def _reconcile_if_leader(self) -> None:
+        if await self.store.try_lead("reconcile", self.owner):
+            summary = await self.reconcile()
+            log.info("reconcile", extra={"fields": {"summary": summary.line(), "errors": summary.errors[:5]}})
+
+    async def reconcile(self, progress: Callable[[str], None] | None = None) -> ReconcileSummary:
+        agents = await self.store.list_agents(enabled_only=True)
+        return await reconcile(self.bridge.engine, self.readers, agents, progress=progress)
+
+    async def close(self) -> None:
+        self._stop.set()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for part in (self.bot, self.graph_intake, self.dataverse_intake):
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    await part.stop()
+        for client in (self.teams, self.dataverse, self.tokens):
+            close = getattr(client, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
+        await self.store.close()
+
+
+def describe(settings: Settings) -> str:
+    """One line on what this instance talks to, for start-up logs (no secrets)."""
+    parts = [
+        f"store={settings.database_url.split('@')[-1]}",
+        f"auth={settings.auth_mode}",
+        f"graph={settings.graph_url}",
+        f"dataverse={settings.dataverse_url or 'off'}",
+    ]
+    if not settings.public_url:
+        parts.append(f"no {PREFIX}PUBLIC_URL: Graph subscriptions off, Teams changes come from reconcile only")
+    return " ".join(parts)
