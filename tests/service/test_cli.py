@@ -1,0 +1,106 @@
+"""The console script as an admin meets it: subprocesses, exit codes, one-line errors, fresh stores."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import ALICE, BOB
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PRESENCE_SYNC_")}
+    base.update(env or {})
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True,
+                          env=base, cwd=cwd, timeout=120)
+
+
+@pytest.fixture
+def db(tmp_path) -> dict[str, str]:
+    return {"PRESENCE_SYNC_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"}
+
+
+def test_usage_error_is_one_line_exit_2(tmp_path):
+    r = run_cli("agents", "frobnicate", cwd=tmp_path)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "invalid choice" in r.stderr
+
+
+def test_bad_database_url_is_one_line_exit_2(tmp_path):
+    r = run_cli("agents", "list", env={"PRESENCE_SYNC_DATABASE_URL": "mysql://root@localhost/x"}, cwd=tmp_path)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "PRESENCE_SYNC_DATABASE_URL" in r.stderr
+
+
+def test_unreachable_postgres_is_one_line_exit_2(tmp_path):
+    r = run_cli("outbox", "list", env={"PRESENCE_SYNC_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:1/x"},
+                cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "PRESENCE_SYNC_DATABASE_URL" in r.stderr
+
+
+def test_fresh_store_commands_work(tmp_path, db):
+    r = run_cli("outbox", "list", env=db, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "pending=0" in r.stdout
+    r = run_cli("db", "upgrade", env=db, cwd=tmp_path)
+    assert r.returncode == 0 and "current" in r.stdout
+
+
+def test_import_then_list(tmp_path, db):
+    f = tmp_path / "agents.csv"
+    f.write_text("dynamics_user_id,entra_object_id,display_name\n"
+                 f"{ALICE.dynamics_user_id},{ALICE.entra_object_id},{ALICE.display_name}\n"
+                 f"{BOB.dynamics_user_id.upper()},{BOB.entra_object_id},\"Agent, Bob\"\n")
+    r = run_cli("agents", "import", str(f), env=db, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "2 added" in r.stdout
+    r = run_cli("agents", "import", str(f), env=db, cwd=tmp_path)
+    assert "2 unchanged" in r.stdout
+    r = run_cli("agents", "list", env=db, cwd=tmp_path)
+    assert ALICE.dynamics_user_id in r.stdout and BOB.dynamics_user_id in r.stdout and "2 agent(s)" in r.stdout
+
+
+def test_malformed_csv_names_lines_and_writes_nothing(tmp_path, db):
+    f = tmp_path / "agents.csv"
+    f.write_text("dynamics_user_id,entra_object_id,display_name\n"
+                 f"{ALICE.dynamics_user_id},{ALICE.entra_object_id},Alice\n"
+                 "not-a-guid,also-not,Carol\n"
+                 f"{BOB.dynamics_user_id},{ALICE.entra_object_id},Bob\n")
+    r = run_cli("agents", "import", str(f), env=db, cwd=tmp_path)
+    assert r.returncode == 2
+    assert f"{f}:3:" in r.stderr and "not a GUID" in r.stderr
+    assert f"{f}:4:" in r.stderr and "already on line 2" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith("nothing was imported")
+    r = run_cli("agents", "list", env=db, cwd=tmp_path)
+    assert "0 agent(s)" in r.stdout
+
+
+def test_wrong_header_and_missing_file(tmp_path, db):
+    f = tmp_path / "agents.csv"
+    f.write_text("id,aad\n1,2\n")
+    r = run_cli("agents", "import", str(f), env=db, cwd=tmp_path)
+    assert r.returncode == 2 and f"{f}:1: header" in r.stderr
+    r = run_cli("agents", "import", str(tmp_path / "nope.csv"), env=db, cwd=tmp_path)
+    assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_unknown_presence_in_mapping_file_stops_with_file_named(tmp_path, db):
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[teams_to_dynamics]\n"Busy/InACall" = "Lunch"\n')
+    env = db | {"PRESENCE_SYNC_MAPPING_FILE": str(rules), "PRESENCE_SYNC_AUTH_MODE": "static",
+                "PRESENCE_SYNC_STATIC_TOKEN": "t", "PRESENCE_SYNC_GRAPH_URL": "http://127.0.0.1:9/v1.0"}
+    r = run_cli("reconcile", env=env, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert str(rules) in r.stderr and "Lunch" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_outbox_retry_needs_an_id(tmp_path, db):
+    r = run_cli("outbox", "retry", env=db, cwd=tmp_path)
+    assert r.returncode == 2 and "--all-dead" in r.stderr
+    r = run_cli("outbox", "retry", "42", env=db, cwd=tmp_path)
+    assert r.returncode == 2 and "not a dead letter" in r.stderr
