@@ -54,7 +54,8 @@ class Target:
 
     @property
     def shown(self) -> str:
-        text = self.url.set(password=None).render_as_string(hide_password=False)
+        # ``URL.set(password=None)`` means "leave it": drop it through the tuple instead.
+        text = self.url._replace(password=None).render_as_string(hide_password=False)
         return f"{text}?schema={self.schema}" if self.schema else text
 
 
