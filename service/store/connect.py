@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
@@ -51,6 +52,14 @@ class Target:
     @property
     def is_sqlite(self) -> bool:
         return self.dialect == "sqlite"
+
+    @property
+    def sqlite_folder(self) -> Path | None:
+        """The directory the SQLite file goes in (None for ``:memory:`` and ``file:`` URIs)."""
+        name = self.url.database or ""
+        if not self.is_sqlite or name in ("", ":memory:") or name.startswith("file:"):
+            return None
+        return Path(name).expanduser().resolve().parent
 
     @property
     def shown(self) -> str:

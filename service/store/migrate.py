@@ -91,6 +91,12 @@ async def _writer(conn: AsyncConnection, target: Target) -> AsyncConnection:
 
 async def check_reachable(engine: AsyncEngine, target: Target) -> None:
     """One round trip, turning any driver failure into the one-line ``ConfigError`` the CLI prints."""
+    if target.is_sqlite:
+        folder = target.sqlite_folder
+        if folder is not None and not folder.is_dir():
+            # Said plainly, and before aiosqlite fails to open the file (which also leaves its worker
+            # thread finishing after the caller may have closed the loop).
+            raise ConfigError(f"{ENV}: cannot connect to {target.shown}: directory {folder} does not exist")
     try:
         async with engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
