@@ -14,6 +14,8 @@ New revision for developers (after changing ``schema.py``)::
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -104,11 +106,25 @@ async def check_reachable(engine: AsyncEngine, target: Target) -> None:
         raise ConfigError(f"{ENV}: cannot connect to {target.shown}: {describe_connect_error(e)}") from e
 
 
+_IN_PROCESS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _alembic_lock() -> asyncio.Lock:
+    """Alembic keeps the running migration in a module global (``alembic.context``); two migrations
+    interleaving in one process (greenlets switching inside ``run_sync``) would run on each other's
+    context and hang. One at a time per event loop; the database locks cover other processes."""
+    loop = asyncio.get_running_loop()
+    lock = _IN_PROCESS.get(loop)
+    if lock is None:
+        lock = _IN_PROCESS[loop] = asyncio.Lock()
+    return lock
+
+
 async def migrate_engine(engine: AsyncEngine, target: Target) -> list[str]:
     """Applies pending revisions; returns their ids (empty when already at head)."""
     await check_reachable(engine, target)
     try:
-        async with engine.connect() as raw:
+        async with _alembic_lock(), engine.connect() as raw:
             conn = await _writer(raw, target)
             async with conn.begin():
                 if not target.is_sqlite:
