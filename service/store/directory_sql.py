@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -40,28 +41,64 @@ async def get_by_entra(conn: AsyncConnection, entra_object_id: str) -> Agent | N
 async def upsert_one(conn: AsyncConnection, agent: Agent) -> str:
     """``added``/``updated``/``unchanged``; ValueError (both ids named) when the Entra id is another
     agent's: one person must not be two agents, or their presences would be crossed."""
-    agent = norm(agent)
-    other = (await conn.execute(
-        select(agents.c.dynamics_user_id).where(agents.c.entra_object_id == agent.entra_object_id,
-                                                agents.c.dynamics_user_id != agent.dynamics_user_id)
-    )).scalar_one_or_none()
-    if other is not None:
-        raise ValueError(f"Entra object id {agent.entra_object_id} already belongs to agent {other}")
-    old = await get(conn, agent.dynamics_user_id)
+    return (await upsert_many(conn, [agent]))[norm(agent).dynamics_user_id]
+
+
+_CHUNK = 500
+
+
+async def upsert_many(conn: AsyncConnection, batch: Sequence[Agent]) -> dict[str, str]:
+    """``upsert_one`` for a whole import (``agents discover`` at 50,000 agents): the same outcome,
+    agent by agent in batch order, but reading what exists in a few queries and inserting new agents
+    in bulk. Writes replay the batch order, so no intermediate state breaks the unique Entra id."""
+    normed = [norm(a) for a in batch]
+    current: dict[str, Agent] = {}
+    owner: dict[str, str] = {}
+    ids = list({a.dynamics_user_id for a in normed})
+    entras = list({a.entra_object_id for a in normed})
+    for column, keys in ((agents.c.dynamics_user_id, ids), (agents.c.entra_object_id, entras)):
+        for start in range(0, len(keys), _CHUNK):
+            for r in (await conn.execute(select(agents).where(column.in_(keys[start:start + _CHUNK])))).all():
+                current[r.dynamics_user_id] = to_agent(r)
+                owner[r.entra_object_id] = r.dynamics_user_id
+    result: dict[str, str] = {}
+    writes: list[tuple[str, Agent]] = []
+    for agent in normed:
+        other = owner.get(agent.entra_object_id)
+        if other is not None and other != agent.dynamics_user_id:
+            raise ValueError(f"Entra object id {agent.entra_object_id} already belongs to agent {other}")
+        old = current.get(agent.dynamics_user_id)
+        if old is None:
+            result[agent.dynamics_user_id] = "added"
+            writes.append(("insert", agent))
+        elif old == agent:
+            result[agent.dynamics_user_id] = "unchanged"
+        else:
+            result[agent.dynamics_user_id] = "updated"
+            writes.append(("update", agent))
+            if old.entra_object_id != agent.entra_object_id:
+                owner.pop(old.entra_object_id, None)
+        current[agent.dynamics_user_id] = agent
+        owner[agent.entra_object_id] = agent.dynamics_user_id
     now = utcnow()
-    if old is None:
-        await conn.execute(agents.insert().values(
-            dynamics_user_id=agent.dynamics_user_id, entra_object_id=agent.entra_object_id,
-            display_name=agent.display_name, enabled=agent.enabled, created_at=now, updated_at=now,
-        ))
-        return "added"
-    if old == agent:
-        return "unchanged"
-    await conn.execute(update(agents).where(agents.c.dynamics_user_id == agent.dynamics_user_id).values(
-        entra_object_id=agent.entra_object_id, display_name=agent.display_name, enabled=agent.enabled,
-        updated_at=now,
-    ))
-    return "updated"
+    if all(kind == "insert" for kind, _ in writes):  # a first import: one statement per chunk
+        for start in range(0, len(writes), _CHUNK):
+            await conn.execute(agents.insert(), [_row(a, now) for _, a in writes[start:start + _CHUNK]])
+        return result
+    for kind, agent in writes:
+        if kind == "insert":
+            await conn.execute(agents.insert().values(**_row(agent, now)))
+        else:
+            await conn.execute(update(agents).where(agents.c.dynamics_user_id == agent.dynamics_user_id).values(
+                entra_object_id=agent.entra_object_id, display_name=agent.display_name, enabled=agent.enabled,
+                updated_at=now,
+            ))
+    return result
+
+
+def _row(agent: Agent, now: datetime) -> dict[str, Any]:
+    return {"dynamics_user_id": agent.dynamics_user_id, "entra_object_id": agent.entra_object_id,
+            "display_name": agent.display_name, "enabled": agent.enabled, "created_at": now, "updated_at": now}
 
 
 async def set_enabled(conn: AsyncConnection, dynamics_user_id: str, enabled: bool) -> bool:

@@ -100,8 +100,7 @@ class SqlStore:
 
     async def upsert_agents(self, agent_list: Sequence[Agent]) -> dict[str, str]:
         async with self._writing() as conn:
-            return {directory_sql.norm(a).dynamics_user_id: await directory_sql.upsert_one(conn, a)
-                    for a in agent_list}
+            return await directory_sql.upsert_many(conn, agent_list)
 
     async def set_agent_enabled(self, dynamics_user_id: str, enabled: bool) -> bool:
         async with self._writing() as conn:

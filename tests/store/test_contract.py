@@ -70,6 +70,34 @@ async def test_entra_id_of_another_agent_is_refused_and_nothing_is_written(any_s
     assert await any_store.list_agents() == [ALICE]
 
 
+def _with(agent: Agent, entra: str) -> Agent:
+    return Agent(agent.dynamics_user_id, entra, agent.display_name)
+
+
+async def test_batch_is_judged_agent_by_agent_in_order(any_store: Store) -> None:
+    """An Entra id released earlier in the batch may be taken later in it, not the other way round."""
+    e1, e2, e3 = ALICE.entra_object_id, BOB.entra_object_id, "0a1b2c3d-0000-4000-8000-0000000000e3"
+    await any_store.upsert_agents([ALICE, BOB])
+    with pytest.raises(ValueError):
+        await any_store.upsert_agents([_with(BOB, e1), _with(ALICE, e3)])  # B takes e1 while A holds it
+    assert await any_store.list_agents() == [ALICE, BOB]
+    result = await any_store.upsert_agents([_with(ALICE, e3), _with(BOB, e1), _with(CAROL, e2), CAROL])
+    assert result == {ALICE.dynamics_user_id: "updated", BOB.dynamics_user_id: "updated",
+                      CAROL.dynamics_user_id: "updated"}  # Carol added, then changed in the same batch
+    assert await any_store.list_agents() == [_with(ALICE, e3), _with(BOB, e1), CAROL]
+    assert await any_store.get_agent_by_entra(e2) is None
+
+
+async def test_a_large_first_import(any_store: Store) -> None:
+    many = [Agent(f"{i:08x}-0000-4000-8000-000000000000", f"{i:08x}-0000-4000-8000-0000000000ee", f"A{i:05d}")
+            for i in range(1234)]
+    result = await any_store.upsert_agents(many)
+    assert len(result) == 1234 and set(result.values()) == {"added"}
+    assert await any_store.list_agents() == many
+    again = await any_store.upsert_agents([*many[:3], Agent("new-one", "new-entra")])
+    assert list(again.values()) == ["unchanged"] * 3 + ["added"]
+
+
 async def test_list_agents_sorted_by_name_and_enabled_flag(any_store: Store) -> None:
     zed = Agent("ffff0000-0000-4000-8000-000000000001", "eeee0000-0000-4000-8000-000000000001", "zed")
     await any_store.upsert_agents([zed, BOB, ALICE])
