@@ -6,7 +6,7 @@ Each test states one promise the core relies on; the same assertions hold on all
 from __future__ import annotations
 
 from dataclasses import fields
-from datetime import timedelta, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -31,7 +31,7 @@ def cmd(agent: Agent, value: str, system: System = TEAMS, reason: str = "") -> S
     return SetPresence(agent.dynamics_user_id, system, value, reason)
 
 
-async def enqueue(store: Store, *commands: SetPresence, at=T0) -> list[int]:
+async def enqueue(store: Store, *commands: SetPresence, at: datetime = T0) -> list[int]:
     async with store.transaction() as tx:
         return [await tx.enqueue(c, at) for c in commands]
 

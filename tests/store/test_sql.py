@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
+import asyncpg
 import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import select, text
@@ -46,6 +47,7 @@ async def test_plain_postgres_scheme_is_accepted_and_password_hidden() -> None:
     ("mysql+aiomysql://root:pw@localhost/db", "unsupported database 'mysql+aiomysql'"),
     ("not a url at all", "cannot parse"),
     ("sqlite+aiosqlite://", "names no database file"),
+    ("sqlite+aiosqlite:///:memory:", "an in-memory SQLite database is not supported"),
     ("sqlite+aiosqlite:///x.db?schema=s1", "schema= is for PostgreSQL only"),
     ("postgresql+asyncpg://u@h/db?schema=bad;drop", "is not a plain identifier"),
 ])
@@ -55,6 +57,25 @@ async def test_bad_urls_are_refused_before_connecting(url: str, expected: str) -
     assert str(caught.value).startswith("PRESENCE_SYNC_DATABASE_URL: ")
     assert expected in str(caught.value)
     assert "pw@" not in str(caught.value)
+
+
+@pytest.mark.postgres
+async def test_schema_argument_creates_and_uses_the_schema(pg_server: str, make_pg_url: Callable[[], Awaitable[str]],
+                                                           open_sql: OpenSql) -> None:
+    """``open_store(url, schema=...)`` is the same as ``?schema=`` and creates the schema when missing."""
+    name = (await make_pg_url()).rpartition("schema=")[2]  # a name the fixture drops afterwards
+    admin = await asyncpg.connect(pg_server.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await admin.execute(f'DROP SCHEMA "{name}"')
+    finally:
+        await admin.close()
+    store = await open_sql(pg_server, schema=name)
+    assert store.target.shown.endswith(f"?schema={name}")
+    async with store.engine.connect() as conn:
+        tables = (await conn.execute(text(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = :s"), {"s": name})).scalar_one()
+        assert (await conn.execute(text("SELECT current_schema()"))).scalar_one() == name
+    assert tables == 9  # eight tables and alembic_version
 
 
 async def test_sqlite_file_in_a_missing_directory(tmp_path: Path) -> None:
@@ -223,4 +244,4 @@ async def test_sqlite_runs_in_wal_mode_with_foreign_keys(sqlite_url: str, open_s
     async with store.engine.connect() as conn:
         assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
         assert (await conn.execute(text("PRAGMA foreign_keys"))).scalar() == 1
-        assert (await conn.execute(text("PRAGMA busy_timeout"))).scalar() >= 1000
+        assert (await conn.execute(text("PRAGMA busy_timeout"))).scalar_one() >= 1000
