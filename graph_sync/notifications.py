@@ -1,0 +1,532 @@
+"""``POST /api/graph/notifications`` and ``POST /api/graph/lifecycle``: Graph's change notifications in.
+
+Graph wants a 202 within 3 seconds or it delays and then drops notifications, so a request does
+only what must be durable before answering (DESIGN rule 7), and nothing that waits on Graph:
+
+- **rich** items (``encryptedContent``): verify the batch's ``validationTokens``, decrypt, resolve
+  the Entra id, ``engine.observe`` (its return means the observation and the commands it caused are
+  committed), then answer;
+- **basic** items (no content): store the user id as a pending read (docs kind
+  ``graph.pending_read``), answer, and let a background batcher read those users with
+  ``getPresencesByUserId`` (up to 650 a call) and observe what Teams shows;
+- if a batch is so large that observing it would approach Graph's deadline, what is left goes to
+  the pending reads too: answered in time, nothing lost, only read a little later.
+
+Checks, in order: ``validationToken`` handshake (both routes: Graph validates the lifecycle URL too);
+body size (413); content type (415) and JSON shape (400, with the reason); ``validationTokens``
+(RS256 against the tenant's JWKS, ``aud`` = our client id, ``azp`` = Graph's change-tracking app,
+not expired; any failure rejects the whole batch with 400, and a batch with ``encryptedContent``
+but no tokens is rejected the same way); then per item ``clientState`` (constant-time; a mismatch
+drops that item and is counted). Decryption failures drop the content but not the change: the user
+is queued for a read instead. A 5xx is never produced by a bug: unexpected failures are logged and
+answered 503 only when the store itself is down, so Graph retries rather than losing the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import aiohttp
+import jwt
+from aiohttp import web
+
+from graph_sync.crypto import DecryptionError, Decryptor
+from graph_sync.subscriptions import SubscriptionManager
+from graph_sync.teams import MAX_IDS
+from mapping.bridge import Bridge
+from mapping.errors import UpstreamError
+from mapping.model import Agent, PresenceObserved, System
+from mapping.ports import PresenceReader
+
+log = logging.getLogger("presence_sync.graph")
+
+GRAPH_CHANGE_TRACKING_APP_ID = "0bf30f3b-4a52-48df-9a82-234910c4a086"
+"""``azp`` of every genuine validation token: Microsoft Graph's change-tracking application."""
+MAX_BODY = 1024 * 1024
+PENDING_KIND = "graph.pending_read"
+ROUTE = "graph_notifications"
+LIFECYCLE_ROUTE = "graph_lifecycle"
+INTAKE = "graph_notification"
+_FILTER_IDS = re.compile(r"'([^']+)'")
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class KeysUnavailable(Exception):
+    """The JWKS could not be fetched: tokens cannot be checked now (Graph should retry)."""
+
+
+class JwksCache:
+    """The identity platform's signing keys, fetched over HTTP and cached.
+
+    Keys rotate rarely, so they are kept for ``ttl`` seconds; a token naming an unknown ``kid``
+    triggers one refetch (at most every ``refetch_after`` seconds, so a stream of forged kids cannot
+    turn the bridge into a JWKS hammer)."""
+
+    def __init__(self, url: str, *, ttl: float = 24 * 3600, refetch_after: float = 60.0) -> None:
+        self.url = url
+        self.ttl = ttl
+        self.refetch_after = refetch_after
+        self._keys: dict[str, Any] = {}
+        self._fetched = 0.0
+        self._lock = asyncio.Lock()
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def key(self, kid: str) -> Any | None:
+        now = time.monotonic()
+        if kid in self._keys and now - self._fetched < self.ttl:
+            return self._keys[kid]
+        async with self._lock:
+            now = time.monotonic()
+            stale = not self._keys or now - self._fetched >= self.ttl
+            if kid not in self._keys and (stale or now - self._fetched >= self.refetch_after):
+                await self._fetch()
+            elif stale:
+                await self._fetch()
+        return self._keys.get(kid)
+
+    async def _fetch(self) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        try:
+            async with self._session.get(self.url) as resp:
+                if resp.status != 200:
+                    raise KeysUnavailable(f"JWKS {self.url} answered {resp.status}")
+                data = await resp.json(content_type=None)
+            keyset = jwt.PyJWKSet.from_dict(data)
+        except KeysUnavailable:
+            raise
+        except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWTError) as e:
+            raise KeysUnavailable(f"JWKS {self.url} unavailable: {type(e).__name__}: {e}") from None
+        self._keys = {k.key_id: k.key for k in keyset.keys if k.key_id}
+        self._fetched = time.monotonic()
+
+
+class TokenValidator:
+    """Checks Graph's ``validationTokens``: RS256, signed by a key of the JWKS, ``aud`` = our client id,
+    ``azp`` (v2) or ``appid`` (v1) = Graph's change-tracking app, inside ``nbf``/``exp`` (with
+    ``leeway`` seconds of clock skew), and ``tid`` = our tenant when one is configured. Tokens already
+    verified are remembered until they expire: Graph sends the same token on many batches."""
+
+    def __init__(self, jwks: JwksCache, *, client_id: str, tenant_id: str | None = None, leeway: float = 60.0,
+                 memory: int = 256) -> None:
+        self.jwks = jwks
+        self.client_id = client_id
+        self.tenant_id = tenant_id
+        self.leeway = leeway
+        self.memory = memory
+        self._verified: dict[str, float] = {}
+
+    async def check(self, token: str) -> None:
+        """Returns when the token is valid; raises ``ValueError`` (why) or ``KeysUnavailable``."""
+        exp = self._verified.get(token)
+        if exp is not None and exp + self.leeway > time.time():
+            return
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as e:
+            raise ValueError(f"not a JWT ({e})") from None
+        if header.get("alg") != "RS256":
+            raise ValueError(f"algorithm {header.get('alg')!r}, expected RS256")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise ValueError("no key id (kid)")
+        key = await self.jwks.key(kid)
+        if key is None:
+            raise ValueError(f"signed with unknown key {kid!r}")
+        try:
+            claims = jwt.decode(token, key, algorithms=["RS256"], audience=self.client_id, leeway=self.leeway,
+                                options={"require": ["exp", "aud"]})
+        except jwt.ExpiredSignatureError:
+            raise ValueError("expired") from None
+        except jwt.InvalidAudienceError:
+            raise ValueError("wrong audience") from None
+        except jwt.InvalidSignatureError:
+            raise ValueError("bad signature") from None
+        except jwt.PyJWTError as e:
+            raise ValueError(str(e) or type(e).__name__) from None
+        azp = claims.get("azp") or claims.get("appid")
+        if azp != GRAPH_CHANGE_TRACKING_APP_ID:
+            raise ValueError(f"azp {azp!r} is not Microsoft Graph change tracking")
+        if self.tenant_id and claims.get("tid") not in (None, self.tenant_id):
+            raise ValueError("issued for another tenant")
+        if len(self._verified) >= self.memory:
+            now = time.time()
+            self._verified = {t: e for t, e in self._verified.items() if e > now}
+            if len(self._verified) >= self.memory:
+                self._verified.clear()
+        self._verified[token] = float(claims["exp"])
+
+
+def _json_error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _handshake(request: web.Request) -> web.Response | None:
+    token = request.query.get("validationToken")
+    if token is None:
+        return None
+    return web.Response(text=token, content_type="text/plain", headers={"X-Content-Type-Options": "nosniff"})
+
+
+def ids_from_resource(resource: Any) -> list[str]:
+    """User ids named in a presence ``resource`` (single, or the ``$filter=id in (...)`` form)."""
+    if not isinstance(resource, str):
+        return []
+    if "$filter" in resource:
+        return [m.lower() for m in _FILTER_IDS.findall(resource)]
+    match = re.search(r"presences(?:\('([^']+)'\)|/([^/?]+))", resource)
+    return [(match.group(1) or match.group(2)).lower()] if match else []
+
+
+class GraphIntake:
+    """The two Graph routes plus the background batcher for basic notifications (see module doc).
+
+    ``ack_budget``: seconds a request may spend observing before the rest of its batch is deferred
+    to pending reads (Graph's deadline is 3 s). ``read_interval``: how often the batcher looks for
+    pending reads when nothing wakes it."""
+
+    def __init__(
+        self,
+        bridge: Bridge,
+        *,
+        client_state: str,
+        client_id: str,
+        jwks_url: str,
+        decryptor: Decryptor | None,
+        reader: PresenceReader,
+        subscriptions: SubscriptionManager | None,
+        tenant_id: str | None = None,
+        max_body: int = MAX_BODY,
+        ack_budget: float = 1.5,
+        read_interval: float = 2.0,
+    ) -> None:
+        self.bridge = bridge
+        self.client_state = client_state.encode()
+        self.decryptor = decryptor
+        self.reader = reader
+        self.subscriptions = subscriptions
+        self.max_body = max_body
+        self.ack_budget = ack_budget
+        self.read_interval = read_interval
+        self.jwks = JwksCache(jwks_url)
+        self.tokens = TokenValidator(self.jwks, client_id=client_id, tenant_id=tenant_id)
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._batcher: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------ lifecycle of the intake
+
+    async def start(self) -> None:
+        if self._batcher is None:
+            self._stop.clear()
+            self._batcher = asyncio.create_task(self._read_loop(), name="graph-pending-reads")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._batcher is not None:
+            self._batcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._batcher
+            self._batcher = None
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.jwks.close()
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post("/api/graph/notifications", self.notifications),
+                web.post("/api/graph/lifecycle", self.lifecycle)]
+
+    async def wait_idle(self, timeout: float = 10.0) -> None:
+        """Waits for background lifecycle work and pending reads to finish (tests, demo)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                if self._tasks:
+                    await asyncio.gather(*list(self._tasks), return_exceptions=True)
+                    continue
+                if not await self.bridge.store.list_docs(PENDING_KIND):
+                    return
+                self._wake.set()
+                await asyncio.sleep(0.02)
+
+    # ------------------------------------------------------------------ routes
+
+    async def notifications(self, request: web.Request) -> web.StreamResponse:
+        return await self._guarded(ROUTE, request, self._notifications)
+
+    async def lifecycle(self, request: web.Request) -> web.StreamResponse:
+        return await self._guarded(LIFECYCLE_ROUTE, request, self._lifecycle)
+
+    async def _guarded(self, route: str, request: web.Request,
+                       handle: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        started = time.monotonic()
+        try:
+            handshake = _handshake(request)
+            if handshake is not None:
+                return handshake
+            return await handle(request)
+        except _Reject as r:
+            self.bridge.telemetry.rejected(route, r.reason)
+            log.info("graph request rejected", extra={"fields": {"route": route, "reason": r.reason,
+                                                                 "detail": r.message}})
+            return _json_error(r.status, r.message)
+        except Exception:
+            # Nothing was acknowledged: 503 makes Graph deliver again later instead of losing the batch.
+            log.exception("graph request failed", extra={"fields": {"route": route}})
+            self.bridge.telemetry.rejected(route, "internal")
+            return _json_error(503, "temporarily unable to store the notification; retry later")
+        finally:
+            self.bridge.telemetry.latency(f"ack.{route}", time.monotonic() - started)
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        if request.content_length is not None and request.content_length > self.max_body:
+            raise _Reject(413, "too_large", f"body of {request.content_length} bytes exceeds {self.max_body}")
+        ctype = request.content_type
+        if request.headers.get("Content-Type") and ctype not in ("application/json", "text/json"):
+            raise _Reject(415, "unsupported_media_type", f"content type {ctype!r}; Graph sends application/json")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > self.max_body:
+                raise _Reject(413, "too_large", f"body exceeds {self.max_body} bytes")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        if not raw:
+            raise _Reject(400, "malformed", "empty body; expected a JSON object with 'value'")
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise _Reject(400, "malformed", f"body is not JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise _Reject(400, "malformed", "body must be a JSON object with 'value'")
+        items = body.get("value")
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise _Reject(400, "malformed", "'value' must be an array of notification objects")
+        tokens = body.get("validationTokens")
+        if tokens is not None and (not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens)):
+            raise _Reject(400, "malformed", "'validationTokens' must be an array of strings")
+        return body
+
+    async def _check_tokens(self, body: Mapping[str, Any]) -> None:
+        tokens: list[str] = body.get("validationTokens") or []
+        rich = any("encryptedContent" in item for item in body["value"])
+        if rich and not tokens:
+            raise _Reject(400, "validation_token", "encryptedContent without validationTokens")
+        for token in tokens:
+            try:
+                await self.tokens.check(token)
+            except KeysUnavailable as e:
+                raise _Reject(503, "keys_unavailable", f"cannot verify validationTokens now: {e}") from None
+            except ValueError as e:
+                raise _Reject(400, "validation_token", f"validationTokens rejected: {e}") from None
+
+    def _client_state_ok(self, item: Mapping[str, Any]) -> bool:
+        given = item.get("clientState")
+        if not isinstance(given, str):
+            return False
+        return hmac.compare_digest(given.encode(), self.client_state)
+
+    async def _notifications(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        body = await self._body(request)
+        await self._check_tokens(body)
+        accepted = 0
+        deferred: list[str] = []
+        for item in body["value"]:
+            if not self._client_state_ok(item):
+                self.bridge.telemetry.rejected(ROUTE, "client_state")
+                log.warning("notification with a wrong clientState dropped",
+                            extra={"fields": {"subscription": item.get("subscriptionId")}})
+                continue
+            if "lifecycleEvent" in item:  # a subscription without a lifecycle URL gets them here
+                await self._lifecycle_item(item)
+                accepted += 1
+                continue
+            user_id = _user_id(item)
+            if user_id is None:
+                self.bridge.telemetry.rejected(ROUTE, "malformed_item")
+                continue
+            if time.monotonic() - started > self.ack_budget:
+                deferred.append(user_id)
+                continue
+            accepted += 1
+            await self._item(item, user_id)
+        if deferred:
+            await self._queue_reads(deferred, "deferred")
+        return web.json_response({"accepted": accepted + len(deferred)}, status=202)
+
+    async def _item(self, item: Mapping[str, Any], user_id: str) -> None:
+        content = item.get("encryptedContent")
+        if content is None:
+            if await self.bridge.engine.agent_for(System.TEAMS, user_id) is not None:
+                await self._queue_reads([user_id], "basic")
+            else:
+                self.bridge.telemetry.event(INTAKE, "unknown_agent")
+            return
+        if self.decryptor is None:
+            self.bridge.telemetry.rejected(ROUTE, "no_decryptor")
+            await self._queue_reads([user_id], "undecryptable")
+            return
+        try:
+            resource = self.decryptor.decrypt(content)
+        except DecryptionError as e:
+            self.bridge.telemetry.rejected(ROUTE, "decryption")
+            log.warning("rich notification not decrypted; reading the user instead",
+                        extra={"fields": {"user": user_id, "error": str(e)}})
+            await self._queue_reads([user_id], "undecryptable")
+            return
+        availability, activity = resource.get("availability"), resource.get("activity")
+        rid = str(resource.get("id") or user_id).lower()
+        if rid != user_id or not isinstance(availability, str) or not availability:
+            self.bridge.telemetry.rejected(ROUTE, "malformed_item")
+            await self._queue_reads([user_id], "unreadable")
+            return
+        agent = await self.bridge.engine.agent_for(System.TEAMS, user_id)
+        if agent is None:
+            self.bridge.telemetry.event(INTAKE, "unknown_agent")
+            return
+        value = f"{availability}/{activity if isinstance(activity, str) and activity else availability}"
+        await self.bridge.engine.observe(
+            PresenceObserved(agent.dynamics_user_id, System.TEAMS, value, self.bridge.clock(), None, None,
+                             "notification"),
+            intake=INTAKE,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def _lifecycle(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        await self._check_tokens(body)
+        accepted = 0
+        for item in body["value"]:
+            if not self._client_state_ok(item):
+                self.bridge.telemetry.rejected(LIFECYCLE_ROUTE, "client_state")
+                continue
+            if not isinstance(item.get("lifecycleEvent"), str) or not isinstance(item.get("subscriptionId"), str):
+                self.bridge.telemetry.rejected(LIFECYCLE_ROUTE, "malformed_item")
+                continue
+            await self._lifecycle_item(item)
+            accepted += 1
+        return web.json_response({"accepted": accepted}, status=202)
+
+    async def _lifecycle_item(self, item: Mapping[str, Any]) -> None:
+        """Durable part now, Graph calls after the answer (in a task)."""
+        event, sub_id = str(item.get("lifecycleEvent")), str(item.get("subscriptionId"))
+        log.info("graph lifecycle event", extra={"fields": {"event": event, "subscription": sub_id}})
+        if event == "missed":
+            ids = await self.subscriptions.ids_of(sub_id) if self.subscriptions else []
+            ids = ids or ids_from_resource(item.get("resource"))
+            await self._queue_reads(ids, "missed")
+            return
+        if self.subscriptions is None:
+            return
+        if event in ("reauthorizationRequired", "subscriptionRemoved"):
+            await self.subscriptions.record_lifecycle(event, sub_id)
+            self._spawn(self.subscriptions.on_lifecycle(event, sub_id))
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        async def guarded() -> None:
+            try:
+                await coro
+            except Exception:
+                log.exception("lifecycle action failed")
+
+        task = asyncio.create_task(guarded())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ pending reads
+
+    async def _queue_reads(self, user_ids: Sequence[str], why: str) -> None:
+        """Durably notes users to read (one small document each; the same user twice is one read)."""
+        stamp = uuid.uuid4().hex
+        at = self.bridge.clock().isoformat()
+        for uid in dict.fromkeys(u.lower() for u in user_ids):
+            await self.bridge.store.put_doc(PENDING_KIND, uid, {"id": uid, "why": why, "at": at, "stamp": stamp})
+        if user_ids:
+            self._wake.set()
+
+    async def read_pending(self) -> int:
+        """One batcher round: reads every pending user (650 per Graph call) and observes them. A
+        pending note is removed only if no newer note for that user arrived during the read, so a
+        change notified mid-read is read again. Returns how many users were observed."""
+        pending = await self.bridge.store.list_docs(PENDING_KIND)
+        if not pending:
+            return 0
+        agents: list[Agent] = []
+        for uid in pending:
+            agent = await self.bridge.store.get_agent_by_entra(uid)
+            if agent is None or not agent.enabled:
+                await self.bridge.store.delete_doc(PENDING_KIND, uid)
+            else:
+                agents.append(agent)
+        observed = 0
+        for start in range(0, len(agents), MAX_IDS):
+            chunk = agents[start : start + MAX_IDS]
+            try:
+                results = await self.reader.read(chunk)
+            except UpstreamError as e:
+                log.warning("pending Teams reads failed; will retry",
+                            extra={"fields": {"users": len(chunk), "error": e.message}})
+                raise
+            for obs in results:
+                await self.bridge.engine.observe(obs, intake=INTAKE)
+            observed += len(results)
+            for agent in chunk:
+                uid = agent.entra_object_id.lower()
+                now_doc = await self.bridge.store.get_doc(PENDING_KIND, uid)
+                if now_doc is not None and now_doc.get("stamp") == pending[uid].get("stamp"):
+                    await self.bridge.store.delete_doc(PENDING_KIND, uid)
+        return observed
+
+    async def _read_loop(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.read_interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                await self.read_pending()
+                failures = 0
+            except Exception as e:
+                failures += 1
+                if not isinstance(e, UpstreamError):
+                    log.exception("pending reads round failed")
+                delay = self.bridge.retry.delay(failures, e)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+
+
+def _user_id(item: Mapping[str, Any]) -> str | None:
+    data = item.get("resourceData")
+    if isinstance(data, Mapping) and isinstance(data.get("id"), str) and data["id"].strip():
+        return str(data["id"]).strip().lower()
+    ids = ids_from_resource(item.get("resource"))
+    return ids[0] if len(ids) == 1 else None

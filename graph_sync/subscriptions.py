@@ -1,0 +1,560 @@
+"""Presence subscriptions: cover every enabled agent with Graph change notifications, within Graph's
+rules (upstream-apis.md): a delegated token per subscription, **one** presence subscription per
+account per app, at most **650** ids each, at most **60 minutes** of life.
+
+So the directory is cut into chunks of at most 650 Entra ids, one chunk per subscriber account
+(accounts in name order). Assignment is sticky: an id stays in the subscription that already covers
+it, newcomers fill the first account with room; one new agent therefore changes one subscription, not
+every chunk after it. Agents beyond ``accounts x 650`` are reported and *polled* with
+``getPresencesByUserId`` instead (``poll_uncovered``), so nobody silently goes unwatched.
+
+A subscription's ``resource`` cannot be changed, and an account can hold only one, so a changed chunk
+is a DELETE then a POST. Renewal is a PATCH of ``expirationDateTime`` when fewer than
+``renew_before`` minutes are left (new expiry ``lifetime`` ahead); a 404 means Graph dropped it, and
+it is created again. Lifecycle events (``graph_sync.notifications``) are first noted durably on the
+subscription's record (``record_lifecycle``) and then acted on (``on_lifecycle``); a note left by a
+crash is acted on by the next ``sync``.
+
+State: docs kind ``graph.subscription`` keyed by account; the uncovered ids in ``graph.coverage``.
+Only the leader (``store.try_lead("graph.subscriptions")``) runs the upkeep loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from kiota_abstractions.api_error import APIError
+from msgraph import GraphServiceClient
+from msgraph.generated.models.subscription import Subscription
+
+from graph_sync.accounts import SubscriberAccounts
+from graph_sync.client import DEFAULT_TIMEOUT, graph_error, make_graph_client, make_http_client
+from graph_sync.teams import MAX_IDS, TeamsPresenceClient
+from mapping.bridge import Bridge
+from mapping.errors import ConfigError, UpstreamError
+from mapping.model import Agent, System
+from mapping.ports import PresenceReader
+
+log = logging.getLogger("presence_sync.graph")
+
+KIND = "graph.subscription"
+COVERAGE_KIND = "graph.coverage"
+LEADERSHIP = "graph.subscriptions"
+SUBSCRIBE_PERMISSION = "delegated Presence.Read.All consented for the subscriber account"
+LIFECYCLE_EVENTS = ("reauthorizationRequired", "subscriptionRemoved", "missed")
+
+
+def presence_resource(ids: Sequence[str]) -> str:
+    """``/communications/presences?$filter=id in ('a','b')``: the bulk presence resource."""
+    return "/communications/presences?$filter=id in ({})".format(",".join(f"'{i}'" for i in ids))
+
+
+def assign(wanted: Sequence[str], accounts: Sequence[str], current: dict[str, list[str]]
+           ) -> tuple[dict[str, list[str]], list[str]]:
+    """Sticky split of ``wanted`` ids over ``accounts`` (at most ``MAX_IDS`` each): ids keep the
+    account that covers them now; the rest, in sorted order, fill accounts in order. Returns the plan
+    (each list sorted) and the ids no account can take."""
+    wanted_set = set(wanted)
+    plan: dict[str, list[str]] = {}
+    taken: set[str] = set()
+    for account in accounts:
+        keep = sorted(i for i in set(current.get(account, ())) if i in wanted_set and i not in taken)[:MAX_IDS]
+        plan[account] = keep
+        taken.update(keep)
+    rest = sorted(i for i in wanted_set if i not in taken)
+    for account in accounts:
+        room = MAX_IDS - len(plan[account])
+        if room > 0 and rest:
+            plan[account] = sorted(plan[account] + rest[:room])
+            rest = rest[room:]
+    return plan, rest
+
+
+@dataclass
+class SyncReport:
+    """What one ``sync`` did, and what it could not cover."""
+
+    agents: int = 0
+    accounts: int = 0
+    covered: int = 0
+    uncovered: list[str] = field(default_factory=list)
+    created: int = 0
+    renewed: int = 0
+    recreated: int = 0
+    updated: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+    warning: str = ""
+
+    @property
+    def subscriptions(self) -> int:
+        return self.created + self.renewed + self.recreated + self.updated + self.unchanged
+
+    def __str__(self) -> str:
+        line = (f"subscriptions {self.subscriptions} (created {self.created}, renewed {self.renewed}, "
+                f"recreated {self.recreated}, updated {self.updated}, deleted {self.deleted}, "
+                f"unchanged {self.unchanged}, failed {self.failed}); agents {self.agents}, "
+                f"covered {self.covered}, polled {len(self.uncovered)}")
+        if self.warning:
+            line += f"\n  warning: {self.warning}"
+        for e in self.errors:
+            line += f"\n  error: {e}"
+        return line
+
+
+class _AnyAccountTokens:
+    """Reads for polling go out as the first subscriber account that has a token: delegated
+    ``Presence.Read.All`` may read every user's presence, and it keeps the app's own write budget
+    out of the polling path."""
+
+    def __init__(self, accounts: SubscriberAccounts) -> None:
+        self.accounts = accounts
+
+    async def token(self, scope: str) -> str:
+        last: UpstreamError | None = None
+        for info in await self.accounts.accounts():
+            try:
+                return await self.accounts.tokens(info.name).token(scope)
+            except UpstreamError as e:
+                last = e
+        if last is not None:
+            raise last
+        raise ConfigError("no subscriber account to read presence with: run `presence-sync graph login`")
+
+
+class SubscriptionManager:
+    def __init__(
+        self,
+        bridge: Bridge,
+        graph_url: str,
+        accounts: SubscriberAccounts,
+        *,
+        notification_url: str,
+        lifecycle_url: str,
+        client_state: str,
+        encryption_cert_pem: bytes | None,
+        encryption_cert_id: str | None,
+        owner: str,
+        reader: PresenceReader | None = None,
+        renew_before: timedelta = timedelta(minutes=15),
+        lifetime: timedelta = timedelta(minutes=55),
+        poll_interval: float | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        if not client_state:
+            raise ConfigError("Graph subscriptions need PRESENCE_SYNC_GRAPH_CLIENT_STATE (a secret Graph echoes "
+                              "in every notification)")
+        if len(client_state) > 128:
+            raise ConfigError("PRESENCE_SYNC_GRAPH_CLIENT_STATE must be at most 128 characters (Graph's limit)")
+        if lifetime > timedelta(minutes=60) or renew_before >= lifetime:
+            raise ConfigError("subscription lifetime must be at most 60 minutes and longer than renew_before")
+        self.bridge = bridge
+        self.store = bridge.store
+        self.graph_url = graph_url
+        self.accounts = accounts
+        self.notification_url = notification_url
+        self.lifecycle_url = lifecycle_url
+        self.client_state = client_state
+        self.owner = owner
+        self.renew_before = renew_before
+        self.lifetime = lifetime
+        self.poll_interval = poll_interval
+        self.certificate_b64: str | None = None
+        self.certificate_id: str | None = None
+        if encryption_cert_pem is not None:
+            try:
+                cert = x509.load_pem_x509_certificate(encryption_cert_pem)
+            except ValueError as e:
+                raise ConfigError(f"Graph encryption certificate is not a PEM certificate: {e}") from None
+            self.certificate_b64 = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
+            self.certificate_id = encryption_cert_id or cert.fingerprint(hashes.SHA1()).hex().upper()
+        self._http = make_http_client(graph_url, timeout=timeout)
+        self._clients: dict[str, GraphServiceClient] = {}
+        self.reader: PresenceReader = reader or TeamsPresenceClient(
+            graph_url, _AnyAccountTokens(accounts), session_id="presence-sync-poll", store=bridge.store,
+            limiter=bridge.limiters.get(System.TEAMS), retry=bridge.retry, clock=bridge.clock, http=self._http)
+        self._lock = asyncio.Lock()
+        self._uncovered: list[str] | None = None
+
+    @property
+    def rich(self) -> bool:
+        return self.certificate_b64 is not None
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    def _client(self, account: str) -> GraphServiceClient:
+        client = self._clients.get(account)
+        if client is None:
+            client = self._clients[account] = make_graph_client(self._http, self.graph_url,
+                                                                 self.accounts.tokens(account))
+        return client
+
+    # ------------------------------------------------------------------ the plan
+
+    async def sync(self) -> SyncReport:
+        """Brings Graph's subscriptions in line with the directory and the accounts (see module doc)."""
+        async with self._lock:
+            return await self._sync()
+
+    async def _sync(self) -> SyncReport:
+        agents = await self.store.list_agents(enabled_only=True)
+        wanted = sorted({a.entra_object_id.strip().lower() for a in agents if a.entra_object_id.strip()})
+        accounts = [a.name for a in await self.accounts.accounts()]
+        records = await self.store.list_docs(KIND)
+        current = {name: list(r.get("ids", [])) for name, r in records.items()
+                   if name in accounts and r.get("subscription_id")}
+        plan, uncovered = assign(wanted, accounts, current)
+        report = SyncReport(agents=len(wanted), accounts=len(accounts))
+        for account in accounts:
+            target = plan.get(account, [])
+            try:
+                outcome = await self._converge(account, target, records.get(account))
+            except UpstreamError as e:
+                report.failed += 1
+                report.errors.append(f"{account}: {e.message}")
+                uncovered.extend(target)
+                await self._note_error(account, target, records.get(account), e.message)
+                log.warning("subscription upkeep failed",
+                            extra={"fields": {"account": account, "ids": len(target), "error": e.message}})
+                continue
+            if outcome:
+                setattr(report, outcome, getattr(report, outcome) + 1)
+        for name, rec in records.items():  # accounts signed out or removed from the static list
+            if name not in accounts:
+                await self._forget(name, rec)
+                report.deleted += 1
+        uncovered = sorted(set(uncovered))
+        report.uncovered = uncovered
+        report.covered = len(wanted) - len(uncovered)
+        capacity = len(accounts) * MAX_IDS
+        if len(wanted) > capacity:
+            report.warning = (
+                f"{len(wanted)} agents but {len(accounts)} subscriber account(s) cover at most {capacity} "
+                f"({MAX_IDS} each, one subscription per account): {len(wanted) - capacity} agents are polled with "
+                f"getPresencesByUserId instead; sign in {-(-(len(wanted) - capacity) // MAX_IDS)} more account(s) "
+                "with `presence-sync graph login`")
+            log.warning("agents exceed subscription capacity", extra={"fields": {
+                "agents": len(wanted), "accounts": len(accounts), "polled": len(uncovered)}})
+        self._uncovered = uncovered
+        await self.store.put_doc(COVERAGE_KIND, "uncovered", {"ids": uncovered, "at": self.bridge.clock().isoformat()})
+        return report
+
+    async def _converge(self, account: str, target: list[str], rec: dict[str, Any] | None) -> str | None:
+        """One account's subscription to ``target``; returns the report field to count it under."""
+        now = self.bridge.clock()
+        sub_id = rec.get("subscription_id") if rec else None
+        if not target:
+            if rec is not None:
+                await self._forget(account, rec)
+                return "deleted" if sub_id else None
+            return None
+        if not sub_id or rec is None:
+            await self._create(account, target)
+            return "created"
+        config_changed = (rec.get("notification_url") != self.notification_url
+                          or rec.get("lifecycle_url") != self.lifecycle_url
+                          or rec.get("certificate_id") != self.certificate_id)
+        if sorted(rec.get("ids", [])) != target or config_changed:
+            await self._delete(account, sub_id)
+            await self._create(account, target)
+            return "updated"
+        pending = rec.get("pending")
+        if pending == "subscriptionRemoved":
+            await self._delete(account, sub_id)
+            await self._create(account, target)
+            return "recreated"
+        expires = _parse_time(rec.get("expires_at"))
+        if pending == "reauthorizationRequired" or expires is None or expires - now < self.renew_before:
+            if expires is not None and expires <= now:
+                await self._create(account, target)
+                return "recreated"
+            return await self._renew(account, target, rec)
+        return "unchanged"
+
+    async def _renew(self, account: str, target: list[str], rec: dict[str, Any]) -> str:
+        sub_id = str(rec["subscription_id"])
+        expires = self.bridge.clock() + self.lifetime
+        try:
+            result = await self._client(account).subscriptions.by_subscription_id(sub_id).patch(
+                Subscription(expiration_date_time=expires))
+        except APIError as e:
+            if e.response_status_code == 404:
+                log.info("subscription gone; creating it again", extra={"fields": {"account": account,
+                                                                                    "subscription": sub_id}})
+                await self._create(account, target)
+                return "recreated"
+            raise graph_error(e, what=f"renewing subscription {sub_id} of {account}",
+                              permission=SUBSCRIBE_PERMISSION) from None
+        except Exception as e:
+            raise graph_error(e, what=f"renewing subscription {sub_id} of {account}",
+                              permission=SUBSCRIBE_PERMISSION) from None
+        rec = dict(rec)
+        rec.update(expires_at=_iso(result.expiration_date_time if result and result.expiration_date_time else expires),
+                   renewed_at=self.bridge.clock().isoformat(), pending=None, error=None)
+        await self.store.put_doc(KIND, account, rec)
+        return "renewed"
+
+    def _body(self, target: list[str]) -> Subscription:
+        body = Subscription(
+            change_type="updated",
+            notification_url=self.notification_url,
+            lifecycle_notification_url=self.lifecycle_url,
+            resource=presence_resource(target),
+            expiration_date_time=self.bridge.clock() + self.lifetime,
+            client_state=self.client_state,
+            include_resource_data=self.rich,
+            latest_supported_tls_version="v1_2",
+        )
+        if self.rich:
+            body.encryption_certificate = self.certificate_b64
+            body.encryption_certificate_id = self.certificate_id
+        return body
+
+    async def _create(self, account: str, target: list[str]) -> None:
+        what = f"creating the presence subscription of {account} ({len(target)} users)"
+        client = self._client(account)
+        try:
+            try:
+                result = await client.subscriptions.post(self._body(target))
+            except APIError as e:
+                if e.response_status_code != 409:
+                    raise
+                # The account already holds one (made before our record was lost, or by a previous
+                # configuration): Graph allows one per account and app, so ours replaces it.
+                await self._clear_account(account)
+                result = await client.subscriptions.post(self._body(target))
+        except Exception as e:
+            raise graph_error(e, what=what, permission=SUBSCRIBE_PERMISSION) from None
+        if result is None or not result.id:
+            raise graph_error(RuntimeError("Graph returned no subscription id"), what=what)
+        now = self.bridge.clock()
+        await self.store.put_doc(KIND, account, {
+            "account": account,
+            "subscription_id": result.id,
+            "ids": target,
+            "expires_at": _iso(result.expiration_date_time or now + self.lifetime),
+            "created_at": now.isoformat(),
+            "renewed_at": None,
+            "notification_url": self.notification_url,
+            "lifecycle_url": self.lifecycle_url,
+            "certificate_id": self.certificate_id,
+            "rich": self.rich,
+            "pending": None,
+            "error": None,
+        })
+        log.info("subscription created", extra={"fields": {"account": account, "subscription": result.id,
+                                                           "ids": len(target), "rich": self.rich}})
+
+    async def _clear_account(self, account: str) -> None:
+        client = self._client(account)
+        listing = await client.subscriptions.get()
+        for sub in (listing.value if listing and listing.value else []):
+            if sub.id and (sub.resource or "").lstrip("/").lower().startswith("communications/presences"):
+                await self._delete(account, sub.id)
+
+    async def _delete(self, account: str, sub_id: str) -> None:
+        try:
+            await self._client(account).subscriptions.by_subscription_id(sub_id).delete()
+        except APIError as e:
+            if e.response_status_code == 404:
+                return
+            raise graph_error(e, what=f"deleting subscription {sub_id} of {account}",
+                              permission=SUBSCRIBE_PERMISSION) from None
+        except Exception as e:
+            raise graph_error(e, what=f"deleting subscription {sub_id} of {account}") from None
+
+    async def _forget(self, account: str, rec: dict[str, Any]) -> None:
+        sub_id = rec.get("subscription_id")
+        if sub_id:
+            try:
+                await self._delete(account, str(sub_id))
+            except (UpstreamError, ConfigError) as e:  # no token any more: Graph expires it within the hour
+                log.info("could not delete subscription of a departed account",
+                         extra={"fields": {"account": account, "subscription": sub_id, "error": str(e)}})
+        await self.store.delete_doc(KIND, account)
+
+    async def _note_error(self, account: str, target: list[str], rec: dict[str, Any] | None, error: str) -> None:
+        doc = dict(rec or {"account": account, "subscription_id": None, "ids": target})
+        doc["error"] = error
+        doc["error_at"] = self.bridge.clock().isoformat()
+        await self.store.put_doc(KIND, account, doc)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def find(self, subscription_id: str) -> tuple[str, dict[str, Any]] | None:
+        """The (account, record) holding ``subscription_id``, if it is one of ours."""
+        for account, rec in (await self.store.list_docs(KIND)).items():
+            if rec.get("subscription_id") == subscription_id:
+                return account, rec
+        return None
+
+    async def ids_of(self, subscription_id: str) -> list[str]:
+        found = await self.find(subscription_id)
+        return list(found[1].get("ids", [])) if found else []
+
+    async def record_lifecycle(self, event: str, subscription_id: str) -> bool:
+        """Durably notes a lifecycle event on the subscription's record (before the route answers), so
+        a crash before ``on_lifecycle`` finishes is repaired by the next ``sync``. False if unknown."""
+        if event not in ("reauthorizationRequired", "subscriptionRemoved"):
+            return (await self.find(subscription_id)) is not None
+        found = await self.find(subscription_id)
+        if found is None:
+            return False
+        account, rec = found
+        if rec.get("pending") != "subscriptionRemoved":  # removal is the stronger need
+            rec["pending"] = event
+        await self.store.put_doc(KIND, account, rec)
+        return True
+
+    async def on_lifecycle(self, event: str, subscription_id: str) -> str:
+        """Acts on a lifecycle event: ``reauthorizationRequired`` renews (a PATCH reauthorizes),
+        ``subscriptionRemoved`` creates the subscription again, ``missed`` reads the covered users and
+        feeds what Teams shows now to the engine. Returns what was done, for logs and tests.
+
+        Only the leader changes subscriptions; elsewhere the durable note waits for the leader's sync."""
+        if event not in LIFECYCLE_EVENTS:
+            return f"ignored unknown lifecycle event {event!r}"
+        found = await self.find(subscription_id)
+        if found is None:
+            log.info("lifecycle event for an unknown subscription",
+                     extra={"fields": {"event": event, "subscription": subscription_id}})
+            return "unknown subscription"
+        account, rec = found
+        if event == "missed":
+            n = await self.observe_ids(list(rec.get("ids", [])), intake="graph_missed")
+            return f"reconciled {n}"
+        if not await self.store.try_lead(LEADERSHIP, self.owner):
+            return "noted for the leader"
+        await self.record_lifecycle(event, subscription_id)
+        async with self._lock:
+            fresh = await self.store.get_doc(KIND, account)
+            if fresh is None or fresh.get("subscription_id") != subscription_id:
+                return "already replaced"
+            try:
+                outcome = await self._converge(account, sorted(fresh.get("ids", [])), fresh)
+            except UpstreamError as e:
+                await self._note_error(account, list(fresh.get("ids", [])), fresh, e.message)
+                log.warning("lifecycle action failed", extra={"fields": {
+                    "account": account, "event": event, "error": e.message}})
+                return f"failed: {e.message}"
+        return outcome or "nothing to do"
+
+    # ------------------------------------------------------------------ polling fallback
+
+    async def uncovered(self) -> list[str]:
+        if self._uncovered is None:
+            doc = await self.store.get_doc(COVERAGE_KIND, "uncovered")
+            self._uncovered = list(doc.get("ids", [])) if doc else []
+        return list(self._uncovered)
+
+    async def poll_uncovered(self) -> int:
+        """Reads the agents no subscription covers and feeds their Teams presence to the engine.
+        Returns how many observations were made."""
+        ids = await self.uncovered()
+        if not ids:
+            return 0
+        return await self.observe_ids(ids, intake="graph_poll")
+
+    async def observe_ids(self, entra_ids: Sequence[str], *, intake: str) -> int:
+        agents: list[Agent] = []
+        for eid in entra_ids:
+            agent = await self.store.get_agent_by_entra(eid)
+            if agent is not None and agent.enabled:
+                agents.append(agent)
+        if not agents:
+            return 0
+        observed = await self.reader.read(agents)
+        for obs in observed:
+            await self.bridge.engine.observe(obs, intake=intake)
+        return len(observed)
+
+    # ------------------------------------------------------------------ background
+
+    async def run(self, stop: asyncio.Event, interval: float = 60.0) -> None:
+        """Upkeep while ``stop`` is not set: ``sync`` every ``interval`` s and ``poll_uncovered`` every
+        ``poll_interval`` s (default: the smaller of ``interval`` and 30), only while this instance
+        holds the ``graph.subscriptions`` leadership."""
+        poll_every = self.poll_interval or min(interval, 30.0)
+        next_sync = 0.0
+        while not stop.is_set():
+            try:
+                if await self.store.try_lead(LEADERSHIP, self.owner):
+                    if time.monotonic() >= next_sync:
+                        report = await self.sync()
+                        next_sync = time.monotonic() + interval
+                        if report.failed or report.warning:
+                            log.warning("subscriptions", extra={"fields": {"report": str(report)}})
+                    await self.poll_uncovered()
+            except Exception:  # keep the upkeep alive: the next round tries again
+                log.exception("subscription upkeep round failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), poll_every)
+
+    async def status(self) -> list[dict[str, Any]]:
+        """One row per account (and one for polled agents) for ``graph subscriptions``."""
+        now = self.bridge.clock()
+        records = await self.store.list_docs(KIND)
+        health = {row["account"]: row for row in await self.accounts.describe()}
+        rows: list[dict[str, Any]] = []
+        names = [a.name for a in await self.accounts.accounts()]
+        for name in names + sorted(set(records) - set(names)):
+            rec = records.get(name) or {}
+            expires = _parse_time(rec.get("expires_at"))
+            left = (expires - now).total_seconds() / 60 if expires else None
+            if name not in names:
+                state = "account gone (subscription left to expire)"
+            elif rec.get("error"):
+                state = f"error: {rec['error']}"
+            elif not rec.get("subscription_id"):
+                state = "no subscription"
+            elif rec.get("pending"):
+                state = f"pending {rec['pending']}"
+            elif left is not None and left <= 0:
+                state = "expired"
+            elif left is not None and left * 60 < self.renew_before.total_seconds():
+                state = "renewing"
+            else:
+                state = "ok"
+            account_health = health.get(name, {}).get("health", "ok")
+            if account_health != "ok":
+                state = f"{state}; account {account_health}"
+            rows.append({
+                "account": name,
+                "subscription": rec.get("subscription_id") or "-",
+                "ids": len(rec.get("ids", [])) if rec.get("subscription_id") else 0,
+                "expires": rec.get("expires_at") or "-",
+                "minutes_left": round(left, 1) if left is not None else "-",
+                "health": state,
+            })
+        polled = await self.uncovered()
+        if polled:
+            rows.append({"account": "(polling)", "subscription": "-", "ids": len(polled), "expires": "-",
+                         "minutes_left": "-", "health": "not covered by a subscription: polled with "
+                         "getPresencesByUserId; sign in more accounts"})
+        return rows
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def _iso(value: datetime) -> str:
+    return value.isoformat()

@@ -1,0 +1,242 @@
+"""The Teams port: ``PresenceWriter`` and ``PresenceReader`` on Microsoft Graph (msgraph-sdk).
+
+Writes use the app's *session* (``setPresence`` with ``sessionId`` = the app's client id), so Teams
+aggregates the bridge's state with the person's own clients and the bridge can step back with
+``clearPresence`` (DESIGN rule 2). ``mode="preferred"`` writes the user-preferred presence instead,
+which overrides every session: stronger, but it hides the person's own calls, so it is opt-in.
+
+One call per ``apply`` and no retries here: the outbox retries, backs off and honours
+``Retry-After`` from the typed errors this module raises.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import httpx
+from kiota_abstractions.request_information import RequestInformation
+from msgraph.generated.communications.get_presences_by_user_id.get_presences_by_user_id_post_request_body import (
+    GetPresencesByUserIdPostRequestBody,
+)
+from msgraph.generated.models.o_data_errors.o_data_error import ODataError
+from msgraph.generated.users.item.presence.clear_presence.clear_presence_post_request_body import (
+    ClearPresencePostRequestBody,
+)
+from msgraph.generated.users.item.presence.set_presence.set_presence_post_request_body import (
+    SetPresencePostRequestBody,
+)
+from msgraph.generated.users.item.presence.set_user_preferred_presence.set_user_preferred_presence_post_request_body import (  # noqa: E501
+    SetUserPreferredPresencePostRequestBody,
+)
+
+from graph_sync.client import DEFAULT_TIMEOUT, graph_error, make_graph_client, make_http_client
+from mapping.clock import Clock, utcnow
+from mapping.errors import ConfigError, PermanentError, UpstreamError
+from mapping.model import CLEAR, Agent, PresenceObserved, System, TeamsPresence
+from mapping.ports import Store, TokenProvider
+from mapping.ratelimit import UpstreamLimiter
+from mapping.retry import RetryPolicy
+
+log = logging.getLogger("presence_sync.graph")
+
+MAX_IDS = 650
+"""``getPresencesByUserId`` accepts at most 650 ids a call."""
+
+SESSION_PAIRS = frozenset({
+    ("Available", "Available"), ("Busy", "InACall"), ("Busy", "InAConferenceCall"), ("Away", "Away"),
+    ("DoNotDisturb", "Presenting"),
+})
+"""What ``setPresence`` accepts (Graph answers 400 to anything else)."""
+
+PREFERRED_FOR: dict[str, tuple[str, str]] = {
+    "Available": ("Available", "Available"),
+    "Busy": ("Busy", "Busy"),
+    "DoNotDisturb": ("DoNotDisturb", "DoNotDisturb"),
+    "BeRightBack": ("BeRightBack", "BeRightBack"),
+    "Away": ("Away", "Away"),
+    "Offline": ("Offline", "OffWork"),
+}
+"""The user-preferred pair Graph accepts for each availability: the translation rules speak in
+session pairs (``Busy/InACall``), preferred presence only knows ``Busy/Busy``."""
+
+WRITE_PERMISSION = "Presence.ReadWrite.All (application)"
+READ_PERMISSION = "Presence.Read.All (application)"
+HEALTH_KIND = "graph.health"
+
+
+class TeamsPresenceClient:
+    """``PresenceWriter`` + ``PresenceReader`` for ``System.TEAMS``.
+
+    ``tokens`` gives the app token (scope ``https://graph.microsoft.com/.default``; in static mode the
+    fixed token). ``store`` keeps a small health document (``graph.health``/``teams``) with the last
+    permission problem, so ``doctor`` and ``graph subscriptions`` can say what is missing without
+    waiting for the next failed write. ``limiter`` (the bridge's Graph bucket) and ``retry`` (the
+    bridge's policy) apply to reads, which the outbox does not wrap; writes get both from the outbox.
+    ``http``: an httpx client from ``graph_sync.client.make_http_client`` to share (not closed here).
+    """
+
+    system = System.TEAMS
+
+    def __init__(
+        self,
+        graph_url: str,
+        tokens: TokenProvider,
+        *,
+        session_id: str,
+        mode: Literal["session", "preferred"] = "session",
+        expiration_minutes: int = 60,
+        store: Store,
+        limiter: UpstreamLimiter | None = None,
+        retry: RetryPolicy | None = None,
+        clock: Clock = utcnow,
+        timeout: float = DEFAULT_TIMEOUT,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        if mode not in ("session", "preferred"):
+            raise ConfigError(f"Graph presence mode {mode!r}: use 'session' or 'preferred'")
+        if not 5 <= expiration_minutes <= 240:
+            raise ConfigError("Graph accepts a presence expiration from 5 to 240 minutes")
+        if not session_id.strip():
+            raise ConfigError("setPresence needs a sessionId: the app's client id")
+        self.session_id = session_id.strip()
+        self.mode = mode
+        self.expiration = f"PT{int(expiration_minutes)}M"
+        self.store = store
+        self.limiter = limiter
+        self.retry = retry or RetryPolicy(max_attempts=4)
+        self.clock = clock
+        self._own_http = http is None
+        self._http = http or make_http_client(graph_url, timeout=timeout)
+        self.graph = make_graph_client(self._http, graph_url, tokens)
+        # Unknown at start (a 403 may be on record from an earlier run): the first success clears it.
+        self._health_bad: set[str] = {"read", "write"}
+
+    async def close(self) -> None:
+        if self._own_http:
+            await self._http.aclose()
+
+    # ------------------------------------------------------------------ PresenceWriter
+
+    async def apply(self, agent: Agent, value: str) -> None:
+        """One Graph call making Teams show ``value`` (``Availability/Activity``, or ``CLEAR``)."""
+        presence = self.graph.users.by_user_id(agent.entra_object_id).presence
+        if value == CLEAR:
+            what = f"{'clearUserPreferredPresence' if self.mode == 'preferred' else 'clearPresence'} for {agent.label}"
+            try:
+                if self.mode == "preferred":
+                    await presence.clear_user_preferred_presence.post()
+                else:
+                    await presence.clear_presence.post(ClearPresencePostRequestBody(session_id=self.session_id))
+            except Exception as e:
+                raise await self._failed(e, what, WRITE_PERMISSION, "write") from None
+            await self._healthy("write")
+            return
+        state = TeamsPresence.parse(value)
+        if self.mode == "preferred":
+            pair = PREFERRED_FOR.get(state.availability)
+            if pair is None:
+                raise PermanentError(f"setUserPreferredPresence for {agent.label}: no preferred presence for "
+                                     f"{value!r}; use one of {', '.join(sorted(PREFERRED_FOR))} in the mapping rules")
+            what = f"setUserPreferredPresence {pair[0]}/{pair[1]} for {agent.label}"
+            body = SetUserPreferredPresencePostRequestBody(availability=pair[0], activity=pair[1])
+            # kiota writes a timedelta as str(timedelta) ("1:00:00"), which Graph refuses: ISO 8601 it is.
+            body.additional_data = {"expirationDuration": self.expiration}
+            call = presence.set_user_preferred_presence.post(body)
+        else:
+            if (state.availability, state.activity) not in SESSION_PAIRS:
+                raise PermanentError(
+                    f"setPresence for {agent.label}: Graph does not accept {value!r} for an app session; use one of "
+                    + ", ".join(f"{a}/{b}" for a, b in sorted(SESSION_PAIRS)) + " in the mapping rules")
+            what = f"setPresence {value} for {agent.label}"
+            body_s = SetPresencePostRequestBody(session_id=self.session_id, availability=state.availability,
+                                                activity=state.activity)
+            body_s.additional_data = {"expirationDuration": self.expiration}
+            call = presence.set_presence.post(body_s)
+        try:
+            await call
+        except Exception as e:
+            raise await self._failed(e, what, WRITE_PERMISSION, "write") from None
+        await self._healthy("write")
+
+    # ------------------------------------------------------------------ PresenceReader
+
+    async def read(self, agents: Sequence[Agent]) -> list[PresenceObserved]:
+        """Current Teams presence of ``agents`` via ``getPresencesByUserId``, 650 ids a call, each call
+        retried by the bridge's policy. Users Graph does not return are left out."""
+        by_entra: dict[str, Agent] = {}
+        for agent in agents:
+            if agent.entra_object_id:
+                by_entra.setdefault(agent.entra_object_id.strip().lower(), agent)
+        ids = list(by_entra)
+        out: list[PresenceObserved] = []
+        for start in range(0, len(ids), MAX_IDS):
+            chunk = ids[start : start + MAX_IDS]
+            presences = await self.retry.run(functools.partial(self._read_batch, chunk))
+            at = self.clock()
+            for pid, availability, activity in presences:
+                found = by_entra.get(pid.lower())
+                if found is None or not availability:
+                    continue
+                value = f"{availability}/{activity or availability}"
+                out.append(PresenceObserved(found.dynamics_user_id, System.TEAMS, value, at, None, None, "reconcile"))
+        return out
+
+    async def _read_batch(self, ids: list[str]) -> list[tuple[str, str | None, str | None]]:
+        what = f"getPresencesByUserId for {len(ids)} users"
+        builder = self.graph.communications.get_presences_by_user_id
+        request = builder.to_post_request_information(GetPresencesByUserIdPostRequestBody(ids=ids))
+        try:
+            if self.limiter is not None:
+                async with self.limiter.slot():
+                    raw = await self._send_raw(request)
+            else:
+                raw = await self._send_raw(request)
+            data = json.loads(raw or b"{}")
+        except Exception as e:
+            raise await self._failed(e, what, READ_PERMISSION, "read") from None
+        await self._healthy("read")
+        out: list[tuple[str, str | None, str | None]] = []
+        for p in data.get("value") or [] if isinstance(data, dict) else []:
+            if isinstance(p, dict) and isinstance(p.get("id"), str):
+                out.append((p["id"], p.get("availability"), p.get("activity")))
+        return out
+
+    async def _send_raw(self, request: RequestInformation) -> bytes | None:
+        """The response body as bytes. The SDK builds, authenticates and sends the request and maps
+        errors to ``ODataError``; the body is parsed here because msgraph-sdk's model parsing costs
+        about 3.5 ms per presence (``Entity.get_field_deserializers`` builds a dict of every Graph
+        type for each object): 650 presences would hold the event loop for over 2 s, past Graph's
+        notification deadline, while the JSON itself parses in a millisecond."""
+        adapter: Any = self.graph.request_adapter
+        result = await adapter.send_primitive_async(request, "bytes", {"XXX": ODataError})
+        return result if isinstance(result, bytes) else None
+
+    # ------------------------------------------------------------------ health
+
+    async def _failed(self, exc: Exception, what: str, permission: str, kind: str) -> UpstreamError:
+        error = graph_error(exc, what=what, permission=permission)
+        if error.status == 403:
+            self._health_bad.add(kind)
+            try:
+                await self.store.put_doc(HEALTH_KIND, f"teams.{kind}",
+                                         {"ok": False, "error": error.message, "at": self.clock().isoformat()})
+            except Exception:  # the health note is a convenience; the typed error is what matters
+                log.exception("could not record Graph health")
+        return error
+
+    async def _healthy(self, kind: str) -> None:
+        if kind in self._health_bad:
+            self._health_bad.discard(kind)
+            try:
+                await self.store.put_doc(HEALTH_KIND, f"teams.{kind}", {"ok": True, "at": self.clock().isoformat()})
+            except Exception:
+                log.exception("could not record Graph health")
+
+    async def health(self) -> dict[str, dict[str, object]]:
+        """The last recorded permission problem per kind (``read``/``write``), if any."""
+        docs = await self.store.list_docs(HEALTH_KIND)
+        return {k.removeprefix("teams."): v for k, v in docs.items() if k.startswith("teams.")}

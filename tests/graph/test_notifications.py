@@ -1,0 +1,321 @@
+"""``/api/graph/notifications`` and ``/api/graph/lifecycle`` through a real server on a free port:
+the handshake, every bad input, ``validationTokens`` checks, rich and basic notifications from the
+Graph emulator into the engine, lifecycle events, and the 503-not-500 rule."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from emulators.graph import encrypt_for_certificate, sign_validation_token
+from graph_sync.notifications import PENDING_KIND, ids_from_resource
+from mapping.model import Agent, System
+from tests.graph.conftest import (
+    CLIENT_ID,
+    CLIENT_STATE,
+    TENANT_ID,
+    Certificate,
+    RecordingTelemetry,
+    Rig,
+    agents,
+    build_rig,
+    close_rig,
+)
+from tests.support import BUSY, DND, FakeClock, RecordingWriter
+
+ROUTE = "graph_notifications"
+ALICE, BOB = agents(2)
+
+
+@pytest.fixture
+async def seeded(rich_rig: Rig) -> Rig:
+    await rich_rig.bridge.store.upsert_agents([ALICE, BOB])
+    rich_rig.emu.add_users([ALICE.entra_object_id, BOB.entra_object_id])
+    return rich_rig
+
+
+def token(rig: Rig, **claims: Any) -> str:
+    return sign_validation_token(rig.emu.signing_key, client_id=CLIENT_ID, tenant_id=TENANT_ID, extra_claims=claims)
+
+
+def rich_item(rig: Rig, cert: Certificate, agent: Agent, availability: str, activity: str,
+              *, client_state: str = CLIENT_STATE, certificate_id: str | None = None) -> dict[str, Any]:
+    assert rig.intake.decryptor is not None
+    uid = agent.entra_object_id
+    payload = {"@odata.type": "#Microsoft.Graph.presence", "id": uid, "availability": availability,
+               "activity": activity}
+    return {
+        "subscriptionId": "sub-1", "clientState": client_state, "changeType": "updated",
+        "resource": f"communications/presences('{uid}')", "tenantId": TENANT_ID,
+        "resourceData": {"@odata.type": "#Microsoft.Graph.presence", "id": uid},
+        "encryptedContent": encrypt_for_certificate(
+            cert.cert_pem, payload, certificate_id=certificate_id or rig.intake.decryptor.certificate_id),
+    }
+
+
+async def post(http: aiohttp.ClientSession, url: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
+    if body is not None:
+        kw["json"] = body
+    async with http.post(url, **kw) as resp:
+        text = await resp.text()
+        data = await resp.json() if resp.content_type == "application/json" else text
+        return resp.status, data
+
+
+async def dynamics_value(rig: Rig, agent: Agent) -> str | None:
+    row = await rig.bridge.store.outbox_row(agent.dynamics_user_id, System.DYNAMICS)
+    return row.value if row else None
+
+
+# ------------------------------------------------------------------ handshake and bad input
+
+
+@pytest.mark.parametrize("path", ["/api/graph/notifications", "/api/graph/lifecycle"])
+async def test_validation_handshake(rig: Rig, http: aiohttp.ClientSession, path: str) -> None:
+    token_text = "Validation: Testing client application reachability for subscription Request-Id: 42"
+    async with http.post(f"{rig.base}{path}", params={"validationToken": token_text}) as resp:
+        assert resp.status == 200 and resp.content_type == "text/plain"
+        assert await resp.text() == token_text
+
+
+@pytest.mark.parametrize(
+    ("data", "headers", "status", "reason", "says"),
+    [
+        (b"{not json", {"Content-Type": "application/json"}, 400, "malformed", "not JSON"),
+        (b"", {"Content-Type": "application/json"}, 400, "malformed", "empty body"),
+        (b"[1, 2]", {"Content-Type": "application/json"}, 400, "malformed", "JSON object"),
+        (b'{"items": []}', {"Content-Type": "application/json"}, 400, "malformed", "'value'"),
+        (b'{"value": [1]}', {"Content-Type": "application/json"}, 400, "malformed", "notification objects"),
+        (b'{"value": [], "validationTokens": "x"}', {"Content-Type": "application/json"}, 400, "malformed",
+         "validationTokens"),
+        (b"<html/>", {"Content-Type": "text/html"}, 415, "unsupported_media_type", "application/json"),
+        (b"\xff\xfe{}", {"Content-Type": "application/json"}, 400, "malformed", "not JSON"),
+    ],
+)
+async def test_bad_input_is_a_4xx_with_a_reason(rig: Rig, http: aiohttp.ClientSession, data: bytes,
+                                                headers: dict[str, str], status: int, reason: str, says: str) -> None:
+    for url in (rig.notify_url, rig.lifecycle_url):
+        got, body = await post(http, url, data=data, headers=headers)
+        assert got == status and says in body["error"]
+    assert rig.telemetry.rejections[(ROUTE, reason)] == 1
+    assert rig.telemetry.rejections[("graph_lifecycle", reason)] == 1
+
+
+async def test_oversized_body_is_413(rig: Rig, http: aiohttp.ClientSession) -> None:
+    big = b'{"value": [], "pad": "' + b"x" * (1024 * 1024) + b'"}'
+    status, body = await post(http, rig.notify_url, data=big, headers={"Content-Type": "application/json"})
+    assert status == 413 and "exceeds" in body["error"]
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the cap is enforced while reading
+        for _ in range(20):
+            yield b"x" * 65536
+
+    status, body = await post(http, rig.notify_url, data=chunks(), headers={"Content-Type": "application/json"})
+    assert status == 413
+    assert rig.telemetry.rejections[(ROUTE, "too_large")] == 2
+
+
+# ------------------------------------------------------------------ rich notifications
+
+
+async def test_rich_notification_from_graph_reaches_dynamics(seeded: Rig) -> None:
+    await seeded.manager.sync()
+    seeded.emu.set_user_state(ALICE.entra_object_id, "Busy", "InAMeeting")
+    await seeded.emu.wait_idle()
+    (delivery,) = seeded.emu.notifications_sent
+    assert delivery.status == 202 and "encryptedContent" in delivery.body["value"][0]
+    assert delivery.body["validationTokens"]
+    assert await dynamics_value(seeded, ALICE) == BUSY
+    assert seeded.telemetry.events[("graph_notification", "applied")] == 1
+    assert any(name == f"ack.{ROUTE}" for name, _ in seeded.telemetry.latencies)
+
+
+async def test_client_state_mismatch_drops_only_that_item(seeded: Rig, certificate: Certificate,
+                                                         http: aiohttp.ClientSession) -> None:
+    body = {"value": [rich_item(seeded, certificate, ALICE, "Busy", "InACall", client_state="guess"),
+                      rich_item(seeded, certificate, BOB, "DoNotDisturb", "Presenting")],
+            "validationTokens": [token(seeded)]}
+    status, answer = await post(http, seeded.notify_url, body)
+    assert status == 202 and answer == {"accepted": 1}
+    assert await dynamics_value(seeded, ALICE) is None
+    assert await dynamics_value(seeded, BOB) == DND
+    assert seeded.telemetry.rejections[(ROUTE, "client_state")] == 1
+
+
+def _wrong_signer(rig: Rig) -> str:
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return sign_validation_token(other, client_id=CLIENT_ID, tenant_id=TENANT_ID, kid=rig.emu.signing_key.kid)
+
+
+def _unknown_key(rig: Rig) -> str:
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return sign_validation_token(other, client_id=CLIENT_ID, tenant_id=TENANT_ID, kid="not-a-published-key")
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (lambda rig: [token(rig, exp=int((datetime.now(UTC) - timedelta(minutes=10)).timestamp()))], "expired"),
+        (lambda rig: [token(rig, aud="someone-elses-app")], "wrong audience"),
+        (lambda rig: [_wrong_signer(rig)], "bad signature"),
+        (lambda rig: [_unknown_key(rig)], "unknown key"),
+        (lambda rig: [token(rig, azp="11111111-0000-0000-0000-000000000000",
+                            appid="11111111-0000-0000-0000-000000000000")], "change tracking"),
+        (lambda rig: [token(rig), token(rig, aud="someone-elses-app")], "wrong audience"),
+        (lambda rig: ["not.a.jwt"], "not a JWT"),
+        (lambda rig: [], "without validationTokens"),
+        (lambda rig: None, "without validationTokens"),
+    ],
+    ids=["expired", "wrong-audience", "wrong-signer", "unknown-key", "wrong-azp", "one-of-two-bad", "garbage",
+         "empty", "missing"],
+)
+async def test_bad_validation_tokens_reject_the_whole_batch(seeded: Rig, certificate: Certificate,
+                                                            http: aiohttp.ClientSession, make: Any,
+                                                            says: str) -> None:
+    body: dict[str, Any] = {"value": [rich_item(seeded, certificate, ALICE, "Busy", "InACall"),
+                                      rich_item(seeded, certificate, BOB, "Busy", "InACall")]}
+    tokens = make(seeded)
+    if tokens is not None:
+        body["validationTokens"] = tokens
+    status, answer = await post(http, seeded.notify_url, body)
+    assert status == 400 and says in answer["error"]
+    assert await dynamics_value(seeded, ALICE) is None and await dynamics_value(seeded, BOB) is None
+    assert seeded.telemetry.rejections[(ROUTE, "validation_token")] == 1
+    # The same batch with a good token goes through: the check above is what refused it.
+    body["validationTokens"] = [token(seeded)]
+    status, _ = await post(http, seeded.notify_url, body)
+    assert status == 202 and await dynamics_value(seeded, ALICE) == BUSY
+
+
+async def test_undecryptable_content_falls_back_to_a_read(seeded: Rig, certificate: Certificate,
+                                                          http: aiohttp.ClientSession) -> None:
+    seeded.emu.set_user_state(ALICE.entra_object_id, "DoNotDisturb", "Presenting")
+    item = rich_item(seeded, certificate, ALICE, "Busy", "InACall", certificate_id="old-certificate")
+    status, _ = await post(http, seeded.notify_url, {"value": [item], "validationTokens": [token(seeded)]})
+    assert status == 202
+    assert seeded.telemetry.rejections[(ROUTE, "decryption")] == 1
+    await seeded.intake.wait_idle()
+    assert await dynamics_value(seeded, ALICE) == DND  # what Graph shows, read instead of trusted
+    assert await seeded.bridge.store.list_docs(PENDING_KIND) == {}
+
+
+async def test_unknown_user_is_counted_not_guessed(seeded: Rig, certificate: Certificate,
+                                                   http: aiohttp.ClientSession) -> None:
+    stranger = agents(1, start=77)[0]
+    item = rich_item(seeded, certificate, stranger, "Busy", "InACall")
+    status, _ = await post(http, seeded.notify_url, {"value": [item], "validationTokens": [token(seeded)]})
+    assert status == 202
+    unknown = await seeded.bridge.store.list_unknown()
+    assert [u["id"] for u in unknown] == [stranger.entra_object_id]
+    assert seeded.telemetry.events[("graph_notification", "unknown_agent")] == 1
+
+
+async def test_past_the_ack_budget_the_rest_is_deferred_to_reads(emu: Any, clock: FakeClock,
+                                                                 telemetry: RecordingTelemetry,
+                                                                 dynamics_writer: RecordingWriter,
+                                                                 certificate: Certificate,
+                                                                 http: aiohttp.ClientSession) -> None:
+    rig, runner = await build_rig(emu, clock, telemetry, dynamics_writer, certificate=certificate, ack_budget=0.0,
+                                  read_interval=60)
+    try:
+        await rig.bridge.store.upsert_agents([ALICE, BOB])
+        emu.add_users([ALICE.entra_object_id, BOB.entra_object_id], own=("Busy", "InACall"))
+        body = {"value": [rich_item(rig, certificate, ALICE, "Busy", "InACall"),
+                          rich_item(rig, certificate, BOB, "Busy", "InACall")],
+                "validationTokens": [token(rig)]}
+        status, answer = await post(http, rig.notify_url, body)
+        assert status == 202 and answer == {"accepted": 2}
+        assert sorted(await rig.bridge.store.list_docs(PENDING_KIND)) == [ALICE.entra_object_id,
+                                                                          BOB.entra_object_id]
+        assert await rig.intake.read_pending() == 2
+        assert await dynamics_value(rig, ALICE) == BUSY and await dynamics_value(rig, BOB) == BUSY
+    finally:
+        await close_rig(rig, runner)
+
+
+async def test_keys_unavailable_is_503_so_graph_retries(emu: Any, clock: FakeClock, telemetry: RecordingTelemetry,
+                                                        dynamics_writer: RecordingWriter, certificate: Certificate,
+                                                        http: aiohttp.ClientSession) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/keys"
+    rig, runner = await build_rig(emu, clock, telemetry, dynamics_writer, certificate=certificate, jwks_url=dead)
+    try:
+        await rig.bridge.store.upsert_agents([ALICE])
+        body = {"value": [rich_item(rig, certificate, ALICE, "Busy", "InACall")], "validationTokens": [token(rig)]}
+        status, answer = await post(http, rig.notify_url, body)
+        assert status == 503 and "validationTokens" in answer["error"]
+        assert await dynamics_value(rig, ALICE) is None
+    finally:
+        await close_rig(rig, runner)
+
+
+async def test_a_failing_store_is_503_never_500(seeded: Rig, certificate: Certificate,
+                                                http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(seeded.bridge.engine, "observe", broken)
+    body = {"value": [rich_item(seeded, certificate, ALICE, "Busy", "InACall")], "validationTokens": [token(seeded)]}
+    status, answer = await post(http, seeded.notify_url, body)
+    assert status == 503 and "retry" in answer["error"]
+    assert seeded.telemetry.rejections[(ROUTE, "internal")] == 1
+
+
+# ------------------------------------------------------------------ basic notifications and lifecycle
+
+
+async def test_basic_notification_is_stored_then_read_in_a_batch(rig: Rig) -> None:
+    await rig.bridge.store.upsert_agents([ALICE, BOB])
+    rig.emu.add_users([ALICE.entra_object_id, BOB.entra_object_id])
+    await rig.manager.sync()
+    rig.emu.set_user_state(ALICE.entra_object_id, "Busy", "InACall")
+    rig.emu.set_user_state(BOB.entra_object_id, "DoNotDisturb", "Presenting")
+    await rig.emu.wait_idle()
+    (delivery,) = rig.emu.notifications_sent
+    assert delivery.status == 202 and "encryptedContent" not in delivery.body["value"][0]
+    await rig.intake.wait_idle()
+    assert await dynamics_value(rig, ALICE) == BUSY and await dynamics_value(rig, BOB) == DND
+    reads = rig.emu.calls("POST", "getPresencesByUserId")
+    assert len(reads) == 1 and sorted(reads[0].body["ids"]) == sorted([ALICE.entra_object_id, BOB.entra_object_id])
+
+
+async def test_missed_lifecycle_reads_the_subscriptions_users(rig: Rig) -> None:
+    await rig.bridge.store.upsert_agents([ALICE, BOB])
+    rig.emu.add_users([ALICE.entra_object_id, BOB.entra_object_id])
+    await rig.manager.sync()
+    (sub,) = rig.emu.subscriptions
+    rig.emu.drop_notifications(1)
+    rig.emu.set_user_state(BOB.entra_object_id, "Busy", "InAConferenceCall")  # lost on the way
+    await rig.emu.wait_idle()
+    assert rig.emu.notifications_sent == [] and await dynamics_value(rig, BOB) is None
+    delivery = await rig.emu.send_lifecycle(sub.id, "missed")
+    assert delivery is not None and delivery.status == 202
+    await rig.intake.wait_idle()
+    assert await dynamics_value(rig, BOB) == BUSY
+
+
+async def test_lifecycle_with_a_wrong_client_state_does_nothing(rig: Rig, http: aiohttp.ClientSession) -> None:
+    await rig.bridge.store.upsert_agents([ALICE])
+    rig.emu.add_users([ALICE.entra_object_id])
+    await rig.manager.sync()
+    (sub,) = rig.emu.subscriptions
+    forged = {"value": [{"subscriptionId": sub.id, "clientState": "guess", "lifecycleEvent": "subscriptionRemoved"}]}
+    status, answer = await post(http, rig.lifecycle_url, forged)
+    assert status == 202 and answer == {"accepted": 0}
+    await rig.intake.wait_idle()
+    assert [s.id for s in rig.emu.subscriptions] == [sub.id]
+    assert rig.telemetry.rejections[("graph_lifecycle", "client_state")] == 1
+
+
+def test_ids_from_resource() -> None:
+    assert ids_from_resource("/communications/presences?$filter=id in ('A','b')") == ["a", "b"]
+    assert ids_from_resource("communications/presences('X1')") == ["x1"]
+    assert ids_from_resource("/communications/presences/x2") == ["x2"]
+    assert ids_from_resource(None) == []
