@@ -6,7 +6,7 @@ only what must be durable before answering (DESIGN rule 7), and nothing that wai
 - **rich** items (``encryptedContent``): verify the batch's ``validationTokens``, decrypt, resolve
   the Entra id, ``engine.observe`` (its return means the observation and the commands it caused are
   committed), then answer;
-- **basic** items (no content): store the user id as a pending read (docs kind
+- **basic** items (no content): store the request's user ids as one pending-read note (docs kind
   ``graph.pending_read``), answer, and let a background batcher read those users with
   ``getPresencesByUserId`` (up to 650 a call) and observe what Teams shows;
 - if a batch is so large that observing it would approach Graph's deadline, what is left goes to
@@ -239,6 +239,9 @@ class GraphIntake:
     # ------------------------------------------------------------------ lifecycle of the intake
 
     async def start(self) -> None:
+        if not self.client_state:
+            log.warning("no Graph clientState configured: every notification will be dropped "
+                        "(set PRESENCE_SYNC_GRAPH_CLIENT_STATE)")
         if self._batcher is None:
             self._stop.clear()
             self._batcher = asyncio.create_task(self._read_loop(), name="graph-pending-reads")
@@ -346,8 +349,10 @@ class GraphIntake:
                 raise _Reject(400, "validation_token", f"validationTokens rejected: {e}") from None
 
     def _client_state_ok(self, item: Mapping[str, Any]) -> bool:
+        """Constant-time ``clientState`` check. Without a configured secret nothing matches: the
+        bridge creates no subscription without one, so anything arriving is not ours."""
         given = item.get("clientState")
-        if not isinstance(given, str):
+        if not isinstance(given, str) or not self.client_state:
             return False
         return hmac.compare_digest(given.encode(), self.client_state)
 
@@ -356,7 +361,7 @@ class GraphIntake:
         body = await self._body(request)
         await self._check_tokens(body)
         accepted = 0
-        deferred: list[str] = []
+        to_read: list[str] = []
         for item in body["value"]:
             if not self._client_state_ok(item):
                 self.bridge.telemetry.rejected(ROUTE, "client_state")
@@ -364,58 +369,51 @@ class GraphIntake:
                             extra={"fields": {"subscription": item.get("subscriptionId")}})
                 continue
             if "lifecycleEvent" in item:  # a subscription without a lifecycle URL gets them here
-                await self._lifecycle_item(item)
+                to_read.extend(await self._lifecycle_item(item))
                 accepted += 1
                 continue
             user_id = _user_id(item)
             if user_id is None:
                 self.bridge.telemetry.rejected(ROUTE, "malformed_item")
                 continue
-            if time.monotonic() - started > self.ack_budget:
-                deferred.append(user_id)
-                continue
             accepted += 1
-            await self._item(item, user_id)
-        if deferred:
-            await self._queue_reads(deferred, "deferred")
-        return web.json_response({"accepted": accepted + len(deferred)}, status=202)
+            if "encryptedContent" not in item or time.monotonic() - started > self.ack_budget:
+                to_read.append(user_id)  # basic, or past the budget: read it after answering
+                continue
+            if not await self._rich_item(item, user_id):
+                to_read.append(user_id)
+        await self._queue_reads(to_read, "notification")
+        return web.json_response({"accepted": accepted}, status=202)
 
-    async def _item(self, item: Mapping[str, Any], user_id: str) -> None:
-        content = item.get("encryptedContent")
-        if content is None:
-            if await self.bridge.engine.agent_for(System.TEAMS, user_id) is not None:
-                await self._queue_reads([user_id], "basic")
-            else:
-                self.bridge.telemetry.event(INTAKE, "unknown_agent")
-            return
+    async def _rich_item(self, item: Mapping[str, Any], user_id: str) -> bool:
+        """Decrypts and observes one rich item. False when its content cannot be used: the caller
+        then reads the user from Graph instead, so a bad payload costs a read, never the change."""
         if self.decryptor is None:
             self.bridge.telemetry.rejected(ROUTE, "no_decryptor")
-            await self._queue_reads([user_id], "undecryptable")
-            return
+            return False
         try:
-            resource = self.decryptor.decrypt(content)
+            resource = self.decryptor.decrypt(item["encryptedContent"])
         except DecryptionError as e:
             self.bridge.telemetry.rejected(ROUTE, "decryption")
             log.warning("rich notification not decrypted; reading the user instead",
                         extra={"fields": {"user": user_id, "error": str(e)}})
-            await self._queue_reads([user_id], "undecryptable")
-            return
+            return False
         availability, activity = resource.get("availability"), resource.get("activity")
         rid = str(resource.get("id") or user_id).lower()
         if rid != user_id or not isinstance(availability, str) or not availability:
             self.bridge.telemetry.rejected(ROUTE, "malformed_item")
-            await self._queue_reads([user_id], "unreadable")
-            return
+            return False
         agent = await self.bridge.engine.agent_for(System.TEAMS, user_id)
         if agent is None:
             self.bridge.telemetry.event(INTAKE, "unknown_agent")
-            return
+            return True
         value = f"{availability}/{activity if isinstance(activity, str) and activity else availability}"
         await self.bridge.engine.observe(
             PresenceObserved(agent.dynamics_user_id, System.TEAMS, value, self.bridge.clock(), None, None,
                              "notification"),
             intake=INTAKE,
         )
+        return True
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -423,6 +421,7 @@ class GraphIntake:
         body = await self._body(request)
         await self._check_tokens(body)
         accepted = 0
+        to_read: list[str] = []
         for item in body["value"]:
             if not self._client_state_ok(item):
                 self.bridge.telemetry.rejected(LIFECYCLE_ROUTE, "client_state")
@@ -430,24 +429,23 @@ class GraphIntake:
             if not isinstance(item.get("lifecycleEvent"), str) or not isinstance(item.get("subscriptionId"), str):
                 self.bridge.telemetry.rejected(LIFECYCLE_ROUTE, "malformed_item")
                 continue
-            await self._lifecycle_item(item)
+            to_read.extend(await self._lifecycle_item(item))
             accepted += 1
+        await self._queue_reads(to_read, "missed")
         return web.json_response({"accepted": accepted}, status=202)
 
-    async def _lifecycle_item(self, item: Mapping[str, Any]) -> None:
-        """Durable part now, Graph calls after the answer (in a task)."""
+    async def _lifecycle_item(self, item: Mapping[str, Any]) -> list[str]:
+        """Durable part now, Graph calls after the answer (in a task). Returns the users to read
+        (``missed``: everyone the subscription covers)."""
         event, sub_id = str(item.get("lifecycleEvent")), str(item.get("subscriptionId"))
         log.info("graph lifecycle event", extra={"fields": {"event": event, "subscription": sub_id}})
         if event == "missed":
             ids = await self.subscriptions.ids_of(sub_id) if self.subscriptions else []
-            ids = ids or ids_from_resource(item.get("resource"))
-            await self._queue_reads(ids, "missed")
-            return
-        if self.subscriptions is None:
-            return
-        if event in ("reauthorizationRequired", "subscriptionRemoved"):
+            return ids or ids_from_resource(item.get("resource"))
+        if self.subscriptions is not None and event in ("reauthorizationRequired", "subscriptionRemoved"):
             await self.subscriptions.record_lifecycle(event, sub_id)
             self._spawn(self.subscriptions.on_lifecycle(event, sub_id))
+        return []
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         async def guarded() -> None:
@@ -463,45 +461,44 @@ class GraphIntake:
     # ------------------------------------------------------------------ pending reads
 
     async def _queue_reads(self, user_ids: Sequence[str], why: str) -> None:
-        """Durably notes users to read (one small document each; the same user twice is one read)."""
-        stamp = uuid.uuid4().hex
-        at = self.bridge.clock().isoformat()
-        for uid in dict.fromkeys(u.lower() for u in user_ids):
-            await self.bridge.store.put_doc(PENDING_KIND, uid, {"id": uid, "why": why, "at": at, "stamp": stamp})
-        if user_ids:
-            self._wake.set()
+        """Durably notes users to read: one small document per request, whatever its size (one store
+        write, not one per user), under a key of its own, so no request overwrites another's note."""
+        ids = list(dict.fromkeys(u.lower() for u in user_ids))
+        if not ids:
+            return
+        now = self.bridge.clock()
+        key = f"{now.strftime('%Y%m%dT%H%M%S.%f')}-{uuid.uuid4().hex[:12]}"
+        await self.bridge.store.put_doc(PENDING_KIND, key, {"ids": ids, "why": why, "at": now.isoformat()})
+        self._wake.set()
 
     async def read_pending(self) -> int:
-        """One batcher round: reads every pending user (650 per Graph call) and observes them. A
-        pending note is removed only if no newer note for that user arrived during the read, so a
-        change notified mid-read is read again. Returns how many users were observed."""
-        pending = await self.bridge.store.list_docs(PENDING_KIND)
-        if not pending:
+        """One batcher round: reads every user noted so far (650 per Graph call), observes what Teams
+        shows, then removes exactly the notes it covered (notes written meanwhile stay for the next
+        round). A failed read leaves every note in place to be read again. Returns how many users
+        were observed."""
+        notes = await self.bridge.store.list_docs(PENDING_KIND)
+        if not notes:
             return 0
+        wanted: dict[str, None] = {}
+        for note in notes.values():
+            for uid in note.get("ids", []):
+                if isinstance(uid, str):
+                    wanted.setdefault(uid.lower())
         agents: list[Agent] = []
-        for uid in pending:
-            agent = await self.bridge.store.get_agent_by_entra(uid)
-            if agent is None or not agent.enabled:
-                await self.bridge.store.delete_doc(PENDING_KIND, uid)
-            else:
+        for uid in wanted:
+            agent = await self.bridge.engine.agent_for(System.TEAMS, uid)
+            if agent is None:
+                self.bridge.telemetry.event(INTAKE, "unknown_agent")
+            elif agent.enabled:
                 agents.append(agent)
         observed = 0
         for start in range(0, len(agents), MAX_IDS):
-            chunk = agents[start : start + MAX_IDS]
-            try:
-                results = await self.reader.read(chunk)
-            except UpstreamError as e:
-                log.warning("pending Teams reads failed; will retry",
-                            extra={"fields": {"users": len(chunk), "error": e.message}})
-                raise
+            results = await self.reader.read(agents[start : start + MAX_IDS])
             for obs in results:
                 await self.bridge.engine.observe(obs, intake=INTAKE)
             observed += len(results)
-            for agent in chunk:
-                uid = agent.entra_object_id.lower()
-                now_doc = await self.bridge.store.get_doc(PENDING_KIND, uid)
-                if now_doc is not None and now_doc.get("stamp") == pending[uid].get("stamp"):
-                    await self.bridge.store.delete_doc(PENDING_KIND, uid)
+        for key in notes:
+            await self.bridge.store.delete_doc(PENDING_KIND, key)
         return observed
 
     async def _read_loop(self) -> None:

@@ -221,9 +221,9 @@ async def test_past_the_ack_budget_the_rest_is_deferred_to_reads(emu: Any, clock
                                                                  dynamics_writer: RecordingWriter,
                                                                  certificate: Certificate,
                                                                  http: aiohttp.ClientSession) -> None:
-    rig, runner = await build_rig(emu, clock, telemetry, dynamics_writer, certificate=certificate, ack_budget=0.0,
-                                  read_interval=60)
+    rig, runner = await build_rig(emu, clock, telemetry, dynamics_writer, certificate=certificate, ack_budget=0.0)
     try:
+        await rig.intake.stop()  # the pending reads are driven by hand below
         await rig.bridge.store.upsert_agents([ALICE, BOB])
         emu.add_users([ALICE.entra_object_id, BOB.entra_object_id], own=("Busy", "InACall"))
         body = {"value": [rich_item(rig, certificate, ALICE, "Busy", "InACall"),
@@ -231,8 +231,8 @@ async def test_past_the_ack_budget_the_rest_is_deferred_to_reads(emu: Any, clock
                 "validationTokens": [token(rig)]}
         status, answer = await post(http, rig.notify_url, body)
         assert status == 202 and answer == {"accepted": 2}
-        assert sorted(await rig.bridge.store.list_docs(PENDING_KIND)) == [ALICE.entra_object_id,
-                                                                          BOB.entra_object_id]
+        (note,) = (await rig.bridge.store.list_docs(PENDING_KIND)).values()  # one durable note per request
+        assert note["ids"] == [ALICE.entra_object_id, BOB.entra_object_id]
         assert await rig.intake.read_pending() == 2
         assert await dynamics_value(rig, ALICE) == BUSY and await dynamics_value(rig, BOB) == BUSY
     finally:
@@ -319,3 +319,47 @@ def test_ids_from_resource() -> None:
     assert ids_from_resource("communications/presences('X1')") == ["x1"]
     assert ids_from_resource("/communications/presences/x2") == ["x2"]
     assert ids_from_resource(None) == []
+
+
+async def test_pending_reads_survive_failures_and_keep_notes_written_meanwhile(rig: Rig) -> None:
+    await rig.bridge.store.upsert_agents([ALICE, BOB])
+    rig.emu.add_users([ALICE.entra_object_id, BOB.entra_object_id], own=("Busy", "InACall"))
+    stranger = agents(1, start=77)[0].entra_object_id
+    await rig.intake.stop()  # rounds driven by hand below, no background batcher racing them
+    await rig.intake._queue_reads([ALICE.entra_object_id, stranger], "basic")
+    rig.emu.fail_next(10, status=503, retry_after=0, paths="getPresencesByUserId")
+    rig.teams.retry = rig.teams.retry.__class__(max_attempts=1)
+    with pytest.raises(Exception, match="503"):
+        await rig.intake.read_pending()
+    assert len(await rig.bridge.store.list_docs(PENDING_KIND)) == 1  # nothing lost
+    rig.emu.clear_faults()
+
+    real_read = rig.teams.read
+
+    async def read_while_bob_is_notified(batch: Any) -> Any:
+        await rig.intake._queue_reads([BOB.entra_object_id], "basic")  # arrives during the read
+        return await real_read(batch)
+
+    rig.intake.reader = type("Reader", (), {"read": staticmethod(read_while_bob_is_notified)})()
+    assert await rig.intake.read_pending() == 1
+    assert await dynamics_value(rig, ALICE) == BUSY and await dynamics_value(rig, BOB) is None
+    (left,) = (await rig.bridge.store.list_docs(PENDING_KIND)).values()
+    assert left["ids"] == [BOB.entra_object_id]  # read next round, not deleted unread
+    assert [u["id"] for u in await rig.bridge.store.list_unknown()] == [stranger]
+
+
+async def test_without_a_configured_client_state_nothing_is_accepted(emu: Any, clock: FakeClock,
+                                                                     telemetry: RecordingTelemetry,
+                                                                     dynamics_writer: RecordingWriter,
+                                                                     http: aiohttp.ClientSession) -> None:
+    rig, runner = await build_rig(emu, clock, telemetry, dynamics_writer)
+    try:
+        rig.intake.client_state = b""
+        await rig.bridge.store.upsert_agents([ALICE])
+        item = {"subscriptionId": "s", "clientState": "", "changeType": "updated",
+                "resourceData": {"id": ALICE.entra_object_id}}
+        status, answer = await post(http, rig.notify_url, {"value": [item]})
+        assert status == 202 and answer == {"accepted": 0}
+        assert await rig.bridge.store.list_docs(PENDING_KIND) == {}
+    finally:
+        await close_rig(rig, runner)
