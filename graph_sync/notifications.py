@@ -16,10 +16,12 @@ Checks, in order: ``validationToken`` handshake (both routes: Graph validates th
 body size (413); content type (415) and JSON shape (400, with the reason); ``validationTokens``
 (RS256 against the tenant's JWKS, ``aud`` = our client id, ``azp`` = Graph's change-tracking app,
 not expired; any failure rejects the whole batch with 400, and a batch with ``encryptedContent``
-but no tokens is rejected the same way); then per item ``clientState`` (constant-time; a mismatch
+but no tokens is rejected the same way: nothing of a batch that fails authentication is trusted,
+and Graph redelivers what it did send); then per item ``clientState`` (constant-time; a mismatch
 drops that item and is counted). Decryption failures drop the content but not the change: the user
-is queued for a read instead. A 5xx is never produced by a bug: unexpected failures are logged and
-answered 503 only when the store itself is down, so Graph retries rather than losing the batch.
+is queued for a read instead. Never a 500: when the keys cannot be fetched, or anything unexpected
+fails before the batch is safely stored (the store down, a bug), the answer is 503 with a JSON
+error, so Graph delivers the batch again instead of it being lost behind a 202.
 """
 
 from __future__ import annotations
@@ -40,11 +42,11 @@ import jwt
 from aiohttp import web
 
 from graph_sync.crypto import DecryptionError, Decryptor
-from graph_sync.subscriptions import SubscriptionManager
+from graph_sync.subscriptions import SubscriptionManager, agents_for
 from graph_sync.teams import MAX_IDS
 from mapping.bridge import Bridge
 from mapping.errors import UpstreamError
-from mapping.model import Agent, PresenceObserved, System
+from mapping.model import PresenceObserved, System
 from mapping.ports import PresenceReader
 
 log = logging.getLogger("presence_sync.graph")
@@ -484,13 +486,11 @@ class GraphIntake:
             for uid in note.get("ids", []):
                 if isinstance(uid, str):
                     wanted.setdefault(uid.lower())
-        agents: list[Agent] = []
+        agents = await agents_for(self.bridge.store, list(wanted))
+        known = {a.entra_object_id.lower() for a in agents}
         for uid in wanted:
-            agent = await self.bridge.engine.agent_for(System.TEAMS, uid)
-            if agent is None:
-                self.bridge.telemetry.event(INTAKE, "unknown_agent")
-            elif agent.enabled:
-                agents.append(agent)
+            if uid not in known and await self.bridge.engine.agent_for(System.TEAMS, uid) is None:
+                self.bridge.telemetry.event(INTAKE, "unknown_agent")  # recorded for `agents list --unknown`
         observed = 0
         for start in range(0, len(agents), MAX_IDS):
             results = await self.reader.read(agents[start : start + MAX_IDS])

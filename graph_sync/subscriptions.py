@@ -43,7 +43,7 @@ from graph_sync.teams import MAX_IDS, TeamsPresenceClient
 from mapping.bridge import Bridge
 from mapping.errors import ConfigError, UpstreamError
 from mapping.model import Agent, System
-from mapping.ports import PresenceReader
+from mapping.ports import PresenceReader, Store
 
 log = logging.getLogger("presence_sync.graph")
 
@@ -282,6 +282,8 @@ class SubscriptionManager:
                 await self._create(account, target)
                 return "recreated"
             return await self._renew(account, target, rec)
+        if rec.get("error"):  # an earlier failed attempt; the subscription itself is fine
+            await self.store.put_doc(KIND, account, {**rec, "error": None})
         return "unchanged"
 
     async def _renew(self, account: str, target: list[str], rec: dict[str, Any]) -> str:
@@ -469,11 +471,8 @@ class SubscriptionManager:
         return await self.observe_ids(ids, intake="graph_poll")
 
     async def observe_ids(self, entra_ids: Sequence[str], *, intake: str) -> int:
-        agents: list[Agent] = []
-        for eid in entra_ids:
-            agent = await self.store.get_agent_by_entra(eid)
-            if agent is not None and agent.enabled:
-                agents.append(agent)
+        """Reads ``entra_ids`` (batched by the reader) and observes what Teams shows for each."""
+        agents = await agents_for(self.store, entra_ids)
         if not agents:
             return 0
         observed = await self.reader.read(agents)
@@ -545,6 +544,15 @@ class SubscriptionManager:
                          "minutes_left": "-", "health": "not covered by a subscription: polled with "
                          "getPresencesByUserId; sign in more accounts"})
         return rows
+
+
+async def agents_for(store: Store, entra_ids: Sequence[str]) -> list[Agent]:
+    """The enabled agents of ``entra_ids``: one directory query for many ids, one lookup each for few."""
+    if len(entra_ids) > 50:
+        by_entra = {a.entra_object_id.lower(): a for a in await store.list_agents(enabled_only=True)}
+        return [by_entra[e.lower()] for e in dict.fromkeys(entra_ids) if e.lower() in by_entra]
+    found = [await store.get_agent_by_entra(e) for e in dict.fromkeys(entra_ids)]
+    return [a for a in found if a is not None and a.enabled]
 
 
 def _parse_time(value: Any) -> datetime | None:

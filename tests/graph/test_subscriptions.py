@@ -231,3 +231,32 @@ def test_assignment_is_sticky_and_bounded() -> None:
     plan3, rest3 = assign(ids[1:], ["a", "b", "c"], plan)  # one left, an account added
     assert plan3["a"] == [*plan["a"][1:], "id1300"]  # the freed place is filled, nothing moves
     assert plan3["b"] == plan["b"] and plan3["c"] == ids[1301:] and rest3 == []
+
+
+async def test_a_non_leader_only_notes_a_lifecycle_event_for_the_leader(rig: Rig) -> None:
+    await seed(rig, 10)
+    await rig.manager.sync()
+    (sub,) = rig.emu.subscriptions
+    assert await rig.bridge.store.try_lead(LEADERSHIP, "test-instance")
+    rig.manager.owner = "a-follower"
+    await rig.emu.send_lifecycle(sub.id, "subscriptionRemoved")
+    await rig.intake.wait_idle()
+    assert rig.emu.subscriptions == []  # the follower did not touch Graph...
+    doc = await rig.bridge.store.get_doc(KIND, "static-1")
+    assert doc is not None and doc["pending"] == "subscriptionRemoved"  # ...but the need is on record
+    assert (await rig.manager.status())[0]["health"] == "pending subscriptionRemoved"
+    rig.manager.owner = "test-instance"
+    report = await rig.manager.sync()  # the leader's next round acts on it
+    assert report.recreated == 1 and len(rig.emu.subscriptions) == 1
+
+
+async def test_status_rows_for_the_cli(rig: Rig) -> None:
+    await seed(rig, 700)
+    await rig.manager.sync()
+    rows = await rig.manager.status()
+    assert [r["account"] for r in rows] == ["static-1", "static-2", "static-3"]
+    assert [r["ids"] for r in rows] == [650, 50, 0]
+    assert rows[0]["health"] == "ok" and rows[0]["minutes_left"] == 55.0
+    assert rows[2]["subscription"] == "-" and rows[2]["health"] == "no subscription"
+    rig.bridge.clock.advance(45 * 60)  # type: ignore[attr-defined]
+    assert (await rig.manager.status())[0]["health"] == "renewing"
