@@ -149,7 +149,7 @@ def _take_echo(side: SideState, value: str, now: datetime, observed_at: datetime
             and i < held
             and observed_at is not None
             and side.delivered_at is not None
-            and observed_at > side.delivered_at
+            and observed_at >= side.delivered_at
         ):
             continue
         if v == value:
@@ -211,10 +211,11 @@ def _from_dynamics(
     # A genuine Dynamics change is newer knowledge than any write of ours still queued for Dynamics:
     # withdraw it, and stop expecting echoes (a write already in flight that lands after this change
     # is then a real change, mirrored like any other, so the two systems cannot drift apart).
-    cancel: tuple[System, ...] = (System.DYNAMICS,) if d.written_value is not None and not d.write_seen else ()
+    # (Always: a change of the agent's that looked like our echo may have marked the write seen while
+    # it still waits in the outbox; withdrawing a delivered row is a no-op.)
+    cancel: tuple[System, ...] = (System.DYNAMICS,) if d.written_value is not None else ()
     d.recent_writes = []
-    if cancel:
-        d.written_value = None
+    d.written_value = None
     # ...and ends any override: the agent (or routing) has decided.
     s.override_value = None
     s.restore_value = None
@@ -253,7 +254,9 @@ def _from_teams(
     if holds is not None and t.delivered_at is not None and ev.observed_at >= t.delivered_at and holds in live:
         # Teams shows something other than the session it holds from us: the echo of that session is
         # no longer coming, and a later return to it is a fallback, not an echo.
-        t.recent_writes = [(v, at) for v, at in t.recent_writes if v != holds]
+        # Every write older than it is superseded and cannot be showing either.
+        idx = next(i for i, (v, _) in enumerate(t.recent_writes) if v == holds)
+        t.recent_writes = t.recent_writes[idx + 1 :]
     if _is_set(session) and ev.value == session:
         # Teams shows exactly the bridge's session: either the echo of our setPresence, or the person's
         # own call/meeting/DND ended and Teams fell back to our session. Either way an override ends.

@@ -62,7 +62,7 @@ async def readyz(request: web.Request) -> web.Response:
     problems = []
     try:
         await rt.store.ping()
-        current, head = await migration_status(rt.store)
+        current, head = await migration_status(rt.store)  # type: ignore[arg-type]
         if current != head:
             problems.append(f"store schema at {current}, code expects {head}: run `presence-sync db upgrade`")
     except Exception as e:
@@ -105,10 +105,8 @@ def create_app(
             await rt.close()
 
     app.cleanup_ctx.append(lifecycle)
-    app.router.add_post("/api/messages", _delegate("bot", "handle"))
     app.router.add_post("/api/graph/notifications", _delegate("graph_intake", "notifications"))
     app.router.add_post("/api/graph/lifecycle", _delegate("graph_intake", "lifecycle"))
-    app.router.add_post("/api/dataverse/webhook", _delegate("dataverse_intake", "handle"))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -63,6 +63,7 @@ class Runtime:
             limiters=default_limiters(),
             owner=self.owner,
         )
+        self.writers = self.outbox.writers  # adapters are added after the worker is built
         self.outbox.policy = self.outbox.policy.__class__(max_attempts=settings.outbox_max_attempts)
         engine = SyncEngine(store, catalogue, rules, telemetry=self.telemetry, on_enqueued=self.outbox.wake)
         self.outbox.listeners.append(engine)
@@ -100,21 +101,16 @@ class Runtime:
         return rt
 
     def _build_adapters(self) -> None:
+        """Graph side (Teams port, subscriber accounts, subscriptions, notification intake).
+
+        The Dataverse and bot adapters are wired here once they exist (issues 4 and 6); until then
+        Dynamics commands wait in the outbox, visible in `presence-sync outbox list`."""
         s = self.settings
-        from bot.teams import BotIntake
-        from dataverse.client import DataverseClient
-        from dataverse.webhook import DataverseIntake
         from graph_sync.accounts import SubscriberAccounts
         from graph_sync.crypto import Decryptor
         from graph_sync.notifications import GraphIntake
         from graph_sync.subscriptions import SubscriptionManager
         from graph_sync.teams import TeamsPresenceClient
-
-        if s.dataverse_enabled:
-            self.dataverse = DataverseClient(s.dataverse_url, self.tokens)
-            self.writers[System.DYNAMICS] = self.dataverse
-            self.readers[System.DYNAMICS] = self.dataverse
-        self.dataverse_intake = DataverseIntake(self.bridge, webhook_key=s.dataverse_webhook_key, client=self.dataverse)
 
         self.teams = TeamsPresenceClient(
             s.graph_url,
@@ -123,6 +119,8 @@ class Runtime:
             mode=s.graph_presence_mode,
             expiration_minutes=s.graph_session_expiration_minutes,
             store=self.store,
+            limiter=self.bridge.limiters[System.TEAMS],
+            retry=self.bridge.retry,
         )
         self.writers[System.TEAMS] = self.teams
         self.readers[System.TEAMS] = self.teams
@@ -134,7 +132,7 @@ class Runtime:
         )
         cert_pem = Path(s.graph_encryption_cert_path).read_bytes() if s.graph_encryption_cert_path else None
         decryptor = Decryptor(cert_pem, Path(s.graph_encryption_key_path).read_bytes()) if cert_pem else None
-        if s.public_url:
+        if s.public_url and s.graph_client_state:
             self.subscriptions = SubscriptionManager(
                 self.bridge,
                 s.graph_url,
@@ -145,6 +143,7 @@ class Runtime:
                 encryption_cert_pem=cert_pem,
                 encryption_cert_id=decryptor.certificate_id if decryptor else None,
                 owner=self.owner,
+                reader=self.teams,
             )
         self.graph_intake = GraphIntake(
             self.bridge,
@@ -154,16 +153,8 @@ class Runtime:
             decryptor=decryptor,
             reader=self.teams,
             subscriptions=self.subscriptions,
+            tenant_id=s.tenant_id or None,
         )
-        self.bot = BotIntake(
-            self.bridge,
-            self.readers,
-            app_id=s.bot_app_id,
-            app_password=s.bot_app_password,
-            app_type=s.bot_app_type,
-            tenant_id=s.bot_tenant_id,
-        )
-        self.outbox.listeners.append(self.bot.listener)
 
     async def load_catalogue(self) -> None:
         """The live ``msdyn_presences`` when Dataverse answers (kept in the store for the next start),
@@ -200,7 +191,8 @@ class Runtime:
 
     async def start_intakes(self) -> None:
         for intake in (self.dataverse_intake, self.graph_intake, self.bot):
-            await intake.start()
+            if intake is not None:
+                await intake.start()
 
     def _spawn(self, name: str, coro: Awaitable[None]) -> None:
         async def guarded() -> None:
@@ -254,7 +246,7 @@ class Runtime:
             if part is not None:
                 with contextlib.suppress(Exception):
                     await part.stop()
-        for client in (self.teams, self.dataverse, self.tokens):
+        for client in (self.subscriptions, self.teams, self.dataverse, self.tokens):
             close = getattr(client, "close", None)
             if close is not None:
                 with contextlib.suppress(Exception):

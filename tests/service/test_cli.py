@@ -15,8 +15,9 @@ from tests.support import ALICE, BOB
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("PRESENCE_SYNC_")}
     base.update(env or {})
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True,
-                          env=base, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, env=base, cwd=cwd, timeout=120
+    )
 
 
 @pytest.fixture
@@ -37,8 +38,12 @@ def test_bad_database_url_is_one_line_exit_2(tmp_path):
 
 
 def test_unreachable_postgres_is_one_line_exit_2(tmp_path):
-    r = run_cli("outbox", "list", env={"PRESENCE_SYNC_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:1/x"},
-                cwd=tmp_path)
+    r = run_cli(
+        "outbox",
+        "list",
+        env={"PRESENCE_SYNC_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:1/x"},
+        cwd=tmp_path,
+    )
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "PRESENCE_SYNC_DATABASE_URL" in r.stderr
 
@@ -53,9 +58,11 @@ def test_fresh_store_commands_work(tmp_path, db):
 
 def test_import_then_list(tmp_path, db):
     f = tmp_path / "agents.csv"
-    f.write_text("dynamics_user_id,entra_object_id,display_name\n"
-                 f"{ALICE.dynamics_user_id},{ALICE.entra_object_id},{ALICE.display_name}\n"
-                 f"{BOB.dynamics_user_id.upper()},{BOB.entra_object_id},\"Agent, Bob\"\n")
+    f.write_text(
+        "dynamics_user_id,entra_object_id,display_name\n"
+        f"{ALICE.dynamics_user_id},{ALICE.entra_object_id},{ALICE.display_name}\n"
+        f'{BOB.dynamics_user_id.upper()},{BOB.entra_object_id},"Agent, Bob"\n'
+    )
     r = run_cli("agents", "import", str(f), env=db, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "2 added" in r.stdout
@@ -67,10 +74,12 @@ def test_import_then_list(tmp_path, db):
 
 def test_malformed_csv_names_lines_and_writes_nothing(tmp_path, db):
     f = tmp_path / "agents.csv"
-    f.write_text("dynamics_user_id,entra_object_id,display_name\n"
-                 f"{ALICE.dynamics_user_id},{ALICE.entra_object_id},Alice\n"
-                 "not-a-guid,also-not,Carol\n"
-                 f"{BOB.dynamics_user_id},{ALICE.entra_object_id},Bob\n")
+    f.write_text(
+        "dynamics_user_id,entra_object_id,display_name\n"
+        f"{ALICE.dynamics_user_id},{ALICE.entra_object_id},Alice\n"
+        "not-a-guid,also-not,Carol\n"
+        f"{BOB.dynamics_user_id},{ALICE.entra_object_id},Bob\n"
+    )
     r = run_cli("agents", "import", str(f), env=db, cwd=tmp_path)
     assert r.returncode == 2
     assert f"{f}:3:" in r.stderr and "not a GUID" in r.stderr
@@ -92,8 +101,12 @@ def test_wrong_header_and_missing_file(tmp_path, db):
 def test_unknown_presence_in_mapping_file_stops_with_file_named(tmp_path, db):
     rules = tmp_path / "rules.toml"
     rules.write_text('[teams_to_dynamics]\n"Busy/InACall" = "Lunch"\n')
-    env = db | {"PRESENCE_SYNC_MAPPING_FILE": str(rules), "PRESENCE_SYNC_AUTH_MODE": "static",
-                "PRESENCE_SYNC_STATIC_TOKEN": "t", "PRESENCE_SYNC_GRAPH_URL": "http://127.0.0.1:9/v1.0"}
+    env = db | {
+        "PRESENCE_SYNC_MAPPING_FILE": str(rules),
+        "PRESENCE_SYNC_AUTH_MODE": "static",
+        "PRESENCE_SYNC_STATIC_TOKEN": "t",
+        "PRESENCE_SYNC_GRAPH_URL": "http://127.0.0.1:9/v1.0",
+    }
     r = run_cli("reconcile", env=env, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert str(rules) in r.stderr and "Lunch" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -34,15 +34,18 @@ def test_environment_prefix(monkeypatch):
     assert s.port == 8080 and s.database_url.startswith("postgresql+asyncpg://")
 
 
-@pytest.mark.parametrize("name,value,needle", [
-    ("PORT", "abc", "PRESENCE_SYNC_PORT"),
-    ("PORT", "70000", "PRESENCE_SYNC_PORT"),
-    ("DATABASE_URL", "mysql://x/y", "PRESENCE_SYNC_DATABASE_URL"),
-    ("AUTH_MODE", "magic", "PRESENCE_SYNC_AUTH_MODE"),
-    ("GRAPH_URL", "not a url", "PRESENCE_SYNC_GRAPH_URL"),
-    ("MAPPING_FILE", "/nope/rules.toml", "MAPPING_FILE"),
-    ("GRAPH_SESSION_EXPIRATION_MINUTES", "1", "PRESENCE_SYNC_GRAPH_SESSION_EXPIRATION_MINUTES"),
-])
+@pytest.mark.parametrize(
+    "name,value,needle",
+    [
+        ("PORT", "abc", "PRESENCE_SYNC_PORT"),
+        ("PORT", "70000", "PRESENCE_SYNC_PORT"),
+        ("DATABASE_URL", "mysql://x/y", "PRESENCE_SYNC_DATABASE_URL"),
+        ("AUTH_MODE", "magic", "PRESENCE_SYNC_AUTH_MODE"),
+        ("GRAPH_URL", "not a url", "PRESENCE_SYNC_GRAPH_URL"),
+        ("MAPPING_FILE", "/nope/rules.toml", "MAPPING_FILE"),
+        ("GRAPH_SESSION_EXPIRATION_MINUTES", "1", "PRESENCE_SYNC_GRAPH_SESSION_EXPIRATION_MINUTES"),
+    ],
+)
 def test_bad_values_name_the_variable(monkeypatch, name, value, needle):
     monkeypatch.setenv(f"PRESENCE_SYNC_{name}", value)
     with pytest.raises(ConfigError) as e:
@@ -55,7 +58,7 @@ def test_static_mode_refuses_non_loopback_upstreams(monkeypatch):
     monkeypatch.setenv("PRESENCE_SYNC_STATIC_TOKEN", "t")
     monkeypatch.setenv("PRESENCE_SYNC_GRAPH_URL", "http://127.0.0.1:9999/v1.0")
     monkeypatch.setenv("PRESENCE_SYNC_DATAVERSE_URL", "https://contoso.crm.dynamics.com")
-    with pytest.raises(ConfigError, match="PRESENCE_SYNC_DATAVERSE_URL.*not a loopback"):
+    with pytest.raises(ConfigError, match=r"PRESENCE_SYNC_DATAVERSE_URL.*not a loopback"):
         load_settings()
     monkeypatch.setenv("PRESENCE_SYNC_DATAVERSE_URL", "http://localhost:9998")
     s = load_settings()
@@ -87,8 +90,10 @@ def test_secrets_are_not_echoed_in_errors(monkeypatch):
 # Mapping TOML
 def test_toml_overrides_and_validates(tmp_path):
     f = tmp_path / "rules.toml"
-    f.write_text('[dynamics_to_teams]\nAway = "Busy/InAConferenceCall"\n[teams_to_dynamics]\n'
-                 '"Busy/Busy" = "Busy"\n"Away/*" = "none"\n[conflict]\nwinner = "latest"\n')
+    f.write_text(
+        '[dynamics_to_teams]\nAway = "Busy/InAConferenceCall"\n[teams_to_dynamics]\n'
+        '"Busy/Busy" = "Busy"\n"Away/*" = "none"\n[conflict]\nwinner = "latest"\n'
+    )
     r = load_rules(f)
     assert r.teams_for(BasePresence.AWAY) == "Busy/InAConferenceCall"
     assert r.action_for("Busy/Busy").base is BasePresence.BUSY
@@ -97,16 +102,19 @@ def test_toml_overrides_and_validates(tmp_path):
     assert r.conflict_winner == "latest"
 
 
-@pytest.mark.parametrize("body,needle", [
-    ('[teams_to_dynamics]\n"Busy/InACall" = "Lunch"\n', "'Lunch' is not a presence"),
-    ('[dynamics_to_teams]\nBusy = "Busy/Busy"\n', "Graph accepts only"),
-    ('[dynamics_to_teams]\nLunch = "Away/Away"\n', "'Lunch' is not a base presence"),
-    ('[teams_to_dynamics]\n"Bussy/InACall" = "Busy"\n', "'Bussy/InACall'"),
-    ('[conflict]\nwinner = "both"\n', "winner"),
-    ('[dynamics_targets]\nBusy = "nope"\n', "not a presence id"),
-    ('[extras]\na = 1\n', "unknown section"),
-    ('this is = = not toml', "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        ('[teams_to_dynamics]\n"Busy/InACall" = "Lunch"\n', "'Lunch' is not a presence"),
+        ('[dynamics_to_teams]\nBusy = "Busy/Busy"\n', "Graph accepts only"),
+        ('[dynamics_to_teams]\nLunch = "Away/Away"\n', "'Lunch' is not a base presence"),
+        ('[teams_to_dynamics]\n"Bussy/InACall" = "Busy"\n', "'Bussy/InACall'"),
+        ('[conflict]\nwinner = "both"\n', "winner"),
+        ('[dynamics_targets]\nBusy = "nope"\n', "not a presence id"),
+        ("[extras]\na = 1\n", "unknown section"),
+        ("this is = = not toml", "not valid TOML"),
+    ],
+)
 def test_toml_errors_name_the_file_and_key(tmp_path, body, needle):
     f = tmp_path / "rules.toml"
     f.write_text(body)

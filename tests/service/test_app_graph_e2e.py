@@ -1,0 +1,128 @@
+"""The real service (create_app, SQLite store, background workers) on a free port, against the Graph
+emulator: health/readiness/metrics, the subscription handshake, Dynamics -> Teams through the outbox,
+and a Teams call -> a Dynamics command queued, with no echo bounced back."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from datetime import timedelta
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from emulators.graph import GraphEmulator
+from mapping.model import PresenceObserved, System
+from service.app import create_app
+from service.runtime import Runtime
+from service.settings import load_settings
+from tests.support import ALICE, AVAILABLE, BOB, BUSY
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def until(pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await pred():
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+async def stack(tmp_path, monkeypatch):
+    for k in list(__import__("os").environ):
+        if k.startswith("PRESENCE_SYNC_"):
+            monkeypatch.delenv(k)
+    graph = GraphEmulator(token="graph-token", subscriber_tokens={"sub-token": "subscriber@contoso.example"})
+    await graph.start()
+    for a in (ALICE, BOB):
+        graph.add_user(a.entra_object_id, own=("Available", "Available"))
+    port = free_port()
+    settings = load_settings(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'store.db'}",
+        auth_mode="static",
+        static_token="graph-token",
+        static_subscriber_tokens="sub-token",
+        graph_url=graph.url,
+        client_id=graph.client_id,
+        graph_client_state="client-state-secret",
+        public_url=f"http://127.0.0.1:{port}",
+        port=port,
+        reconcile_interval_seconds=0,
+    )
+    rt = await Runtime.open(settings)
+    await rt.store.upsert_agents([ALICE, BOB])
+    runner = web.AppRunner(create_app(settings, runtime=rt))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}") as http:
+        yield graph, rt, http
+    await runner.cleanup()
+    await rt.close()
+    await graph.stop()
+
+
+async def test_health_ready_metrics(stack):
+    _, _, http = stack
+    r = await http.get("/healthz")
+    assert r.status == 200 and (await r.json())["status"] == "ok"
+    r = await http.get("/readyz")
+    body = await r.json()
+    assert r.status == 200, body
+    assert body["agents"] == 2
+    r = await http.get("/metrics")
+    text = await r.text()
+    assert r.status == 200 and "presence_sync_outbox_rows" in text and "presence_sync_dead_letters" in text
+
+
+async def test_validation_handshake_and_bad_input(stack):
+    _, _, http = stack
+    r = await http.post("/api/graph/notifications", params={"validationToken": "abc 123"})
+    assert r.status == 200 and await r.text() == "abc 123" and r.content_type == "text/plain"
+    r = await http.post("/api/graph/notifications", data=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status == 400 and "error" in await r.json()
+
+
+async def test_dynamics_change_reaches_teams_and_teams_call_queues_dynamics(stack):
+    graph, rt, _ = stack
+    report = await rt.subscriptions.sync()
+    assert graph.subscriptions, report
+    now = rt.bridge.clock()
+    await rt.bridge.engine.observe(
+        PresenceObserved(ALICE.dynamics_user_id, System.DYNAMICS, BUSY, now, 2, "SYSTEM", "test")
+    )
+    ok = await until(lambda: _shows(graph, ALICE, ("Busy", "InACall")))
+    assert ok, [(r.status, r.attempts, r.last_error) for r in await rt.store.list_outbox()]
+    # Our own session change is notified back by Graph: it must not become a Dynamics command.
+    await graph.wait_idle()
+    await asyncio.sleep(0.3)
+    row = await rt.store.outbox_row(ALICE.dynamics_user_id, System.DYNAMICS)
+    assert row is None
+
+    # Bob joins a Teams call: the notification makes Dynamics Busy (queued: no Dataverse adapter here).
+    await rt.bridge.engine.observe(
+        PresenceObserved(
+            BOB.dynamics_user_id, System.DYNAMICS, AVAILABLE, now - timedelta(minutes=1), 2, "AGENT", "test"
+        )
+    )  # a minute before the call: outside the 2 s conflict window
+    assert await until(lambda: _shows(graph, BOB, ("Available", "Available")))
+    await graph.wait_idle()
+    graph.set_user_state(BOB.entra_object_id, "Busy", "InACall")
+
+    async def queued() -> bool:
+        r = await rt.store.outbox_row(BOB.dynamics_user_id, System.DYNAMICS)
+        return r is not None and r.value == BUSY
+
+    assert await until(queued), "a Teams call did not queue Dynamics Busy"
+
+
+async def _shows(graph, agent, pair) -> bool:
+    return tuple(graph.presence_of(agent.entra_object_id)) == pair
