@@ -69,6 +69,9 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append(f"store unreachable: {e}")
     if len(rt.bridge.catalogue) == 0:
         problems.append("presence catalogue not loaded")
+    unconfigured = getattr(rt.tokens, "problem", None)
+    if unconfigured:
+        problems.append(unconfigured)
     if problems:
         return web.json_response({"status": "not ready", "problems": problems}, status=503)
     return web.json_response({"status": "ready", "agents": len(await rt.store.list_agents(enabled_only=True))})

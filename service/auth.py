@@ -65,7 +65,22 @@ class EntraTokens:
         await self._credential.close()
 
 
-def token_provider(settings: Settings) -> StaticTokens | EntraTokens:
+class UnconfiguredTokens:
+    """No Entra app configured yet: the service still starts (health, readiness, intake, outbox),
+    and every upstream call fails with what to set, so nothing is lost while an admin finishes set-up."""
+
+    problem = (
+        f"no Entra app configured: set {PREFIX}TENANT_ID, {PREFIX}CLIENT_ID and {PREFIX}CLIENT_CERT_PATH "
+        f"(or {PREFIX}CLIENT_SECRET), or {PREFIX}AUTH_MODE=static for the emulators"
+    )
+
+    async def token(self, scope: str) -> str:
+        raise PermanentError(self.problem)
+
+
+def token_provider(settings: Settings) -> StaticTokens | EntraTokens | UnconfiguredTokens:
     if settings.auth_mode == "static":
         return StaticTokens(settings.static_token)
+    if not settings.tenant_id and not settings.client_id:
+        return UnconfiguredTokens()
     return EntraTokens(settings)

@@ -11,7 +11,6 @@ import asyncio
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, NoReturn
 
 from mapping.errors import ConfigError, UpstreamError
@@ -150,20 +149,6 @@ async def cmd_agents_list(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_agents_discover(settings: Settings, args: argparse.Namespace) -> int:
-    from dataverse.discovery import discover_agents
-
-    if not settings.dataverse_enabled:
-        return fail("agents discover reads Dataverse: set PRESENCE_SYNC_DATAVERSE_URL")
-    rt = await _runtime(settings)
-    try:
-        summary = await discover_agents(rt.dataverse, rt.bridge, progress)
-    finally:
-        await rt.close()
-    say(str(summary))
-    return 0
-
-
 async def cmd_outbox_list(settings: Settings, args: argparse.Namespace) -> int:
     store = await _store(settings)
     try:
@@ -254,50 +239,6 @@ async def cmd_graph_subscriptions(settings: Settings, args: argparse.Namespace) 
     return 0
 
 
-async def cmd_register_webhook(settings: Settings, args: argparse.Namespace) -> int:
-    from dataverse.registration import register_webhook
-
-    if not settings.dataverse_enabled:
-        return fail("dataverse register-webhook needs PRESENCE_SYNC_DATAVERSE_URL")
-    if not settings.public_url:
-        return fail("dataverse register-webhook needs PRESENCE_SYNC_PUBLIC_URL (where Dataverse reaches the service)")
-    if not settings.dataverse_webhook_key:
-        return fail("dataverse register-webhook needs PRESENCE_SYNC_DATAVERSE_WEBHOOK_KEY (the shared secret)")
-    rt = await _runtime(settings)
-    try:
-        result = await register_webhook(
-            rt.dataverse,
-            url=settings.public("/api/dataverse/webhook"),
-            key=settings.dataverse_webhook_key,
-            dry_run=args.dry_run,
-            progress=say,
-        )
-    finally:
-        await rt.close()
-    say(str(result))
-    return 0
-
-
-async def cmd_teams_package(settings: Settings, args: argparse.Namespace) -> int:
-    from bot.package import build_teams_package
-
-    path = build_teams_package(app_id=settings.bot_app_id, output=Path(args.output))
-    say(f"wrote {path}: upload it in Teams admin center (Manage apps > Upload) or Teams (Apps > Manage your apps)")
-    return 0
-
-
-async def cmd_doctor(settings: Settings, args: argparse.Namespace) -> int:
-    from service.doctor import run_doctor
-
-    return await run_doctor(settings, say)
-
-
-async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
-    from service.demo import run_demo
-
-    return await run_demo(agents=args.agents, speed=args.speed, out=say)
-
-
 # --- parser ---------------------------------------------------------------------------------------
 
 Command = Callable[[Settings, argparse.Namespace], Awaitable[int]]
@@ -317,13 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     add("serve", cmd_serve, "run the service (webhooks, notifications, bot, workers)")
-    d = add("demo", cmd_demo, "play a scripted day against local emulators (no account, no network)")
-    d.add_argument("--agents", type=int, default=3, help="agents in the demo (default 3)")
-    d.add_argument("--speed", type=float, default=1.0, help="pace multiplier; 2 = twice as fast (default 1)")
 
     agents = add("agents", None, "the agent directory")  # type: ignore[arg-type]
     asub = agents.add_subparsers(dest="agents_command", required=True, parser_class=OneLineParser)
-    add("discover", cmd_agents_discover, "add agents from Dataverse systemusers with an Entra object id", asub)
     imp = add("import", cmd_agents_import, "import FILE.csv (dynamics_user_id,entra_object_id,display_name)", asub)
     imp.add_argument("file")
     ls = add("list", cmd_agents_list, "list agents and their last known presence", asub)
@@ -332,7 +269,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("reconcile", cmd_reconcile, "read both systems now and repair drift").add_argument(
         "--timeout", type=float, default=60.0, help="seconds to spend delivering repairs (default 60)"
     )
-    add("doctor", cmd_doctor, "check settings, store, tokens, permissions, webhook and subscriptions")
 
     graph = add("graph", None, "Microsoft Graph subscriber accounts and subscriptions")  # type: ignore[arg-type]
     gsub = graph.add_subparsers(dest="graph_command", required=True, parser_class=OneLineParser)
@@ -340,15 +276,6 @@ def build_parser() -> argparse.ArgumentParser:
     gs = add("subscriptions", cmd_graph_subscriptions, "list accounts, subscriptions and expiry", gsub)
     gs.add_argument("--sync", action="store_true", help="create/renew subscriptions now")
 
-    dv = add("dataverse", None, "Dataverse set-up")  # type: ignore[arg-type]
-    dsub = dv.add_subparsers(dest="dataverse_command", required=True, parser_class=OneLineParser)
-    rw = add("register-webhook", cmd_register_webhook, "create or update the webhook and its two steps", dsub)
-    rw.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
-
-    tp = add("teams-package", cmd_teams_package, "build the Teams app package (zip)")
-    tp.add_argument(
-        "--output", default="presence-sync-teams.zip", help="zip to write (default presence-sync-teams.zip)"
-    )
 
     ob = add("outbox", None, "commands waiting for delivery, and dead letters")  # type: ignore[arg-type]
     osub = ob.add_subparsers(dest="outbox_command", required=True, parser_class=OneLineParser)
@@ -370,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command not in ("serve",):
         logs.configure(json_lines=False, level="WARNING")
     try:
-        settings = load_settings() if args.command != "demo" else Settings.model_construct()
+        settings = load_settings()
         return asyncio.run(args.fn(settings, args))
     except ConfigError as e:
         return fail(str(e))
