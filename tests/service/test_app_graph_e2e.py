@@ -126,3 +126,23 @@ async def test_dynamics_change_reaches_teams_and_teams_call_queues_dynamics(stac
 
 async def _shows(graph, agent, pair) -> bool:
     return tuple(graph.presence_of(agent.entra_object_id)) == pair
+
+
+async def test_reconcile_repairs_a_lost_notification(stack):
+    """Subscriptions can go silent: the sweep reads Teams and repairs what the notification would have."""
+    graph, rt, _ = stack
+    await rt.subscriptions.sync()
+    await rt.bridge.engine.observe(PresenceObserved(
+        ALICE.dynamics_user_id, System.DYNAMICS, AVAILABLE, rt.bridge.clock() - timedelta(minutes=5), 2, "AGENT", "t"))
+    assert await until(lambda: _shows(graph, ALICE, ("Available", "Available")))
+    await graph.wait_idle()
+    graph.drop_notifications(10)
+    graph.set_user_state(ALICE.entra_object_id, "Busy", "InAMeeting")
+    await graph.wait_idle()
+    assert await rt.store.outbox_row(ALICE.dynamics_user_id, System.DYNAMICS) is None  # the change was lost
+    summary = await rt.reconcile()
+    assert (summary.checked, summary.repaired, summary.failed) == (2, 1, 0), summary
+    row = await rt.store.outbox_row(ALICE.dynamics_user_id, System.DYNAMICS)
+    assert row is not None and row.value == BUSY
+    again = await rt.reconcile()
+    assert (again.repaired, again.in_sync) == (0, 2)
