@@ -184,28 +184,27 @@ def _from_dynamics(
         # and an override must survive it, or the restore after the call would be lost.
         return Decision(Result.NO_CHANGE, s, detail="unchanged")
 
-    # Rule 5: the other side changed inside the window and our write for it has not landed yet.
+    # Rule 5: the other side changed inside the window while our override for it is on.
     log: dict[str, object] = {}
     t_changed = s.teams.changed_at
-    window = timedelta(seconds=rules.conflict_window_seconds)
-    if (
-        rules.conflict_winner == "teams"
-        and t_changed is not None
-        and abs(ev.observed_at - t_changed) <= window
-        and s.override_value is not None
-    ):
-        log = {"conflict": True, "dynamics": presence.name, "teams": s.teams.observed_value, "winner": "teams"}
-        d.changed_at = ev.observed_at
-        cmd = _write(s, System.DYNAMICS, s.override_value, now, "conflict: teams wins")
-        return Decision(Result.CONFLICT, s, (cmd,), detail="teams wins", log=log)
     conflict = (
-        rules.conflict_winner == "dynamics"
+        rules.conflict_winner != "latest"
         and t_changed is not None
-        and abs(ev.observed_at - t_changed) <= window
+        and abs(ev.observed_at - t_changed) <= timedelta(seconds=rules.conflict_window_seconds)
         and s.override_value is not None
     )
     if conflict:
-        log = {"conflict": True, "dynamics": presence.name, "teams": s.teams.observed_value, "winner": "dynamics"}
+        log = {
+            "conflict": True,
+            "dynamics": presence.name,
+            "teams": s.teams.observed_value,
+            "winner": rules.conflict_winner,
+        }
+        if rules.conflict_winner == "teams":
+            d.changed_at = ev.observed_at
+            assert s.override_value is not None
+            cmd = _write(s, System.DYNAMICS, s.override_value, now, "conflict: teams wins")
+            return Decision(Result.CONFLICT, s, (cmd,), detail="teams wins", log=log)
 
     d.changed_at = ev.observed_at
     # A genuine Dynamics change is newer knowledge than any write of ours still queued for Dynamics:
