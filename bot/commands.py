@@ -587,6 +587,28 @@ def _resolve(command: Command, bridge: Bridge) -> tuple[Presence | None, str]:
     return p, ""
 
 
+async def _unfinished(
+    bridge: Bridge, agent: Agent, expected: Mapping[System, str], *, exclude: Sequence[System]
+) -> list[System]:
+    """Systems where this very value is still on its way, or died, although the core issued no new
+    command for it (the core counts its last decided write as what the system shows until the echo
+    comes back, even when that write died). A dead row is retried: the agent asking again is the
+    human decision the dead letter was waiting for. Either way the reply waits for it and reports
+    it, instead of answering "already" while the system shows something else."""
+    found: list[System] = []
+    for system, value in expected.items():
+        if system in exclude:
+            continue
+        row = await bridge.store.outbox_row(agent.dynamics_user_id, system)
+        if row is None or row.value != value or row.status is OutboxStatus.DELIVERED:
+            continue
+        if row.status is OutboxStatus.DEAD:
+            await bridge.store.retry_dead(row.id, bridge.clock())
+            bridge.outbox.wake()
+        found.append(system)
+    return found
+
+
 async def _settle(
     bridge: Bridge, agent: Agent, systems: Sequence[System], settle_seconds: float
 ) -> dict[System, OutboxRow | None]:
@@ -629,7 +651,9 @@ async def _change(
     outcome = await bridge.engine.command(agent, presence.presence_id, source="bot")
     if outcome.result is Result.UNKNOWN_PRESENCE:
         return Reply(f"I couldn't set {label}: {outcome.detail}. Please tell your admin.")
+    expected = {System.DYNAMICS: presence.presence_id, System.TEAMS: bridge.rules.teams_for(presence.base)}
     systems = [c.system for c in outcome.commands]
+    systems += await _unfinished(bridge, agent, expected, exclude=systems)
     rows = await _settle(bridge, agent, systems, settle_seconds) if systems else {}
     seen = await read_both(bridge, readers, agent)
 
@@ -640,22 +664,22 @@ async def _change(
         if system not in rows:
             continue
         row = rows[system]
-        cmd = next(c for c in outcome.commands if c.system is system)
+        value = expected[system]
         name = SYSTEM_NAMES[system]
         if row is None:  # cannot happen with a sane store: say so rather than confirm
             lines.append(f"{name}: I can't find the change in the outbox; please check `status` in a moment.")
             continue
-        if row.status is OutboxStatus.DEAD and row.value == cmd.value:
+        if row.status is OutboxStatus.DEAD and row.value == value:
             failed.append(name)
             lines.append(f"{name} refused the change: {row.last_error or 'no reason given'}.")
-        elif row.status is OutboxStatus.DELIVERED and row.value == cmd.value:
+        elif row.status is OutboxStatus.DELIVERED and row.value == value:
             continue
         elif row.status is OutboxStatus.DELIVERED or row.status is OutboxStatus.DEAD:
             lines.append(f"{name}: a newer change replaced this one before it was applied.")
         else:
             why = f": {row.last_error}" if row.last_error else " (still being applied)"
             lines.append(f"{name}: queued, not applied yet{why}.")
-            pending.append(PendingChange(agent.dynamics_user_id, system, row.generation, cmd.value, label))
+            pending.append(PendingChange(agent.dynamics_user_id, system, row.generation, value, label))
 
     head = _change_headline(agent, label, presence, systems, rows, seen, pending, failed)
     shows = [_seen_line(bridge, seen[System.DYNAMICS]), _seen_line(bridge, seen[System.TEAMS])]
@@ -685,8 +709,9 @@ def _change_headline(
     if not systems:
         if dyn_seen.live and dyn_seen.value != presence.presence_id:
             return (
-                f"{who}, the bridge already has **{label}** on its way for you, but Dynamics 365 shows something "
-                "else (below); the next reconciliation will repair it."
+                f"{who}, the bridge believes you're already **{label}**, but Dynamics 365 shows something else "
+                "(below), so I changed nothing yet. The bridge catches up when Dynamics 365 reports its change, "
+                "or at its next check; ask again in a minute if it still differs."
             )
         return f"{who}, you're already **{label}**; nothing to change."
     if dyn_ok and dyn_seen.live and dyn_seen.value != presence.presence_id:

@@ -18,7 +18,7 @@ Checks, in order, each answered with JSON ``{"error": ...}`` and counted as
 3. Activity: 400 for a message without ``from``, ``conversation`` or ``serviceUrl`` (nothing can be
    answered); 403 ``wrong_tenant`` when ``BOT_TENANT_ID`` is set and the activity is from another
    tenant. Activity types the bot has no use for (typing, reactions, invokes...) are ignored: 200,
-   no reply.
+   no reply (with an app id, only after the token was accepted).
 
 The sender is ``activity.from.aadObjectId`` only (the Bot Connector vouches for it); nothing typed can
 name another person. Unknown users are recorded by ``engine.agent_for`` and told their object id.
@@ -59,6 +59,9 @@ MAX_BODY = 512 * 1024
 ADAPTIVE_CARD = "application/vnd.microsoft.card.adaptive"
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 _KNOWN_TYPES = frozenset(t.value for t in ActivityTypes)
+_HANDLED = frozenset(
+    t.value for t in (ActivityTypes.message, ActivityTypes.conversation_update, ActivityTypes.installation_update)
+)
 _NO_TYPING = (Kind.HELP, Kind.EMPTY, Kind.PRESENCES, Kind.INVALID)
 
 
@@ -197,15 +200,14 @@ class BotIntake:
             raise _Reject(401, "unauthenticated", "missing Authorization header (Bot Connector token)")
         body = await self._read_body(request)
         activity = self._activity(body)
-        if activity.type not in (
-            ActivityTypes.message,
-            ActivityTypes.conversation_update,
-            ActivityTypes.installation_update,
-        ):
+        # With an app id, nothing is answered 2xx before the token is checked, ignored types included.
+        auth = await self._authenticate(activity, auth_header) if self.auth_enabled else None
+        if activity.type not in _HANDLED:
             if activity.type not in _KNOWN_TYPES:
                 self.bridge.telemetry.rejected(ROUTE, "unsupported_type")
             return web.Response(status=200)
-        auth = await self._authenticate(activity, auth_header)
+        if auth is None:
+            auth = await self._authenticate(activity, auth_header)
         await self.adapter.process_activity(auth, activity, self._turn)
         return web.Response(status=200)
 
@@ -230,11 +232,15 @@ class BotIntake:
             raise _Reject(413, "too_large", f"activity larger than {MAX_BODY} bytes")
         if request.content_type != "application/json":
             raise _Reject(415, "unsupported_media_type", "send the activity as application/json")
-        raw = await request.content.read(MAX_BODY + 1)
-        if len(raw) > MAX_BODY:
-            raise _Reject(413, "too_large", f"activity larger than {MAX_BODY} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_chunked(64 * 1024):  # chunked uploads carry no length
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise _Reject(413, "too_large", f"activity larger than {MAX_BODY} bytes")
+            chunks.append(chunk)
         try:
-            body = json.loads(raw)
+            body = json.loads(b"".join(chunks))
         except ValueError:
             raise _Reject(400, "malformed", "body is not valid JSON") from None
         if not isinstance(body, dict):
@@ -248,12 +254,7 @@ class BotIntake:
             activity = Activity().deserialize(body)
         except Exception:
             raise _Reject(400, "malformed", "not a Bot Framework activity") from None
-        relevant = activity.type in (
-            ActivityTypes.message,
-            ActivityTypes.conversation_update,
-            ActivityTypes.installation_update,
-        )
-        if not relevant:
+        if activity.type not in _HANDLED:
             return activity
         if activity.from_property is None or not activity.from_property.id:
             raise _Reject(400, "malformed", "activity has no from")

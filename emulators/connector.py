@@ -224,6 +224,9 @@ class BotConnectorEmulator:
 # ---------------------------------------------------------------------------------------------- activities
 
 
+_activity_seq = itertools.count(1)
+
+
 def _stable(prefix: str, seed: str, n: int = 40) -> str:
     return prefix + hashlib.sha256(seed.encode()).hexdigest()[:n]
 
@@ -281,9 +284,6 @@ def _base_activity(
         "locale": locale,
         "localTimezone": "Europe/Berlin",
     }
-
-
-_activity_seq = itertools.count(1)
 
 
 def teams_message(

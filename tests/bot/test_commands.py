@@ -202,6 +202,10 @@ async def test_a_read_that_disagrees_after_delivery_is_reported_not_hidden() -> 
     assert "Dynamics 365 accepted your change to **Busy**, but reading it back shows something else" in reply.text
     assert "Dynamics 365 shows **Available**." in reply.text
     assert "Done" not in reply.text
+    # Asking again: the core sees nothing to do; the reply must not claim "already Busy".
+    again = await handle(parse_text("busy"), ALICE, bridge, readers, settle_seconds=2)
+    assert again.text.startswith("Alice, the bridge believes you're already **Busy**, but Dynamics 365 shows")
+    assert "Dynamics 365 shows **Available**." in again.text
 
 
 async def test_without_readers_and_without_history_the_reply_says_unknown() -> None:

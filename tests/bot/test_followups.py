@@ -300,3 +300,22 @@ async def test_an_older_generation_settling_does_not_trigger_the_newer_promise(h
     await f.drain()
     assert sender.sent == []
     assert (await bridge.store.get_doc(FOLLOWUP_KIND, key) or {})["outcome"] is None
+
+
+async def test_asking_again_after_a_refusal_retries_instead_of_claiming_it_is_already_set(
+    make_harness: MakeHarness,
+) -> None:
+    """The core still remembers the refused write as what it last decided; a second request for the
+    same presence must not be answered "already Busy" while Dynamics 365 shows something else."""
+    h = await make_harness(
+        writers={
+            System.DYNAMICS: RecordingWriter(System.DYNAMICS, [REFUSED]),
+            System.TEAMS: RecordingWriter(System.TEAMS),
+        }
+    )
+    first = await h.say("busy")
+    assert "could **not**" in first.text
+    again = await h.say("busy")
+    assert "already" not in again.text
+    assert again.text.startswith("Done, Alice: you're **Busy**.")
+    assert h.writers[System.DYNAMICS].calls == [(ALICE.dynamics_user_id, BUSY)]

@@ -467,3 +467,34 @@ async def test_replies_only_ever_address_the_sender(harness: Harness) -> None:
     for s in harness.connector.messages():
         expected: Agent = BOB if s.activity["recipient"]["aadObjectId"] == BOB.entra_object_id else ALICE
         assert s.conversation_id == personal_conversation_id(expected.entra_object_id)
+
+
+async def test_a_chunked_body_is_read_whole(harness: Harness) -> None:
+    data = json.dumps(harness.activity(ALICE, text="busy" + " " * 200_000)).encode()
+
+    async def chunks() -> Any:
+        for i in range(0, len(data), 1000):
+            yield data[i : i + 1000]
+
+    async with harness.http.post(harness.url, data=chunks(), headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 200
+    assert harness.writers[System.DYNAMICS].calls == [(ALICE.dynamics_user_id, BUSY)]
+
+
+async def test_a_chunked_body_over_the_limit_gets_413(harness: Harness) -> None:
+    async def chunks() -> Any:
+        yield b'{"type": "message", "text": "'
+        for _ in range(MAX_BODY // 65536 + 2):
+            yield b"x" * 65536
+        yield b'"}'
+
+    async with harness.http.post(harness.url, data=chunks(), headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 413
+
+
+async def test_with_an_app_id_even_ignored_types_need_a_valid_token(make_harness: MakeHarness) -> None:
+    h = await make_harness(app_id="0b6f8e2a-1111-4222-8333-444455556666")
+    act = h.activity(ALICE, text="x")
+    act["type"] = "typing"
+    got, _ = await h.post(act, headers={"Authorization": "Bearer not.a.jwt"})
+    assert got == 401
