@@ -108,6 +108,7 @@ def create_app(
             await rt.close()
 
     app.cleanup_ctx.append(lifecycle)
+    app.router.add_post("/api/messages", _delegate("bot", "handle"))
     app.router.add_post("/api/graph/notifications", _delegate("graph_intake", "notifications"))
     app.router.add_post("/api/graph/lifecycle", _delegate("graph_intake", "lifecycle"))
     app.router.add_get("/healthz", healthz)

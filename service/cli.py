@@ -12,6 +12,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 from mapping.errors import ConfigError, UpstreamError
 from mapping.model import OutboxStatus
@@ -239,6 +240,19 @@ async def cmd_graph_subscriptions(settings: Settings, args: argparse.Namespace) 
     return 0
 
 
+async def cmd_teams_package(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bot.package import build_teams_package
+
+    domains = [urlsplit(settings.public_url).hostname or ""] if settings.public_url else []
+    path = build_teams_package(
+        app_id=settings.bot_app_id, output=Path(args.output), valid_domains=[d for d in domains if d]
+    )
+    say(f"wrote {path}: upload it in Teams admin center (Manage apps > Upload) or Teams (Apps > Manage your apps)")
+    return 0
+
+
 # --- parser ---------------------------------------------------------------------------------------
 
 Command = Callable[[Settings, argparse.Namespace], Awaitable[int]]
@@ -276,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     gs = add("subscriptions", cmd_graph_subscriptions, "list accounts, subscriptions and expiry", gsub)
     gs.add_argument("--sync", action="store_true", help="create/renew subscriptions now")
 
+    tp = add("teams-package", cmd_teams_package, "build the Teams app package (zip)")
+    tp.add_argument(
+        "--output", default="presence-sync-teams.zip", help="zip to write (default presence-sync-teams.zip)"
+    )
 
     ob = add("outbox", None, "commands waiting for delivery, and dead letters")  # type: ignore[arg-type]
     osub = ob.add_subparsers(dest="outbox_command", required=True, parser_class=OneLineParser)

@@ -103,8 +103,8 @@ class Runtime:
     def _build_adapters(self) -> None:
         """Graph side (Teams port, subscriber accounts, subscriptions, notification intake).
 
-        The Dataverse and bot adapters are wired here once they exist (issues 4 and 6); until then
-        Dynamics commands wait in the outbox, visible in `presence-sync outbox list`."""
+        The Dataverse adapter is wired here once it exists (issue 4); until then Dynamics commands
+        wait in the outbox, visible in `presence-sync outbox list`."""
         s = self.settings
         from graph_sync.accounts import SubscriberAccounts
         from graph_sync.crypto import Decryptor
@@ -155,6 +155,17 @@ class Runtime:
             subscriptions=self.subscriptions,
             tenant_id=s.tenant_id or None,
         )
+        from bot.teams import BotIntake
+
+        self.bot = BotIntake(
+            self.bridge,
+            self.readers,
+            app_id=s.bot_app_id,
+            app_password=s.bot_app_password,
+            app_type=s.bot_app_type,
+            tenant_id=s.bot_tenant_id,
+        )
+        self.outbox.listeners.append(self.bot.listener)
 
     async def load_catalogue(self) -> None:
         """The live ``msdyn_presences`` when Dataverse answers (kept in the store for the next start),

@@ -73,9 +73,9 @@ def parse_url(database_url: str, schema: str | None = None) -> Target:
     raw = database_url.strip()
     for plain in ("postgresql://", "postgres://"):
         if raw.startswith(plain):
-            raw = "postgresql+asyncpg://" + raw[len(plain):]
+            raw = "postgresql+asyncpg://" + raw[len(plain) :]
     if raw.startswith("sqlite://"):
-        raw = "sqlite+aiosqlite://" + raw[len("sqlite://"):]
+        raw = "sqlite+aiosqlite://" + raw[len("sqlite://") :]
     try:
         url = make_url(raw)
     except ArgumentError:
@@ -97,8 +97,10 @@ def parse_url(database_url: str, schema: str | None = None) -> Target:
         raise ConfigError(f"{ENV}: {target.shown} names no database file; expected sqlite+aiosqlite:///FILE.db")
     if target.is_sqlite and (url.database == ":memory:" or "mode=memory" in str(url)):
         # One shared connection: concurrent reads and writes would run inside each other's transactions.
-        raise ConfigError(f"{ENV}: an in-memory SQLite database is not supported; use a file such as "
-                          "sqlite+aiosqlite:///presence-sync.db")
+        raise ConfigError(
+            f"{ENV}: an in-memory SQLite database is not supported; use a file such as "
+            "sqlite+aiosqlite:///presence-sync.db"
+        )
     if chosen is not None:
         if target.is_sqlite:
             raise ConfigError(f"{ENV}: schema= is for PostgreSQL only (got it in {target.shown})")

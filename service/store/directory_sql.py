@@ -18,8 +18,11 @@ from service.store.schema import agents, unknown_ids
 
 def norm(agent: Agent) -> Agent:
     """Ids are compared lower-case everywhere (Dataverse and Entra both hand out GUIDs in either case)."""
-    return replace(agent, dynamics_user_id=agent.dynamics_user_id.strip().lower(),
-                   entra_object_id=agent.entra_object_id.strip().lower())
+    return replace(
+        agent,
+        dynamics_user_id=agent.dynamics_user_id.strip().lower(),
+        entra_object_id=agent.entra_object_id.strip().lower(),
+    )
 
 
 def to_agent(r: Any) -> Agent:
@@ -58,7 +61,7 @@ async def upsert_many(conn: AsyncConnection, batch: Sequence[Agent]) -> dict[str
     entras = list({a.entra_object_id for a in normed})
     for column, keys in ((agents.c.dynamics_user_id, ids), (agents.c.entra_object_id, entras)):
         for start in range(0, len(keys), _CHUNK):
-            for r in (await conn.execute(select(agents).where(column.in_(keys[start:start + _CHUNK])))).all():
+            for r in (await conn.execute(select(agents).where(column.in_(keys[start : start + _CHUNK])))).all():
                 current[r.dynamics_user_id] = to_agent(r)
                 owner[r.entra_object_id] = r.dynamics_user_id
     result: dict[str, str] = {}
@@ -83,27 +86,43 @@ async def upsert_many(conn: AsyncConnection, batch: Sequence[Agent]) -> dict[str
     now = utcnow()
     if all(kind == "insert" for kind, _ in writes):  # a first import: one statement per chunk
         for start in range(0, len(writes), _CHUNK):
-            await conn.execute(agents.insert(), [_row(a, now) for _, a in writes[start:start + _CHUNK]])
+            await conn.execute(agents.insert(), [_row(a, now) for _, a in writes[start : start + _CHUNK]])
         return result
     for kind, agent in writes:
         if kind == "insert":
             await conn.execute(agents.insert().values(**_row(agent, now)))
         else:
-            await conn.execute(update(agents).where(agents.c.dynamics_user_id == agent.dynamics_user_id).values(
-                entra_object_id=agent.entra_object_id, display_name=agent.display_name, enabled=agent.enabled,
-                updated_at=now,
-            ))
+            await conn.execute(
+                update(agents)
+                .where(agents.c.dynamics_user_id == agent.dynamics_user_id)
+                .values(
+                    entra_object_id=agent.entra_object_id,
+                    display_name=agent.display_name,
+                    enabled=agent.enabled,
+                    updated_at=now,
+                )
+            )
     return result
 
 
 def _row(agent: Agent, now: datetime) -> dict[str, Any]:
-    return {"dynamics_user_id": agent.dynamics_user_id, "entra_object_id": agent.entra_object_id,
-            "display_name": agent.display_name, "enabled": agent.enabled, "created_at": now, "updated_at": now}
+    return {
+        "dynamics_user_id": agent.dynamics_user_id,
+        "entra_object_id": agent.entra_object_id,
+        "display_name": agent.display_name,
+        "enabled": agent.enabled,
+        "created_at": now,
+        "updated_at": now,
+    }
 
 
 async def set_enabled(conn: AsyncConnection, dynamics_user_id: str, enabled: bool) -> bool:
-    stmt = (update(agents).where(agents.c.dynamics_user_id == dynamics_user_id.strip().lower())
-            .values(enabled=enabled, updated_at=utcnow()).returning(agents.c.dynamics_user_id))
+    stmt = (
+        update(agents)
+        .where(agents.c.dynamics_user_id == dynamics_user_id.strip().lower())
+        .values(enabled=enabled, updated_at=utcnow())
+        .returning(agents.c.dynamics_user_id)
+    )
     return (await conn.execute(stmt)).first() is not None
 
 
@@ -111,21 +130,33 @@ async def record_unknown(conn: AsyncConnection, system: System, external_id: str
     stmt = upsert(conn.dialect.name, unknown_ids).values(
         system=system.value, external_id=external_id, first_seen=now, last_seen=now, count=1
     )
-    await conn.execute(stmt.on_conflict_do_update(
-        index_elements=[unknown_ids.c.system, unknown_ids.c.external_id],
-        set_={"count": unknown_ids.c.count + 1, "last_seen": stmt.excluded.last_seen},
-    ))
+    await conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[unknown_ids.c.system, unknown_ids.c.external_id],
+            set_={"count": unknown_ids.c.count + 1, "last_seen": stmt.excluded.last_seen},
+        )
+    )
 
 
 async def list_unknown(conn: AsyncConnection) -> list[dict[str, Any]]:
     """Most frequent first, the shape ``MemoryStore.list_unknown`` gives."""
-    rows = (await conn.execute(
-        select(unknown_ids).order_by(unknown_ids.c.count.desc(), unknown_ids.c.first_seen,
-                                     unknown_ids.c.system, unknown_ids.c.external_id)
-    )).all()
+    rows = (
+        await conn.execute(
+            select(unknown_ids).order_by(
+                unknown_ids.c.count.desc(), unknown_ids.c.first_seen, unknown_ids.c.system, unknown_ids.c.external_id
+            )
+        )
+    ).all()
     out = []
     for r in rows:
         m = r._mapping  # ``Row.count`` would be the tuple method, not the column
-        out.append({"system": m["system"], "id": m["external_id"], "first_seen": m["first_seen"],
-                    "count": int(m["count"]), "last_seen": m["last_seen"]})
+        out.append(
+            {
+                "system": m["system"],
+                "id": m["external_id"],
+                "first_seen": m["first_seen"],
+                "count": int(m["count"]),
+                "last_seen": m["last_seen"],
+            }
+        )
     return out

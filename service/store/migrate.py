@@ -173,5 +173,3 @@ async def upgrade(database_url: str, *, schema: str | None = None) -> list[str]:
 def describe(applied: list[str]) -> str:
     """A line for the CLI: what ``upgrade`` did."""
     return f"applied {', '.join(applied)}" if applied else f"already at {head_revision()}"
-
-

@@ -33,8 +33,17 @@ def _dialect(conn: AsyncConnection) -> str:
 
 def to_row(r: Any) -> OutboxRow:
     return OutboxRow(
-        r.id, r.agent_id, System(r.system), r.value, OutboxStatus(r.status), r.generation, r.attempts,
-        r.next_attempt_at, r.last_error, r.updated_at, r.reason,
+        r.id,
+        r.agent_id,
+        System(r.system),
+        r.value,
+        OutboxStatus(r.status),
+        r.generation,
+        r.attempts,
+        r.next_attempt_at,
+        r.last_error,
+        r.updated_at,
+        r.reason,
     )
 
 
@@ -42,9 +51,17 @@ async def enqueue(conn: AsyncConnection, command: SetPresence, now: datetime) ->
     """Coalescing upsert: the new value replaces the old one whatever its status; a row in flight
     stays in flight (its lease holder acks, and ``ack`` sends it back to pending for this value)."""
     stmt = upsert(_dialect(conn), outbox).values(
-        agent_id=command.agent_id, system=command.system.value, value=command.value, reason=command.reason,
-        status=PENDING, generation=1, delivered_generation=0, attempts=0, next_attempt_at=now,
-        created_at=now, updated_at=now,
+        agent_id=command.agent_id,
+        system=command.system.value,
+        value=command.value,
+        reason=command.reason,
+        status=PENDING,
+        generation=1,
+        delivered_generation=0,
+        attempts=0,
+        next_attempt_at=now,
+        created_at=now,
+        updated_at=now,
     )
     stmt = stmt.on_conflict_do_update(
         index_elements=[outbox.c.agent_id, outbox.c.system],
@@ -68,17 +85,20 @@ async def cancel_pending(conn: AsyncConnection, agent_id: str, system: System, n
     ack it and nothing is redelivered after it."""
     stmt = (
         update(outbox)
-        .where(outbox.c.agent_id == agent_id, outbox.c.system == system.value,
-               outbox.c.status.in_([PENDING, IN_FLIGHT]))
-        .values(lease_owner=None, lease_token=None, lease_until=None, status=DELIVERED, updated_at=now,
-                last_error=CANCELLED)
+        .where(
+            outbox.c.agent_id == agent_id, outbox.c.system == system.value, outbox.c.status.in_([PENDING, IN_FLIGHT])
+        )
+        .values(
+            lease_owner=None, lease_token=None, lease_until=None, status=DELIVERED, updated_at=now, last_error=CANCELLED
+        )
         .returning(outbox.c.id)
     )
     return (await conn.execute(stmt)).first() is not None
 
 
-async def claim(conn: AsyncConnection, systems: Sequence[System], limit: int, lease_seconds: float,
-                owner: str, now: datetime) -> list[Delivery]:
+async def claim(
+    conn: AsyncConnection, systems: Sequence[System], limit: int, lease_seconds: float, owner: str, now: datetime
+) -> list[Delivery]:
     """Leases due rows in ONE statement. On PostgreSQL ``FOR UPDATE SKIP LOCKED`` in the CTE makes
     concurrent claimers pass over each other's rows instead of waiting or double-claiming; the lease
     itself (status and ``lease_until`` checked in the CTE) keeps a row to one holder afterwards."""
@@ -99,22 +119,40 @@ async def claim(conn: AsyncConnection, systems: Sequence[System], limit: int, le
     stmt = (
         update(outbox)
         .where(outbox.c.id == picked.c.id)
-        .values(status=IN_FLIGHT, lease_owner=owner, lease_token=random_token(_dialect(conn)),
-                lease_until=now + timedelta(seconds=lease_seconds))
-        .returning(outbox.c.id, outbox.c.agent_id, outbox.c.system, outbox.c.value, outbox.c.generation,
-                   outbox.c.attempts, outbox.c.lease_token, outbox.c.reason)
+        .values(
+            status=IN_FLIGHT,
+            lease_owner=owner,
+            lease_token=random_token(_dialect(conn)),
+            lease_until=now + timedelta(seconds=lease_seconds),
+        )
+        .returning(
+            outbox.c.id,
+            outbox.c.agent_id,
+            outbox.c.system,
+            outbox.c.value,
+            outbox.c.generation,
+            outbox.c.attempts,
+            outbox.c.lease_token,
+            outbox.c.reason,
+        )
     )
     rows = (await conn.execute(stmt)).all()
     return sorted(
-        (Delivery(r.id, r.agent_id, System(r.system), r.value, r.generation, r.attempts, r.lease_token, r.reason)
-         for r in rows),
+        (
+            Delivery(r.id, r.agent_id, System(r.system), r.value, r.generation, r.attempts, r.lease_token, r.reason)
+            for r in rows
+        ),
         key=lambda d: d.id,
     )
 
 
 def _held(d: Delivery) -> Any:
-    return and_(outbox.c.agent_id == d.agent_id, outbox.c.system == d.system.value,
-                outbox.c.status == IN_FLIGHT, outbox.c.lease_token == d.lease_token)
+    return and_(
+        outbox.c.agent_id == d.agent_id,
+        outbox.c.system == d.system.value,
+        outbox.c.status == IN_FLIGHT,
+        outbox.c.lease_token == d.lease_token,
+    )
 
 
 async def ack(conn: AsyncConnection, d: Delivery, now: datetime) -> bool:
@@ -123,7 +161,11 @@ async def ack(conn: AsyncConnection, d: Delivery, now: datetime) -> bool:
         update(outbox)
         .where(_held(d))
         .values(
-            lease_owner=None, lease_token=None, lease_until=None, updated_at=now, delivered_generation=d.generation,
+            lease_owner=None,
+            lease_token=None,
+            lease_until=None,
+            updated_at=now,
+            delivered_generation=d.generation,
             status=case((moved, PENDING), else_=DELIVERED),
             attempts=case((moved, 0), else_=outbox.c.attempts),
             next_attempt_at=case((moved, ts(now)), else_=outbox.c.next_attempt_at),
@@ -134,8 +176,9 @@ async def ack(conn: AsyncConnection, d: Delivery, now: datetime) -> bool:
     return (await conn.execute(stmt)).first() is not None
 
 
-async def fail(conn: AsyncConnection, d: Delivery, error: str, next_attempt_at: datetime | None,
-               now: datetime) -> OutboxStatus:
+async def fail(
+    conn: AsyncConnection, d: Delivery, error: str, next_attempt_at: datetime | None, now: datetime
+) -> OutboxStatus:
     """Pending again at ``next_attempt_at``, dead when it is None; a generation enqueued meanwhile
     is retried at once with fresh attempts instead. IN_FLIGHT when the lease was not ours."""
     moved = outbox.c.generation != d.generation
@@ -143,7 +186,11 @@ async def fail(conn: AsyncConnection, d: Delivery, error: str, next_attempt_at: 
         update(outbox)
         .where(_held(d))
         .values(
-            lease_owner=None, lease_token=None, lease_until=None, updated_at=now, last_error=error,
+            lease_owner=None,
+            lease_token=None,
+            lease_until=None,
+            updated_at=now,
+            last_error=error,
             status=case((moved, PENDING), else_=DEAD if next_attempt_at is None else PENDING),
             attempts=case((moved, 0), else_=d.attempts + 1),
             next_attempt_at=case((moved, ts(now)), else_=ts(next_attempt_at)),
@@ -181,7 +228,7 @@ async def retry_dead(conn: AsyncConnection, row_id: int | None, now: datetime) -
 
 
 async def row_for(conn: AsyncConnection, agent_id: str, system: System) -> OutboxRow | None:
-    r = (await conn.execute(
-        select(outbox).where(outbox.c.agent_id == agent_id, outbox.c.system == system.value)
-    )).first()
+    r = (
+        await conn.execute(select(outbox).where(outbox.c.agent_id == agent_id, outbox.c.system == system.value))
+    ).first()
     return to_row(r) if r is not None else None

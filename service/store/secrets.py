@@ -11,9 +11,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from mapping.errors import ConfigError
 
 _MAKE_ONE = "python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'"
-KEY_MISSING = (
-    f"PRESENCE_SYNC_SECRET_KEY is not set: it encrypts token caches at rest; make one with: {_MAKE_ONE}"
-)
+KEY_MISSING = f"PRESENCE_SYNC_SECRET_KEY is not set: it encrypts token caches at rest; make one with: {_MAKE_ONE}"
 
 
 class SecretBox:

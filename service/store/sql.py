@@ -118,11 +118,19 @@ class SqlStore:
         async with self._writing() as conn:
             await conn.execute(delete(presences))
             if unique:
-                await conn.execute(presences.insert(), [
-                    {"presence_id": p.presence_id, "name": p.name, "base": int(p.base),
-                     "can_user_set": p.can_user_set, "position": i}
-                    for i, p in enumerate(unique.values())
-                ])
+                await conn.execute(
+                    presences.insert(),
+                    [
+                        {
+                            "presence_id": p.presence_id,
+                            "name": p.name,
+                            "base": int(p.base),
+                            "can_user_set": p.can_user_set,
+                            "position": i,
+                        }
+                        for i, p in enumerate(unique.values())
+                    ],
+                )
 
     async def list_presences(self) -> list[Presence]:
         async with self._reading() as conn:
@@ -135,8 +143,9 @@ class SqlStore:
             return await state_sql.load_many(conn, agent_ids)
 
     # Outbox ------------------------------------------------------------------------------------
-    async def claim(self, systems: Sequence[System], limit: int, lease_seconds: float, owner: str,
-                    now: datetime) -> list[Delivery]:
+    async def claim(
+        self, systems: Sequence[System], limit: int, lease_seconds: float, owner: str, now: datetime
+    ) -> list[Delivery]:
         async with self._writing() as conn:
             return await outbox_sql.claim(conn, systems, limit, lease_seconds, owner, now)
 
@@ -144,8 +153,9 @@ class SqlStore:
         async with self._writing() as conn:
             return await outbox_sql.ack(conn, delivery, now)
 
-    async def fail(self, delivery: Delivery, error: str, next_attempt_at: datetime | None,
-                   now: datetime) -> OutboxStatus:
+    async def fail(
+        self, delivery: Delivery, error: str, next_attempt_at: datetime | None, now: datetime
+    ) -> OutboxStatus:
         async with self._writing() as conn:
             return await outbox_sql.fail(conn, delivery, error, next_attempt_at, now)
 
@@ -174,10 +184,12 @@ class SqlStore:
     async def put_doc(self, kind: str, key: str, doc: dict[str, Any]) -> None:
         stmt = upsert(self.dialect, docs).values(kind=kind, key=key, doc=doc, updated_at=utcnow())
         async with self._writing() as conn:
-            await conn.execute(stmt.on_conflict_do_update(
-                index_elements=[docs.c.kind, docs.c.key],
-                set_={"doc": stmt.excluded.doc, "updated_at": stmt.excluded.updated_at},
-            ))
+            await conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[docs.c.kind, docs.c.key],
+                    set_={"doc": stmt.excluded.doc, "updated_at": stmt.excluded.updated_at},
+                )
+            )
 
     async def delete_doc(self, kind: str, key: str) -> None:
         async with self._writing() as conn:
@@ -185,8 +197,9 @@ class SqlStore:
 
     async def list_docs(self, kind: str) -> dict[str, dict[str, Any]]:
         async with self._reading() as conn:
-            rows = (await conn.execute(select(docs.c.key, docs.c.doc).where(docs.c.kind == kind)
-                                       .order_by(docs.c.key))).all()
+            rows = (
+                await conn.execute(select(docs.c.key, docs.c.doc).where(docs.c.kind == kind).order_by(docs.c.key))
+            ).all()
         return {r.key: dict(r.doc) for r in rows}
 
     async def get_secret(self, name: str) -> bytes | None:
@@ -199,10 +212,12 @@ class SqlStore:
         sealed = self._box.seal(value)  # before touching the database: no key, nothing written
         stmt = upsert(self.dialect, secrets).values(name=name, ciphertext=sealed, updated_at=utcnow())
         async with self._writing() as conn:
-            await conn.execute(stmt.on_conflict_do_update(
-                index_elements=[secrets.c.name],
-                set_={"ciphertext": stmt.excluded.ciphertext, "updated_at": stmt.excluded.updated_at},
-            ))
+            await conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[secrets.c.name],
+                    set_={"ciphertext": stmt.excluded.ciphertext, "updated_at": stmt.excluded.updated_at},
+                )
+            )
 
     # Operations --------------------------------------------------------------------------------
     async def try_lead(self, name: str, owner: str) -> bool:
@@ -228,8 +243,9 @@ class SqlStore:
         await self.engine.dispose()
 
 
-async def open_store(database_url: str, *, secret_key: str = "", migrate: bool = True,
-                     schema: str | None = None) -> SqlStore:
+async def open_store(
+    database_url: str, *, secret_key: str = "", migrate: bool = True, schema: str | None = None
+) -> SqlStore:
     """Connects, applies pending migrations (unless ``migrate=False``) and returns the store.
 
     ``schema`` (PostgreSQL; also ``?schema=NAME`` in the URL) keeps every table in that schema,

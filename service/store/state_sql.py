@@ -15,8 +15,17 @@ from mapping.model import AgentSyncState, SideState, System
 from service.store.dialect import upsert
 from service.store.schema import agent_state, sync_state
 
-SIDE_COLUMNS = ("observed_value", "observed_version", "observed_at", "written_value", "written_at",
-                "write_seen", "changed_at", "delivered_value", "delivered_at")
+SIDE_COLUMNS = (
+    "observed_value",
+    "observed_version",
+    "observed_at",
+    "written_value",
+    "written_at",
+    "write_seen",
+    "changed_at",
+    "delivered_value",
+    "delivered_at",
+)
 """``SideState`` fields stored as plain columns; ``recent_writes`` is JSON (see ``_encode_writes``).
 ``tests/store`` fails when the model gains a field that is in neither, so nothing is silently lost."""
 JSON_COLUMNS = ("recent_writes",)
@@ -28,9 +37,11 @@ async def load(conn: AsyncConnection, agent_id: str, *, lock: bool) -> AgentSync
     ``agent_state`` row and lock it until commit, so concurrent engines on other instances
     serialise on the agent instead of overwriting each other's decisions."""
     if lock:
-        placeholder = upsert(conn.dialect.name, agent_state).values(
-            agent_id=agent_id, saved=False, updated_at=utcnow()
-        ).on_conflict_do_nothing(index_elements=[agent_state.c.agent_id])
+        placeholder = (
+            upsert(conn.dialect.name, agent_state)
+            .values(agent_id=agent_id, saved=False, updated_at=utcnow())
+            .on_conflict_do_nothing(index_elements=[agent_state.c.agent_id])
+        )
         await conn.execute(placeholder)
     query = select(agent_state).where(agent_state.c.agent_id == agent_id)
     if lock:
@@ -63,23 +74,34 @@ def _decode_writes(raw: Any) -> list[tuple[str, datetime]]:
 async def save(conn: AsyncConnection, state: AgentSyncState) -> None:
     dialect = conn.dialect.name
     head = upsert(dialect, agent_state).values(
-        agent_id=state.agent_id, saved=True, restore_value=state.restore_value,
-        override_value=state.override_value, updated_at=utcnow(),
+        agent_id=state.agent_id,
+        saved=True,
+        restore_value=state.restore_value,
+        override_value=state.override_value,
+        updated_at=utcnow(),
     )
-    await conn.execute(head.on_conflict_do_update(
-        index_elements=[agent_state.c.agent_id],
-        set_={"saved": True, "restore_value": head.excluded.restore_value,
-              "override_value": head.excluded.override_value, "updated_at": head.excluded.updated_at},
-    ))
+    await conn.execute(
+        head.on_conflict_do_update(
+            index_elements=[agent_state.c.agent_id],
+            set_={
+                "saved": True,
+                "restore_value": head.excluded.restore_value,
+                "override_value": head.excluded.override_value,
+                "updated_at": head.excluded.updated_at,
+            },
+        )
+    )
     for system in System:
         side: SideState = state.side(system)
         values: dict[str, Any] = {name: getattr(side, name) for name in SIDE_COLUMNS}
         values["recent_writes"] = _encode_writes(side.recent_writes)
         row = upsert(dialect, sync_state).values(agent_id=state.agent_id, system=system.value, **values)
-        await conn.execute(row.on_conflict_do_update(
-            index_elements=[sync_state.c.agent_id, sync_state.c.system],
-            set_={name: row.excluded[name] for name in values},
-        ))
+        await conn.execute(
+            row.on_conflict_do_update(
+                index_elements=[sync_state.c.agent_id, sync_state.c.system],
+                set_={name: row.excluded[name] for name in values},
+            )
+        )
 
 
 async def load_many(conn: AsyncConnection, agent_ids: Sequence[str]) -> dict[str, AgentSyncState]:
@@ -88,10 +110,12 @@ async def load_many(conn: AsyncConnection, agent_ids: Sequence[str]) -> dict[str
     out: dict[str, AgentSyncState] = {}
     ids = list(dict.fromkeys(agent_ids))
     for start in range(0, len(ids), _CHUNK):
-        chunk = ids[start:start + _CHUNK]
-        heads = (await conn.execute(
-            select(agent_state).where(agent_state.c.agent_id.in_(chunk), agent_state.c.saved.is_(True))
-        )).all()
+        chunk = ids[start : start + _CHUNK]
+        heads = (
+            await conn.execute(
+                select(agent_state).where(agent_state.c.agent_id.in_(chunk), agent_state.c.saved.is_(True))
+            )
+        ).all()
         if not heads:
             continue
         sides: dict[str, list[Any]] = {}
@@ -100,5 +124,3 @@ async def load_many(conn: AsyncConnection, agent_ids: Sequence[str]) -> dict[str
         for h in heads:
             out[h.agent_id] = _build(h, sides.get(h.agent_id, []))
     return {a: out[a] for a in agent_ids if a in out}
-
-

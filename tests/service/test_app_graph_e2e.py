@@ -146,3 +146,24 @@ async def test_reconcile_repairs_a_lost_notification(stack):
     assert row is not None and row.value == BUSY
     again = await rt.reconcile()
     assert (again.repaired, again.in_sync) == (0, 2)
+
+
+async def test_bot_command_through_the_service_changes_dynamics_and_teams(stack):
+    """An agent types `dnd` to the bot served by the real app: Dynamics DND is queued (the Dataverse
+    adapter lands with issue 4), Teams shows DoNotDisturb, and the reply reaches the connector."""
+    from emulators.connector import BotConnectorEmulator, teams_message
+    from tests.support import DND
+
+    graph, rt, http = stack
+    async with BotConnectorEmulator() as connector:
+        activity = teams_message(service_url=connector.url, aad_object_id=ALICE.entra_object_id,
+                                 text="please set me to do not disturb", mention_bot=True)
+        r = await http.post("/api/messages", json=activity)
+        assert r.status in (200, 201, 202), await r.text()
+        reply = await connector.wait_for(lambda a: a.type == "message", timeout=15)
+        assert reply.text
+        row = await rt.store.outbox_row(ALICE.dynamics_user_id, System.DYNAMICS)
+        assert row is not None and row.value == DND
+        assert await until(lambda: _shows(graph, ALICE, ("DoNotDisturb", "Presenting")))
+        r = await http.post("/api/messages", data=b"{broken", headers={"Content-Type": "application/json"})
+        assert r.status == 400
