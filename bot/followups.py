@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from bot.commands import SYSTEM_NAMES, PendingChange, value_label
 from mapping.bridge import Bridge
-from mapping.model import Delivery, OutboxStatus, System
+from mapping.model import CLEAR, Delivery, OutboxStatus, System
 
 log = logging.getLogger("presence_sync.bot")
 
@@ -166,9 +166,11 @@ class FollowUps:
             if landed == doc.get("value"):
                 if system is System.DYNAMICS:
                     return f"Update: your change to **{label}** is now applied in Dynamics 365."
+                if landed == CLEAR:
+                    return f"Update: Teams now follows your change to **{label}**: it shows your own status again."
                 return (
-                    f"Update: Teams now follows your change to **{label}** "
-                    f"(the bridge set {value_label(self.bridge, system, landed)})."
+                    f"Update: Teams now follows your change to **{label}**: the bridge's Teams status is "
+                    f"{value_label(self.bridge, system, landed)}."
                 )
             return (
                 f"Update: {name} now has **{value_label(self.bridge, system, landed)}**: a newer change "

@@ -254,3 +254,18 @@ def _drain_in_background(bridge: Any) -> Any:
             await asyncio.sleep(0.02)
 
     return asyncio.create_task(run())
+
+
+def test_only_the_sdk_module_imports_the_bot_framework() -> None:
+    """Replacing botbuilder (archived; successor: Microsoft 365 Agents SDK) must mean rewriting
+    bot/teams.py only: no other module of the adapter may import it."""
+    import re
+    from pathlib import Path
+
+    bot_dir = Path(__file__).resolve().parents[2] / "bot"
+    importing = sorted(
+        p.name
+        for p in bot_dir.glob("*.py")
+        if re.search(r"^\s*(from|import)\s+(botbuilder|botframework)\b", p.read_text(), re.MULTILINE)
+    )
+    assert importing == ["teams.py"]

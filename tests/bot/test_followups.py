@@ -137,7 +137,8 @@ async def test_teams_throttled_after_dynamics_applied_says_exactly_that(make_har
     await h.settle()
     text = await _wait_followup(h, sent_before)
     assert text == (
-        "Update: Teams now follows your change to **Do not disturb** (the bridge set Do not disturb (presenting))."
+        "Update: Teams now follows your change to **Do not disturb**: the bridge's Teams status is "
+        "Do not disturb (presenting)."
     )
 
 
@@ -319,3 +320,17 @@ async def test_asking_again_after_a_refusal_retries_instead_of_claiming_it_is_al
     assert "already" not in again.text
     assert again.text.startswith("Done, Alice: you're **Busy**.")
     assert h.writers[System.DYNAMICS].calls == [(ALICE.dynamics_user_id, BUSY)]
+
+
+async def test_a_queued_teams_clear_is_followed_up_as_teams_showing_the_own_status(make_harness: MakeHarness) -> None:
+    h = await make_harness(settle_seconds=0.5)
+    await h.say("busy")
+    h.writers[System.TEAMS].errors.append(Throttled("Graph throttled clearPresence for Alice (429)", retry_after=10))
+    reply = await h.say("offline")
+    assert "Teams: queued, not applied yet: Graph throttled clearPresence for Alice (429)." in reply.text
+    sent_before = len(h.connector.sent)
+    h.clock.advance(11)
+    await h.settle()
+    assert await _wait_followup(h, sent_before) == (
+        "Update: Teams now follows your change to **Offline**: it shows your own status again."
+    )

@@ -95,6 +95,12 @@ def test_the_zip_is_flat_with_exactly_the_three_files(tmp_path: Path) -> None:
     assert all("/" not in n and "\\" not in n for n in names)
 
 
+def _rgba(img: Image.Image, x: int, y: int) -> tuple[int, int, int, int]:
+    p = img.getpixel((x, y))
+    assert isinstance(p, tuple) and len(p) == 4
+    return (int(p[0]), int(p[1]), int(p[2]), int(p[3]))
+
+
 def test_icons_have_the_sizes_teams_requires_and_the_outline_is_white_on_transparent(
     package: dict[str, bytes],
 ) -> None:
@@ -102,15 +108,14 @@ def test_icons_have_the_sizes_teams_requires_and_the_outline_is_white_on_transpa
     outline = Image.open(io.BytesIO(package["outline.png"])).convert("RGBA")
     assert color.format == "PNG" and color.size == (192, 192)
     assert outline.size == (32, 32)
-    pixels = list(outline.get_flattened_data()) if hasattr(outline, "get_flattened_data") else list(outline.getdata())
+    pixels = [_rgba(outline, x, y) for y in range(32) for x in range(32)]
     visible = [p for p in pixels if p[3] > 0]
     assert visible, "the outline icon shows nothing"
     assert {p[:3] for p in visible} == {(255, 255, 255)}
     transparent = sum(1 for p in pixels if p[3] == 0)
     assert transparent > len(pixels) // 3, "the outline icon needs a transparent background"
-    assert all(outline.getpixel(xy)[3] == 0 for xy in [(0, 0), (31, 0), (0, 31)])  # corners are background
-    opaque_color = Image.open(io.BytesIO(package["color.png"])).convert("RGBA")
-    assert opaque_color.getpixel((0, 0))[3] == 255  # full-colour icon: solid background
+    assert all(_rgba(outline, x, y)[3] == 0 for x, y in [(0, 0), (31, 0), (0, 31)])  # corners are background
+    assert _rgba(color.convert("RGBA"), 0, 0)[3] == 255  # full-colour icon: solid background
 
 
 def test_the_installed_copy_matches_apppackage(tmp_path: Path) -> None:
