@@ -246,8 +246,12 @@ async def cmd_teams_package(settings: Settings, args: argparse.Namespace) -> int
     from bot.package import build_teams_package
 
     domains = [urlsplit(settings.public_url).hostname or ""] if settings.public_url else []
+    website = settings.public_url if settings.public_url.startswith("https://") else None
     path = build_teams_package(
-        app_id=settings.bot_app_id, output=Path(args.output), valid_domains=[d for d in domains if d]
+        app_id=settings.bot_app_id,
+        output=Path(args.output),
+        valid_domains=[d for d in domains if d],
+        website_url=website,
     )
     say(f"wrote {path}: upload it in Teams admin center (Manage apps > Upload) or Teams (Apps > Manage your apps)")
     return 0
