@@ -111,6 +111,7 @@ def create_app(
     app.router.add_post("/api/messages", _delegate("bot", "handle"))
     app.router.add_post("/api/graph/notifications", _delegate("graph_intake", "notifications"))
     app.router.add_post("/api/graph/lifecycle", _delegate("graph_intake", "lifecycle"))
+    app.router.add_post("/api/dataverse/webhook", _delegate("dataverse_intake", "handle"))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

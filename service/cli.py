@@ -150,6 +150,46 @@ async def cmd_agents_list(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataverse_client(rt: Any, command: str) -> Any:
+    if rt.dataverse is None:
+        raise ConfigError(f"{command} needs PRESENCE_SYNC_DATAVERSE_URL (e.g. https://contoso.crm.dynamics.com)")
+    return rt.dataverse
+
+
+async def cmd_agents_discover(settings: Settings, args: argparse.Namespace) -> int:
+    from dataverse.discovery import discover_agents
+
+    rt = await _runtime(settings)
+    try:
+        client = _dataverse_client(rt, "agents discover")
+        summary = await discover_agents(client, rt.bridge, progress, agents_only=not args.all_users)
+    finally:
+        await rt.close()
+    say(str(summary))
+    return 0
+
+
+async def cmd_dataverse_register_webhook(settings: Settings, args: argparse.Namespace) -> int:
+    from dataverse.registration import register_webhook
+
+    if not settings.public_url:
+        return fail("dataverse register-webhook needs PRESENCE_SYNC_PUBLIC_URL: the URL Dataverse calls")
+    rt = await _runtime(settings)
+    try:
+        client = _dataverse_client(rt, "dataverse register-webhook")
+        result = await register_webhook(
+            client,
+            url=settings.public("/api/dataverse/webhook"),
+            key=settings.dataverse_webhook_key,
+            dry_run=args.dry_run,
+            progress=progress,
+        )
+    finally:
+        await rt.close()
+    say(str(result))
+    return 0
+
+
 async def cmd_outbox_list(settings: Settings, args: argparse.Namespace) -> int:
     store = await _store(settings)
     try:
@@ -283,6 +323,19 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("file")
     ls = add("list", cmd_agents_list, "list agents and their last known presence", asub)
     ls.add_argument("--unknown", action="store_true", help="list ids seen in events but not in the directory")
+
+    disc = add("discover", cmd_agents_discover, "add agents from Dataverse systemusers (msdyn_agentstatus rows)", asub)
+    disc.add_argument(
+        "--all-users", action="store_true", help="take every user with an Entra object id, not only agents"
+    )
+
+    dv = add("dataverse", None, "the Dataverse side")  # type: ignore[arg-type]
+    dvsub = dv.add_subparsers(dest="dataverse_command", required=True, parser_class=OneLineParser)
+    reg = add(
+        "register-webhook", cmd_dataverse_register_webhook,
+        "create or update the webhook and its Create/Update steps on msdyn_agentstatus", dvsub,
+    )
+    reg.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
 
     add("reconcile", cmd_reconcile, "read both systems now and repair drift").add_argument(
         "--timeout", type=float, default=60.0, help="seconds to spend delivering repairs (default 60)"

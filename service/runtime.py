@@ -101,11 +101,22 @@ class Runtime:
         return rt
 
     def _build_adapters(self) -> None:
-        """Graph side (Teams port, subscriber accounts, subscriptions, notification intake).
+        """Dataverse side (Dynamics 365 port, webhook intake), Graph side (Teams port, subscriber
+        accounts, subscriptions, notification intake) and the bot.
 
-        The Dataverse adapter is wired here once it exists (issue 4); until then Dynamics commands
-        wait in the outbox, visible in `presence-sync outbox list`."""
+        With no ``DATAVERSE_URL`` the webhook intake still records changes (agents in the directory),
+        and Dynamics commands wait in the outbox, visible in `presence-sync outbox list`."""
         s = self.settings
+        from dataverse.client import DataverseClient
+        from dataverse.webhook import DataverseIntake
+
+        if s.dataverse_enabled:
+            self.dataverse = DataverseClient(s.dataverse_url, self.tokens)
+            self.writers[System.DYNAMICS] = self.dataverse
+            self.readers[System.DYNAMICS] = self.dataverse
+        self.dataverse_intake = DataverseIntake(
+            self.bridge, webhook_key=s.dataverse_webhook_key, client=self.dataverse
+        )
         from graph_sync.accounts import SubscriberAccounts
         from graph_sync.crypto import Decryptor
         from graph_sync.notifications import GraphIntake
