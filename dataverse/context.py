@@ -13,10 +13,15 @@ Why the parser looks the way it does:
   is validated and does not move the instant.
 - A target may carry only the attributes that changed. An ``Update`` whose target has no
   ``msdyn_currentpresenceid`` is not a presence change (``presence_id`` is ``None`` and
-  ``ignored_reason`` says why). Attributes that never change in a presence update (the agent) are
-  looked up, in order, in the target, the post- and pre-images of the same row, and the
-  ``ParentContext`` chain of the same operation.
-- With no target at all (a step registered without one), a ``msdyn_agentstatus`` post-image stands in.
+  ``ignored_reason`` says why). The agent (which never changes in a presence update) is looked up,
+  in order, in the target, the post- and pre-images of the same row, and the targets of the
+  ``ParentContext`` chain of the same operation. What changes with the presence
+  (``msdyn_presencemodifiedon``/``by``, ``RowVersion``) is looked up the same way but never in a
+  pre-image: that holds the row as it was *before* the change.
+- With no target at all (a step registered without one), a ``msdyn_agentstatus`` post-image stands in
+  (never a pre-image: its presence is the old one). Such an image holds the attributes the step's
+  image was registered with, changed or not, so for an ``Update`` an image without
+  ``msdyn_currentpresenceid`` does not say "not a presence change": it is a ``ContextError``.
 
 Anything of the wrong shape or type raises ``ContextError`` whose message names the field, what was
 expected and what came; the route answers it with 400 and that message.
@@ -213,7 +218,8 @@ class _Level:
     """One context of the ``ParentContext`` chain: its target (if any) and its images."""
 
     target: _Entity | None
-    images: list[_Entity]
+    post_images: list[_Entity]
+    pre_images: list[_Entity]
     primary_id: str | None
 
 
@@ -224,15 +230,16 @@ def _level(ctx: Any, where: str) -> _Level:
     target = None
     if "Target" in inputs:
         target = _entity(inputs["Target"], f"{where}.InputParameters[Target]")
-    images: list[_Entity] = []
+    images: dict[str, list[_Entity]] = {}
     for field in ("PostEntityImages", "PreEntityImages"):
+        images[field] = []
         for key, image in _pairs(ctx.get(field), f"{where}.{field}").items():
             entity = _entity(image, f"{where}.{field}[{key}]")
             if entity.logical_name == AGENT_STATUS:
-                images.append(entity)
+                images[field].append(entity)
     raw_primary = ctx.get("PrimaryEntityId")
     primary = None if raw_primary is None else _guid(raw_primary, f"{where}.PrimaryEntityId")
-    return _Level(target, images, primary)
+    return _Level(target, images["PostEntityImages"], images["PreEntityImages"], primary)
 
 
 def _chain(body: Mapping[str, Any]) -> Iterator[tuple[_Level, str]]:
@@ -280,9 +287,14 @@ def parse_context(body: Any) -> AgentStatusChange:
     top = levels[0][0]
     target = top.target
     if target is None:
-        target = next(iter(top.images), None)
+        target = next(iter(top.post_images), None)
         if target is None:
             raise ContextError(f"no Target in InputParameters and no {AGENT_STATUS} image in PostEntityImages")
+        if message is Message.UPDATE and "msdyn_currentpresenceid" not in target.attributes:
+            raise ContextError(
+                f"no Target in InputParameters, and {target.where} has no msdyn_currentpresenceid: the new "
+                "presence cannot be known (register the step with a post-image holding msdyn_currentpresenceid)"
+            )
     if target.logical_name != AGENT_STATUS:
         raise ContextError(f"{target.where} is a {target.logical_name!r}; this route handles {AGENT_STATUS} only")
     status_id = target.id or _status_id_attr(target) or top.primary_id
@@ -290,12 +302,21 @@ def parse_context(body: Any) -> AgentStatusChange:
         raise ContextError(f"{target.where}: no Id, no msdyn_agentstatusid and no PrimaryEntityId")
 
     # Same row, same operation: the target first, then images, then the parent contexts' targets.
+    # ``after``: the row as the change left it; ``sources`` adds the pre-images (the row before it),
+    # good for the agent only.
+    def same_row(e: _Entity) -> bool:
+        return e is not target and e.logical_name == AGENT_STATUS and e.id in (None, status_id)
+
+    after = [target]
     sources = [target]
     for level, _ in levels:
-        sources.extend(e for e in level.images if e is not target and e.id in (None, status_id))
-        if level.target is not None and level.target is not target and level.target.id in (None, status_id):
-            if level.target.logical_name == AGENT_STATUS:
-                sources.append(level.target)
+        post = [e for e in level.post_images if same_row(e)]
+        after.extend(post)
+        sources.extend(post)
+        sources.extend(e for e in level.pre_images if same_row(e))
+        if level.target is not None and same_row(level.target):
+            after.append(level.target)
+            sources.append(level.target)
 
     presence_id, ignored = _presence(target, message)
     agent_id = _first(sources, "msdyn_agentid", lambda v, w: _reference(v, w, "systemuser"))
@@ -304,9 +325,9 @@ def parse_context(body: Any) -> AgentStatusChange:
             f"no msdyn_agentid in the Target, images or ParentContext of {AGENT_STATUS} {status_id}: "
             "the agent cannot be known (register the step with a post-image holding msdyn_agentid)"
         )
-    modified_on = _first(sources, "msdyn_presencemodifiedon", parse_wcf_date)
-    modified_by = _first(sources, "msdyn_presencemodifiedby", _modified_by)
-    row_version = next((s.row_version for s in sources if s.row_version is not None), None)
+    modified_on = _first(after, "msdyn_presencemodifiedon", parse_wcf_date)
+    modified_by = _first(after, "msdyn_presencemodifiedby", _modified_by)
+    row_version = next((s.row_version for s in after if s.row_version is not None), None)
     return AgentStatusChange(
         message=message,
         agent_status_id=status_id,
