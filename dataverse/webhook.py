@@ -183,6 +183,8 @@ class DataverseIntake:
             return json.loads(raw)
         except (UnicodeDecodeError, ValueError) as e:
             raise _Reject(400, "malformed", f"body is not JSON: {e}") from None
+        except RecursionError:  # [[[[... : junk, not a store failure, so not a 503 that invites a resend
+            raise _Reject(400, "malformed", "body is not a usable JSON document: nested too deeply") from None
 
     # ------------------------------------------------------------------------------------ processing
 

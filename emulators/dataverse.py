@@ -113,6 +113,8 @@ _ZERO = "00000000-0000-0000-0000-000000000000"
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _SEGMENT = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_.]*)(?:\((?P<args>[^)]*)\))?$")
 _MAX_PAGE = 5000
+_JSON_BODY: web.RequestKey[Any] = web.RequestKey("json_body")
+_CALLER: web.RequestKey[str | None] = web.RequestKey("caller")
 
 
 def _now_ms() -> int:
@@ -615,10 +617,10 @@ class DataverseEmulator:
                         body = json.loads(raw) if raw else None
                     except ValueError:
                         raise ApiError(400, "0x80060891", "The request body is not valid JSON.") from None
-                request["json"] = body
+                request[_JSON_BODY] = body
                 self._fault(path)
-                request["caller"] = self._impersonate(caller)
-                user = request["caller"] or "app"
+                request[_CALLER] = self._impersonate(caller)
+                user = request[_CALLER] or "app"
                 self._admit(user)
                 try:
                     response = await handler(request)
@@ -750,7 +752,7 @@ class DataverseEmulator:
     # ------------------------------------------------------------------------------------ writes
 
     def _values(self, request: web.Request, table: _Table) -> dict[str, Any]:
-        body = request["json"]
+        body = request[_JSON_BODY]
         if not isinstance(body, dict):
             raise ApiError(400, "0x80060891", "The request body must be a JSON object.")
         values: dict[str, Any] = {}
@@ -846,7 +848,7 @@ class DataverseEmulator:
     # ------------------------------------------------------------------------------------ CCaaS APIs
 
     def _agent_caller(self, request: web.Request, api: str) -> tuple[str, dict[str, Any]]:
-        caller = request.get("caller")
+        caller = request.get(_CALLER)
         if caller is None:
             raise ApiError(400, "0x80040203", f"{api} acts for an agent: send the agent's systemuserid in the "
                                               "MSCRMCallerID header.")
@@ -858,7 +860,7 @@ class DataverseEmulator:
 
     def _modify_presence(self, request: web.Request) -> web.Response:
         caller, row = self._agent_caller(request, "CCaaS_ModifyAgentPresence")
-        body = request["json"]
+        body = request[_JSON_BODY]
         if not isinstance(body, dict):
             raise ApiError(400, "0x80040203", "Bad Request: the body must be a JSON object with ApiVersion, "
                                               "AgentId and PresenceId.")
