@@ -6,7 +6,8 @@ options, and nothing here needs an SDK. Design points:
 - **One call per operation.** No retry, no sleep: the outbox (writes) and ``bridge.retry`` (reads,
   paging) own retries, backoff and ``Retry-After``; this module only says what happened, as the typed
   errors of ``mapping.errors`` (``Throttled`` / ``RetryableError`` / ``PermanentError``) with messages
-  that name the call, the agent and what an admin should do. Tokens never appear in messages.
+  that name the call, the agent and what an admin should do. Tokens never appear in messages (not even
+  when an error body echoes the request's ``Authorization`` header).
 - **Impersonation.** The CCaaS custom APIs act for an agent: ``MSCRMCallerID: <systemuserid>``, so the
   call is charged against that agent's service-protection quota (6,000 / 5 min, 52 concurrent) and
   Dataverse marks the change as the agent's (``msdyn_presencemodifiedby`` = ``AGENT``).
@@ -226,6 +227,9 @@ class DataverseClient:
         parsed = _decode(raw)
         if 200 <= status < 300:
             return Reply(status, resp_headers, parsed)
+        if token and token.encode() in raw:  # a proxy or gateway echoing the request: keep the token out
+            raw = raw.replace(token.encode(), b"<token>")
+            parsed = _decode(raw)
         raise dataverse_error(status, resp_headers, parsed, raw, what=what)
 
     async def get_json(self, path: str, *, what: str, params: Mapping[str, str] | None = None,
