@@ -1,0 +1,565 @@
+"""``presence-sync doctor``: what an admin runs before going live.
+
+Each check prints one line as soon as it completes (``PASS``/``FAIL``/``WARN``/``SKIP``, what was
+checked, and on trouble what to do: the setting to change or the admin-center step), so a slow
+upstream shows where it is stuck instead of a silent pause. Exit code: 1 if any check failed, else 0.
+
+Principles, and why:
+
+- **Read-only.** Doctor is run against production. It never applies migrations (a pending migration is
+  a FAIL telling to run ``presence-sync db upgrade``, so schema changes stay a deliberate step), never
+  calls ``CCaaS_ModifyAgentPresence`` or ``setPresence`` (either would change what an agent shows),
+  never creates or renews a subscription, and registers the webhook only as a dry run.
+- **Bounded.** Every check runs under ``CHECK_TIMEOUT`` and makes one attempt (no retry policy, no
+  backoff): an admin waiting on a hung upstream learns it in seconds, as a FAIL naming the setting.
+- **Honest.** What cannot be verified without side effects is WARN ("could not verify"), and checks
+  whose settings are absent are SKIP with the reason, so a green run means what it says.
+- **One composition root.** Adapters come from ``service.runtime.Runtime.open``, the same assembly as
+  ``serve``; doctor only swaps the start-up catalogue load for its own bounded, write-free check (see
+  ``_DoctorRuntime``) and opens the store without migrating it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from mapping.errors import ConfigError, PermanentError, Throttled, UpstreamError
+from mapping.memory import MemoryStore
+from mapping.model import Agent, Presence
+from mapping.ports import Store
+from service.runtime import Runtime
+from service.settings import PREFIX, Settings, is_loopback_url
+
+CHECK_TIMEOUT = 5.0
+"""Seconds any one check may take (upstream clients time out at 10 s; doctor wants an answer sooner)."""
+HEALTHZ_TIMEOUT = 3.0
+EXPIRY_MARGIN_MINUTES = 10.0
+"""A subscription expiring sooner than this is a FAIL: the upkeep loop renews well before (and a
+running ``serve`` would have), so being this close means renewal is not happening."""
+MODIFY_API = "CCaaS_ModifyAgentPresence"
+GRAPH_SCOPE = "https://graph.microsoft.com/.default"
+
+GRAPH_PERMISSION_STEP = (
+    "grant application permission Presence.ReadWrite.All (Microsoft Graph) to the app registration "
+    f"{PREFIX}CLIENT_ID and admin-consent it (Entra admin center > App registrations > API permissions > "
+    "Add a permission > Microsoft Graph > Application permissions > Presence.ReadWrite.All, then "
+    "Grant admin consent)"
+)
+
+Status = Literal["PASS", "FAIL", "WARN", "SKIP"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check's outcome: ``detail`` says what was checked (and found), ``advice`` what to do."""
+
+    status: Status
+    name: str
+    detail: str
+    advice: str = ""
+
+    def line(self) -> str:
+        text = f"{self.status}  {self.name}: {self.detail}"
+        return f"{text} -> {self.advice}" if self.advice else text
+
+
+async def run_doctor(settings: Settings, out: Callable[[str], None], *, timeout: float = CHECK_TIMEOUT) -> int:
+    """Runs every check in order, printing each line through ``out`` as it completes; returns the exit
+    code (1 if any check failed, else 0). Settings are already loaded and valid: a bad setting exits 2
+    in the CLI before doctor runs. ``timeout``: seconds per check."""
+    return await _Doctor(settings, out, timeout).run()
+
+
+class _DoctorRuntime(Runtime):
+    """``Runtime`` as ``serve`` builds it, except the start-up catalogue load: that reads Dataverse with
+    three tries and backoff (half a minute against a hung org) and writes the copy into the store.
+    Doctor reads ``msdyn_presences`` itself, once and bounded, and checks the mapping rules against it
+    without writing anything."""
+
+    async def load_catalogue(self) -> None:
+        return None
+
+
+def _short(message: str) -> str:
+    """An adapter message without the outbox's promise to retry: doctor makes one attempt."""
+    return message.removesuffix("; will retry")
+
+
+class _Doctor:
+    """The checks, in order, and what earlier ones found that later ones depend on."""
+
+    def __init__(self, settings: Settings, out: Callable[[str], None], timeout: float) -> None:
+        self.s = settings
+        self.out = out
+        self.timeout = timeout
+        self.results: list[Check] = []
+        self.rt: Any = None
+        self.store_ok = False
+        self.agent: Agent | None = None
+        self.graph_token_ok = False
+        self.dataverse_token_ok = False
+        self.dataverse_ok = False
+        self.presences: list[Presence] = []
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self) -> int:
+        self.report(self.settings_summary())
+        store = await self.checked("store", self.open_store, "the database did not answer: check "
+                                   f"{PREFIX}DATABASE_URL and that the server is up")
+        try:
+            # With no usable store, the upstream checks still run on a throw-away in-memory store.
+            self.rt = await _DoctorRuntime.open(self.s, store=store or MemoryStore())
+        except ConfigError as e:
+            self.report(Check("FAIL", "configuration", str(e), "fix the setting named and run doctor again"))
+            return self.finish()
+        try:
+            await self.run_checks()
+        finally:
+            await self.rt.close()
+        return self.finish()
+
+    async def run_checks(self) -> None:
+        await self.checked("graph token", self.graph_token, "Entra did not answer: check outbound network")
+        await self.checked("dataverse token", self.dataverse_token, "Entra did not answer: check outbound network")
+        await self.checked("graph presence", self.graph_presence, f"Graph did not answer: check {PREFIX}GRAPH_URL")
+        dv_hang = f"Dataverse did not answer: check {PREFIX}DATAVERSE_URL and that the environment is up"
+        await self.checked("dataverse", self.dataverse_reachable, dv_hang)
+        await self.checked("mapping rules", self.mapping_rules, dv_hang)
+        await self.checked("CCaaS_GetPresence", self.get_presence, dv_hang)
+        await self.checked(MODIFY_API, self.modify_api_exists, dv_hang)
+        await self.checked("dataverse webhook", self.webhook, dv_hang)
+        await self.checked("graph subscriptions", self.subscriptions, "the store did not answer")
+        await self.checked("public url", self.public_url, "")
+
+    async def checked(self, name: str, fn: Callable[[], Awaitable[Check | tuple[Check, Any]]],
+                      on_timeout: str) -> Any:
+        """Runs one check under the per-check timeout and reports it; any error becomes a FAIL line (doctor
+        itself never ends in a traceback). A check may return ``(Check, value)`` to hand a value on."""
+        value: Any = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                got = await fn()
+            check, value = got if isinstance(got, tuple) else (got, None)
+        except TimeoutError:
+            check = Check("FAIL", name, f"no answer within {self.timeout:g} s", on_timeout)
+        except UpstreamError as e:
+            check = Check("FAIL", name, _short(e.message))
+        except ConfigError as e:
+            check = Check("FAIL", name, str(e))
+        except Exception as e:  # a doctor that crashes tells the admin nothing
+            check = Check("FAIL", name, f"unexpected {type(e).__name__}: {e}")
+        self.report(check)
+        return value
+
+    def report(self, check: Check) -> None:
+        self.results.append(check)
+        self.out(check.line())
+
+    def finish(self) -> int:
+        counts = {s: sum(1 for c in self.results if c.status == s) for s in ("PASS", "FAIL", "WARN", "SKIP")}
+        failed = counts["FAIL"] > 0
+        verdict = "not ready: fix the FAIL lines above" if failed else "ready"
+        self.out(f"doctor: {', '.join(f'{n} {s}' for s, n in counts.items() if n)}; {verdict}")
+        return 1 if failed else 0
+
+    # ------------------------------------------------------------------ 1. settings
+
+    def settings_summary(self) -> Check:
+        """What this instance is configured to talk to; names of secrets only, never their values."""
+        s = self.s
+        if s.auth_mode == "static":
+            auth = "static (fixed token, emulators only)"
+        elif s.client_cert_path:
+            auth = f"entra tenant={s.tenant_id or '-'} client={s.client_id or '-'} certificate"
+        elif s.client_secret:
+            auth = f"entra tenant={s.tenant_id or '-'} client={s.client_id or '-'} secret"
+        else:
+            auth = "entra (no app configured)"
+        parts = [
+            f"auth={auth}",
+            f"store={_shown_db(s.database_url)}",
+            f"graph={s.graph_url} ({s.graph_presence_mode})",
+            f"dataverse={s.dataverse_url or 'off'}",
+            f"public_url={s.public_url or 'unset'}",
+            f"webhook key={'set' if s.dataverse_webhook_key else 'unset'}",
+            f"graph client state={'set' if s.graph_client_state else 'unset'}",
+            f"rich notifications={'on' if s.graph_encryption_cert_path else 'off'}",
+            f"bot={s.bot_app_id or 'no app id (loopback only)'}",
+            f"mapping={s.mapping_file or 'built-in'}",
+            f"secret key={'set' if s.secret_key else 'unset'}",
+        ]
+        return Check("PASS", "settings", "loaded; " + " ".join(parts))
+
+    # ------------------------------------------------------------------ 2. store
+
+    async def open_store(self) -> tuple[Check, Store | None]:
+        """Opens the store without migrating it and compares its schema with the code's."""
+        from service.store.connect import parse_url
+        from service.store.migrate import head_revision, script_directory
+        from service.store.sql import SqlStore, migration_status, open_store
+
+        target = parse_url(self.s.database_url)
+        missing = _missing_sqlite_file(target.url.database if target.is_sqlite else None)
+        if missing is not None:
+            # Connecting would create an empty file: say so instead of leaving one behind.
+            return Check("FAIL", "store", f"no database file at {missing}",
+                         f"run `presence-sync db upgrade` to create it (or check {PREFIX}DATABASE_URL and the "
+                         "working folder)"), None
+        store: SqlStore = await open_store(self.s.database_url, secret_key=self.s.secret_key, migrate=False)
+        try:
+            current, head = await migration_status(store)
+            if current != head:
+                pending = [r.revision for r in script_directory().iterate_revisions(head_revision(), current or "base")]
+                await store.close()
+                return Check("FAIL", "store", f"{target.shown}: schema at {current or 'none'}, code needs {head}: "
+                             f"{len(pending)} migration(s) pending ({', '.join(reversed(pending))})",
+                             "run `presence-sync db upgrade`"), None
+            agents = await store.list_agents(enabled_only=True)
+        except BaseException:
+            await store.close()
+            raise
+        self.store_ok = True
+        self.agent = next((a for a in agents if a.entra_object_id), None)
+        return Check("PASS", "store", f"{target.shown} reachable, schema at {head} (current); "
+                     f"{len(agents)} enabled agent(s) in the directory"), store
+
+    # ------------------------------------------------------------------ 3. tokens
+
+    async def graph_token(self) -> Check:
+        check = await self._token("graph token", GRAPH_SCOPE)
+        self.graph_token_ok = check.status == "PASS"
+        return check
+
+    async def dataverse_token(self) -> Check:
+        if self.rt.dataverse is None:
+            return Check("SKIP", "dataverse token", f"{PREFIX}DATAVERSE_URL unset (Dataverse side off)")
+        check = await self._token("dataverse token", self.rt.dataverse.scope)
+        self.dataverse_token_ok = check.status == "PASS"
+        return check
+
+    async def _token(self, name: str, scope: str) -> Check:
+        problem = getattr(self.rt.tokens, "problem", None)
+        if problem:  # UnconfiguredTokens: nothing to acquire a token with
+            return Check("FAIL", name, "no Entra app configured", problem.removeprefix("no Entra app configured: "))
+        if self.s.auth_mode == "static":
+            await self.rt.tokens.token(scope)
+            return Check("PASS", name, f"static token for {scope} ({PREFIX}STATIC_TOKEN; whether the upstream "
+                         "accepts it is checked below)")
+        try:
+            token = await self.rt.tokens.token(scope)
+        except PermanentError as e:
+            return Check("FAIL", name, e.message, f"check {PREFIX}TENANT_ID, {PREFIX}CLIENT_ID and "
+                         f"{PREFIX}CLIENT_CERT_PATH (or {PREFIX}CLIENT_SECRET), and that the certificate is "
+                         "uploaded to the app registration (Entra admin center > App registrations > "
+                         "Certificates & secrets)")
+        if not token:
+            return Check("FAIL", name, f"Entra returned an empty token for {scope}")
+        return Check("PASS", name, f"acquired an app token for {scope} (client credentials)")
+
+    # ------------------------------------------------------------------ 4. Graph permissions
+
+    async def graph_presence(self) -> Check:
+        """Reads one agent's presence with the app token: proves reachability, token and read permission.
+        The write permission can only be proven by writing, which doctor does not do; a refusal the
+        service recorded on an earlier write is reported instead."""
+        name = "graph presence"
+        if not self.graph_token_ok:
+            return Check("SKIP", name, "no Graph token (see above)")
+        if not self.store_ok:
+            return Check("SKIP", name, "no agent to read: the store is not usable (see above)")
+        agent = self.agent
+        if agent is None:
+            return Check("WARN", name, "could not verify: no enabled agent with an Entra object id in the directory",
+                         "run `presence-sync agents discover` or `presence-sync agents import FILE.csv`")
+        from graph_sync.client import graph_error
+        from graph_sync.teams import READ_PERMISSION
+
+        what = f"reading the Teams presence of {agent.label}"
+        try:
+            presence = await self.rt.teams.graph.users.by_user_id(agent.entra_object_id).presence.get()
+        except Exception as e:
+            err = graph_error(e, what=what, permission=READ_PERMISSION)
+            return self._graph_failure(name, err)
+        shown = f"{getattr(presence, 'availability', None)}/{getattr(presence, 'activity', None)}"
+        health = await self.rt.teams.health()
+        write = health.get("write") or {}
+        if write.get("ok") is False:
+            return Check("WARN", name, f"read {agent.label}: {shown}; but the last Teams write was refused "
+                         f"({write.get('at', '?')}): {write.get('error', '')}",
+                         GRAPH_PERMISSION_STEP + " (the next successful write clears this note)")
+        return Check("PASS", name, f"read {agent.label}: {shown} (application token; writes need "
+                     "Presence.ReadWrite.All, not verifiable without writing)")
+
+    def _graph_failure(self, name: str, err: UpstreamError) -> Check:
+        detail = _short(err.message)
+        if err.status == 403:
+            return Check("FAIL", name, detail, GRAPH_PERMISSION_STEP)
+        if err.status == 401:
+            if self.s.auth_mode == "static":
+                advice = f"set {PREFIX}STATIC_TOKEN to the token the Graph emulator accepts"
+            else:
+                advice = (f"check {PREFIX}TENANT_ID (the agents' tenant), {PREFIX}CLIENT_ID and {PREFIX}GRAPH_URL "
+                          "(https://graph.microsoft.com/v1.0)")
+            return Check("FAIL", name, detail, advice)
+        if err.status == 404:
+            return Check("FAIL", name, detail, "the agent's Entra object id is not a user of this tenant: fix the "
+                         "directory (`presence-sync agents discover`, or the CSV for `agents import`)")
+        if isinstance(err, Throttled):
+            return Check("WARN", name, detail, "Graph is throttling this app; run doctor again in a minute")
+        if err.status is None:
+            return Check("FAIL", name, detail, f"check {PREFIX}GRAPH_URL and outbound network (proxy, firewall)")
+        return Check("FAIL", name, detail)
+
+    # ------------------------------------------------------------------ 5. Dataverse
+
+    def _dataverse_skip(self, name: str) -> Check | None:
+        if self.rt.dataverse is None:
+            return Check("SKIP", name, f"{PREFIX}DATAVERSE_URL unset (Dataverse side off)")
+        if not self.dataverse_token_ok:
+            return Check("SKIP", name, "no Dataverse token (see above)")
+        return None
+
+    async def dataverse_reachable(self) -> Check:
+        name = "dataverse"
+        skip = self._dataverse_skip(name)
+        if skip is not None:
+            return skip
+        try:
+            self.presences = await self.rt.dataverse.list_presences()
+        except UpstreamError as e:
+            return self._dataverse_failure(name, e)
+        self.dataverse_ok = True
+        return Check("PASS", name, f"{self.rt.dataverse.base_url} answered: {len(self.presences)} active "
+                     "presence(s) in msdyn_presences")
+
+    def _dataverse_failure(self, name: str, e: UpstreamError) -> Check:
+        detail = _short(e.message)
+        if e.status is None:  # transport: refused, unknown host, timed out
+            return Check("FAIL", name, detail, f"check {PREFIX}DATAVERSE_URL (the environment URL, e.g. "
+                         "https://contoso.crm.dynamics.com) and that it is reachable from here")
+        if e.status == 401 and self.s.auth_mode == "static":
+            return Check("FAIL", name, detail, f"set {PREFIX}STATIC_TOKEN to the token the Dataverse emulator accepts")
+        if isinstance(e, Throttled):
+            return Check("WARN", name, detail, "Dataverse service protection is throttling; run doctor again later")
+        return Check("FAIL", name, detail)  # the client's message already says what to do for 401/403/404/405
+
+    async def mapping_rules(self) -> Check:
+        name = "mapping rules"
+        skip = self._dataverse_skip(name)
+        if skip is not None:
+            return skip
+        if not self.dataverse_ok:
+            return Check("SKIP", name, "msdyn_presences not read (see above); `serve` would fall back to its "
+                         "stored copy")
+        problems = self.rt.bridge.rules.check_catalogue(self.presences)
+        where = self.s.mapping_file or "the built-in defaults"
+        if problems:
+            return Check("FAIL", name, f"{where} do not fit msdyn_presences: {'; '.join(problems)}",
+                         f"fix {PREFIX}MAPPING_FILE (format in mapping/translation.py)")
+        return Check("PASS", name, f"every Dynamics 365 target of {where} is an active presence of its base status")
+
+    async def get_presence(self) -> Check:
+        """``CCaaS_GetPresence`` as the first directory agent: reachability of the presence API, the app
+        user's impersonation privilege and the agent's role, in one read with no side effect."""
+        name = "CCaaS_GetPresence"
+        skip = self._dataverse_skip(name)
+        if skip is not None:
+            return skip
+        if not self.dataverse_ok:
+            return Check("SKIP", name, "Dataverse not reachable (see above)")
+        if not self.store_ok:
+            return Check("SKIP", name, "no agent to impersonate: the store is not usable (see above)")
+        agent = self.agent
+        if agent is None:
+            return Check("WARN", name, "could not verify: no enabled agent in the directory to impersonate",
+                         "run `presence-sync agents discover`")
+        try:
+            info = await self.rt.dataverse.get_presence(agent)
+        except UpstreamError as e:
+            return self._dataverse_failure(name, e)
+        names = {p.presence_id: p.name for p in self.presences}
+        shown = names.get(info.presence_id or "", info.status_text or info.presence_id or "no presence")
+        return Check("PASS", name, f"as {agent.label} (MSCRMCallerID impersonation): {shown}")
+
+    async def modify_api_exists(self) -> Check:
+        """Whether ``CCaaS_ModifyAgentPresence`` is defined, from the ``customapis`` table (then
+        ``sdkmessages``): never by calling it, since a call changes an agent's presence."""
+        name = MODIFY_API
+        skip = self._dataverse_skip(name)
+        if skip is not None:
+            return skip
+        if not self.dataverse_ok:
+            return Check("SKIP", name, "Dataverse not reachable (see above)")
+        dv = self.rt.dataverse
+        literal = f"'{MODIFY_API}'"
+        try:
+            rows = await dv.query("customapis", select="customapiid,uniquename", filter=f"uniquename eq {literal}",
+                                  what=f"looking up {MODIFY_API} in customapis")
+        except PermanentError as e:
+            if e.status in (400, 404):  # the table is not readable here (an emulator, or no privilege)
+                return Check("WARN", name, f"could not verify: customapis not readable ({e.status}); doctor never "
+                             "calls this API, as a call would change an agent's presence")
+            return self._dataverse_failure(name, e)
+        if not rows:
+            rows = await dv.query("sdkmessages", select="sdkmessageid,name", filter=f"name eq {literal}",
+                                  what=f"looking up the {MODIFY_API} sdkmessage")
+        if not rows:
+            return Check("FAIL", name, "not defined in this environment (neither customapis nor sdkmessages)",
+                         "install or update Dynamics 365 Contact Center in this environment (Power Platform admin "
+                         f"center > Environments > Dynamics 365 apps), and check {PREFIX}DATAVERSE_URL")
+        return Check("PASS", name, "defined in this environment (not called: it would change an agent's presence)")
+
+    # ------------------------------------------------------------------ 6. webhook
+
+    async def webhook(self) -> Check:
+        """A dry run of ``dataverse register-webhook``: anything it would change is a FAIL."""
+        name = "dataverse webhook"
+        skip = self._dataverse_skip(name)
+        if skip is not None:
+            return skip
+        if not self.dataverse_ok:
+            return Check("SKIP", name, "Dataverse not reachable (see above)")
+        if not self.s.public_url:
+            return Check("WARN", name, f"{PREFIX}PUBLIC_URL unset: Dataverse cannot call the service, so Dynamics "
+                         "365 changes reach Teams only through the reconcile sweep",
+                         f"set {PREFIX}PUBLIC_URL and run `presence-sync dataverse register-webhook`")
+        from dataverse.registration import ENDPOINT_NAME, register_webhook
+
+        url = self.s.public("/api/dataverse/webhook")
+        lines: list[str] = []
+        result = await register_webhook(self.rt.dataverse, url=url, key=self.s.dataverse_webhook_key, dry_run=True,
+                                        progress=lines.append)
+        if result.changed:
+            changes = "[dry run] would "
+            plan = "; ".join(line.removeprefix(changes) for line in lines if line.startswith(changes))
+            return Check("FAIL", name, f"not registered as it should be: would {plan}",
+                         "run `presence-sync dataverse register-webhook`")
+        steps = ", ".join(sorted(result.step_ids))
+        return Check("PASS", name, f"serviceendpoint {ENDPOINT_NAME!r} -> {url}, synchronous {steps} steps on "
+                     "msdyn_agentstatus (the key itself cannot be read back to compare)")
+
+    # ------------------------------------------------------------------ 7. Graph subscriptions
+
+    async def subscriptions(self) -> Check:
+        """The bridge's subscription records: one per account, each far enough from expiry."""
+        name = "graph subscriptions"
+        if not self.s.public_url:
+            return Check("WARN", name, f"{PREFIX}PUBLIC_URL unset, so no subscription can exist: Teams changes "
+                         f"reach Dynamics 365 only through the reconcile sweep (every "
+                         f"{self.s.reconcile_interval_seconds:g} s)", f"set {PREFIX}PUBLIC_URL (https)")
+        if self.rt.subscriptions is None:
+            return Check("FAIL", name, f"{PREFIX}GRAPH_CLIENT_STATE unset: subscriptions are off",
+                         f"set {PREFIX}GRAPH_CLIENT_STATE to a long random secret")
+        if not self.store_ok:
+            return Check("SKIP", name, "the store is not usable (see above)")
+        if not await self.rt.accounts.accounts():
+            return Check("FAIL", name, "no subscriber account signed in (presence subscriptions need a delegated "
+                         "token)", "run `presence-sync graph login`")
+        rows = await self.rt.subscriptions.status()
+        subs = [r for r in rows if r.get("subscription") not in (None, "-")]
+        if not subs:
+            return Check("FAIL", name, "none yet", "start `presence-sync serve` (it creates them within a minute) "
+                         "or run `presence-sync graph subscriptions --sync`")
+        from graph_sync.subscriptions import KIND
+
+        wanted = self.rt.subscriptions.notification_url
+        records = await self.rt.store.list_docs(KIND)
+        elsewhere = {account: rec.get("notification_url") for account, rec in records.items()
+                     if rec.get("subscription_id") and rec.get("notification_url") != wanted}
+        if elsewhere:
+            shown = "; ".join(f"{a}: delivers to {u}" for a, u in sorted(elsewhere.items()))
+            return Check("FAIL", name, f"{shown}, not {wanted} ({PREFIX}PUBLIC_URL)",
+                         "a running `presence-sync serve` recreates them at its next upkeep (within a minute); "
+                         "or run `presence-sync graph subscriptions --sync`")
+        bad = [r for r in rows if r.get("account") != "(polling)" and _subscription_problem(r)]
+        if bad:
+            shown = "; ".join(f"{r['account']}: {_subscription_problem(r)}" for r in bad)
+            return Check("FAIL", name, shown, "check that `presence-sync serve` is running (it renews them), "
+                         "then `presence-sync graph subscriptions --sync`")
+        soonest = min(float(r["minutes_left"]) for r in subs)
+        covered = sum(int(r["ids"]) for r in subs)
+        detail = f"{len(subs)} active, {covered} agent(s) covered, next expiry in {soonest:.0f} min"
+        polled = [r for r in rows if r.get("account") == "(polling)"]
+        if polled:
+            return Check("WARN", name, f"{detail}; {polled[0]['ids']} agent(s) not covered (polled instead)",
+                         "sign in more subscriber accounts with `presence-sync graph login` (650 agents each)")
+        return Check("PASS", name, detail)
+
+    # ------------------------------------------------------------------ 8. public URL
+
+    async def public_url(self) -> Check:
+        """``GET PUBLIC_URL/healthz`` from here: the service answers at the URL upstreams are given.
+        (From this machine: whether Graph and Dataverse can reach it from the internet is not provable
+        here; see the subscriptions and webhook checks.)"""
+        name = "public url"
+        if not self.s.public_url:
+            return Check("SKIP", name, f"{PREFIX}PUBLIC_URL unset")
+        url = self.s.public_url.rstrip("/") + "/healthz"
+        serve_it = (f"the service must be running (`presence-sync serve`) and reachable at {PREFIX}PUBLIC_URL="
+                    f"{self.s.public_url} (https, port 443, for Graph and Dataverse in production)")
+        limit = min(HEALTHZ_TIMEOUT, self.timeout * 0.8)  # its own line, before the check's deadline
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=limit)) as http, \
+                    http.get(url, allow_redirects=False) as resp:
+                status = resp.status
+                body = await resp.read()
+        except TimeoutError:
+            return Check("FAIL", name, f"GET {url}: no answer within {limit:g} s", serve_it)
+        except aiohttp.ClientError as e:
+            return Check("FAIL", name, f"GET {url}: {type(e).__name__}: {e}", serve_it)
+        if status != 200 or _json_status(body) != "ok":
+            return Check("FAIL", name, f"GET {url} answered {status}, not presence-sync's health", serve_it)
+        if urlsplit(self.s.public_url).scheme != "https":
+            if is_loopback_url(self.s.public_url):
+                return Check("PASS", name, f"GET {url}: ok (loopback http: fine for the emulators; production "
+                             "needs https)")
+            return Check("FAIL", name, f"GET {url}: ok, but over http: Graph and Dataverse call https only",
+                         f"put the service behind TLS and set {PREFIX}PUBLIC_URL to its https URL")
+        return Check("PASS", name, f"GET {url}: ok")
+
+
+def _subscription_problem(row: dict[str, Any]) -> str:
+    """Why a ``SubscriptionManager.status`` row is not healthy ('' when it is)."""
+    health = str(row.get("health", ""))
+    if health != "ok" and health != "renewing":
+        return health
+    left = row.get("minutes_left")
+    if not isinstance(left, int | float):
+        return "no expiry recorded"
+    if left < EXPIRY_MARGIN_MINUTES:
+        return f"expires in {left:g} min (renewal is not happening)"
+    return ""
+
+
+def _missing_sqlite_file(database: str | None) -> Path | None:
+    """The SQLite file's path when it does not exist (a quick local stat, before any connection)."""
+    if not database or database.startswith("file:"):
+        return None
+    path = Path(database).expanduser().resolve()
+    return None if path.exists() else path
+
+
+def _json_status(body: bytes) -> Any:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    return data.get("status") if isinstance(data, dict) else None
+
+
+def _shown_db(database_url: str) -> str:
+    from service.store.connect import parse_url
+
+    try:
+        return parse_url(database_url).shown
+    except ConfigError:
+        return "(unparseable)"
