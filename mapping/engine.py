@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -30,6 +30,10 @@ class Outcome:
     detail: str = ""
 
 
+HOLD_CAP_FACTOR = 10
+"""A held row is written at the latest this many holds after the first change of its run."""
+
+
 class SyncEngine:
     def __init__(
         self,
@@ -40,13 +44,19 @@ class SyncEngine:
         telemetry: Telemetry | None = None,
         clock: Clock = utcnow,
         on_enqueued: Callable[[], None] | None = None,
+        holds: Mapping[System, float] | None = None,
     ) -> None:
+        """``holds``: per target system, the quiet time (seconds) an observed change waits in the
+        outbox before it is written, so that a burst folds into one upstream call (rule 6; see
+        ``Transaction.enqueue``); a steady stream is still written every ``HOLD_CAP_FACTOR`` holds.
+        An agent's own command (the bot) is never held: the agent is waiting for the answer."""
         self.store = store
         self.catalogue = catalogue
         self.rules = rules
         self.telemetry = telemetry or NullTelemetry()
         self.clock = clock
         self.on_enqueued = on_enqueued
+        self.holds = dict(holds or {})
         # Per-agent serialisation inside this process; across processes, load_state's row lock.
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -85,7 +95,8 @@ class SyncEngine:
                 for system in decision.cancel:
                     await tx.cancel_pending(agent.dynamics_user_id, system, now)
                 for cmd in decision.commands:
-                    await tx.enqueue(cmd, now)
+                    hold = self.holds.get(cmd.system, 0.0)
+                    await tx.enqueue(cmd, now, hold, hold * HOLD_CAP_FACTOR)
         self._after(agent, source, event, decision)
         return Outcome(decision.result, agent, decision.commands, decision.detail)
 

@@ -43,6 +43,7 @@ class _Row:
     last_error: str | None
     updated_at: datetime
     delivered_generation: int = 0
+    held_since: datetime | None = None
 
     def view(self) -> OutboxRow:
         return OutboxRow(
@@ -82,9 +83,11 @@ class MemoryTransaction:
     async def save_state(self, state: AgentSyncState) -> None:
         self.d.states[state.agent_id] = copy.deepcopy(state)
 
-    async def enqueue(self, command: SetPresence, now: datetime) -> int:
+    async def enqueue(self, command: SetPresence, now: datetime, hold: float = 0.0, max_hold: float = 0.0) -> int:
         key = (command.agent_id, command.system)
         row = self.d.outbox.get(key)
+        due = now + timedelta(seconds=hold)
+        held_since = now if hold > 0 else None
         if row is None:
             row = _Row(
                 self.d.next_id,
@@ -95,18 +98,32 @@ class MemoryTransaction:
                 OutboxStatus.PENDING,
                 1,
                 0,
-                now,
+                due,
                 None,
                 None,
                 None,
                 None,
                 now,
             )
+            row.held_since = held_since
             self.d.next_id += 1
             self.d.outbox[key] = row
             return row.id
+        holding = (
+            row.status is OutboxStatus.PENDING
+            and row.attempts == 0
+            and row.held_since is not None
+            and row.next_attempt_at is not None
+            and row.next_attempt_at > now
+        )
+        if holding and row.held_since is not None:
+            # A run in progress: due ``hold`` after this change, capped at ``max_hold`` after its start.
+            if row.held_since >= due - timedelta(seconds=max(max_hold, hold)):
+                row.next_attempt_at = due
+        else:
+            row.next_attempt_at, row.held_since = due, held_since
         row.value, row.reason, row.generation, row.attempts = command.value, command.reason, row.generation + 1, 0
-        row.last_error, row.updated_at, row.next_attempt_at = None, now, now
+        row.last_error, row.updated_at = None, now
         if row.status is not OutboxStatus.IN_FLIGHT:
             row.status = OutboxStatus.PENDING
         return row.id

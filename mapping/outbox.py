@@ -51,6 +51,9 @@ class OutboxWorker:
         self.lease_seconds = lease_seconds
         self.batch_size = batch_size
         self.poll_seconds = poll_seconds
+        self.hold_seconds = 0.0
+        """The longest time a row can be held for coalescing (``SyncEngine.holds`` times its cap);
+        ``drain`` waits that long for held rows to fall due."""
         self.clock = clock
         self.owner = owner or f"worker-{uuid.uuid4().hex[:8]}"
         self._wake = asyncio.Event()
@@ -90,11 +93,22 @@ class OutboxWorker:
                     pass
 
     async def drain(self, *, timeout: float = 10.0) -> None:
-        """Delivers until nothing is due (tests, demo, ``reconcile``)."""
+        """Delivers until nothing is due (tests, demo, ``reconcile``); while rows are pending but not
+        due, waits up to ``hold_seconds`` for them, so that rows held for coalescing are delivered too."""
         deadline = time.monotonic() + timeout
+        idle_since: float | None = None
         while time.monotonic() < deadline:
-            if await self.run_once() == 0:
+            if await self.run_once() > 0:
+                idle_since = None
+                continue
+            if self.hold_seconds <= 0 or not (await self.store.outbox_counts()).get("pending", 0):
                 return
+            now = time.monotonic()
+            if idle_since is None:
+                idle_since = now
+            elif now - idle_since > self.hold_seconds:
+                return
+            await asyncio.sleep(min(self.poll_seconds, max(0.0, deadline - now)))
 
     async def deliver(self, d: Delivery) -> None:
         started = time.monotonic()

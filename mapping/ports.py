@@ -60,10 +60,15 @@ class Transaction(Protocol):
 
     async def save_state(self, state: AgentSyncState) -> None: ...
 
-    async def enqueue(self, command: SetPresence, now: datetime) -> int:
+    async def enqueue(self, command: SetPresence, now: datetime, hold: float = 0.0, max_hold: float = 0.0) -> int:
         """Coalescing upsert: one outbox row per (agent, system). A new value replaces the pending
         one and bumps ``generation``; a row in flight keeps its lease and is redelivered with the new
-        value after the current attempt. Returns the row id."""
+        value after the current attempt. Returns the row id.
+
+        ``hold`` (seconds, rule 6): the row is due once no new value came for ``hold`` seconds, but
+        never later than ``max_hold`` after the first change of the run (``held_since``), so a burst
+        folds into one upstream call and a steady stream cannot postpone delivery forever. A row
+        waiting out a retry backoff starts a new run for its new value."""
         ...
 
     async def cancel_pending(self, agent_id: str, system: System, now: datetime) -> bool:

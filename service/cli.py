@@ -87,6 +87,16 @@ async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_demo(settings: Settings | None, args: argparse.Namespace) -> int:
+    from service.demo import MIN_AGENTS, run_demo
+
+    if args.agents < MIN_AGENTS:
+        return fail(f"--agents must be at least {MIN_AGENTS} (the scripted day needs Alice, Bob and Carol)")
+    if args.speed < 0:
+        return fail("--speed must be 0 or more (0: no pauses between steps)")
+    return await run_demo(say, agents=args.agents, speed=args.speed)
+
+
 async def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
     from service.store.sql import upgrade
 
@@ -316,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     add("serve", cmd_serve, "run the service (webhooks, notifications, bot, workers)")
+    demo = add("demo", cmd_demo, "play a contact-center day against local emulators (no account, no network)")
+    demo.add_argument("--agents", type=int, default=3, help="agents in the day (at least 3; default 3)")
+    demo.add_argument(
+        "--speed", type=float, default=1.0, help="pause scale between steps: 2 = twice as fast, 0 = no pauses"
+    )
 
     agents = add("agents", None, "the agent directory")  # type: ignore[arg-type]
     asub = agents.add_subparsers(dest="agents_command", required=True, parser_class=OneLineParser)
@@ -372,7 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command not in ("serve",):
         logs.configure(json_lines=False, level="WARNING")
     try:
-        settings = load_settings()
+        # demo builds its own settings from the emulators: the environment must not point it elsewhere
+        settings = None if args.command == "demo" else load_settings()
         return asyncio.run(args.fn(settings, args))
     except ConfigError as e:
         return fail(str(e))

@@ -16,7 +16,7 @@ from typing import Any
 
 from mapping.bridge import Bridge, default_limiters
 from mapping.catalogue import Catalogue
-from mapping.engine import SyncEngine
+from mapping.engine import HOLD_CAP_FACTOR, SyncEngine
 from mapping.errors import ConfigError, UpstreamError
 from mapping.model import OOB_PRESENCE_IDS, BasePresence, Presence, System
 from mapping.outbox import OutboxWorker
@@ -65,7 +65,11 @@ class Runtime:
         )
         self.writers = self.outbox.writers  # adapters are added after the worker is built
         self.outbox.policy = self.outbox.policy.__class__(max_attempts=settings.outbox_max_attempts)
-        engine = SyncEngine(store, catalogue, rules, telemetry=self.telemetry, on_enqueued=self.outbox.wake)
+        holds = {System.TEAMS: settings.teams_write_hold_seconds}
+        engine = SyncEngine(
+            store, catalogue, rules, telemetry=self.telemetry, on_enqueued=self.outbox.wake, holds=holds
+        )
+        self.outbox.hold_seconds = max(holds.values()) * HOLD_CAP_FACTOR
         self.outbox.listeners.append(engine)
         self.bridge = Bridge(
             store,

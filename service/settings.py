@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     secret_key: str = ""
     """Fernet key (urlsafe base64, 32 bytes) for secrets at rest; without it token caches are refused."""
     outbox_max_attempts: int = 8
+    teams_write_hold_seconds: float = 0.5
+    """Quiet time before a Dynamics 365 change is written to Teams: a burst folds into one Graph
+    call (Graph allows 1,500 presence writes per 30 s for the whole tenant); a steady stream is
+    still written every 10 holds."""
     log_level: str = "INFO"
 
     @field_validator("port")
@@ -90,6 +94,13 @@ class Settings(BaseSettings):
     def _interval(cls, v: float) -> float:
         if v < 0:
             raise ValueError("expected seconds >= 0 (0 turns the periodic sweep off)")
+        return v
+
+    @field_validator("teams_write_hold_seconds")
+    @classmethod
+    def _hold(cls, v: float) -> float:
+        if not 0 <= v <= 30:
+            raise ValueError("expected seconds from 0 to 30 (0 writes every change at once)")
         return v
 
     @field_validator("outbox_max_attempts")

@@ -47,9 +47,23 @@ def to_row(r: Any) -> OutboxRow:
     )
 
 
-async def enqueue(conn: AsyncConnection, command: SetPresence, now: datetime) -> int:
+async def enqueue(
+    conn: AsyncConnection, command: SetPresence, now: datetime, hold: float = 0.0, max_hold: float = 0.0
+) -> int:
     """Coalescing upsert: the new value replaces the old one whatever its status; a row in flight
-    stays in flight (its lease holder acks, and ``ack`` sends it back to pending for this value)."""
+    stays in flight (its lease holder acks, and ``ack`` sends it back to pending for this value). A
+    pending row in a hold run is due ``hold`` after this change, capped at ``max_hold`` after the
+    run's first change (see ``Transaction.enqueue``); the cap is kept as a comparison with a
+    precomputed instant, so no dialect-specific date arithmetic is needed."""
+    due = now + timedelta(seconds=hold)
+    holding = and_(
+        outbox.c.status == PENDING,
+        outbox.c.attempts == 0,
+        outbox.c.held_since.is_not(None),
+        outbox.c.next_attempt_at.is_not(None),
+        outbox.c.next_attempt_at > ts(now),
+    )
+    within_cap = outbox.c.held_since >= ts(due - timedelta(seconds=max(max_hold, hold)))
     stmt = upsert(_dialect(conn), outbox).values(
         agent_id=command.agent_id,
         system=command.system.value,
@@ -59,9 +73,10 @@ async def enqueue(conn: AsyncConnection, command: SetPresence, now: datetime) ->
         generation=1,
         delivered_generation=0,
         attempts=0,
-        next_attempt_at=now,
+        next_attempt_at=due,
         created_at=now,
         updated_at=now,
+        held_since=now if hold > 0 else None,
     )
     stmt = stmt.on_conflict_do_update(
         index_elements=[outbox.c.agent_id, outbox.c.system],
@@ -72,7 +87,12 @@ async def enqueue(conn: AsyncConnection, command: SetPresence, now: datetime) ->
             "attempts": 0,
             "last_error": None,
             "updated_at": stmt.excluded.updated_at,
-            "next_attempt_at": stmt.excluded.next_attempt_at,
+            "next_attempt_at": case(
+                (and_(holding, within_cap), stmt.excluded.next_attempt_at),
+                (holding, outbox.c.next_attempt_at),
+                else_=stmt.excluded.next_attempt_at,
+            ),
+            "held_since": case((holding, outbox.c.held_since), else_=stmt.excluded.held_since),
             "status": case((outbox.c.status == IN_FLIGHT, IN_FLIGHT), else_=PENDING),
         },
     )

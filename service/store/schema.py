@@ -114,6 +114,7 @@ outbox = Table(
     Column("last_error", Text),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    Column("held_since", UTCDateTime),  # first change of the run being coalesced (0002)
     UniqueConstraint("agent_id", "system"),
 )
 

@@ -230,9 +230,15 @@ class SqlStore:
             raise ConfigError(f"{ENV}: cannot connect to {self.target.shown}: {describe_connect_error(e)}") from e
         head = head_revision()
         if current != head:
+            newer = current is not None and current.isdigit() and head.isdigit() and int(current) > int(head)
+            fix = (
+                "a newer presence-sync wrote it: install that version here (never downgrade the schema)"
+                if newer
+                else "run: presence-sync db upgrade"
+            )
             raise ConfigError(
                 f"{ENV}: the database at {self.target.shown} has schema revision {current or 'none'}, "
-                f"this presence-sync needs {head}; run: presence-sync db upgrade"
+                f"this presence-sync needs {head}; {fix}"
             )
 
     async def close(self) -> None:

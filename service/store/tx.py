@@ -26,8 +26,8 @@ class SqlTransaction:
     async def save_state(self, state: AgentSyncState) -> None:
         await state_sql.save(self.conn, state)
 
-    async def enqueue(self, command: SetPresence, now: datetime) -> int:
-        return await outbox_sql.enqueue(self.conn, command, now)
+    async def enqueue(self, command: SetPresence, now: datetime, hold: float = 0.0, max_hold: float = 0.0) -> int:
+        return await outbox_sql.enqueue(self.conn, command, now, hold, max_hold)
 
     async def cancel_pending(self, agent_id: str, system: System, now: datetime) -> bool:
         return await outbox_sql.cancel_pending(self.conn, agent_id, system, now)

@@ -227,6 +227,45 @@ async def test_ten_enqueues_coalesce_into_one_row(any_store: Store) -> None:
     assert await any_store.outbox_counts() == {"pending": 2, "in_flight": 0, "delivered": 0, "dead": 0}
 
 
+async def test_a_hold_folds_a_burst_into_one_delivery_and_a_stream_is_capped(any_store: Store) -> None:
+    """Rule 6 with a hold: due ``hold`` after the newest change of a run, never later than
+    ``max_hold`` after its first change (a steady stream cannot postpone delivery forever)."""
+
+    async def put(value: str, at: float) -> None:
+        async with any_store.transaction() as tx:
+            await tx.enqueue(cmd(ALICE, value), T0 + timedelta(seconds=at), 0.5, 2.0)
+
+    await put("value-0", 0)
+    assert await any_store.claim([TEAMS], 10, 30, "w", T0 + timedelta(seconds=0.4)) == []
+    for i in range(1, 10):
+        await put(f"value-{i}", 0.1 * i)
+    [row] = await any_store.list_outbox()
+    assert (row.value, row.next_attempt_at, row.generation) == ("value-9", T0 + timedelta(seconds=1.4), 10)
+    assert await any_store.claim([TEAMS], 10, 30, "w", T0 + timedelta(seconds=1.3)) == []
+    # The stream goes on: from 1.5 s, the next due time would pass the 2 s cap and is kept instead.
+    await put("value-13", 1.3)
+    await put("value-17", 1.7)
+    [row] = await any_store.list_outbox()
+    assert (row.value, row.next_attempt_at) == ("value-17", T0 + timedelta(seconds=1.8))
+    [d] = await any_store.claim([TEAMS], 10, 30, "w", T0 + timedelta(seconds=2))
+    assert d.value == "value-17"
+    await any_store.ack(d, T0 + timedelta(seconds=2))
+    # After delivery a new change starts a new run.
+    await put("later", 5)
+    [row] = await any_store.list_outbox()
+    assert (row.status, row.next_attempt_at) == (OutboxStatus.PENDING, T0 + timedelta(seconds=5.5))
+
+
+async def test_a_new_value_during_a_retry_backoff_is_due_after_its_hold_not_the_backoff(any_store: Store) -> None:
+    await enqueue(any_store, cmd(ALICE, "a"))
+    [d] = await any_store.claim([TEAMS], 10, 30, "w", T0)
+    await any_store.fail(d, "503", T0 + timedelta(minutes=5), T0)
+    async with any_store.transaction() as tx:
+        await tx.enqueue(cmd(ALICE, "b"), T0 + timedelta(seconds=1), 0.5, 5.0)
+    [row] = await any_store.list_outbox()
+    assert (row.value, row.attempts, row.next_attempt_at) == ("b", 0, T0 + timedelta(seconds=1.5))
+
+
 async def test_claim_then_ack_delivers(any_store: Store) -> None:
     [row_id] = await enqueue(any_store, cmd(ALICE, "Busy/InACall", reason="call"))
     [d] = await any_store.claim([TEAMS], 10, 30, "w1", T0)

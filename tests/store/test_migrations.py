@@ -24,7 +24,7 @@ OpenSql = Callable[..., Awaitable[SqlStore]]
 
 
 async def test_upgrade_is_applied_once_then_a_no_op(sql_url: str, open_sql: OpenSql) -> None:
-    assert await upgrade(sql_url) == ["0001"]
+    assert await upgrade(sql_url) == ["0001", "0002"]
     assert await upgrade(sql_url) == []
     assert describe([]) == f"already at {head_revision()}"
     store = await open_sql(sql_url, migrate=False)
@@ -34,7 +34,7 @@ async def test_upgrade_is_applied_once_then_a_no_op(sql_url: str, open_sql: Open
 
 async def test_open_store_migrates_a_fresh_database(sql_url: str, open_sql: OpenSql) -> None:
     store = await open_sql(sql_url)
-    assert await migration_status(store) == ("0001", "0001")
+    assert await migration_status(store) == ("0002", "0002")
     assert await upgrade(sql_url) == []
 
 
@@ -65,7 +65,7 @@ async def test_downgrade_to_base_and_up_again(sql_url: str, open_sql: OpenSql) -
         await conn.run_sync(down)
     async with store.engine.connect() as conn:
         assert await conn.run_sync(lambda c: inspect(c).get_table_names()) == ["alembic_version"]
-    assert await upgrade(sql_url) == ["0001"]
+    assert await upgrade(sql_url) == ["0001", "0002"]
 
 
 async def test_stores_opened_together_in_one_process_migrate_once(
@@ -74,7 +74,7 @@ async def test_stores_opened_together_in_one_process_migrate_once(
     """Also two different databases at once: Alembic's global context must not be shared."""
     other = sqlite_url.replace("presence-sync.db", "other.db")
     results = await asyncio.wait_for(asyncio.gather(*(upgrade(url) for url in (sql_url, other) * 3)), 30)
-    assert sorted(results) == [[], [], [], [], ["0001"], ["0001"]]
+    assert sorted(results) == [[], [], [], [], ["0001", "0002"], ["0001", "0002"]]
 
 
 # Each process imports first, then waits for a common start time, so that the migrations really collide.
@@ -93,4 +93,4 @@ async def test_instances_starting_together_migrate_once(sql_url: str) -> None:
                                                   stdout=PIPE, stderr=PIPE) for _ in range(4)]
     outputs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), 60)
     assert [p.returncode for p in procs] == [0, 0, 0, 0], [err.decode()[-500:] for _, err in outputs]
-    assert sorted(json.loads(out) for out, _ in outputs) == [[], [], [], ["0001"]]
+    assert sorted(json.loads(out) for out, _ in outputs) == [[], [], [], ["0001", "0002"]]
