@@ -405,7 +405,7 @@ class _Doctor:
             rows = await dv.query("customapis", select="customapiid,uniquename", filter=f"uniquename eq {literal}",
                                   what=f"looking up {MODIFY_API} in customapis")
         except PermanentError as e:
-            if e.status in (400, 404):  # the table is not readable here (an emulator, or no privilege)
+            if e.status in (400, 403, 404):  # the table is not readable here (an emulator, or no read privilege)
                 return Check("WARN", name, f"could not verify: customapis not readable ({e.status}); doctor never "
                              "calls this API, as a call would change an agent's presence")
             return self._dataverse_failure(name, e)

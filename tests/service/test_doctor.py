@@ -229,6 +229,16 @@ async def test_webhook_pointing_elsewhere_fails(stack: Stack) -> None:
     assert code == 1 and line.startswith("FAIL") and "update serviceendpoint" in line and "url" in line, line
 
 
+async def test_webhook_without_key_names_the_setting(stack: Stack) -> None:
+    await stack.register()
+    settings = stack.settings.model_copy(update={"dataverse_webhook_key": ""})
+
+    code, lines, _ = await run(settings)
+
+    line = by_name(lines)["dataverse webhook"]
+    assert code == 1 and line.startswith("FAIL") and "PRESENCE_SYNC_DATAVERSE_WEBHOOK_KEY" in line, line
+
+
 async def test_no_subscriptions_fails_with_how_to_create_them(stack: Stack) -> None:
     await stack.register()
 
