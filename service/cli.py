@@ -97,6 +97,12 @@ async def cmd_demo(settings: Settings | None, args: argparse.Namespace) -> int:
     return await run_demo(say, agents=args.agents, speed=args.speed)
 
 
+async def cmd_doctor(settings: Settings, args: argparse.Namespace) -> int:
+    from service.doctor import run_doctor
+
+    return await run_doctor(settings, say)
+
+
 async def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
     from service.store.sql import upgrade
 
@@ -351,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
         "create or update the webhook and its Create/Update steps on msdyn_agentstatus", dvsub,
     )
     reg.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
+
+    add("doctor", cmd_doctor, "check settings, store, tokens, permissions, webhook, subscriptions before going live")
 
     add("reconcile", cmd_reconcile, "read both systems now and repair drift").add_argument(
         "--timeout", type=float, default=60.0, help="seconds to spend delivering repairs (default 60)"

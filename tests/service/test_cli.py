@@ -117,3 +117,20 @@ def test_outbox_retry_needs_an_id(tmp_path, db):
     assert r.returncode == 2 and "--all-dead" in r.stderr
     r = run_cli("outbox", "retry", "42", env=db, cwd=tmp_path)
     assert r.returncode == 2 and "not a dead letter" in r.stderr
+
+
+def test_doctor_with_nothing_configured_says_what_to_set_and_exits_1(tmp_path: Path) -> None:
+    done = run_cli("doctor", cwd=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("FAIL  graph token:") and "PRESENCE_SYNC_TENANT_ID" in line for line in lines)
+    assert any(line.startswith("SKIP  dataverse:") and "PRESENCE_SYNC_DATAVERSE_URL" in line for line in lines)
+    assert lines[-1].startswith("doctor:") and "not ready" in lines[-1]
+    assert not (tmp_path / "presence-sync.db").exists(), "doctor must not create or migrate a store"
+
+
+def test_dataverse_commands_without_dataverse_url_say_what_to_set(tmp_path: Path) -> None:
+    done = run_cli("agents", "discover", cwd=tmp_path)
+    assert done.returncode == 2 and "needs PRESENCE_SYNC_DATAVERSE_URL" in done.stderr
+    done = run_cli("dataverse", "register-webhook", "--dry-run", cwd=tmp_path)
+    assert done.returncode == 2 and "needs PRESENCE_SYNC_PUBLIC_URL" in done.stderr
