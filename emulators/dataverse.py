@@ -52,6 +52,8 @@ execution-time limit, plug-in step images (``sdkmessageprocessingstepimages``), 
 operation whose synchronous step fails (emission happens after the commit, its result is recorded
 only), Dataverse's retries of failed asynchronous webhooks, the 256 KB context trimming
 (``x-ms-dynamics-msg-size-exceeded``), and port restrictions on endpoint URLs (loopback is allowed).
+``CCaaS_GetPresence``'s ``Timestamp`` is the row's last presence change while the agent is logged in
+(0 otherwise), not a separate login time.
 """
 
 from __future__ import annotations
