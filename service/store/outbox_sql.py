@@ -11,16 +11,18 @@ row lock held across a round trip and is correct under READ COMMITTED on Postgre
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, func, null, or_, select, update
+from sqlalchemy import and_, bindparam, case, func, null, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mapping.model import Delivery, OutboxRow, OutboxStatus, SetPresence, System
 from service.store.dialect import random_token, ts, upsert
 from service.store.schema import outbox
+from service.store.types import UTCDateTime
 
 PENDING, IN_FLIGHT = OutboxStatus.PENDING.value, OutboxStatus.IN_FLIGHT.value
 DELIVERED, DEAD = OutboxStatus.DELIVERED.value, OutboxStatus.DEAD.value
@@ -47,37 +49,21 @@ def to_row(r: Any) -> OutboxRow:
     )
 
 
-async def enqueue(
-    conn: AsyncConnection, command: SetPresence, now: datetime, hold: float = 0.0, max_hold: float = 0.0
-) -> int:
-    """Coalescing upsert: the new value replaces the old one whatever its status; a row in flight
-    stays in flight (its lease holder acks, and ``ack`` sends it back to pending for this value). A
-    pending row in a hold run is due ``hold`` after this change, capped at ``max_hold`` after the
-    run's first change (see ``Transaction.enqueue``); the cap is kept as a comparison with a
-    precomputed instant, so no dialect-specific date arithmetic is needed."""
-    due = now + timedelta(seconds=hold)
+@functools.cache
+def _enqueue_statement(dialect: str) -> Any:
+    """The coalescing upsert, built once per dialect and run with parameters (``:enq_now`` and
+    ``:enq_cap`` are the instants the hold compares with): building an ``ON CONFLICT`` statement costs
+    more CPU than running it, and ``enqueue`` runs for almost every event."""
+    now = bindparam("enq_now", type_=UTCDateTime())
+    cap = bindparam("enq_cap", type_=UTCDateTime())
     holding = and_(
         outbox.c.status == PENDING,
         outbox.c.attempts == 0,
         outbox.c.held_since.is_not(None),
         outbox.c.next_attempt_at.is_not(None),
-        outbox.c.next_attempt_at > ts(now),
+        outbox.c.next_attempt_at > now,
     )
-    within_cap = outbox.c.held_since >= ts(due - timedelta(seconds=max(max_hold, hold)))
-    stmt = upsert(_dialect(conn), outbox).values(
-        agent_id=command.agent_id,
-        system=command.system.value,
-        value=command.value,
-        reason=command.reason,
-        status=PENDING,
-        generation=1,
-        delivered_generation=0,
-        attempts=0,
-        next_attempt_at=due,
-        created_at=now,
-        updated_at=now,
-        held_since=now if hold > 0 else None,
-    )
+    stmt = upsert(dialect, outbox)
     stmt = stmt.on_conflict_do_update(
         index_elements=[outbox.c.agent_id, outbox.c.system],
         set_={
@@ -88,7 +74,7 @@ async def enqueue(
             "last_error": None,
             "updated_at": stmt.excluded.updated_at,
             "next_attempt_at": case(
-                (and_(holding, within_cap), stmt.excluded.next_attempt_at),
+                (and_(holding, outbox.c.held_since >= cap), stmt.excluded.next_attempt_at),
                 (holding, outbox.c.next_attempt_at),
                 else_=stmt.excluded.next_attempt_at,
             ),
@@ -96,7 +82,35 @@ async def enqueue(
             "status": case((outbox.c.status == IN_FLIGHT, IN_FLIGHT), else_=PENDING),
         },
     )
-    row_id = (await conn.execute(stmt.returning(outbox.c.id))).scalar_one()
+    return stmt.returning(outbox.c.id)
+
+
+async def enqueue(
+    conn: AsyncConnection, command: SetPresence, now: datetime, hold: float = 0.0, max_hold: float = 0.0
+) -> int:
+    """Coalescing upsert: the new value replaces the old one whatever its status; a row in flight
+    stays in flight (its lease holder acks, and ``ack`` sends it back to pending for this value). A
+    pending row in a hold run is due ``hold`` after this change, capped at ``max_hold`` after the
+    run's first change (see ``Transaction.enqueue``); the cap is kept as a comparison with a
+    precomputed instant, so no dialect-specific date arithmetic is needed."""
+    due = now + timedelta(seconds=hold)
+    params = {
+        "agent_id": command.agent_id,
+        "system": command.system.value,
+        "value": command.value,
+        "reason": command.reason,
+        "status": PENDING,
+        "generation": 1,
+        "delivered_generation": 0,
+        "attempts": 0,
+        "next_attempt_at": due,
+        "created_at": now,
+        "updated_at": now,
+        "held_since": now if hold > 0 else None,
+        "enq_now": now,
+        "enq_cap": due - timedelta(seconds=max(max_hold, hold)),
+    }
+    row_id = (await conn.execute(_enqueue_statement(_dialect(conn)), params)).scalar_one()
     return int(row_id)
 
 

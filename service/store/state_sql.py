@@ -3,6 +3,7 @@ PostgreSQL locks) and ``sync_state`` (one row per agent and system)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -71,37 +72,48 @@ def _decode_writes(raw: Any) -> list[tuple[str, datetime]]:
     return [(value, datetime.fromisoformat(at).astimezone(UTC)) for value, at in (raw or [])]
 
 
+@functools.cache
+def _save_statements(dialect: str) -> tuple[Any, Any]:
+    """The two upserts of ``save``, built once per dialect and executed with parameters: building an
+    ``ON CONFLICT`` statement (its ``excluded`` columns) costs more CPU than running it, and
+    ``save`` runs for every event."""
+    head = upsert(dialect, agent_state)
+    head = head.on_conflict_do_update(
+        index_elements=[agent_state.c.agent_id],
+        set_={
+            "saved": True,
+            "restore_value": head.excluded.restore_value,
+            "override_value": head.excluded.override_value,
+            "updated_at": head.excluded.updated_at,
+        },
+    )
+    row = upsert(dialect, sync_state)
+    row = row.on_conflict_do_update(
+        index_elements=[sync_state.c.agent_id, sync_state.c.system],
+        set_={name: row.excluded[name] for name in (*SIDE_COLUMNS, *JSON_COLUMNS)},
+    )
+    return head, row
+
+
 async def save(conn: AsyncConnection, state: AgentSyncState) -> None:
-    dialect = conn.dialect.name
-    head = upsert(dialect, agent_state).values(
-        agent_id=state.agent_id,
-        saved=True,
-        restore_value=state.restore_value,
-        override_value=state.override_value,
-        updated_at=utcnow(),
-    )
+    head, row = _save_statements(conn.dialect.name)
     await conn.execute(
-        head.on_conflict_do_update(
-            index_elements=[agent_state.c.agent_id],
-            set_={
-                "saved": True,
-                "restore_value": head.excluded.restore_value,
-                "override_value": head.excluded.override_value,
-                "updated_at": head.excluded.updated_at,
-            },
-        )
+        head,
+        {
+            "agent_id": state.agent_id,
+            "saved": True,
+            "restore_value": state.restore_value,
+            "override_value": state.override_value,
+            "updated_at": utcnow(),
+        },
     )
+    sides = []
     for system in System:
         side: SideState = state.side(system)
         values: dict[str, Any] = {name: getattr(side, name) for name in SIDE_COLUMNS}
         values["recent_writes"] = _encode_writes(side.recent_writes)
-        row = upsert(dialect, sync_state).values(agent_id=state.agent_id, system=system.value, **values)
-        await conn.execute(
-            row.on_conflict_do_update(
-                index_elements=[sync_state.c.agent_id, sync_state.c.system],
-                set_={name: row.excluded[name] for name in values},
-            )
-        )
+        sides.append({"agent_id": state.agent_id, "system": system.value, **values})
+    await conn.execute(row, sides)
 
 
 async def load_many(conn: AsyncConnection, agent_ids: Sequence[str]) -> dict[str, AgentSyncState]:
