@@ -8,7 +8,8 @@ What it models (facts: ``../shared/reference/upstream-apis.md``, the seed how-to
 - **Web API** under ``/api/data/v9.2``: ``systemusers``, ``msdyn_presences`` (the five out-of-the-box
   presences, custom "Training" (base Busy DND) and "Lunch" (base Away), and an inactive custom one),
   ``msdyn_agentstatuses``, ``serviceendpoints``, ``sdkmessageprocessingsteps``, ``sdkmessages``,
-  ``sdkmessagefilters``. Collections take ``$select`` and ``$filter`` (``eq``/``ne``/``gt``/``ge``/
+  ``sdkmessagefilters``, ``customapis`` (the two CCaaS presence APIs, read-only).
+  Collections take ``$select`` and ``$filter`` (``eq``/``ne``/``gt``/``ge``/
   ``lt``/``le``, ``and``/``or``/``not``, parentheses, ``Microsoft.Dynamics.CRM.In``), ``$top``, and
   ``Prefer: odata.maxpagesize`` paging with an opaque ``@odata.nextLink``; an unknown property or an
   option the emulator does not implement is a 400, as Dataverse refuses what it cannot do. Rows carry
@@ -213,6 +214,7 @@ def _tables() -> dict[str, _Table]:
                  "sdkmessagefilterid": ("_sdkmessagefilterid_value", "sdkmessagefilters"),
                  "eventhandler_serviceendpoint": ("_eventhandler_value", "serviceendpoints")}),
         t("sdkmessages", "sdkmessage", "sdkmessageid", "name"),
+        t("customapis", "customapi", "customapiid", "uniquename name displayname bindingtype isfunction"),
         t("sdkmessagefilters", "sdkmessagefilter", "sdkmessagefilterid",
           "_sdkmessageid_value primaryobjecttypecode secondaryobjecttypecode iscustomprocessingstepallowed"),
     ]}
@@ -468,6 +470,12 @@ class DataverseEmulator:
         ]:
             self._put("systemusers", uid, {"fullname": name, "azureactivedirectoryobjectid": entra,
                                            "isdisabled": False, "domainname": "", "applicationid": app})
+        # The two presence APIs are custom APIs of Dynamics 365 Contact Center: a customapis row each
+        # (what `doctor` looks for; it never calls the modifying one).
+        for api, is_function in (("CCaaS_ModifyAgentPresence", False), ("CCaaS_GetPresence", True)):
+            self._put("customapis", str(uuid.uuid5(uuid.NAMESPACE_URL, api)), {
+                "uniquename": api, "name": api, "displayname": api, "bindingtype": 0, "isfunction": is_function,
+            })
         messages = {name: str(uuid.uuid4()) for name in ("Create", "Update", "Delete", "Retrieve", "Assign")}
         for name, mid in messages.items():
             self._put("sdkmessages", mid, {"name": name})
