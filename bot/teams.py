@@ -26,7 +26,6 @@ name another person. Unknown users are recorded by ``engine.agent_for`` and told
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import re
@@ -47,6 +46,7 @@ from bot.commands import SETTLE_SECONDS, Kind, Reply, handle, parse
 from bot.followups import FollowUps, remember_conversation
 from mapping.bridge import Bridge
 from mapping.errors import ConfigError
+from mapping.hosts import is_loopback
 from mapping.model import Agent, System
 from mapping.ports import DeliveryListener, PresenceReader
 from mapping.rules import Result
@@ -73,20 +73,6 @@ class _Reject(Exception):
         self.message = message
 
 
-def is_loopback(host: str | None) -> bool:
-    """True for 127.0.0.0/8, ::1 (and their IPv4-mapped form) and ``localhost``."""
-    if not host:
-        return False
-    host = host.strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
 
 
 def _tenant_of(body: Mapping[str, Any]) -> str | None:

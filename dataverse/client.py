@@ -20,7 +20,6 @@ options, and nothing here needs an SDK. Design points:
 from __future__ import annotations
 
 import email.utils
-import ipaddress
 import json
 import logging
 import time
@@ -35,6 +34,7 @@ from yarl import URL
 
 from mapping.clock import Clock, from_epoch_ms, utcnow
 from mapping.errors import ConfigError, PermanentError, RetryableError, Throttled, UpstreamError
+from mapping.hosts import is_loopback
 from mapping.model import Agent, BasePresence, Presence, PresenceObserved, System
 from mapping.ports import TokenProvider
 
@@ -63,15 +63,6 @@ PRIVILEGE_HINT = (
 )
 
 
-def is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_dataverse_url(url: str) -> str:

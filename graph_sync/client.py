@@ -17,7 +17,6 @@ Why not ``GraphServiceClient(credentials)`` as the SDK's samples do:
 from __future__ import annotations
 
 import email.utils
-import ipaddress
 import logging
 import time
 from collections.abc import Mapping
@@ -36,6 +35,7 @@ from msgraph import GraphRequestAdapter, GraphServiceClient
 from msgraph_core import GraphClientFactory
 
 from mapping.errors import ConfigError, PermanentError, RetryableError, Throttled, UpstreamError
+from mapping.hosts import is_loopback
 from mapping.ports import TokenProvider
 
 log = logging.getLogger("presence_sync.graph")
@@ -44,15 +44,6 @@ GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 DEFAULT_TIMEOUT = 10.0
 
 
-def is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_graph_url(graph_url: str) -> str:

@@ -1,0 +1,30 @@
+"""Is this host loopback? One answer for every adapter and the settings.
+
+It guards secrets: plain ``http`` upstreams, static tokens and unauthenticated webhooks are allowed on
+loopback only, so the same notion of "loopback" must hold everywhere (``::1``, the whole of
+127.0.0.0/8, IPv4-mapped ``::ffff:127.0.0.1`` and ``localhost``)."""
+
+from __future__ import annotations
+
+import ipaddress
+from urllib.parse import urlsplit
+
+
+def is_loopback(host: str | None) -> bool:
+    """True for 127.0.0.0/8, ::1 (and their IPv4-mapped form) and ``localhost``."""
+    if not host:
+        return False
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def is_loopback_url(url: str) -> bool:
+    return is_loopback(urlsplit(url).hostname)
