@@ -43,6 +43,7 @@ from dataverse.context import AgentStatusChange, ContextError, Message, parse_co
 from mapping.bridge import Bridge
 from mapping.errors import UpstreamError
 from mapping.model import Agent, PresenceObserved, System
+from mapping.rounds import run_rounds
 from mapping.rules import Result
 
 log = logging.getLogger("presence_sync.dataverse")
@@ -235,22 +236,8 @@ class DataverseIntake:
     # ------------------------------------------------------------------------------------ new agents
 
     async def _run(self) -> None:
-        failures = 0
-        while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
-            self._wake.clear()
-            if self._stop.is_set():
-                return
-            try:
-                await self.process_pending()
-                failures = 0
-            except Exception as e:
-                failures += 1
-                if not isinstance(e, UpstreamError):
-                    log.exception("pending agents round failed")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), self.bridge.retry.delay(failures, e))
+        await run_rounds(self.process_pending, wake=self._wake, stop=self._stop, interval=self.poll_interval,
+                         retry=self.bridge.retry, what="pending agents")
 
     async def process_pending(self) -> int:
         """One round over the pending new agents; returns how many were settled (added or given up).

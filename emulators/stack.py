@@ -142,7 +142,9 @@ class LocalStack:
             _env_file=None, _env_prefix="PRESENCE_SYNC_LOCAL_STACK_UNUSED_", **values  # type: ignore[call-arg]
         )
         self.runtime = await Runtime.open(self.settings)
-        self._runner = web.AppRunner(create_app(self.settings, runtime=self.runtime), access_log=None)
+        # Workers start below, once set-up is done (not twice: the app would start them too).
+        app = create_app(self.settings, runtime=self.runtime, background=False)
+        self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", port).start()
         self.http = aiohttp.ClientSession(base_url=self.base_url)
@@ -195,6 +197,7 @@ class LocalStack:
                 await self.dataverse.wait_emissions(timeout)
                 await self.graph.wait_idle(timeout)
                 await rt.dataverse_intake.wait_idle(timeout)
+                await rt.graph_intake.wait_idle(timeout)
                 counts = await rt.store.outbox_counts()
                 busy = counts.get("pending", 0) + counts.get("in_flight", 0)
                 quiet = quiet + 1 if busy == 0 else 0

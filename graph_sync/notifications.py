@@ -45,9 +45,9 @@ from graph_sync.crypto import DecryptionError, Decryptor
 from graph_sync.subscriptions import SubscriptionManager, agents_for
 from graph_sync.teams import MAX_IDS
 from mapping.bridge import Bridge
-from mapping.errors import UpstreamError
 from mapping.model import PresenceObserved, System
 from mapping.ports import PresenceReader
+from mapping.rounds import run_rounds
 
 log = logging.getLogger("presence_sync.graph")
 
@@ -502,23 +502,8 @@ class GraphIntake:
         return observed
 
     async def _read_loop(self) -> None:
-        failures = 0
-        while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.read_interval)
-            self._wake.clear()
-            if self._stop.is_set():
-                return
-            try:
-                await self.read_pending()
-                failures = 0
-            except Exception as e:
-                failures += 1
-                if not isinstance(e, UpstreamError):
-                    log.exception("pending reads round failed")
-                delay = self.bridge.retry.delay(failures, e)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), delay)
+        await run_rounds(self.read_pending, wake=self._wake, stop=self._stop, interval=self.read_interval,
+                         retry=self.bridge.retry, what="pending reads")
 
 
 def _user_id(item: Mapping[str, Any]) -> str | None:
