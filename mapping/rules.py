@@ -323,8 +323,13 @@ def _restore(s: AgentSyncState, now: datetime, why: str) -> Decision:
 
 def command(state: AgentSyncState, presence: Presence, rules: Rules, now: datetime, source: str) -> Decision:
     """An agent's own request (the bot): Dynamics gets it and Teams follows, both written by us, so
-    neither echo bounces; any override ends, because the agent has decided."""
+    neither echo bounces; any override ends, because the agent has decided.
+
+    The command is a Dynamics change made now, so rule 5 applies to it: a Teams change seen within
+    the conflict window (typically one notified before the command but read after it) does not
+    overturn the agent's explicit choice."""
     s = copy.deepcopy(state)
+    s.dynamics.changed_at = now
     s.override_value = None
     s.restore_value = None
     cmds = []

@@ -343,6 +343,27 @@ async def test_agent_command_writes_both_and_ends_override(b):
     assert end.commands == ()
 
 
+async def test_rule5_a_teams_change_inside_the_window_after_a_command_does_not_overturn_it(b):
+    await b.engine.observe(ev(ALICE, D, AVAILABLE, b.clock(), 1))
+    await settle(b)
+    b.clock.advance(60)
+    await b.engine.command(ALICE, AWAY)
+    out = await b.engine.observe(ev(ALICE, T, "Busy/InACall", b.clock.advance(0.5)))
+    assert out.result is Result.CONFLICT and out.commands == ()
+    await settle(b)
+    assert calls(b, D)[-1][1] == AWAY
+
+
+async def test_rule5_a_teams_change_after_the_window_overrides_a_command_as_usual(b):
+    await b.engine.observe(ev(ALICE, D, AVAILABLE, b.clock(), 1))
+    await settle(b)
+    b.clock.advance(60)
+    await b.engine.command(ALICE, AVAILABLE)
+    await settle(b)
+    out = await b.engine.observe(ev(ALICE, T, "Busy/InACall", b.clock.advance(30)))
+    assert out.result is Result.APPLIED and [(c.system, c.value) for c in out.commands] == [(D, BUSY)]
+
+
 async def test_session_refresh_reissues_held_sessions(b):
     from datetime import timedelta
 
