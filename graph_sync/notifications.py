@@ -364,6 +364,7 @@ class GraphIntake:
         await self._check_tokens(body)
         accepted = 0
         to_read: list[str] = []
+        observed: list[PresenceObserved] = []
         for item in body["value"]:
             if not self._client_state_ok(item):
                 self.bridge.telemetry.rejected(ROUTE, "client_state")
@@ -382,14 +383,21 @@ class GraphIntake:
             if "encryptedContent" not in item or time.monotonic() - started > self.ack_budget:
                 to_read.append(user_id)  # basic, or past the budget: read it after answering
                 continue
-            if not await self._rich_item(item, user_id):
+            rich = await self._rich_item(item, user_id)
+            if rich is False:
                 to_read.append(user_id)
+            elif isinstance(rich, PresenceObserved):
+                observed.append(rich)
+        # One transaction for the request's items (in their order), not one each: Graph batches
+        # notifications under load, exactly when commits per item would eat the ack budget.
+        await self.bridge.engine.observe_many(observed, intake=INTAKE)
         await self._queue_reads(to_read, "notification")
         return web.json_response({"accepted": accepted}, status=202)
 
-    async def _rich_item(self, item: Mapping[str, Any], user_id: str) -> bool:
-        """Decrypts and observes one rich item. False when its content cannot be used: the caller
-        then reads the user from Graph instead, so a bad payload costs a read, never the change."""
+    async def _rich_item(self, item: Mapping[str, Any], user_id: str) -> PresenceObserved | bool:
+        """Decrypts one rich item into the observation to apply; True when there is nothing to apply
+        (not an agent). False when its content cannot be used: the caller then reads the user from
+        Graph instead, so a bad payload costs a read, never the change."""
         if self.decryptor is None:
             self.bridge.telemetry.rejected(ROUTE, "no_decryptor")
             return False
@@ -410,12 +418,8 @@ class GraphIntake:
             self.bridge.telemetry.event(INTAKE, "unknown_agent")
             return True
         value = f"{availability}/{activity if isinstance(activity, str) and activity else availability}"
-        await self.bridge.engine.observe(
-            PresenceObserved(agent.dynamics_user_id, System.TEAMS, value, self.bridge.clock(), None, None,
-                             "notification"),
-            intake=INTAKE,
-        )
-        return True
+        return PresenceObserved(agent.dynamics_user_id, System.TEAMS, value, self.bridge.clock(), None, None,
+                                "notification")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -494,7 +498,7 @@ class GraphIntake:
         observed = 0
         for start in range(0, len(agents), MAX_IDS):
             results = await self.reader.read(agents[start : start + MAX_IDS])
-            for obs in results:
+            for obs in results:  # one short transaction each: acks of new notifications interleave
                 await self.bridge.engine.observe(obs, intake=INTAKE)
             observed += len(results)
         for key in notes:

@@ -5,6 +5,7 @@ that what they acknowledge is durable (rule 7)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,11 @@ class Outcome:
 
 HOLD_CAP_FACTOR = 10
 """A held row is written at the latest this many holds after the first change of its run."""
+
+BATCH = 16
+"""Observations per transaction in ``observe_many``: enough to fold a typical Graph request into one
+commit, few enough that the write lock (SQLite) and state rows it holds do not delay other acks much.
+Background work (pending reads, reconcile) observes one event per transaction for the same reason."""
 
 
 class SyncEngine:
@@ -79,29 +85,65 @@ class SyncEngine:
     async def observe(self, event: PresenceObserved, *, intake: str | None = None) -> Outcome:
         """Applies one observation. ``event.agent_id`` is the Dynamics systemuserid (resolve Teams ids
         with ``agent_for`` first)."""
-        source = intake or event.source
-        agent = await self.store.get_agent(event.agent_id)
-        if agent is None or not agent.enabled:
-            self.telemetry.event(source, Result.UNKNOWN_AGENT)
-            detail = "agent disabled" if agent else "agent not in directory"
-            return Outcome(Result.UNKNOWN_AGENT, agent, detail=detail)
-        async with self._lock(agent.dynamics_user_id):
-            now = self.clock()
-            async with self.store.transaction() as tx:
-                state = await tx.load_state(agent.dynamics_user_id)
-                decision = R.decide(state, event, self.rules, self.catalogue, now)
-                if decision.result not in (Result.STALE, Result.DUPLICATE):
-                    await tx.save_state(decision.state)
-                for system in decision.cancel:
-                    await tx.cancel_pending(agent.dynamics_user_id, system, now)
-                for cmd in decision.commands:
-                    hold = self.holds.get(cmd.system, 0.0)
-                    await tx.enqueue(cmd, now, hold, hold * HOLD_CAP_FACTOR)
-        self._after(agent, source, event, decision)
-        return Outcome(decision.result, agent, decision.commands, decision.detail)
+        return (await self.observe_many([event], intake=intake))[0]
 
     async def observe_many(self, events: Sequence[PresenceObserved], *, intake: str | None = None) -> list[Outcome]:
-        return [await self.observe(e, intake=intake) for e in events]
+        """Applies observations in their order, up to ``BATCH`` per transaction: one commit for a
+        Graph request of many items or a batch of reads instead of one each, which is what the
+        store's single writer (SQLite) or round trips (PostgreSQL) make expensive. Same rules, same
+        outcomes as one ``observe`` per event; a failure rolls back only its chunk."""
+        outcomes: list[Outcome] = []
+        for start in range(0, len(events), BATCH):
+            outcomes.extend(await self._observe_chunk(events[start : start + BATCH], intake))
+        return outcomes
+
+    async def _observe_chunk(self, events: Sequence[PresenceObserved], intake: str | None) -> list[Outcome]:
+        agents: dict[str, Agent | None] = {}
+        for event in events:
+            if event.agent_id not in agents:
+                agents[event.agent_id] = await self.store.get_agent(event.agent_id)
+        known = sorted({a.dynamics_user_id for a in agents.values() if a is not None and a.enabled})
+        decisions: list[R.Decision | None] = []
+        async with contextlib.AsyncExitStack() as held:
+            # Locks (and, in the transaction, state rows) are taken in one order, so two batches
+            # touching the same agents cannot deadlock.
+            for agent_id in known:
+                await held.enter_async_context(self._lock(agent_id))
+            now = self.clock()
+            async with self.store.transaction() as tx:
+                states = {agent_id: await tx.load_state(agent_id) for agent_id in known}
+                changed: set[str] = set()
+                for event in events:
+                    agent = agents[event.agent_id]
+                    if agent is None or not agent.enabled:
+                        decisions.append(None)
+                        continue
+                    agent_id = agent.dynamics_user_id
+                    decision = R.decide(states[agent_id], event, self.rules, self.catalogue, now)
+                    if decision.result not in (Result.STALE, Result.DUPLICATE):
+                        states[agent_id] = decision.state
+                        changed.add(agent_id)
+                    for system in decision.cancel:
+                        await tx.cancel_pending(agent_id, system, now)
+                    for cmd in decision.commands:
+                        hold = self.holds.get(cmd.system, 0.0)
+                        await tx.enqueue(cmd, now, hold, hold * HOLD_CAP_FACTOR)
+                    decisions.append(decision)
+                for agent_id in sorted(changed):
+                    await tx.save_state(states[agent_id])
+        outcomes: list[Outcome] = []
+        for event, done in zip(events, decisions, strict=True):
+            agent = agents[event.agent_id]
+            source = intake or event.source
+            if done is None:
+                self.telemetry.event(source, Result.UNKNOWN_AGENT)
+                detail = "agent disabled" if agent else "agent not in directory"
+                outcomes.append(Outcome(Result.UNKNOWN_AGENT, agent, detail=detail))
+                continue
+            assert agent is not None
+            self._after(agent, source, event, done)
+            outcomes.append(Outcome(done.result, agent, done.commands, done.detail))
+        return outcomes
 
     async def command(self, agent: Agent, presence_id: str, *, source: str = "bot") -> Outcome:
         """An agent's own request to change presence: Dynamics gets it, Teams follows."""

@@ -4,6 +4,7 @@ Graph emulator into the engine, lifecycle events, and the 503-not-500 rule."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -258,10 +259,12 @@ async def test_keys_unavailable_is_503_so_graph_retries(emu: Any, clock: FakeClo
 
 async def test_a_failing_store_is_503_never_500(seeded: Rig, certificate: Certificate,
                                                 http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    @contextlib.asynccontextmanager
     async def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("database is locked")
+        yield
 
-    monkeypatch.setattr(seeded.bridge.engine, "observe", broken)
+    monkeypatch.setattr(seeded.bridge.store, "transaction", broken)
     body = {"value": [rich_item(seeded, certificate, ALICE, "Busy", "InACall")], "validationTokens": [token(seeded)]}
     status, answer = await post(http, seeded.notify_url, body)
     assert status == 503 and "retry" in answer["error"]
