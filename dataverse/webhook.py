@@ -33,6 +33,7 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -73,7 +74,8 @@ class DataverseIntake:
     ``webhook_key``: the shared secret (``?code=`` or header ``x-presence-sync-key``); empty means
     loopback callers only. ``client``: for reading new agents' systemusers; ``None`` (Dataverse not
     configured) leaves new agents unknown, reported. ``poll_interval``: how often pending agents are
-    looked at when nothing wakes the worker."""
+    looked at when nothing wakes the worker. ``on_agent_added``: called after a Create added an agent
+    (the runtime points it at the subscription upkeep)."""
 
     def __init__(
         self,
@@ -83,8 +85,10 @@ class DataverseIntake:
         client: DataverseClient | None,
         max_body: int = MAX_BODY,
         poll_interval: float = 30.0,
+        on_agent_added: Callable[[], None] | None = None,
     ) -> None:
         self.bridge = bridge
+        self.on_agent_added = on_agent_added
         self.key = webhook_key.encode()
         self.client = client
         self.max_body = max_body
@@ -294,6 +298,8 @@ class DataverseIntake:
         log.info("agent added from a Dataverse Create",
                  extra={"fields": {"systemuser": agent_id, "agent_name": user.fullname, "directory": outcome}})
         self.bridge.telemetry.event(INTAKE, "agent_added")
+        if self.on_agent_added is not None:  # e.g. cover it by a Graph subscription now
+            self.on_agent_added()
         note = await store.get_doc(PENDING_KIND, agent_id)  # re-read: an Update may have refreshed it
         if note is not None and note.get("presence_id"):
             at = datetime.fromisoformat(str(note.get("observed_at") or self.bridge.clock().isoformat()))

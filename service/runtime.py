@@ -160,6 +160,7 @@ class Runtime:
                 owner=self.owner,
                 reader=self.teams,
             )
+            self.dataverse_intake.on_agent_added = self.subscriptions.directory_changed
         self.graph_intake = GraphIntake(
             self.bridge,
             client_state=s.graph_client_state,

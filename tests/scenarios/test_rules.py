@@ -56,10 +56,11 @@ async def test_rule1_directory_discovers_agents_adds_created_ones_and_counts_unk
     stack.dataverse.set_presence(new.dynamics_id, AVAILABLE, "SYSTEM")
     await expect(stack, "its later changes reach Teams", lambda: session(stack, new) == "Available/Available",
                  lambda: session(stack, new))
-    # Its Teams side is heard once the subscriptions cover it (the periodic upkeep; run it now).
-    await settle(stack)
-    await rt.subscriptions.sync()
-    assert any(new.entra_id in s.user_ids for s in stack.graph.subscriptions), "no subscription covers the new agent"
+    # Its Teams side is heard once a subscription covers it: the Create wakes the upkeep at once
+    # (its own rounds are 60 s apart, polling 30 s: both longer than this wait).
+    await expect(stack, "a subscription covers the new agent within seconds",
+                 lambda: any(new.entra_id in s.user_ids for s in stack.graph.subscriptions),
+                 lambda: [len(s.user_ids) for s in stack.graph.subscriptions], timeout=10)
     await past_conflict_window(stack)
     stack.graph.set_user_state(new.entra_id, "Busy", "InAMeeting")
     await expect(stack, "a Teams meeting of the new agent reaches Dynamics", lambda: dyn(stack, new) == BUSY,
