@@ -180,8 +180,8 @@ class FollowUps:
         if system is System.DYNAMICS:
             return (
                 f"Update: your change to **{label}** could **not** be applied in Dynamics 365: {error}. "
-                "Nothing more will be tried automatically; type **status** to see where you are, or ask your "
-                "admin to retry it."
+                "Teams is being set back to match what Dynamics 365 shows. Nothing more will be tried "
+                "automatically; type **status** to see where you are, or ask your admin to retry it."
             )
         return (
             f"Update: Teams could **not** be updated to follow your change to **{label}**: {error}. "

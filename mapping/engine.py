@@ -163,13 +163,31 @@ class SyncEngine:
 
     async def on_outcome(self, delivery: Delivery, outcome: str, error: str | None) -> None:
         """DeliveryListener: remembers what a system holds from us, so a later Teams change can be read
-        against the session Teams really shows (rule 2's fallback test)."""
+        against the session Teams really shows (rule 2's fallback test); and when a Dynamics write
+        dies, puts Teams back in line with what Dynamics still shows."""
+        if outcome == "dead" and delivery.system is System.DYNAMICS:
+            await self._dynamics_write_died(delivery)
+            return
         if outcome != "delivered":
             return
         async with self._lock(delivery.agent_id):
             async with self.store.transaction() as tx:
                 state = await tx.load_state(delivery.agent_id)
                 await tx.save_state(R.delivered(state, delivery.system, delivery.value, self.clock()))
+
+    async def _dynamics_write_died(self, delivery: Delivery) -> None:
+        agent = await self.store.get_agent(delivery.agent_id)
+        if agent is None:
+            return
+        async with self._lock(delivery.agent_id):
+            now = self.clock()
+            async with self.store.transaction() as tx:
+                state = await tx.load_state(delivery.agent_id)
+                decision = R.dynamics_write_died(state, delivery.value, self.rules, self.catalogue, now)
+                await tx.save_state(decision.state)
+                for cmd in decision.commands:
+                    await tx.enqueue(cmd, now)
+        self._after(agent, "dead_letter", None, decision)
 
     async def refresh_sessions(self, *, available_every: timedelta, others_every: timedelta) -> int:
         """Re-issues the bridge's Teams session before Graph lets it fade or expire (an Available

@@ -340,3 +340,30 @@ def command(state: AgentSyncState, presence: Presence, rules: Rules, now: dateti
     if not (target == held or (target == CLEAR and not _is_set(held))):
         cmds.append(_write(s, System.TEAMS, target, now, f"{source}: {presence.name}"))
     return Decision(Result.APPLIED if cmds else Result.NO_CHANGE, s, tuple(cmds))
+
+
+def dynamics_write_died(
+    state: AgentSyncState, value: str, rules: Rules, catalogue: Mapping[str, Presence], now: datetime
+) -> Decision:
+    """A write of ours to Dynamics became a dead letter: Dynamics keeps what it showed. Teams must
+    mirror that, not the change that never landed (a bot command sets both sides at once, so without
+    this Teams would keep showing, say, Do not disturb while Dynamics routes customers to the agent).
+    An override whose write died is not in force either, so it ends without a restore."""
+    s = copy.deepcopy(state)
+    d = s.dynamics
+    if d.written_value != value:
+        return Decision(Result.NO_CHANGE, state, detail="a newer write replaced the dead one")
+    d.written_value = None
+    d.recent_writes = [(v, at) for v, at in d.recent_writes if v != value]
+    if s.override_value == value:
+        s.override_value = None
+        s.restore_value = None
+    shown = catalogue.get(d.observed_value) if d.observed_value else None
+    if shown is None:
+        return Decision(Result.NO_CHANGE, s, detail="Dynamics presence unknown; Teams left as it is")
+    target = rules.teams_for(shown.base)
+    held = s.teams.written_value
+    if target == held or (target == CLEAR and not _is_set(held)):
+        return Decision(Result.NO_CHANGE, s, detail=f"Teams session already {target}")
+    cmd = _write(s, System.TEAMS, target, now, f"dynamics write failed; Teams back to {shown.name}")
+    return Decision(Result.APPLIED, s, (cmd,), detail=f"dead Dynamics write {value}")

@@ -319,6 +319,39 @@ async def test_rule7_permanent_error_dead_letters_at_once():
     assert [(r.system, r.attempts, r.last_error) for r in dead] == [(D, 1, "0x80040217: agent not found")]
 
 
+async def test_rule7_a_dead_bot_command_puts_teams_back_in_line_with_dynamics():
+    teams = RecordingWriter(T)
+    b = make_bridge(writers={T: teams, D: RecordingWriter(D, [PermanentError("0x80040220: no privilege")])})
+    await b.store.upsert_agents([ALICE])
+    await b.engine.observe(ev(ALICE, D, AVAILABLE, b.clock(), 1))
+    await b.outbox.drain()
+    b.clock.advance(60)
+    await b.engine.command(ALICE, DND)  # both sides at once: Dynamics DND (dies), Teams DND
+    await b.outbox.drain()
+    assert [v for _, v in teams.calls] == ["Available/Available", "DoNotDisturb/Presenting", "Available/Available"]
+    state = (await b.store.load_states([ALICE.dynamics_user_id]))[ALICE.dynamics_user_id]
+    assert state.dynamics.written_value is None and state.teams.written_value == "Available/Available"
+    # The dead write is no longer expected as an echo: if an admin retries it and it lands, its
+    # webhook is a real change, and Teams follows it again.
+    out = await b.engine.observe(ev(ALICE, D, DND, b.clock.advance(600), 2, "AGENT"))
+    assert out.result is Result.APPLIED and [(c.system, c.value) for c in out.commands] == [
+        (T, "DoNotDisturb/Presenting")]
+
+
+async def test_rule7_a_dead_override_ends_the_override_without_a_restore():
+    b = make_bridge(writers={T: RecordingWriter(T), D: RecordingWriter(D, [PermanentError("0x80040217")])})
+    await b.store.upsert_agents([ALICE])
+    await b.engine.observe(ev(ALICE, D, AVAILABLE, b.clock(), 1))
+    await b.outbox.drain()
+    await b.engine.observe(ev(ALICE, T, "Busy/InACall", b.clock.advance(60)))  # override: Dynamics Busy
+    await b.outbox.drain()  # ...dies
+    state = (await b.store.load_states([ALICE.dynamics_user_id]))[ALICE.dynamics_user_id]
+    assert state.override_value is None and state.restore_value is None
+    end = await b.engine.observe(ev(ALICE, T, "Available/Available", b.clock.advance(60)))
+    assert end.commands == ()  # Dynamics never left Available: nothing to restore
+    assert b.outbox.writers[T].calls == [(ALICE.dynamics_user_id, "Available/Available")]  # Teams untouched
+
+
 async def test_rule7_newer_value_during_flight_is_delivered_after(b):
     await b.engine.observe(ev(ALICE, D, BUSY, b.clock(), 1))
     [d] = await b.store.claim([T], 10, 30, "w1", b.clock())
