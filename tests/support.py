@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -95,3 +96,36 @@ def ev(
     source: str = "test",
 ) -> PresenceObserved:
     return PresenceObserved(agent.dynamics_user_id, system, value, at, version, modified_by, source)
+
+
+class StaticTokens:
+    """A ``TokenProvider`` with one fixed token (an emulator's), recording the scopes asked for."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+        self.scopes: list[str] = []
+
+    async def token(self, scope: str) -> str:
+        self.scopes.append(scope)
+        return self._token
+
+
+class RecordingTelemetry:
+    """A ``Telemetry`` that keeps what it was told, for assertions."""
+
+    def __init__(self) -> None:
+        self.events: Counter[tuple[str, str]] = Counter()
+        self.rejections: Counter[tuple[str, str]] = Counter()
+        self.latencies: list[tuple[str, float]] = []
+
+    def event(self, source: str, result: str) -> None:
+        self.events[(source, str(result))] += 1
+
+    def rejected(self, route: str, reason: str) -> None:
+        self.rejections[(route, reason)] += 1
+
+    def delivery(self, system: str, result: str, seconds: float) -> None:
+        pass
+
+    def latency(self, name: str, seconds: float) -> None:
+        self.latencies.append((name, seconds))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,28 +22,9 @@ from mapping.bridge import Bridge
 from mapping.errors import UpstreamError
 from mapping.model import CLEAR, Agent, PresenceObserved, System, TeamsPresence
 from mapping.retry import RetryPolicy
-from tests.support import ALICE, BOB, FakeClock, RecordingWriter, make_bridge
+from tests.support import ALICE, BOB, FakeClock, RecordingTelemetry, RecordingWriter, make_bridge
 
 RANK = {"DoNotDisturb": 7, "Busy": 6, "BusyIdle": 5, "Available": 4, "AvailableIdle": 3, "Away": 2, "BeRightBack": 2}
-
-
-class RecordingTelemetry:
-    def __init__(self) -> None:
-        self.events: Counter[tuple[str, str]] = Counter()
-        self.rejections: Counter[tuple[str, str]] = Counter()
-        self.latencies: list[tuple[str, float]] = []
-
-    def event(self, source: str, result: str) -> None:
-        self.events[(source, str(result))] += 1
-
-    def rejected(self, route: str, reason: str) -> None:
-        self.rejections[(route, reason)] += 1
-
-    def delivery(self, system: str, result: str, seconds: float) -> None:
-        pass
-
-    def latency(self, name: str, seconds: float) -> None:
-        self.latencies.append((name, seconds))
 
 
 class WriterReader:

@@ -382,7 +382,7 @@ class _Transport:
 
 async def test_without_an_app_id_only_loopback_callers_are_served() -> None:
     intake = _intake()
-    from tests.bot.conftest import RecordingTelemetry
+    from tests.support import RecordingTelemetry
 
     telemetry = RecordingTelemetry()
     intake.bridge.telemetry = telemetry

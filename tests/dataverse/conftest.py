@@ -6,7 +6,6 @@ server on a free loopback port. The seed payloads are in ``data/``, byte for byt
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from dataverse.client import DataverseClient
 from dataverse.webhook import PATH, DataverseIntake
 from emulators.dataverse import DataverseEmulator
 from mapping.bridge import Bridge
-from tests.support import make_bridge
+from tests.support import RecordingTelemetry, StaticTokens, make_bridge
 
 DATA = Path(__file__).parent / "data"
 TOKEN = "dataverse-test-token"
@@ -37,37 +36,6 @@ def seed_bytes(name: str) -> bytes:
     return (DATA / f"{name}.json").read_bytes()
 
 
-class Tokens:
-    """A ``TokenProvider`` with the emulator's static token, recording the scopes asked for."""
-
-    def __init__(self, token: str = TOKEN) -> None:
-        self._token = token
-        self.scopes: list[str] = []
-
-    async def token(self, scope: str) -> str:
-        self.scopes.append(scope)
-        return self._token
-
-
-class RecordingTelemetry:
-    def __init__(self) -> None:
-        self.events: Counter[tuple[str, str]] = Counter()
-        self.rejections: Counter[tuple[str, str]] = Counter()
-        self.latencies: list[tuple[str, float]] = []
-
-    def event(self, source: str, result: str) -> None:
-        self.events[(source, str(result))] += 1
-
-    def rejected(self, route: str, reason: str) -> None:
-        self.rejections[(route, reason)] += 1
-
-    def delivery(self, system: str, result: str, seconds: float) -> None:
-        pass
-
-    def latency(self, name: str, seconds: float) -> None:
-        self.latencies.append((name, seconds))
-
-
 @pytest.fixture
 async def emu() -> AsyncIterator[DataverseEmulator]:
     emulator = DataverseEmulator(token=TOKEN)
@@ -77,12 +45,12 @@ async def emu() -> AsyncIterator[DataverseEmulator]:
 
 
 @pytest.fixture
-def tokens() -> Tokens:
-    return Tokens()
+def tokens() -> StaticTokens:
+    return StaticTokens(TOKEN)
 
 
 @pytest.fixture
-async def client(emu: DataverseEmulator, tokens: Tokens) -> AsyncIterator[DataverseClient]:
+async def client(emu: DataverseEmulator, tokens: StaticTokens) -> AsyncIterator[DataverseClient]:
     c = DataverseClient(emu.url, tokens, timeout=2.0)
     yield c
     await c.close()

@@ -19,8 +19,8 @@ from dataverse.registration import register_webhook
 from emulators.dataverse import AVAILABLE, AWAY, BUSY, DND, LUNCH, OFFLINE, RETIRED, TRAINING, DataverseEmulator
 from mapping.errors import ConfigError, PermanentError, RetryableError, Throttled, UpstreamError
 from mapping.model import Agent, BasePresence, OutboxStatus, SetPresence, System
-from tests.dataverse.conftest import KEY, TOKEN, Served, Tokens
-from tests.support import ALICE, BOB, FakeClock, RecordingWriter, make_bridge
+from tests.dataverse.conftest import KEY, TOKEN, Served
+from tests.support import ALICE, BOB, FakeClock, RecordingWriter, StaticTokens, make_bridge
 
 CAROL = Agent("c0c0c0c0-0000-4000-8000-00000000c001", "0a1b2c3d-0000-4000-8000-000000000003", "Carol User")
 
@@ -39,8 +39,8 @@ async def upstream_error(aw: Awaitable[Any]) -> UpstreamError:
 # ---------------------------------------------------------------------------------------------- apply
 
 
-async def test_apply_impersonates_the_agent_with_the_documented_body(emu: DataverseEmulator,
-                                                                     client: DataverseClient, tokens: Tokens) -> None:
+async def test_apply_impersonates_the_agent_with_the_documented_body(
+        emu: DataverseEmulator, client: DataverseClient, tokens: StaticTokens) -> None:
     emu.add_agent(ALICE.dynamics_user_id, ALICE.entra_object_id, "Alice Agent", AVAILABLE)
     await client.apply(ALICE, BUSY)
     (call,) = modify_calls(emu)
@@ -81,7 +81,7 @@ async def test_throttled_with_retry_after(emu: DataverseEmulator, client: Datave
 async def test_service_protection_limit_of_the_impersonated_user() -> None:
     emu = DataverseEmulator(token=TOKEN, requests_per_window=2, window_seconds=60)
     await emu.start()
-    c = DataverseClient(emu.url, Tokens(), timeout=2.0)
+    c = DataverseClient(emu.url, StaticTokens(TOKEN), timeout=2.0)
     try:
         emu.add_agent(ALICE.dynamics_user_id, ALICE.entra_object_id, "Alice Agent")
         emu.add_agent(BOB.dynamics_user_id, BOB.entra_object_id, "Bob Agent")
@@ -111,7 +111,7 @@ async def test_503_with_retry_after_is_throttling(emu: DataverseEmulator, client
     assert isinstance(e, Throttled) and e.retry_after == 3.0 and e.status == 503
 
 
-async def test_timeout_is_retryable(emu: DataverseEmulator, tokens: Tokens) -> None:
+async def test_timeout_is_retryable(emu: DataverseEmulator, tokens: StaticTokens) -> None:
     emu.add_agent(ALICE.dynamics_user_id, ALICE.entra_object_id, "Alice Agent")
     emu.latency(2.0)
     c = DataverseClient(emu.url, tokens, timeout=0.2)
@@ -125,7 +125,7 @@ async def test_timeout_is_retryable(emu: DataverseEmulator, tokens: Tokens) -> N
     assert e.message.endswith("Dataverse did not answer within 0.2 s; will retry")
 
 
-async def test_connection_refused_is_retryable(tokens: Tokens) -> None:
+async def test_connection_refused_is_retryable(tokens: StaticTokens) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -171,7 +171,7 @@ async def test_missing_impersonation_privilege_is_403_with_the_hint(emu: Dataver
 
 
 async def test_wrong_token_is_401_and_never_shown(emu: DataverseEmulator) -> None:
-    c = DataverseClient(emu.url, Tokens("not-the-token-0xdeadbeef"), timeout=2.0)
+    c = DataverseClient(emu.url, StaticTokens("not-the-token-0xdeadbeef"), timeout=2.0)
     try:
         with pytest.raises(PermanentError) as e:
             await c.apply(ALICE, BUSY)
@@ -350,7 +350,7 @@ async def test_agent_ids(emu: DataverseEmulator, client: DataverseClient) -> Non
 
 
 async def test_a_next_link_to_another_origin_is_refused_before_any_call(client: DataverseClient,
-                                                                        tokens: Tokens) -> None:
+                                                                        tokens: StaticTokens) -> None:
     e = await upstream_error(client.systemusers_page("https://evil.example/api/data/v9.2/systemusers?$skiptoken=1"))
     assert isinstance(e, PermanentError)
     assert "https://evil.example" in e.message and "refusing to send the token there" in e.message
@@ -392,7 +392,7 @@ async def test_a_foreign_next_link_in_a_page_is_not_followed(stub: Any) -> None:
                                   "@odata.nextLink": "http://localhost:9/api/data/v9.2/msdyn_agentstatuses?x=1"})
 
     url, seen = await stub(page)
-    c = DataverseClient(url, Tokens(), timeout=2.0)
+    c = DataverseClient(url, StaticTokens(TOKEN), timeout=2.0)
     try:
         e = await upstream_error(c.agent_ids())
     finally:
@@ -406,7 +406,7 @@ async def test_a_token_echoed_by_the_server_is_not_in_the_error(stub: Any) -> No
         return web.Response(status=400, text=f"bad request; you sent {request.headers['Authorization']}")
 
     url, _ = await stub(echo)
-    c = DataverseClient(url, Tokens(), timeout=2.0)
+    c = DataverseClient(url, StaticTokens(TOKEN), timeout=2.0)
     try:
         e = await upstream_error(c.apply(ALICE, BUSY))
     finally:
@@ -419,7 +419,7 @@ async def test_redirects_are_not_followed(stub: Any) -> None:
         raise web.HTTPFound("http://localhost:9/steal")
 
     url, seen = await stub(moved)
-    c = DataverseClient(url, Tokens(), timeout=2.0)
+    c = DataverseClient(url, StaticTokens(TOKEN), timeout=2.0)
     try:
         e = await upstream_error(c.get_presence(ALICE))
     finally:

@@ -17,8 +17,8 @@ from dataverse.webhook import KEY_HEADER, PENDING_KIND
 from emulators.dataverse import DataverseEmulator
 from mapping.bridge import Bridge
 from mapping.model import Agent, System
-from tests.dataverse.conftest import KEY, RecordingTelemetry, Served, seed, seed_bytes, serve_intake
-from tests.support import ALICE, AVAILABLE, BOB, BUSY, OFFLINE
+from tests.dataverse.conftest import KEY, Served, seed, seed_bytes, serve_intake
+from tests.support import ALICE, AVAILABLE, BOB, BUSY, OFFLINE, RecordingTelemetry
 
 ROUTE = "dataverse_webhook"
 JSON = {"Content-Type": "application/json"}

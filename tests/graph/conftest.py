@@ -5,7 +5,6 @@ free port, and a self-signed encryption certificate made here with ``cryptograph
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,42 +26,13 @@ from graph_sync.subscriptions import SubscriptionManager
 from graph_sync.teams import TeamsPresenceClient
 from mapping.bridge import Bridge
 from mapping.model import Agent, System
-from tests.support import FakeClock, RecordingWriter, make_bridge
+from tests.support import FakeClock, RecordingTelemetry, RecordingWriter, StaticTokens, make_bridge
 
 APP_TOKEN = "app-token"
 CLIENT_ID = "11111111-2222-3333-4444-555555555555"
 TENANT_ID = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
 CLIENT_STATE = "client-state-secret"
 SUBSCRIBER_TOKENS = ["sub-token-1", "sub-token-2", "sub-token-3"]
-
-
-class StaticTokens:
-    def __init__(self, token: str = APP_TOKEN) -> None:
-        self._token = token
-        self.scopes: list[str] = []
-
-    async def token(self, scope: str) -> str:
-        self.scopes.append(scope)
-        return self._token
-
-
-class RecordingTelemetry:
-    def __init__(self) -> None:
-        self.events: Counter[tuple[str, str]] = Counter()
-        self.rejections: Counter[tuple[str, str]] = Counter()
-        self.latencies: list[tuple[str, float]] = []
-
-    def event(self, source: str, result: str) -> None:
-        self.events[(source, str(result))] += 1
-
-    def rejected(self, route: str, reason: str) -> None:
-        self.rejections[(route, reason)] += 1
-
-    def delivery(self, system: str, result: str, seconds: float) -> None:
-        pass
-
-    def latency(self, name: str, seconds: float) -> None:
-        self.latencies.append((name, seconds))
 
 
 def entra(n: int) -> str:
@@ -187,7 +157,7 @@ async def build_rig(emu: GraphEmulator, clock: FakeClock, telemetry: RecordingTe
     bridge = make_bridge(clock=clock, writers={System.TEAMS: LateWriter(), System.DYNAMICS: dynamics})
     bridge.telemetry = telemetry
     bridge.engine.telemetry = telemetry
-    teams = TeamsPresenceClient(emu.url, StaticTokens(), session_id=CLIENT_ID, store=bridge.store, clock=clock,
+    teams = TeamsPresenceClient(emu.url, StaticTokens(APP_TOKEN), session_id=CLIENT_ID, store=bridge.store, clock=clock,
                                 retry=bridge.retry)
     holder["teams"] = teams
     subs = SubscriberAccounts(bridge.store, tenant_id=TENANT_ID, client_id=CLIENT_ID,

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from mapping.model import System
-from tests.graph.conftest import Certificate, RecordingTelemetry, Rig, agents, build_rig, close_rig
-from tests.support import BUSY, DND, FakeClock, RecordingWriter, ev
+from tests.graph.conftest import Certificate, Rig, agents, build_rig, close_rig
+from tests.support import BUSY, DND, FakeClock, RecordingTelemetry, RecordingWriter, ev
 
 ALICE = agents(1)[0]
 

@@ -13,8 +13,8 @@ from graph_sync.teams import TeamsPresenceClient
 from mapping.errors import ConfigError, PermanentError, RetryableError, Throttled
 from mapping.memory import MemoryStore
 from mapping.model import CLEAR, Agent, System
-from tests.graph.conftest import APP_TOKEN, CLIENT_ID, StaticTokens, agents, entra
-from tests.support import FakeClock
+from tests.graph.conftest import APP_TOKEN, CLIENT_ID, agents, entra
+from tests.support import FakeClock, StaticTokens
 
 ALICE = Agent("97c90b02-4e38-ef11-a315-000d3a5a54dc", entra(1), "Alice Agent")
 
@@ -22,8 +22,8 @@ ALICE = Agent("97c90b02-4e38-ef11-a315-000d3a5a54dc", entra(1), "Alice Agent")
 @pytest.fixture
 async def teams(emu: GraphEmulator, clock: FakeClock) -> AsyncIterator[TeamsPresenceClient]:
     emu.add_user(ALICE.entra_object_id)
-    client = TeamsPresenceClient(emu.url, StaticTokens(), session_id=CLIENT_ID, store=MemoryStore(), clock=clock,
-                                 expiration_minutes=60)
+    client = TeamsPresenceClient(emu.url, StaticTokens(APP_TOKEN), session_id=CLIENT_ID, store=MemoryStore(),
+                                 clock=clock, expiration_minutes=60)
     yield client
     await client.close()
 
@@ -52,7 +52,7 @@ async def test_clear_ends_the_session(teams: TeamsPresenceClient, emu: GraphEmul
 
 async def test_preferred_mode_uses_the_matching_preferred_pair(emu: GraphEmulator, clock: FakeClock) -> None:
     emu.add_user(ALICE.entra_object_id)
-    client = TeamsPresenceClient(emu.url, StaticTokens(), session_id=CLIENT_ID, store=MemoryStore(),
+    client = TeamsPresenceClient(emu.url, StaticTokens(APP_TOKEN), session_id=CLIENT_ID, store=MemoryStore(),
                                  mode="preferred", expiration_minutes=30)
     try:
         await client.apply(ALICE, "Busy/InACall")
@@ -82,7 +82,8 @@ async def test_read_batches_650_ids_and_maps_back_to_dynamics_ids(emu: GraphEmul
     for a in directory[:-5]:  # the last five are unknown to Graph
         emu.add_user(a.entra_object_id, own=("Away", "Away"))
     emu.set_user_state(directory[0].entra_object_id, "Busy", "InAMeeting")
-    client = TeamsPresenceClient(emu.url, StaticTokens(), session_id=CLIENT_ID, store=MemoryStore(), clock=clock)
+    client = TeamsPresenceClient(emu.url, StaticTokens(APP_TOKEN), session_id=CLIENT_ID, store=MemoryStore(),
+                                 clock=clock)
     try:
         observed = await client.read(directory)
     finally:
@@ -144,7 +145,7 @@ async def test_404_and_400_carry_graphs_message(teams: TeamsPresenceClient) -> N
 
 async def test_timeout_and_refused_connection_are_retryable(emu: GraphEmulator) -> None:
     emu.add_user(ALICE.entra_object_id)
-    slow = TeamsPresenceClient(emu.url, StaticTokens(), session_id=CLIENT_ID, store=MemoryStore(), timeout=0.2)
+    slow = TeamsPresenceClient(emu.url, StaticTokens(APP_TOKEN), session_id=CLIENT_ID, store=MemoryStore(), timeout=0.2)
     emu.latency(1.0)
     try:
         with pytest.raises(RetryableError, match="did not answer in time"):
@@ -155,7 +156,7 @@ async def test_timeout_and_refused_connection_are_retryable(emu: GraphEmulator) 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dead = TeamsPresenceClient(f"http://127.0.0.1:{port}/v1.0", StaticTokens(), session_id=CLIENT_ID,
+    dead = TeamsPresenceClient(f"http://127.0.0.1:{port}/v1.0", StaticTokens(APP_TOKEN), session_id=CLIENT_ID,
                                store=MemoryStore())
     try:
         with pytest.raises(RetryableError, match="cannot reach Graph"):
