@@ -28,7 +28,6 @@ one event by ``observed_at`` (the arrival time; webhooks of a synchronous step a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
@@ -44,7 +43,7 @@ from dataverse.context import AgentStatusChange, ContextError, Message, parse_co
 from mapping.bridge import Bridge
 from mapping.errors import UpstreamError
 from mapping.model import Agent, PresenceObserved, System
-from mapping.rounds import run_rounds
+from mapping.rounds import Rounds
 from mapping.rules import Result
 
 log = logging.getLogger("presence_sync.dataverse")
@@ -92,10 +91,8 @@ class DataverseIntake:
         self.key = webhook_key.encode()
         self.client = client
         self.max_body = max_body
-        self.poll_interval = poll_interval
-        self._wake = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._worker: asyncio.Task[None] | None = None
+        self._worker = Rounds(self.process_pending, interval=poll_interval, retry=bridge.retry,
+                              what="pending agents", name="dataverse-pending-agents")
         self._busy = False
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -104,19 +101,10 @@ class DataverseIntake:
         """Starts the pending-agent worker; notes left by an earlier process are processed at once."""
         if not self.key:
             log.warning(f"{KEY_SETTING} is not set: the Dataverse webhook accepts loopback callers only")
-        if self._worker is None:
-            self._stop.clear()
-            self._wake.set()
-            self._worker = asyncio.create_task(self._run(), name="dataverse-pending-agents")
+        self._worker.start(at_once=True)
 
     async def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
+        await self._worker.stop()
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post(PATH, self.handle)]
@@ -125,7 +113,7 @@ class DataverseIntake:
         """Waits until no new agent is pending (tests, demo)."""
         async with asyncio.timeout(timeout):
             while self._busy or await self.bridge.store.list_docs(PENDING_KIND):
-                self._wake.set()
+                self._worker.wake()
                 await asyncio.sleep(0.02)
 
     # ------------------------------------------------------------------------------------ the route
@@ -223,7 +211,7 @@ class DataverseIntake:
         pending = await self.bridge.store.get_doc(PENDING_KIND, agent_id)
         if pending is not None or (change.message is Message.CREATE and self.client is not None):
             await self.bridge.store.put_doc(PENDING_KIND, agent_id, _note(pending, change, now))
-            self._wake.set()
+            self._worker.wake()
             self.bridge.telemetry.event(INTAKE, "pending_agent")
             log.info("new agent noted; its Entra object id is looked up in the background",
                      extra={"fields": {"systemuser": agent_id, "message": str(change.message)}})
@@ -238,10 +226,6 @@ class DataverseIntake:
         return 202, {"status": "unknown_agent", "agent": agent_id, "detail": why}
 
     # ------------------------------------------------------------------------------------ new agents
-
-    async def _run(self) -> None:
-        await run_rounds(self.process_pending, wake=self._wake, stop=self._stop, interval=self.poll_interval,
-                         retry=self.bridge.retry, what="pending agents")
 
     async def process_pending(self) -> int:
         """One round over the pending new agents; returns how many were settled (added or given up).

@@ -27,7 +27,6 @@ error, so Graph delivers the batch again instead of it being lost behind a 202.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
@@ -47,7 +46,7 @@ from graph_sync.teams import MAX_IDS
 from mapping.bridge import Bridge
 from mapping.model import PresenceObserved, System
 from mapping.ports import PresenceReader
-from mapping.rounds import run_rounds
+from mapping.rounds import Rounds
 
 log = logging.getLogger("presence_sync.graph")
 
@@ -230,12 +229,10 @@ class GraphIntake:
         self.subscriptions = subscriptions
         self.max_body = max_body
         self.ack_budget = ack_budget
-        self.read_interval = read_interval
         self.jwks = JwksCache(jwks_url)
         self.tokens = TokenValidator(self.jwks, client_id=client_id, tenant_id=tenant_id)
-        self._wake = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._batcher: asyncio.Task[None] | None = None
+        self._batcher = Rounds(self.read_pending, interval=read_interval, retry=bridge.retry, what="pending reads",
+                               name="graph-pending-reads")
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------ lifecycle of the intake
@@ -244,18 +241,10 @@ class GraphIntake:
         if not self.client_state:
             log.warning("no Graph clientState configured: every notification will be dropped "
                         "(set PRESENCE_SYNC_GRAPH_CLIENT_STATE)")
-        if self._batcher is None:
-            self._stop.clear()
-            self._batcher = asyncio.create_task(self._read_loop(), name="graph-pending-reads")
+        self._batcher.start()
 
     async def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._batcher is not None:
-            self._batcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._batcher
-            self._batcher = None
+        await self._batcher.stop()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -275,7 +264,7 @@ class GraphIntake:
                     continue
                 if not await self.bridge.store.list_docs(PENDING_KIND):
                     return
-                self._wake.set()
+                self._batcher.wake()
                 await asyncio.sleep(0.02)
 
     # ------------------------------------------------------------------ routes
@@ -475,7 +464,7 @@ class GraphIntake:
         now = self.bridge.clock()
         key = f"{now.strftime('%Y%m%dT%H%M%S.%f')}-{uuid.uuid4().hex[:12]}"
         await self.bridge.store.put_doc(PENDING_KIND, key, {"ids": ids, "why": why, "at": now.isoformat()})
-        self._wake.set()
+        self._batcher.wake()
 
     async def read_pending(self) -> int:
         """One batcher round: reads every user noted so far (650 per Graph call), observes what Teams
@@ -505,9 +494,6 @@ class GraphIntake:
             await self.bridge.store.delete_doc(PENDING_KIND, key)
         return observed
 
-    async def _read_loop(self) -> None:
-        await run_rounds(self.read_pending, wake=self._wake, stop=self._stop, interval=self.read_interval,
-                         retry=self.bridge.retry, what="pending reads")
 
 
 def _user_id(item: Mapping[str, Any]) -> str | None:

@@ -46,3 +46,46 @@ async def run_rounds(
                 log.exception(f"{what} round failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), retry.delay(failures, e))
+
+
+class Rounds:
+    """One background worker of ``run_rounds`` with its events and task: an adapter starts, wakes
+    and stops it with one call each instead of keeping the same three fields and teardown itself."""
+
+    def __init__(
+        self, round_: Callable[[], Awaitable[Any]], *, interval: float, retry: RetryPolicy, what: str, name: str
+    ) -> None:
+        self._round = round_
+        self._interval = interval
+        self._retry = retry
+        self._what = what
+        self._name = name
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, *, at_once: bool = False) -> None:
+        """Starts the worker (no-op when running); ``at_once``: run a first round now rather than
+        after ``interval`` (notes an earlier process left)."""
+        if self._task is not None:
+            return
+        self._stop.clear()
+        if at_once:
+            self._wake.set()
+        self._task = asyncio.create_task(
+            run_rounds(self._round, wake=self._wake, stop=self._stop, interval=self._interval, retry=self._retry,
+                       what=self._what),
+            name=self._name,
+        )
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
