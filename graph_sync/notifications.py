@@ -44,6 +44,7 @@ from graph_sync.crypto import DecryptionError, Decryptor
 from graph_sync.subscriptions import SubscriptionManager, agents_for
 from graph_sync.teams import MAX_IDS
 from mapping.bridge import Bridge
+from mapping.engine import BATCH
 from mapping.model import PresenceObserved, System
 from mapping.ports import PresenceReader
 from mapping.rounds import Rounds
@@ -353,7 +354,7 @@ class GraphIntake:
         await self._check_tokens(body)
         accepted = 0
         to_read: list[str] = []
-        observed: list[PresenceObserved] = []
+        observed: list[tuple[str, PresenceObserved]] = []
         for item in body["value"]:
             if not self._client_state_ok(item):
                 self.bridge.telemetry.rejected(ROUTE, "client_state")
@@ -376,12 +377,22 @@ class GraphIntake:
             if rich is False:
                 to_read.append(user_id)
             elif isinstance(rich, PresenceObserved):
-                observed.append(rich)
-        # One transaction for the request's items (in their order), not one each: Graph batches
-        # notifications under load, exactly when commits per item would eat the ack budget.
-        await self.bridge.engine.observe_many(observed, intake=INTAKE)
+                observed.append((user_id, rich))
+        to_read.extend(await self._observe_within_budget(observed, started))
         await self._queue_reads(to_read, "notification")
         return web.json_response({"accepted": accepted}, status=202)
+
+    async def _observe_within_budget(self, observed: Sequence[tuple[str, PresenceObserved]],
+                                     started: float) -> list[str]:
+        """Observes the decrypted items in their order, one transaction per ``BATCH`` (Graph batches
+        notifications under load, exactly when a commit per item would eat the budget). Returns the
+        users left when the ack budget is spent: they are read after answering instead."""
+        for start in range(0, len(observed), BATCH):
+            if time.monotonic() - started > self.ack_budget:
+                return [user_id for user_id, _ in observed[start:]]
+            chunk = [obs for _, obs in observed[start : start + BATCH]]
+            await self.bridge.engine.observe_many(chunk, intake=INTAKE)
+        return []
 
     async def _rich_item(self, item: Mapping[str, Any], user_id: str) -> PresenceObserved | bool:
         """Decrypts one rich item into the observation to apply; True when there is nothing to apply

@@ -4,6 +4,7 @@ Graph emulator into the engine, lifecycle events, and the 503-not-500 rule."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from emulators.graph import encrypt_for_certificate, sign_validation_token
 from graph_sync.notifications import PENDING_KIND, ids_from_resource
+from mapping.engine import BATCH
 from mapping.model import Agent, System
 from tests.graph.conftest import (
     CLIENT_ID,
@@ -236,6 +238,40 @@ async def test_past_the_ack_budget_the_rest_is_deferred_to_reads(emu: Any, clock
         assert note["ids"] == [ALICE.entra_object_id, BOB.entra_object_id]
         assert await rig.intake.read_pending() == 2
         assert await dynamics_value(rig, ALICE) == BUSY and await dynamics_value(rig, BOB) == BUSY
+    finally:
+        await close_rig(rig, runner)
+
+
+async def test_the_budget_spent_observing_defers_the_rest_to_reads(emu: Any, clock: FakeClock,
+                                                                   telemetry: RecordingTelemetry,
+                                                                   dynamics_writer: RecordingWriter,
+                                                                   certificate: Certificate,
+                                                                   http: aiohttp.ClientSession,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    rig, runner = await build_rig(emu, clock, telemetry, dynamics_writer, certificate=certificate, ack_budget=0.3)
+    try:
+        await rig.intake.stop()  # the pending reads are driven by hand below
+        crowd = agents(BATCH + 4, start=100)
+        await rig.bridge.store.upsert_agents(crowd)
+        emu.add_users([a.entra_object_id for a in crowd], own=("Busy", "InACall"))
+        observe_many = rig.bridge.engine.observe_many
+        chunks: list[int] = []
+
+        async def slow_store(events: Any, **kw: Any) -> Any:
+            chunks.append(len(events))
+            await asyncio.sleep(0.5)  # a slow commit: the budget is spent after the first chunk
+            return await observe_many(events, **kw)
+
+        monkeypatch.setattr(rig.bridge.engine, "observe_many", slow_store)
+        body = {"value": [rich_item(rig, certificate, a, "Busy", "InACall") for a in crowd],
+                "validationTokens": [token(rig)]}
+        status, answer = await post(http, rig.notify_url, body)
+        assert status == 202 and answer == {"accepted": len(crowd)}
+        assert chunks == [BATCH]  # observed in one transaction; the other 4 deferred, not dropped
+        (note,) = (await rig.bridge.store.list_docs(PENDING_KIND)).values()
+        assert note["ids"] == [a.entra_object_id for a in crowd[BATCH:]]
+        assert await rig.intake.read_pending() == 4
+        assert all([await dynamics_value(rig, a) == BUSY for a in crowd])
     finally:
         await close_rig(rig, runner)
 
