@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from mapping import rules as R
 from mapping.catalogue import Catalogue
 from mapping.clock import Clock, utcnow
-from mapping.model import CLEAR, Agent, Delivery, PresenceObserved, SetPresence, System
+from mapping.model import CLEAR, Agent, AgentSyncState, Delivery, PresenceObserved, SetPresence, System
 from mapping.ports import Store
 from mapping.rules import Result
 from mapping.telemetry import NullTelemetry, Telemetry
@@ -150,16 +150,25 @@ class SyncEngine:
         presence = self.catalogue.get(presence_id)
         if presence is None:
             return Outcome(Result.UNKNOWN_PRESENCE, agent, detail=f"presence id {presence_id} is not in the catalogue")
+        decision = await self._decide_now(
+            agent, source, lambda state, now: R.command(state, presence, self.rules, now, source)
+        )
+        return Outcome(decision.result, agent, decision.commands, decision.detail)
+
+    async def _decide_now(
+        self, agent: Agent, source: str, decide: Callable[[AgentSyncState, datetime], R.Decision]
+    ) -> R.Decision:
+        """One decision not made from an observation (a command, a dead letter): saved with its
+        commands in one transaction, written at once (never held: someone is waiting for it)."""
         async with self._lock(agent.dynamics_user_id):
             now = self.clock()
             async with self.store.transaction() as tx:
-                state = await tx.load_state(agent.dynamics_user_id)
-                decision = R.command(state, presence, self.rules, now, source)
+                decision = decide(await tx.load_state(agent.dynamics_user_id), now)
                 await tx.save_state(decision.state)
                 for cmd in decision.commands:
                     await tx.enqueue(cmd, now)
         self._after(agent, source, None, decision)
-        return Outcome(decision.result, agent, decision.commands, decision.detail)
+        return decision
 
     async def on_outcome(self, delivery: Delivery, outcome: str, error: str | None) -> None:
         """DeliveryListener: remembers what a system holds from us, so a later Teams change can be read
@@ -179,15 +188,11 @@ class SyncEngine:
         agent = await self.store.get_agent(delivery.agent_id)
         if agent is None:
             return
-        async with self._lock(delivery.agent_id):
-            now = self.clock()
-            async with self.store.transaction() as tx:
-                state = await tx.load_state(delivery.agent_id)
-                decision = R.dynamics_write_died(state, delivery.value, self.rules, self.catalogue, now)
-                await tx.save_state(decision.state)
-                for cmd in decision.commands:
-                    await tx.enqueue(cmd, now)
-        self._after(agent, "dead_letter", None, decision)
+        await self._decide_now(
+            agent,
+            "dead_letter",
+            lambda state, now: R.dynamics_write_died(state, delivery.value, self.rules, self.catalogue, now),
+        )
 
     async def refresh_sessions(self, *, available_every: timedelta, others_every: timedelta) -> int:
         """Re-issues the bridge's Teams session before Graph lets it fade or expire (an Available
