@@ -135,6 +135,18 @@ def _write(s: AgentSyncState, system: System, value: str, now: datetime, reason:
     return SetPresence(s.agent_id, system, value, reason)
 
 
+def _teams_follow(
+    s: AgentSyncState, presence: Presence, rules: Rules, now: datetime, reason: str
+) -> SetPresence | None:
+    """The Teams write that makes the bridge's session mirror ``presence``, or None when the session
+    already does (a cleared session and no session are the same thing)."""
+    target = rules.teams_for(presence.base)
+    held = s.teams.written_value
+    if target == held or (target == CLEAR and not _is_set(held)):
+        return None
+    return _write(s, System.TEAMS, target, now, reason)
+
+
 def _take_echo(side: SideState, value: str, now: datetime, observed_at: datetime | None = None) -> bool:
     """True (and forgets it, with every older write) when ``value`` is a write of ours still expected back.
 
@@ -218,13 +230,12 @@ def _from_dynamics(
     # ...and ends any override: the agent (or routing) has decided.
     s.override_value = None
     s.restore_value = None
-    target = rules.teams_for(presence.base)
-    held = s.teams.written_value
-    if target == held or (target == CLEAR and not _is_set(held)):
+    follow = _teams_follow(s, presence, rules, now, f"dynamics {presence.name}")
+    if follow is None:
         result = Result.CONFLICT if conflict else Result.NO_CHANGE
-        return Decision(result, s, cancel=cancel, detail=f"Teams session already {target}", log=log)
-    cmd = _write(s, System.TEAMS, target, now, f"dynamics {presence.name}")
-    return Decision(Result.CONFLICT if conflict else Result.APPLIED, s, (cmd,), cancel, log=log)
+        detail = f"Teams session already {rules.teams_for(presence.base)}"
+        return Decision(result, s, cancel=cancel, detail=detail, log=log)
+    return Decision(Result.CONFLICT if conflict else Result.APPLIED, s, (follow,), cancel, log=log)
 
 
 def _from_teams(
@@ -335,10 +346,9 @@ def command(state: AgentSyncState, presence: Presence, rules: Rules, now: dateti
     cmds = []
     if effective(s.dynamics) != presence.presence_id:
         cmds.append(_write(s, System.DYNAMICS, presence.presence_id, now, f"{source}: {presence.name}"))
-    target = rules.teams_for(presence.base)
-    held = s.teams.written_value
-    if not (target == held or (target == CLEAR and not _is_set(held))):
-        cmds.append(_write(s, System.TEAMS, target, now, f"{source}: {presence.name}"))
+    teams = _teams_follow(s, presence, rules, now, f"{source}: {presence.name}")
+    if teams is not None:
+        cmds.append(teams)
     return Decision(Result.APPLIED if cmds else Result.NO_CHANGE, s, tuple(cmds))
 
 
@@ -361,9 +371,7 @@ def dynamics_write_died(
     shown = catalogue.get(d.observed_value) if d.observed_value else None
     if shown is None:
         return Decision(Result.NO_CHANGE, s, detail="Dynamics presence unknown; Teams left as it is")
-    target = rules.teams_for(shown.base)
-    held = s.teams.written_value
-    if target == held or (target == CLEAR and not _is_set(held)):
-        return Decision(Result.NO_CHANGE, s, detail=f"Teams session already {target}")
-    cmd = _write(s, System.TEAMS, target, now, f"dynamics write failed; Teams back to {shown.name}")
+    cmd = _teams_follow(s, shown, rules, now, f"dynamics write failed; Teams back to {shown.name}")
+    if cmd is None:
+        return Decision(Result.NO_CHANGE, s, detail=f"Teams session already {rules.teams_for(shown.base)}")
     return Decision(Result.APPLIED, s, (cmd,), detail=f"dead Dynamics write {value}")
