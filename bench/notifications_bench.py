@@ -39,6 +39,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from emulators.serving import serve_app
+
 # Run as a script from anywhere: the repository root on the path (the editable install predates
 # graph_sync/ and emulators/).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -174,15 +176,6 @@ async def _client(url: str, bodies: list[bytes], concurrency: int, timeout: floa
 # ------------------------------------------------------------------ servers
 
 
-async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    return runner, f"http://{host}:{port}"
-
-
 async def relay(request: web.Request) -> web.Response:
     """The baseline: what any aiohttp endpoint taking a JSON body costs, and nothing more."""
     json.loads(await request.read())
@@ -263,17 +256,17 @@ async def main_async(args: argparse.Namespace) -> int:
             return web.json_response(signing.jwks())
 
         jwks_app.router.add_get("/keys", keys)
-        jwks_runner, jwks_base = await serve(jwks_app)
+        jwks_runner, jwks_base = await serve_app(jwks_app)
 
         intake = GraphIntake(bridge, client_state=CLIENT_STATE, client_id=CLIENT_ID, jwks_url=f"{jwks_base}/keys",
                              decryptor=decryptor, reader=InProcessReader(), subscriptions=None, tenant_id=TENANT_ID,
                              read_interval=0.2)
         app = web.Application()
         app.add_routes(intake.routes())
-        app_runner, base = await serve(app)
+        app_runner, base = await serve_app(app)
         relay_app = web.Application(client_max_size=2 * 1024 * 1024)
         relay_app.router.add_post("/relay", relay)
-        relay_runner, relay_base = await serve(relay_app)
+        relay_runner, relay_base = await serve_app(relay_app)
         await intake.start()
 
         say(f"preparing {args.requests} rich and {args.requests} basic requests of {args.items} item(s) ...")

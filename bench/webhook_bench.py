@@ -43,6 +43,8 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
+from emulators.serving import serve_app
+
 # Run as a script from anywhere: the repository root on the path.
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -161,14 +163,6 @@ async def _client(url: str, bodies: list[bytes], concurrency: int, timeout: floa
 # ------------------------------------------------------------------ servers
 
 
-async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    host, port = runner.addresses[0][:2]
-    return runner, f"http://{host}:{port}"
-
-
 async def relay(request: web.Request) -> web.Response:
     """The baseline: what any aiohttp endpoint taking a JSON body costs, and nothing more."""
     json.loads(await request.read())
@@ -229,10 +223,10 @@ async def bench_store(pool: concurrent.futures.ProcessPoolExecutor, name: str, d
     agents = make_agents(args.agents)
     await rt.store.upsert_agents(agents)
     bodies = Bodies(agents)
-    app_runner, base = await serve(create_app(settings, runtime=rt, background=False))
+    app_runner, base = await serve_app(create_app(settings, runtime=rt, background=False))
     relay_app = web.Application(client_max_size=2 * 1024 * 1024)
     relay_app.router.add_post(PATH, relay)
-    relay_runner, relay_base = await serve(relay_app)
+    relay_runner, relay_base = await serve_app(relay_app)
     loop = asyncio.get_running_loop()
     rows: list[Row] = []
 

@@ -37,6 +37,8 @@ from typing import Any
 
 from aiohttp import web
 
+from emulators.serving import serve_app
+
 ADAPTIVE_CARD = "application/vnd.microsoft.card.adaptive"
 DEFAULT_TENANT_ID = "00000000-0000-0000-0000-0000000070e7"
 DEFAULT_BOT_APP_ID = "00000000-0000-0000-0000-00000000b07b"
@@ -104,13 +106,7 @@ class BotConnectorEmulator:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         if self._runner is not None:
             raise RuntimeError("BotConnectorEmulator already started")
-        self._runner = web.AppRunner(self.make_app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        bound = self._runner.addresses[0]
-        shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-        self._base = f"http://{shown}:{bound[1]}"
+        self._runner, self._base = await serve_app(self.make_app(), host, port)
         return self.url
 
     async def stop(self) -> None:

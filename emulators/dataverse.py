@@ -78,6 +78,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from emulators.serving import serve_app
+
 __all__ = [
     "APP_USER_ID",
     "AVAILABLE",
@@ -577,11 +579,7 @@ class DataverseEmulator:
         """Listens on ``host:port`` (0: a free port); returns ``url``."""
         if self._runner is not None:
             raise RuntimeError("DataverseEmulator already started")
-        self._runner = web.AppRunner(self.make_app(), access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
-        bound = self._runner.addresses[0]
-        self._base = f"http://{f'[{bound[0]}]' if ':' in bound[0] else bound[0]}:{bound[1]}"
+        self._runner, self._base = await serve_app(self.make_app(), host, port)
         self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.webhook_timeout))
         self._sender = asyncio.create_task(self._send_loop(), name="dataverse-emulator-webhooks")
         return self.url

@@ -95,6 +95,7 @@ from emulators.graph_crypto import (
     load_certificate,
     sign_validation_token,
 )
+from emulators.serving import serve_app
 
 __all__ = [
     "ACTIVITIES",
@@ -487,13 +488,7 @@ class GraphEmulator:
         """Listen on ``host:port`` (0: a free port); returns ``url``."""
         if self._runner is not None:
             raise RuntimeError("GraphEmulator already started")
-        self._runner = web.AppRunner(self.make_app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        bound = self._runner.addresses[0]
-        shown_host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-        self._base = f"http://{shown_host}:{bound[1]}"
+        self._runner, self._base = await serve_app(self.make_app(), host, port)
         self._client = aiohttp.ClientSession()
         if self.tick_interval > 0:
             self._ticker = asyncio.create_task(self._tick_loop(), name="graph-emulator-tick")

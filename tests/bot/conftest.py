@@ -18,6 +18,7 @@ from aiohttp import web
 
 from bot.teams import BotIntake
 from emulators.connector import BotConnectorEmulator, SentActivity, teams_message
+from emulators.serving import serve_app
 from mapping.bridge import Bridge
 from mapping.errors import UpstreamError
 from mapping.model import CLEAR, Agent, PresenceObserved, System, TeamsPresence
@@ -168,11 +169,7 @@ async def make_harness() -> AsyncIterator[MakeHarness]:
         await connector.start()
         app = web.Application()
         app.router.add_post("/api/messages", intake.handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
+        runner, base = await serve_app(app)
         http = aiohttp.ClientSession()
 
         async def close() -> None:
@@ -187,7 +184,7 @@ async def make_harness() -> AsyncIterator[MakeHarness]:
 
         stops.append(close)
         return Harness(
-            bridge, intake, connector, f"http://127.0.0.1:{port}/api/messages", http, clock, ws, rs, telemetry
+            bridge, intake, connector, f"{base}/api/messages", http, clock, ws, rs, telemetry
         )
 
     yield make

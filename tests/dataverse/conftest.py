@@ -18,6 +18,7 @@ from aiohttp import web
 from dataverse.client import DataverseClient
 from dataverse.webhook import PATH, DataverseIntake
 from emulators.dataverse import DataverseEmulator
+from emulators.serving import serve_app
 from mapping.bridge import Bridge
 from tests.support import RecordingTelemetry, StaticTokens, make_bridge
 
@@ -90,13 +91,10 @@ async def serve_intake(bridge: Bridge, *, key: str = KEY, client: DataverseClien
     intake = DataverseIntake(bridge, webhook_key=key, client=client, **kw)
     app = web.Application()
     app.add_routes(intake.routes())
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    host, port = runner.addresses[0][:2]
+    runner, base = await serve_app(app)
     if start:
         await intake.start()
-    return Served(intake, runner, f"http://{host}:{port}")
+    return Served(intake, runner, base)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from aiohttp import web
 from dataverse.client import READ_BATCH, DataverseClient, check_dataverse_url, retry_after_seconds
 from dataverse.registration import register_webhook
 from emulators.dataverse import AVAILABLE, AWAY, BUSY, DND, LUNCH, OFFLINE, RETIRED, TRAINING, DataverseEmulator
+from emulators.serving import serve_app
 from mapping.errors import ConfigError, PermanentError, RetryableError, Throttled, UpstreamError
 from mapping.model import Agent, BasePresence, OutboxStatus, SetPresence, System
 from tests.dataverse.conftest import KEY, TOKEN, Served
@@ -374,12 +375,9 @@ async def stub() -> AsyncIterator[Callable[[Handler], Awaitable[tuple[str, list[
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", record)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runner, base = await serve_app(app)
         runners.append(runner)
-        host, port = runner.addresses[0][:2]
-        return f"http://{host}:{port}", seen
+        return base, seen
 
     yield make
     for r in runners:

@@ -21,6 +21,7 @@ from cryptography.x509.oid import NameOID
 from multidict import CIMultiDictProxy
 
 from emulators.graph import GraphEmulator
+from emulators.serving import serve_app
 
 APP_TOKEN = "app-token"
 SUB_A = "token-a"
@@ -96,12 +97,7 @@ async def receiver() -> AsyncIterator[Receiver]:
     rec = Receiver()
     app = web.Application()
     app.router.add_route("POST", "/{tail:.*}", rec.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    rec.base = f"http://{host}:{port}"
+    runner, rec.base = await serve_app(app)
     yield rec
     await runner.cleanup()
 

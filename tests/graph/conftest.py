@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from emulators.graph import GraphEmulator
+from emulators.serving import serve_app
 from graph_sync.accounts import SubscriberAccounts
 from graph_sync.crypto import Decryptor
 from graph_sync.notifications import GraphIntake
@@ -134,15 +135,6 @@ class Rig:
         return f"{self.base}/api/graph/lifecycle"
 
 
-async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    return runner, f"http://{host}:{port}"
-
-
 async def build_rig(emu: GraphEmulator, clock: FakeClock, telemetry: RecordingTelemetry, dynamics: RecordingWriter,
                     *, accounts: int = 3, certificate: Certificate | None = None,
                     jwks_url: str | None = None, **intake_kw: Any) -> tuple[Rig, web.AppRunner]:
@@ -167,7 +159,7 @@ async def build_rig(emu: GraphEmulator, clock: FakeClock, telemetry: RecordingTe
                          decryptor=decryptor, reader=teams, subscriptions=None, **intake_kw)
     app = web.Application()
     app.add_routes(intake.routes())
-    runner, base = await serve(app)
+    runner, base = await serve_app(app)
     manager = SubscriptionManager(
         bridge, emu.url, subs,
         notification_url=f"{base}/api/graph/notifications", lifecycle_url=f"{base}/api/graph/lifecycle",
