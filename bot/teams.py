@@ -45,7 +45,7 @@ from botframework.connector.auth import AuthenticateRequestResult
 from bot.commands import SETTLE_SECONDS, Kind, Reply, handle, parse
 from bot.followups import FollowUps, remember_conversation
 from mapping.bridge import Bridge
-from mapping.errors import ConfigError
+from mapping.errors import ConfigError, Rejected
 from mapping.hosts import is_loopback
 from mapping.model import Agent, System
 from mapping.ports import DeliveryListener, PresenceReader
@@ -63,14 +63,6 @@ _HANDLED = frozenset(
     t.value for t in (ActivityTypes.message, ActivityTypes.conversation_update, ActivityTypes.installation_update)
 )
 _NO_TYPING = (Kind.HELP, Kind.EMPTY, Kind.PRESENCES, Kind.INVALID)
-
-
-class _Reject(Exception):
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
 
 
 
@@ -158,7 +150,7 @@ class BotIntake:
         started = time.monotonic()
         try:
             return await self._handle(request)
-        except _Reject as r:
+        except Rejected as r:
             self.bridge.telemetry.rejected(ROUTE, r.reason)
             log.warning(
                 "bot activity rejected",
@@ -177,13 +169,13 @@ class BotIntake:
         auth_header = request.headers.get("Authorization", "")
         if not self.auth_enabled:
             if not is_loopback(request.remote):
-                raise _Reject(
+                raise Rejected(
                     401,
                     "unauthenticated",
                     "this bot has no app id (PRESENCE_SYNC_BOT_APP_ID), so it serves loopback callers only",
                 )
         elif not auth_header:
-            raise _Reject(401, "unauthenticated", "missing Authorization header (Bot Connector token)")
+            raise Rejected(401, "unauthenticated", "missing Authorization header (Bot Connector token)")
         body = await self._read_body(request)
         activity = self._activity(body)
         # With an app id, nothing is answered 2xx before the token is checked, ignored types included.
@@ -206,54 +198,54 @@ class BotIntake:
                 activity, auth_header
             )
         except PermissionError:
-            raise _Reject(401, "unauthenticated", "the Bot Connector token was not accepted") from None
+            raise Rejected(401, "unauthenticated", "the Bot Connector token was not accepted") from None
         except (aiohttp.ClientError, TimeoutError, OSError):
             raise
         except Exception:
-            raise _Reject(401, "unauthenticated", "the Bot Connector token was not accepted") from None
+            raise Rejected(401, "unauthenticated", "the Bot Connector token was not accepted") from None
         return result
 
     async def _read_body(self, request: web.Request) -> dict[str, Any]:
         if request.content_length is not None and request.content_length > MAX_BODY:
-            raise _Reject(413, "too_large", f"activity larger than {MAX_BODY} bytes")
+            raise Rejected(413, "too_large", f"activity larger than {MAX_BODY} bytes")
         if request.content_type != "application/json":
-            raise _Reject(415, "unsupported_media_type", "send the activity as application/json")
+            raise Rejected(415, "unsupported_media_type", "send the activity as application/json")
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.content.iter_chunked(64 * 1024):  # chunked uploads carry no length
             size += len(chunk)
             if size > MAX_BODY:
-                raise _Reject(413, "too_large", f"activity larger than {MAX_BODY} bytes")
+                raise Rejected(413, "too_large", f"activity larger than {MAX_BODY} bytes")
             chunks.append(chunk)
         try:
             body = json.loads(b"".join(chunks))
         except ValueError:
-            raise _Reject(400, "malformed", "body is not valid JSON") from None
+            raise Rejected(400, "malformed", "body is not valid JSON") from None
         if not isinstance(body, dict):
-            raise _Reject(400, "malformed", "body is not a JSON object (an activity)")
+            raise Rejected(400, "malformed", "body is not a JSON object (an activity)")
         if not isinstance(body.get("type"), str) or not body["type"]:
-            raise _Reject(400, "malformed", "activity has no type")
+            raise Rejected(400, "malformed", "activity has no type")
         return body
 
     def _activity(self, body: dict[str, Any]) -> Activity:
         try:
             activity = Activity().deserialize(body)
         except Exception:
-            raise _Reject(400, "malformed", "not a Bot Framework activity") from None
+            raise Rejected(400, "malformed", "not a Bot Framework activity") from None
         if activity.type not in _HANDLED:
             return activity
         if activity.from_property is None or not activity.from_property.id:
-            raise _Reject(400, "malformed", "activity has no from")
+            raise Rejected(400, "malformed", "activity has no from")
         if activity.conversation is None or not activity.conversation.id:
-            raise _Reject(400, "malformed", "activity has no conversation")
+            raise Rejected(400, "malformed", "activity has no conversation")
         if not activity.service_url:
-            raise _Reject(400, "malformed", "activity has no serviceUrl")
+            raise Rejected(400, "malformed", "activity has no serviceUrl")
         host = urlparse(activity.service_url).hostname
         if not self.auth_enabled and not is_loopback(host):
-            raise _Reject(400, "service_url", "without an app id, serviceUrl must be a loopback address")
+            raise Rejected(400, "service_url", "without an app id, serviceUrl must be a loopback address")
         tenant = _tenant_of(body)
         if self.tenant_id and tenant is not None and tenant.lower() != self.tenant_id:
-            raise _Reject(403, "wrong_tenant", "this bot serves one Microsoft Entra tenant only")
+            raise Rejected(403, "wrong_tenant", "this bot serves one Microsoft Entra tenant only")
         return activity
 
     # ------------------------------------------------------------------ the turn

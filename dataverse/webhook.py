@@ -41,7 +41,7 @@ from aiohttp import web
 from dataverse.client import DataverseClient, is_loopback
 from dataverse.context import AgentStatusChange, ContextError, Message, parse_context
 from mapping.bridge import Bridge
-from mapping.errors import UpstreamError
+from mapping.errors import Rejected, UpstreamError
 from mapping.model import Agent, PresenceObserved, System
 from mapping.rounds import Rounds
 from mapping.rules import Result
@@ -57,14 +57,6 @@ KEY_SETTING = "PRESENCE_SYNC_DATAVERSE_WEBHOOK_KEY"
 MAX_BODY = 1024 * 1024
 _JSON_TYPES = ("application/json", "text/json")
 _PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
-
-
-class _Reject(Exception):
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
 
 
 class DataverseIntake:
@@ -126,10 +118,11 @@ class DataverseIntake:
             try:
                 change = parse_context(body)
             except ContextError as e:
-                raise _Reject(400, "malformed_context", f"not a usable msdyn_agentstatus context: {e.reason}") from None
+                raise Rejected(400, "malformed_context",
+                               f"not a usable msdyn_agentstatus context: {e.reason}") from None
             status, payload = await self._accept(change)
             return web.json_response(payload, status=status)
-        except _Reject as r:
+        except Rejected as r:
             self.bridge.telemetry.rejected(ROUTE, r.reason)
             log.info("dataverse webhook rejected", extra={"fields": {"reason": r.reason, "detail": r.message}})
             return web.json_response({"error": r.message}, status=r.status)
@@ -147,37 +140,37 @@ class DataverseIntake:
         if not self.key:
             if is_loopback(request.remote) and not any(h in request.headers for h in _PROXY_HEADERS):
                 return
-            raise _Reject(401, "unauthenticated",
+            raise Rejected(401, "unauthenticated",
                           f"{KEY_SETTING} is not set: webhooks are accepted from loopback only until it is")
         given = [v for v in (request.query.get("code"), request.headers.get(KEY_HEADER)) if v]
         if not given:
-            raise _Reject(401, "unauthenticated", f"missing webhook key: send ?code=<key> or header {KEY_HEADER}")
+            raise Rejected(401, "unauthenticated", f"missing webhook key: send ?code=<key> or header {KEY_HEADER}")
         if not any(hmac.compare_digest(v.encode(), self.key) for v in given):
-            raise _Reject(401, "unauthenticated", "wrong webhook key")
+            raise Rejected(401, "unauthenticated", "wrong webhook key")
 
     async def _body(self, request: web.Request) -> Any:
         if request.content_length is not None and request.content_length > self.max_body:
-            raise _Reject(413, "too_large", f"body of {request.content_length} bytes exceeds {self.max_body}")
+            raise Rejected(413, "too_large", f"body of {request.content_length} bytes exceeds {self.max_body}")
         ctype = request.content_type
         if "Content-Type" not in request.headers or not (ctype in _JSON_TYPES or ctype.endswith("+json")):
             shown = ctype if "Content-Type" in request.headers else "none"
-            raise _Reject(415, "unsupported_media_type", f"content type {shown!r}; Dataverse sends application/json")
+            raise Rejected(415, "unsupported_media_type", f"content type {shown!r}; Dataverse sends application/json")
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.content.iter_chunked(64 * 1024):
             size += len(chunk)
             if size > self.max_body:
-                raise _Reject(413, "too_large", f"body exceeds {self.max_body} bytes")
+                raise Rejected(413, "too_large", f"body exceeds {self.max_body} bytes")
             chunks.append(chunk)
         raw = b"".join(chunks)
         if not raw.strip():
-            raise _Reject(400, "malformed", "empty body; expected a RemoteExecutionContext JSON object")
+            raise Rejected(400, "malformed", "empty body; expected a RemoteExecutionContext JSON object")
         try:
             return json.loads(raw)
         except (UnicodeDecodeError, ValueError) as e:
-            raise _Reject(400, "malformed", f"body is not JSON: {e}") from None
+            raise Rejected(400, "malformed", f"body is not JSON: {e}") from None
         except RecursionError:  # [[[[... : junk, not a store failure, so not a 503 that invites a resend
-            raise _Reject(400, "malformed", "body is not a usable JSON document: nested too deeply") from None
+            raise Rejected(400, "malformed", "body is not a usable JSON document: nested too deeply") from None
 
     # ------------------------------------------------------------------------------------ processing
 

@@ -45,6 +45,7 @@ from graph_sync.subscriptions import SubscriptionManager, agents_for
 from graph_sync.teams import MAX_IDS
 from mapping.bridge import Bridge
 from mapping.engine import BATCH
+from mapping.errors import Rejected
 from mapping.model import PresenceObserved, System
 from mapping.ports import PresenceReader
 from mapping.rounds import Rounds
@@ -59,14 +60,6 @@ ROUTE = "graph_notifications"
 LIFECYCLE_ROUTE = "graph_lifecycle"
 INTAKE = "graph_notification"
 _FILTER_IDS = re.compile(r"'([^']+)'")
-
-
-class _Reject(Exception):
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
 
 
 class KeysUnavailable(Exception):
@@ -284,7 +277,7 @@ class GraphIntake:
             if handshake is not None:
                 return handshake
             return await handle(request)
-        except _Reject as r:
+        except Rejected as r:
             self.bridge.telemetry.rejected(route, r.reason)
             log.info("graph request rejected", extra={"fields": {"route": route, "reason": r.reason,
                                                                  "detail": r.message}})
@@ -299,46 +292,46 @@ class GraphIntake:
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         if request.content_length is not None and request.content_length > self.max_body:
-            raise _Reject(413, "too_large", f"body of {request.content_length} bytes exceeds {self.max_body}")
+            raise Rejected(413, "too_large", f"body of {request.content_length} bytes exceeds {self.max_body}")
         ctype = request.content_type
         if request.headers.get("Content-Type") and ctype not in ("application/json", "text/json"):
-            raise _Reject(415, "unsupported_media_type", f"content type {ctype!r}; Graph sends application/json")
+            raise Rejected(415, "unsupported_media_type", f"content type {ctype!r}; Graph sends application/json")
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.content.iter_chunked(64 * 1024):
             size += len(chunk)
             if size > self.max_body:
-                raise _Reject(413, "too_large", f"body exceeds {self.max_body} bytes")
+                raise Rejected(413, "too_large", f"body exceeds {self.max_body} bytes")
             chunks.append(chunk)
         raw = b"".join(chunks)
         if not raw:
-            raise _Reject(400, "malformed", "empty body; expected a JSON object with 'value'")
+            raise Rejected(400, "malformed", "empty body; expected a JSON object with 'value'")
         try:
             body = json.loads(raw)
         except (UnicodeDecodeError, ValueError) as e:
-            raise _Reject(400, "malformed", f"body is not JSON: {e}") from None
+            raise Rejected(400, "malformed", f"body is not JSON: {e}") from None
         if not isinstance(body, dict):
-            raise _Reject(400, "malformed", "body must be a JSON object with 'value'")
+            raise Rejected(400, "malformed", "body must be a JSON object with 'value'")
         items = body.get("value")
         if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-            raise _Reject(400, "malformed", "'value' must be an array of notification objects")
+            raise Rejected(400, "malformed", "'value' must be an array of notification objects")
         tokens = body.get("validationTokens")
         if tokens is not None and (not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens)):
-            raise _Reject(400, "malformed", "'validationTokens' must be an array of strings")
+            raise Rejected(400, "malformed", "'validationTokens' must be an array of strings")
         return body
 
     async def _check_tokens(self, body: Mapping[str, Any]) -> None:
         tokens: list[str] = body.get("validationTokens") or []
         rich = any("encryptedContent" in item for item in body["value"])
         if rich and not tokens:
-            raise _Reject(400, "validation_token", "encryptedContent without validationTokens")
+            raise Rejected(400, "validation_token", "encryptedContent without validationTokens")
         for token in tokens:
             try:
                 await self.tokens.check(token)
             except KeysUnavailable as e:
-                raise _Reject(503, "keys_unavailable", f"cannot verify validationTokens now: {e}") from None
+                raise Rejected(503, "keys_unavailable", f"cannot verify validationTokens now: {e}") from None
             except ValueError as e:
-                raise _Reject(400, "validation_token", f"validationTokens rejected: {e}") from None
+                raise Rejected(400, "validation_token", f"validationTokens rejected: {e}") from None
 
     def _client_state_ok(self, item: Mapping[str, Any]) -> bool:
         """Constant-time ``clientState`` check. Without a configured secret nothing matches: the
