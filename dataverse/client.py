@@ -19,10 +19,8 @@ options, and nothing here needs an SDK. Design points:
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
-import time
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ from mapping.errors import ConfigError, PermanentError, RetryableError, Throttle
 from mapping.hosts import is_loopback
 from mapping.model import Agent, BasePresence, Presence, PresenceObserved, System
 from mapping.ports import TokenProvider
+from mapping.retry import retry_after_seconds
 
 log = logging.getLogger("presence_sync.dataverse")
 
@@ -77,21 +76,6 @@ def check_dataverse_url(url: str) -> str:
         f"PRESENCE_SYNC_DATAVERSE_URL {url!r} must be https://<org>.crm.dynamics.com "
         "(http is accepted for loopback emulators only)"
     )
-
-
-def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """``Retry-After`` as seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
-    raw = headers.get("Retry-After")
-    if raw is None:
-        return None
-    try:
-        return max(0.0, float(raw.strip()))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(raw).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
 
 
 def odata_query(params: Mapping[str, str]) -> str:
@@ -500,5 +484,4 @@ __all__ = [
     "dataverse_error",
     "odata_query",
     "odata_string",
-    "retry_after_seconds",
 ]

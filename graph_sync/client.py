@@ -16,10 +16,7 @@ Why not ``GraphServiceClient(credentials)`` as the SDK's samples do:
 
 from __future__ import annotations
 
-import email.utils
 import logging
-import time
-from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,6 +34,7 @@ from msgraph_core import GraphClientFactory
 from mapping.errors import ConfigError, PermanentError, RetryableError, Throttled, UpstreamError
 from mapping.hosts import is_loopback
 from mapping.ports import TokenProvider
+from mapping.retry import retry_after_seconds
 
 log = logging.getLogger("presence_sync.graph")
 
@@ -91,25 +89,6 @@ def make_graph_client(http: httpx.AsyncClient, graph_url: str, tokens: TokenProv
     adapter = GraphRequestAdapter(BaseBearerTokenAuthenticationProvider(TokenAccess(tokens, base, scope)), http)
     adapter.base_url = base
     return GraphServiceClient(request_adapter=adapter)
-
-
-def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
-    """``Retry-After`` as seconds: delta-seconds or an HTTP date; None when absent or unreadable."""
-    if not headers:
-        return None
-    raw = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
-    if raw is None:
-        return None
-    raw = raw.strip()
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def graph_message(exc: BaseException) -> str:

@@ -14,12 +14,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from dataverse.client import READ_BATCH, DataverseClient, check_dataverse_url, retry_after_seconds
+from dataverse.client import READ_BATCH, DataverseClient, check_dataverse_url
 from dataverse.registration import register_webhook
 from emulators.dataverse import AVAILABLE, AWAY, BUSY, DND, LUNCH, OFFLINE, RETIRED, TRAINING, DataverseEmulator
 from emulators.serving import serve_app
 from mapping.errors import ConfigError, PermanentError, RetryableError, Throttled, UpstreamError
 from mapping.model import Agent, BasePresence, OutboxStatus, SetPresence, System
+from mapping.retry import retry_after_seconds
 from tests.dataverse.conftest import KEY, TOKEN, Served
 from tests.support import ALICE, BOB, FakeClock, RecordingWriter, StaticTokens, make_bridge
 
