@@ -31,8 +31,8 @@ import aiohttp
 from yarl import URL
 
 from mapping.clock import Clock, from_epoch_ms, utcnow
-from mapping.errors import ConfigError, PermanentError, RetryableError, Throttled, UpstreamError
-from mapping.hosts import is_loopback
+from mapping.errors import PermanentError, RetryableError, Throttled, UpstreamError
+from mapping.hosts import upstream_base_url
 from mapping.model import Agent, BasePresence, Presence, PresenceObserved, System
 from mapping.ports import TokenProvider
 from mapping.retry import retry_after_seconds
@@ -67,15 +67,7 @@ PRIVILEGE_HINT = (
 def check_dataverse_url(url: str) -> str:
     """The org URL without a trailing slash; ``http`` only on loopback (a bearer token must never cross
     a network in clear text)."""
-    parts = urllib.parse.urlsplit(url.strip())
-    if parts.scheme == "https" and parts.hostname:
-        return url.strip().rstrip("/")
-    if parts.scheme == "http" and is_loopback(parts.hostname):
-        return url.strip().rstrip("/")
-    raise ConfigError(
-        f"PRESENCE_SYNC_DATAVERSE_URL {url!r} must be https://<org>.crm.dynamics.com "
-        "(http is accepted for loopback emulators only)"
-    )
+    return upstream_base_url(url.strip(), name="PRESENCE_SYNC_DATAVERSE_URL", expected="https://<org>.crm.dynamics.com")
 
 
 def odata_query(params: Mapping[str, str]) -> str:

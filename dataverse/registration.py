@@ -26,8 +26,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dataverse.client import DataverseClient, is_loopback, odata_string
+from dataverse.client import DataverseClient, odata_string
 from mapping.errors import ConfigError
+from mapping.hosts import is_loopback
 
 ENDPOINT_NAME = "teams-presence-sync"
 TABLE = "msdyn_agentstatus"

@@ -38,10 +38,11 @@ from typing import Any
 
 from aiohttp import web
 
-from dataverse.client import DataverseClient, is_loopback
+from dataverse.client import DataverseClient
 from dataverse.context import AgentStatusChange, ContextError, Message, parse_context
 from mapping.bridge import Bridge
 from mapping.errors import Rejected, UpstreamError
+from mapping.hosts import is_loopback
 from mapping.model import Agent, PresenceObserved, System
 from mapping.rounds import Rounds
 from mapping.rules import Result

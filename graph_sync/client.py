@@ -31,8 +31,8 @@ from kiota_http.middleware import ParametersNameDecodingHandler, UserAgentHandle
 from msgraph import GraphRequestAdapter, GraphServiceClient
 from msgraph_core import GraphClientFactory
 
-from mapping.errors import ConfigError, PermanentError, RetryableError, Throttled, UpstreamError
-from mapping.hosts import is_loopback
+from mapping.errors import PermanentError, RetryableError, Throttled, UpstreamError
+from mapping.hosts import upstream_base_url
 from mapping.ports import TokenProvider
 from mapping.retry import retry_after_seconds
 
@@ -47,12 +47,7 @@ DEFAULT_TIMEOUT = 10.0
 def check_graph_url(graph_url: str) -> str:
     """The base URL without a trailing slash. ``https`` anywhere, ``http`` only on loopback: a bearer
     token must never cross a network in clear text."""
-    parts = urlsplit(graph_url)
-    if parts.scheme == "https" and parts.hostname:
-        return graph_url.rstrip("/")
-    if parts.scheme == "http" and is_loopback(parts.hostname):
-        return graph_url.rstrip("/")
-    raise ConfigError(f"Graph URL {graph_url!r} must be https (http is accepted for loopback emulators only)")
+    return upstream_base_url(graph_url, name="Graph URL")
 
 
 class TokenAccess(AccessTokenProvider):

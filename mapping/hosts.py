@@ -9,6 +9,8 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import urlsplit
 
+from mapping.errors import ConfigError
+
 
 def is_loopback(host: str | None) -> bool:
     """True for 127.0.0.0/8, ::1 (and their IPv4-mapped form) and ``localhost``."""
@@ -28,3 +30,13 @@ def is_loopback(host: str | None) -> bool:
 
 def is_loopback_url(url: str) -> bool:
     return is_loopback(urlsplit(url).hostname)
+
+
+def upstream_base_url(url: str, *, name: str, expected: str = "https") -> str:
+    """An upstream's base URL without a trailing slash: ``https`` anywhere, ``http`` only on loopback
+    (a bearer token must never cross a network in clear text). ``name`` and ``expected`` word the
+    error: which setting, and what it should look like."""
+    parts = urlsplit(url)
+    if (parts.scheme == "https" and parts.hostname) or (parts.scheme == "http" and is_loopback(parts.hostname)):
+        return url.rstrip("/")
+    raise ConfigError(f"{name} {url!r} must be {expected} (http is accepted for loopback emulators only)")
