@@ -440,18 +440,20 @@ async def read_side(
             if mine:
                 return Seen(system, mine[-1].value, True, mine[-1].observed_at)
             problem = f"{SYSTEM_NAMES[system]} did not return this agent"
-    # Fallback: the newest of what the bridge last observed there and what it last wrote and had
-    # acknowledged (right after a change, the acknowledged write is newer than any observation).
+    # Fallback: the newest of what the bridge last observed there and what the system last
+    # acknowledged from the bridge (right after a change, that is newer than any observation).
     states = await bridge.store.load_states([agent.dynamics_user_id])
     state = states.get(agent.dynamics_user_id)
-    side = state.side(system) if state else None
-    if side is None:
+    if state is None:
         return Seen(system, None, False, None, problem)
+    last = state.dynamics_seen if system is System.DYNAMICS else state.teams_seen
+    candidates = [(last.at, last.value, "observed")]
+    if system is System.DYNAMICS:
+        candidates.append((state.dynamics_delivered_at, state.dynamics_delivered, "accepted"))
+    elif state.session_delivered not in (None, CLEAR):
+        candidates.append((state.session_landed_at, state.session_delivered, "accepted"))
     best = Seen(system, None, False, None, problem)
-    for at, value, how in (
-        (side.observed_at, side.observed_value, "observed"),
-        (side.delivered_at, side.delivered_value, "accepted"),
-    ):
+    for at, value, how in candidates:
         if at is not None and value is not None and (best.at is None or at > best.at):
             best = Seen(system, value, False, at, problem, how)
     return best

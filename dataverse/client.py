@@ -254,6 +254,7 @@ class DataverseClient:
             _version(row),
             by.strip().upper() if isinstance(by, str) else None,
             "reconcile",
+            current=True,
         )
 
     # ------------------------------------------------------------------------------------ reads

@@ -470,6 +470,15 @@ class GraphIntake:
         await self.bridge.store.put_doc(PENDING_KIND, key, {"ids": ids, "why": why, "at": now.isoformat()})
         self._batcher.wake()
 
+    async def request_read(self, system: System, agent_id: str, why: str) -> None:
+        """``ReadRequests``: the core wants an agent's present Teams state (its session write landed
+        over what Teams showed, and Graph notifies nothing when the aggregate does not change)."""
+        if system is not System.TEAMS:
+            return
+        agent = await self.bridge.store.get_agent(agent_id)
+        if agent is not None and agent.entra_object_id:
+            await self._queue_reads([agent.entra_object_id], why)
+
     async def read_pending(self) -> int:
         """One batcher round: reads every user noted so far (650 per Graph call), observes what Teams
         shows, then removes exactly the notes it covered (notes written meanwhile stay for the next

@@ -182,7 +182,9 @@ class TeamsPresenceClient:
                 if found is None or not availability:
                     continue
                 value = f"{availability}/{activity or availability}"
-                out.append(PresenceObserved(found.dynamics_user_id, System.TEAMS, value, at, None, None, "reconcile"))
+                out.append(
+                    PresenceObserved(found.dynamics_user_id, System.TEAMS, value, at, None, None, "reconcile", True)
+                )
         return out
 
     async def _read_batch(self, ids: list[str]) -> list[tuple[str, str | None, str | None]]:

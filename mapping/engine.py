@@ -14,8 +14,8 @@ from datetime import datetime, timedelta
 from mapping import rules as R
 from mapping.catalogue import Catalogue
 from mapping.clock import Clock, utcnow
-from mapping.model import CLEAR, Agent, AgentSyncState, Delivery, PresenceObserved, SetPresence, System
-from mapping.ports import Store
+from mapping.model import Agent, AgentSyncState, Delivery, OutboxStatus, PresenceObserved, SetPresence, System
+from mapping.ports import ReadRequests, Store
 from mapping.rules import Result
 from mapping.telemetry import NullTelemetry, Telemetry
 from mapping.translation import Rules
@@ -51,11 +51,14 @@ class SyncEngine:
         clock: Clock = utcnow,
         on_enqueued: Callable[[], None] | None = None,
         holds: Mapping[System, float] | None = None,
+        reads: ReadRequests | None = None,
     ) -> None:
         """``holds``: per target system, the quiet time (seconds) an observed change waits in the
         outbox before it is written, so that a burst folds into one upstream call (rule 6; see
         ``Transaction.enqueue``); a steady stream is still written every ``HOLD_CAP_FACTOR`` holds.
-        An agent's own command (the bot) is never held: the agent is waiting for the answer."""
+        An agent's own command (the bot) is never held: the agent is waiting for the answer.
+        ``reads``: where to ask for a read of Teams once a session write landed over what Teams
+        showed (rule 2: Graph notifies nothing when the aggregate does not change)."""
         self.store = store
         self.catalogue = catalogue
         self.rules = rules
@@ -63,6 +66,7 @@ class SyncEngine:
         self.clock = clock
         self.on_enqueued = on_enqueued
         self.holds = dict(holds or {})
+        self.reads = reads
         # Per-agent serialisation inside this process; across processes, load_state's row lock.
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -123,8 +127,9 @@ class SyncEngine:
                     if decision.result not in (Result.STALE, Result.DUPLICATE):
                         states[agent_id] = decision.state
                         changed.add(agent_id)
-                    for system in decision.cancel:
-                        await tx.cancel_pending(agent_id, system, now)
+                    for write in decision.cancel:
+                        if await tx.cancel_pending(agent_id, write.system, now) is OutboxStatus.PENDING:
+                            states[agent_id] = R.withdrawn(states[agent_id], write)
                     for cmd in decision.commands:
                         hold = self.holds.get(cmd.system, 0.0)
                         await tx.enqueue(cmd, now, hold, hold * HOLD_CAP_FACTOR)
@@ -151,7 +156,7 @@ class SyncEngine:
         if presence is None:
             return Outcome(Result.UNKNOWN_PRESENCE, agent, detail=f"presence id {presence_id} is not in the catalogue")
         decision = await self._decide_now(
-            agent, source, lambda state, now: R.command(state, presence, self.rules, now, source)
+            agent, source, lambda state, now: R.command(state, presence, self.rules, self.catalogue, now, source)
         )
         return Outcome(decision.result, agent, decision.commands, decision.detail)
 
@@ -164,35 +169,35 @@ class SyncEngine:
             now = self.clock()
             async with self.store.transaction() as tx:
                 decision = decide(await tx.load_state(agent.dynamics_user_id), now)
-                await tx.save_state(decision.state)
+                state = decision.state
+                for write in decision.cancel:
+                    if await tx.cancel_pending(agent.dynamics_user_id, write.system, now) is OutboxStatus.PENDING:
+                        state = R.withdrawn(state, write)
+                await tx.save_state(state)
                 for cmd in decision.commands:
                     await tx.enqueue(cmd, now)
-        self._after(agent, source, None, decision)
+        if decision.commands or source != "delivery":
+            self._after(agent, source, None, decision)
         return decision
 
     async def on_outcome(self, delivery: Delivery, outcome: str, error: str | None) -> None:
-        """DeliveryListener: remembers what a system holds from us, so a later Teams change can be read
-        against the session Teams really shows (rule 2's fallback test); and when a Dynamics write
-        dies, puts Teams back in line with what Dynamics still shows."""
-        if outcome == "dead" and delivery.system is System.DYNAMICS:
-            await self._dynamics_write_died(delivery)
+        """DeliveryListener: a write of ours landed or died. The state records what each system
+        really holds (the sweep repairs the difference), and a session that landed over what Teams
+        showed is read back."""
+        if outcome not in ("delivered", "dead"):
             return
-        if outcome != "delivered":
-            return
-        async with self._lock(delivery.agent_id):
-            async with self.store.transaction() as tx:
-                state = await tx.load_state(delivery.agent_id)
-                await tx.save_state(R.delivered(state, delivery.system, delivery.value, self.clock()))
-
-    async def _dynamics_write_died(self, delivery: Delivery) -> None:
         agent = await self.store.get_agent(delivery.agent_id)
         if agent is None:
             return
-        await self._decide_now(
+        rule = R.landed if outcome == "delivered" else R.write_died
+        decision = await self._decide_now(
             agent,
-            "dead_letter",
-            lambda state, now: R.dynamics_write_died(state, delivery.value, self.rules, self.catalogue, now),
+            "delivery" if outcome == "delivered" else "dead_letter",
+            lambda state, now: rule(state, delivery.system, delivery.value, self.rules, self.catalogue, now),
         )
+        if decision.read and self.reads is not None:
+            for system in decision.read:
+                await self.reads.request_read(system, agent.dynamics_user_id, "session landed")
 
     async def refresh_sessions(self, *, available_every: timedelta, others_every: timedelta) -> int:
         """Re-issues the bridge's Teams session before Graph lets it fade or expire (an Available
@@ -203,20 +208,19 @@ class SyncEngine:
         now = self.clock()
         count = 0
         for agent_id, st in states.items():
-            held, at = st.teams.written_value, st.teams.written_at
-            if held is None or held == CLEAR or at is None:
+            held, at = st.session_written, st.session_written_at
+            if R.refresh(st, now) is None or held is None or at is None:
                 continue
             every = available_every if held.startswith("Available/") else others_every
             if now - at < every:
                 continue
             async with self._lock(agent_id):
                 async with self.store.transaction() as tx:
-                    fresh = await tx.load_state(agent_id)
-                    if fresh.teams.written_value != held:
+                    fresh = R.refresh(await tx.load_state(agent_id), now)
+                    if fresh is None or fresh[1].value != held:
                         continue
-                    fresh.teams.written_at = now
-                    await tx.save_state(fresh)
-                    await tx.enqueue(SetPresence(agent_id, System.TEAMS, held, "session refresh"), now)
+                    await tx.save_state(fresh[0])
+                    await tx.enqueue(fresh[1], now)
             count += 1
         if count and self.on_enqueued:
             self.on_enqueued()
@@ -235,24 +239,7 @@ class SyncEngine:
             extra |= {"system": str(event.system), "value": event.value, "version": event.version}
         if decision.detail:
             extra["detail"] = decision.detail
-        if decision.log:
-            extra |= {f"conflict_{k}": v for k, v in decision.log.items() if k != "conflict"}
-            log.warning("conflict", extra={"fields": extra})
-        else:
-            log.info("event", extra={"fields": extra})
+        extra |= dict(decision.log)
+        log.info("event", extra={"fields": extra})
         if decision.commands and self.on_enqueued:
             self.on_enqueued()
-
-
-def observed_now(
-    agent_id: str,
-    system: System,
-    value: str,
-    *,
-    source: str,
-    version: int | None = None,
-    modified_by: str | None = None,
-    at: datetime | None = None,
-) -> PresenceObserved:
-    """Shorthand for adapters that observe a presence at this moment."""
-    return PresenceObserved(agent_id, system, value, at or utcnow(), version, modified_by, source)

@@ -128,15 +128,16 @@ class MemoryTransaction:
             row.status = OutboxStatus.PENDING
         return row.id
 
-    async def cancel_pending(self, agent_id: str, system: System, now: datetime) -> bool:
+    async def cancel_pending(self, agent_id: str, system: System, now: datetime) -> OutboxStatus | None:
         row = self.d.outbox.get((agent_id, system))
         if row is None or row.status in (OutboxStatus.DELIVERED, OutboxStatus.DEAD):
-            return False
+            return None
+        was = row.status
         # An attempt in flight cannot be called back; its ack is refused (the lease is gone), so
         # nothing is redelivered after it.
         row.lease_owner = row.lease_token = row.lease_until = None
-        row.status, row.updated_at, row.last_error = OutboxStatus.DELIVERED, now, "cancelled (conflict)"
-        return True
+        row.status, row.updated_at, row.last_error = OutboxStatus.DELIVERED, now, "cancelled (already shown)"
+        return was
 
     async def get_agent(self, dynamics_user_id: str) -> Agent | None:
         return self.d.agents.get(dynamics_user_id.lower())

@@ -103,7 +103,10 @@ class PresenceObserved:
     source timestamp in epoch milliseconds; ``None`` means the adapter cannot order it, and the core
     falls back to ``observed_at``. ``modified_by`` is Dataverse's ``msdyn_presencemodifiedby``
     (``AGENT``/``SYSTEM``) when known. ``source`` says which intake saw it (``webhook``,
-    ``notification``, ``reconcile``, ``bot``...), for logs and metrics only.
+    ``notification``, ``reconcile``, ``bot``...), for logs and metrics only. ``current`` is True when
+    the adapter read what the system shows at ``observed_at`` (a GET), not an event it was sent: only
+    a read made after the bridge's own session write landed can tell the person's own Teams state
+    from an older session of the bridge's still showing (rule 3).
     """
 
     agent_id: str
@@ -113,6 +116,7 @@ class PresenceObserved:
     version: int | None = None
     modified_by: str | None = None
     source: str = "unknown"
+    current: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,38 +166,70 @@ class OutboxRow:
 
 
 @dataclass
-class SideState:
-    """What the core remembers of one agent in one system."""
+class Seen:
+    """The last observation of one system: what it showed, its order key, and since when it has been
+    showing that value (the Teams side needs "since when" for rule 2's override test)."""
 
-    observed_value: str | None = None
-    observed_version: int | None = None
-    observed_at: datetime | None = None
-    written_value: str | None = None
-    """The last value the bridge decided to write to this system (echo memory and session state)."""
-    written_at: datetime | None = None
-    write_seen: bool = False
-    """Whether the echo of ``written_value`` has come back already."""
-    changed_at: datetime | None = None
-    """When the last genuine (not echo) change of this system was observed, for the conflict window."""
-    delivered_value: str | None = None
-    """The last write of ours the system acknowledged: what our Teams session really holds now."""
-    delivered_at: datetime | None = None
-    recent_writes: list[tuple[str, datetime]] = field(default_factory=list)
-    """Writes whose echo has not come back yet, oldest first: the echo of an older write can arrive
-    after a newer write was decided (and before it was delivered), and must not count as a change."""
+    value: str | None = None
+    version: int | None = None
+    at: datetime | None = None
+    since: datetime | None = None
+
+
+@dataclass
+class Write:
+    """A write of the bridge whose echo may still come back (rule 3). ``at`` is when it was decided,
+    moved to when it landed, so that a write held back by an outage is still recognised."""
+
+    value: str
+    at: datetime
 
 
 @dataclass
 class AgentSyncState:
-    """Everything the sync rules need about one agent; loaded and saved as one unit."""
+    """Everything the sync rules know about one agent; loaded and saved as one unit.
+
+    Two inputs (``own_dynamics`` = P, ``own_teams`` = Q) decide both outputs (``mapping.outputs``);
+    the rest is what the bridge needs to tell its own writes from genuine changes and to deliver the
+    difference between what each system should show and what it does."""
 
     agent_id: str
-    dynamics: SideState = field(default_factory=SideState)
-    teams: SideState = field(default_factory=SideState)
-    restore_value: str | None = None
-    """Dynamics presence held before the bridge's override; set while an override is active."""
-    override_value: str | None = None
-    """Dynamics presence the bridge set because of Teams; ``None`` when no override is active."""
-
-    def side(self, system: System) -> SideState:
-        return self.dynamics if system is System.DYNAMICS else self.teams
+    # -- P: the agent's own Dynamics presence (the latest Dynamics presence the bridge did not write)
+    own_dynamics: str | None = None
+    own_dynamics_by: str | None = None
+    """Who set P: ``AGENT``, ``SYSTEM`` (routing), ``bot``, or None when Dataverse did not say."""
+    own_dynamics_at: datetime | None = None
+    chose_at: datetime | None = None
+    """When the agent last chose a presence itself (Dynamics, modified-by AGENT, or the bot)."""
+    undo_command: tuple[str | None, str | None, datetime | None] | None = None
+    """P, who set it and ``chose_at`` before a bot command whose Dynamics write has not landed yet:
+    if that write dies, the command did not happen and P is what it was."""
+    # -- Q: the person's own Teams state (None: unknown, or hidden below the bridge's session)
+    own_teams: str | None = None
+    own_teams_since: datetime | None = None
+    """Since when Teams has been showing Q (not when the bridge learned it)."""
+    # -- Dynamics: what it showed last, and the bridge's writes to it
+    dynamics_seen: Seen = field(default_factory=Seen)
+    dynamics_written: str | None = None
+    """A write to Dynamics decided and not landed yet (no echo, no ack); None when none is."""
+    dynamics_unconfirmed: list[Write] = field(default_factory=list)
+    """Writes whose echo has not come back yet, oldest first; each echo is consumed once."""
+    dynamics_delivered: str | None = None
+    """The last write Dynamics acknowledged, and when (what the bot can confirm when a read fails)."""
+    dynamics_delivered_at: datetime | None = None
+    # -- Teams: what it showed last, and the bridge's presence session
+    teams_seen: Seen = field(default_factory=Seen)
+    session_written: str | None = None
+    """The session value last decided (``CLEAR`` for none); None: the bridge never wrote one."""
+    session_written_at: datetime | None = None
+    session_delivered: str | None = None
+    """What the session really holds, as Graph last acknowledged (``CLEAR``/None: no session)."""
+    session_landed_at: datetime | None = None
+    session_unacked: list[str] = field(default_factory=list)
+    """Session values decided and not acknowledged yet: Teams may already hold any of them."""
+    session_replaced: list[str] = field(default_factory=list)
+    """Sessions the bridge replaced that notifications may still show, until Graph shows a newer state."""
+    read_after_landing: bool = False
+    """Read Teams once the pending session write lands: the session being replaced was what Teams
+    showed, and the person's own state may be hidden behind it (Graph notifies nothing when the
+    aggregate does not change)."""

@@ -5,6 +5,7 @@ The core never imports an adapter. ``service`` builds the adapters and hands the
 - ``PresenceWriter``: one per system, used by the outbox workers to deliver commands.
 - ``PresenceReader``: one per system, used by reconciliation to read the truth in batches.
 - ``DeliveryListener``: told when a command finally lands or dies (the bot's follow-ups).
+- ``ReadRequests``: asks an adapter to read an agent's present state (Teams, after a session write).
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ class PresenceReader(Protocol):
     async def read(self, agents: Sequence[Agent]) -> list[PresenceObserved]: ...
 
 
+class ReadRequests(Protocol):
+    """Asks an adapter to read an agent's present state soon and hand it back as an observation
+    (``current=True``): for what the core cannot be told, such as a person's own Teams state hidden
+    behind the bridge's session until that session was cleared (Graph notifies only changes of what
+    Teams shows)."""
+
+    async def request_read(self, system: System, agent_id: str, why: str) -> None: ...
+
+
 class DeliveryListener(Protocol):
     """``outcome`` is ``delivered`` or ``dead``; ``error`` is the last upstream message for ``dead``."""
 
@@ -71,8 +81,11 @@ class Transaction(Protocol):
         waiting out a retry backoff starts a new run for its new value."""
         ...
 
-    async def cancel_pending(self, agent_id: str, system: System, now: datetime) -> bool:
-        """Withdraws a not-yet-delivered command (conflict resolution). True if one was withdrawn."""
+    async def cancel_pending(self, agent_id: str, system: System, now: datetime) -> OutboxStatus | None:
+        """Withdraws a not-yet-delivered command (the system already shows what it should). Returns
+        the status the row had: ``PENDING`` (it will never reach the upstream), ``IN_FLIGHT`` (an
+        attempt is running; it may land, but its ack is refused and nothing is redelivered after it),
+        or None when nothing was live."""
         ...
 
     async def get_agent(self, dynamics_user_id: str) -> Agent | None: ...

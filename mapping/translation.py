@@ -1,4 +1,4 @@
-"""Presence translation between Dynamics 365 and Teams (DESIGN.md, sync rule 2).
+"""Presence translation between Dynamics 365 and Teams (sync rule 2, ``docs/rules.md``).
 
 Rules come from one TOML file (``MAPPING_FILE``) laid over the defaults below; every value is checked
 at load so that a typo stops start-up with the file and key named, instead of mistranslating later.
@@ -8,15 +8,16 @@ at load so that a typo stops start-up with the file and key named, instead of mi
 "Busy DND" = "DoNotDisturb/Presenting"
 
 [teams_to_dynamics]          # "Availability/Activity", "Availability/*" or "*/Activity" ->
-"Busy/InAMeeting" = "Busy"   #   a base presence name, "restore" or "none"
+"Busy/InAMeeting" = "Busy"   #   the base presence that Teams state asks of Dynamics, or "none"
 
 [dynamics_targets]           # base presence -> presence id written to Dynamics (default: out-of-the-box id)
 Busy = "efdeb843-c07a-e811-8162-000d3aa11f50"
-
-[conflict]
-winner = "dynamics"          # "dynamics", "teams" or "latest"
-window_seconds = 2.0
 ```
+
+Version 1's ``[conflict]`` section (a time window deciding which change counted) and the
+``restore`` action are gone: rule 2 decides every case from the two inputs, and a Teams state that
+asks nothing returns Dynamics to the agent's own presence by construction. A file that still has
+them stops start-up with a line saying so.
 """
 
 from __future__ import annotations
@@ -49,14 +50,35 @@ ACTIVITIES = frozenset(
         "Offline OffWork OutOfOffice PresenceUnknown Presenting UrgentInterruptionsOnly"
     ).split()
 )
-RESTORE = "restore"
 NONE = "none"
-CONFLICT_WINNERS = ("dynamics", "teams", "latest")
+REMOVED_CONFLICT = (
+    "the [conflict] section was removed in sync rules version 2: no time window decides which change "
+    "counts any more (rule 2 derives both systems from the agent's own Dynamics presence and the "
+    "person's own Teams state); delete the section"
+)
+REMOVED_RESTORE = (
+    "'restore' was removed in sync rules version 2: a Teams state that asks nothing returns Dynamics "
+    "to the agent's own presence by itself; use 'none'"
+)
+
+AGGREGATION_RANK: Mapping[str, int] = {
+    "DoNotDisturb": 7,
+    "Busy": 6,
+    "BusyIdle": 5,
+    "Available": 4,
+    "AvailableIdle": 3,
+    "Away": 2,
+    "BeRightBack": 2,
+    "Offline": 0,
+    "PresenceUnknown": 0,
+}
+"""How Teams ranks sessions when it aggregates them (Graph's documented order, idle states between):
+a Teams read ranking below the session the bridge holds means that session is not in force."""
 
 _BASE_BY_NAME = {b.label.lower(): b for b in BasePresence} | {b.name.lower(): b for b in BasePresence}
 
 DEFAULT_DYNAMICS_TO_TEAMS: dict[BasePresence, str] = {
-    BasePresence.AVAILABLE: "Available/Available",
+    BasePresence.AVAILABLE: CLEAR,
     BasePresence.BUSY: "Busy/InACall",
     BasePresence.BUSY_DND: "DoNotDisturb/Presenting",
     BasePresence.AWAY: "Away/Away",
@@ -71,9 +93,8 @@ DEFAULT_TEAMS_TO_DYNAMICS: dict[str, str] = {
     "*/Presenting": "Busy DND",
     "Away/*": "Away",
     "BeRightBack/*": "Away",
-    "Available/*": RESTORE,
-    "Offline/*": NONE,
 }
+"""What a person's own Teams state asks of Dynamics; a state no key matches asks nothing."""
 
 
 def parse_base(name: str) -> BasePresence | None:
@@ -81,32 +102,24 @@ def parse_base(name: str) -> BasePresence | None:
 
 
 @dataclass(frozen=True)
-class TeamsAction:
-    """What a Teams presence asks of Dynamics: set a base presence, restore, or nothing."""
-
-    kind: str  # "set", "restore" or "none"
-    base: BasePresence | None = None
-
-
-@dataclass(frozen=True)
 class Rules:
     dynamics_to_teams: Mapping[BasePresence, str] = field(default_factory=lambda: dict(DEFAULT_DYNAMICS_TO_TEAMS))
-    teams_to_dynamics: Mapping[str, TeamsAction] = field(
+    teams_to_dynamics: Mapping[str, BasePresence | None] = field(
         default_factory=lambda: _parse_teams_rules(DEFAULT_TEAMS_TO_DYNAMICS, "defaults")
     )
     dynamics_targets: Mapping[BasePresence, str] = field(default_factory=lambda: dict(OOB_PRESENCE_IDS))
-    conflict_winner: str = "dynamics"
-    conflict_window_seconds: float = 2.0
 
     def teams_for(self, base: BasePresence) -> str:
         return self.dynamics_to_teams[base]
 
-    def action_for(self, teams_value: str) -> TeamsAction:
+    def asked_by(self, teams_value: str) -> BasePresence | None:
+        """The base a Teams state asks of Dynamics (exact pair first, then by activity, then by
+        availability), or None when it asks nothing."""
         p = TeamsPresence.parse(teams_value)
         for key in (p.value, f"*/{p.activity}", f"{p.availability}/*"):
             if key in self.teams_to_dynamics:
                 return self.teams_to_dynamics[key]
-        return TeamsAction(NONE)
+        return None
 
     def check_catalogue(self, presences: Iterable[Presence]) -> list[str]:
         """Problems with the Dynamics targets against the live catalogue (empty when all is well)."""
@@ -121,8 +134,8 @@ class Rules:
         return problems
 
 
-def _parse_teams_rules(raw: Mapping[str, Any], where: str) -> dict[str, TeamsAction]:
-    out: dict[str, TeamsAction] = {}
+def _parse_teams_rules(raw: Mapping[str, Any], where: str) -> dict[str, BasePresence | None]:
+    out: dict[str, BasePresence | None] = {}
     for key, target in raw.items():
         availability, sep, activity = key.partition("/")
         if (
@@ -136,16 +149,18 @@ def _parse_teams_rules(raw: Mapping[str, Any], where: str) -> dict[str, TeamsAct
             )
         if not isinstance(target, str):
             raise ConfigError(f"{where}: [teams_to_dynamics] {key!r} must be a string")
-        if target.lower() in (RESTORE, NONE):
-            out[key] = TeamsAction(target.lower())
+        if target.lower() == "restore":
+            raise ConfigError(f"{where}: [teams_to_dynamics] {key!r}: {REMOVED_RESTORE}")
+        if target.lower() == NONE:
+            out[key] = None
             continue
         base = parse_base(target)
-        if base is None:
+        if base is None or base is BasePresence.OFFLINE:
             raise ConfigError(
-                f"{where}: [teams_to_dynamics] {key!r} = {target!r} is not a presence; use one of "
-                "Available, Busy, Busy DND, Away, Offline, restore, none"
+                f"{where}: [teams_to_dynamics] {key!r} = {target!r} is not a presence a Teams state can ask "
+                "for; use one of Available, Busy, Busy DND, Away, none"
             )
-        out[key] = TeamsAction("set", base)
+        out[key] = base
     return out
 
 
@@ -163,7 +178,9 @@ def load_rules(path: str | Path | None) -> Rules:
         raise ConfigError(f"{where}: not valid TOML: {e}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{where}: cannot be read: {e}") from None
-    unknown = set(raw) - {"dynamics_to_teams", "teams_to_dynamics", "dynamics_targets", "conflict"}
+    if "conflict" in raw:
+        raise ConfigError(f"{where}: {REMOVED_CONFLICT}")
+    unknown = set(raw) - {"dynamics_to_teams", "teams_to_dynamics", "dynamics_targets"}
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {', '.join(sorted(unknown))}")
 
@@ -191,14 +208,7 @@ def load_rules(path: str | Path | None) -> Rules:
             raise ConfigError(f"{where}: [dynamics_targets] {name} = {value!r} is not a presence id (GUID)")
         targets[base] = value.strip().lower()
 
-    conflict = _section(raw, "conflict", where)
-    winner = conflict.get("winner", "dynamics")
-    if winner not in CONFLICT_WINNERS:
-        raise ConfigError(f"{where}: [conflict] winner = {winner!r}; use one of {', '.join(CONFLICT_WINNERS)}")
-    window = conflict.get("window_seconds", 2.0)
-    if not isinstance(window, int | float) or isinstance(window, bool) or not 0 <= window <= 300:
-        raise ConfigError(f"{where}: [conflict] window_seconds = {window!r}; use a number from 0 to 300")
-    return Rules(d2t, t2d, targets, winner, float(window))
+    return Rules(d2t, t2d, targets)
 
 
 def _section(raw: Mapping[str, Any], name: str, where: str) -> Mapping[str, Any]:

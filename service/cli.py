@@ -154,8 +154,8 @@ async def cmd_agents_list(settings: Settings, args: argparse.Namespace) -> int:
         )
         for a in agents:
             st = states.get(a.dynamics_user_id)
-            dyn = presences.get(st.dynamics.observed_value or "", st.dynamics.observed_value or "-") if st else "-"
-            teams = (st.teams.observed_value or "-") if st else "-"
+            dyn = presences.get(st.dynamics_seen.value or "", st.dynamics_seen.value or "-") if st else "-"
+            teams = (st.teams_seen.value or "-") if st else "-"
             say(
                 f"{a.display_name[:24]:<24} {a.dynamics_user_id:<37} {a.entra_object_id:<37} "
                 f"{'yes' if a.enabled else 'no':<3} {dyn[:12]:<12} {teams}"

@@ -171,6 +171,7 @@ class Runtime:
             subscriptions=self.subscriptions,
             tenant_id=s.tenant_id or None,
         )
+        self.bridge.engine.reads = self.graph_intake
         from bot.teams import BotIntake
 
         self.bot = BotIntake(

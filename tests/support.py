@@ -14,7 +14,7 @@ from mapping.errors import UpstreamError
 from mapping.memory import MemoryStore
 from mapping.model import OOB_PRESENCE_IDS, Agent, BasePresence, Presence, PresenceObserved, System
 from mapping.outbox import OutboxWorker
-from mapping.ports import PresenceWriter, Store
+from mapping.ports import PresenceWriter, ReadRequests, Store
 from mapping.retry import RetryPolicy
 from mapping.translation import Rules
 
@@ -74,6 +74,7 @@ def make_bridge(
     writers: Mapping[System, PresenceWriter] | None = None,
     policy: RetryPolicy | None = None,
     presences: Sequence[Presence] = PRESENCES,
+    reads: ReadRequests | None = None,
 ) -> Bridge:
     store = store or MemoryStore()
     clock = clock or FakeClock()
@@ -81,7 +82,7 @@ def make_bridge(
     rules = rules or Rules()
     writers = writers or {s: RecordingWriter(s) for s in System}
     outbox = OutboxWorker(store, writers, policy=policy or RetryPolicy(jitter=False), clock=clock, limiters={})
-    engine = SyncEngine(store, catalogue, rules, clock=clock, on_enqueued=outbox.wake)
+    engine = SyncEngine(store, catalogue, rules, clock=clock, on_enqueued=outbox.wake, reads=reads)
     outbox.listeners.insert(0, engine)
     return Bridge(store, catalogue, rules, engine, outbox, limiters={}, clock=clock)
 

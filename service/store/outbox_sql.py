@@ -26,7 +26,7 @@ from service.store.types import UTCDateTime
 
 PENDING, IN_FLIGHT = OutboxStatus.PENDING.value, OutboxStatus.IN_FLIGHT.value
 DELIVERED, DEAD = OutboxStatus.DELIVERED.value, OutboxStatus.DEAD.value
-CANCELLED = "cancelled (conflict)"
+CANCELLED = "cancelled (already shown)"
 
 
 def _dialect(conn: AsyncConnection) -> str:
@@ -114,20 +114,22 @@ async def enqueue(
     return int(row_id)
 
 
-async def cancel_pending(conn: AsyncConnection, agent_id: str, system: System, now: datetime) -> bool:
+async def cancel_pending(conn: AsyncConnection, agent_id: str, system: System, now: datetime) -> OutboxStatus | None:
     """Marks a live row delivered as cancelled and drops its lease, so an attempt in flight cannot
-    ack it and nothing is redelivered after it."""
-    stmt = (
+    ack it and nothing is redelivered after it. Returns the status the row had (the caller holds the
+    agent's state lock, so the read and the update see the same row)."""
+    where = (outbox.c.agent_id == agent_id, outbox.c.system == system.value, outbox.c.status.in_([PENDING, IN_FLIGHT]))
+    was = (await conn.execute(select(outbox.c.status).where(*where))).scalar()
+    if was is None:
+        return None
+    await conn.execute(
         update(outbox)
-        .where(
-            outbox.c.agent_id == agent_id, outbox.c.system == system.value, outbox.c.status.in_([PENDING, IN_FLIGHT])
-        )
+        .where(*where)
         .values(
             lease_owner=None, lease_token=None, lease_until=None, status=DELIVERED, updated_at=now, last_error=CANCELLED
         )
-        .returning(outbox.c.id)
     )
-    return (await conn.execute(stmt)).first() is not None
+    return OutboxStatus(was)
 
 
 async def claim(

@@ -4,10 +4,12 @@ migrations are checked against (``tests/store/test_migrations.py`` compares them
 Why these shapes:
 - ``outbox`` keeps ONE row per (agent, system) (rule 6, coalescing): a new desired value overwrites
   the row and bumps ``generation`` instead of adding rows, so a burst costs one upstream call.
-- ``agent_state`` + ``sync_state`` hold ``mapping.model.AgentSyncState``: agent-level fields in one
-  row, one row per system side. ``agent_state`` is also the row PostgreSQL locks in
-  ``Transaction.load_state``; a lock needs a row, so one is inserted blank (``saved`` false) when
-  the agent has none, and ``saved`` tells real states from those placeholders.
+- ``agent_state`` holds ``mapping.model.AgentSyncState`` as one JSON document per agent (``doc``,
+  see ``service.store.state_doc``): the core loads and saves the whole state at once and never
+  queries inside it, so one row read is all an event costs, and the rules can grow a field without a
+  migration. It is also the row PostgreSQL locks in ``Transaction.load_state``; a lock needs a row,
+  so one is inserted blank (``saved`` false) when the agent has none, and ``saved`` tells real
+  states from those placeholders.
 - No foreign keys to ``agents``: the core may keep state and commands for an agent that was removed
   from the directory (the outbox then dead-letters it with a clear message), exactly like the
   in-memory reference store.
@@ -20,7 +22,6 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
-    ForeignKey,
     Index,
     Integer,
     LargeBinary,
@@ -73,26 +74,8 @@ agent_state = Table(
     metadata,
     Column("agent_id", String(64), primary_key=True),
     Column("saved", Boolean, nullable=False),
-    Column("restore_value", Text),
-    Column("override_value", Text),
+    Column("doc", JSON),
     Column("updated_at", UTCDateTime, nullable=False),
-)
-
-sync_state = Table(
-    "sync_state",
-    metadata,
-    Column("agent_id", String(64), ForeignKey("agent_state.agent_id", ondelete="CASCADE"), primary_key=True),
-    Column("system", String(16), primary_key=True),
-    Column("observed_value", Text),
-    Column("observed_version", BigInteger),
-    Column("observed_at", UTCDateTime),
-    Column("written_value", Text),
-    Column("written_at", UTCDateTime),
-    Column("write_seen", Boolean, nullable=False),
-    Column("changed_at", UTCDateTime),
-    Column("delivered_value", Text),
-    Column("delivered_at", UTCDateTime),
-    Column("recent_writes", JSON),  # [[value, ISO-8601 UTC], ...], oldest first
 )
 
 outbox = Table(

@@ -10,7 +10,7 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from mapping.model import Agent, AgentSyncState, SetPresence, System
+from mapping.model import Agent, AgentSyncState, OutboxStatus, SetPresence, System
 from service.store import directory_sql, outbox_sql, state_sql
 
 
@@ -29,7 +29,7 @@ class SqlTransaction:
     async def enqueue(self, command: SetPresence, now: datetime, hold: float = 0.0, max_hold: float = 0.0) -> int:
         return await outbox_sql.enqueue(self.conn, command, now, hold, max_hold)
 
-    async def cancel_pending(self, agent_id: str, system: System, now: datetime) -> bool:
+    async def cancel_pending(self, agent_id: str, system: System, now: datetime) -> OutboxStatus | None:
         return await outbox_sql.cancel_pending(self.conn, agent_id, system, now)
 
     async def get_agent(self, dynamics_user_id: str) -> Agent | None:

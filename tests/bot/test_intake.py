@@ -28,12 +28,12 @@ def _card_buttons(card: dict[str, Any]) -> list[dict[str, Any]]:
 @pytest.mark.parametrize(
     ("text", "presence_id", "teams_value", "label"),
     [
-        ("available", AVAILABLE, "Available/Available", "Available"),
+        ("available", AVAILABLE, None, "Available"),  # no session: the person's own Teams state shows
         ("<at>Presence Sync</at> busy", BUSY, "Busy/InACall", "Busy"),
         ("dnd", DND, "DoNotDisturb/Presenting", "Do not disturb"),
         ("Do not disturb please", DND, "DoNotDisturb/Presenting", "Do not disturb"),
         ("AWAY!", AWAY, "Away/Away", "Away"),
-        ("please set me to offline", OFFLINE, None, "Offline"),  # no bridge session to clear yet
+        ("please set me to offline", OFFLINE, None, "Offline"),  # likewise
         ("set Training", TRAINING, "DoNotDisturb/Presenting", "Training (do not disturb)"),
     ],
 )

@@ -172,8 +172,8 @@ async def test_full_loop_emulator_to_intake_to_store(emu: DataverseEmulator, cli
     status = emu.agent_status(ALICE.dynamics_user_id)
     assert status is not None
     state = (await bridge.store.load_states([ALICE.dynamics_user_id]))[ALICE.dynamics_user_id]
-    assert (state.dynamics.observed_value, state.dynamics.observed_version) == (BUSY, status["versionnumber"])
-    assert state.dynamics.observed_version == int(target["RowVersion"])
+    assert (state.dynamics_seen.value, state.dynamics_seen.version) == (BUSY, status["versionnumber"])
+    assert state.dynamics_seen.version == int(target["RowVersion"])
     row = await bridge.store.outbox_row(ALICE.dynamics_user_id, System.TEAMS)
     assert row is not None and row.value == "Busy/InACall"
 
@@ -200,7 +200,7 @@ async def test_the_emitted_body_is_what_the_intake_parses(emu: DataverseEmulator
     (sent,) = await emu.wait_emissions()
     assert sent.status == 200
     state = (await bridge.store.load_states([ALICE.dynamics_user_id]))[ALICE.dynamics_user_id]
-    assert state.dynamics.observed_value == BUSY
+    assert state.dynamics_seen.value == BUSY
 
 
 # ---------------------------------------------------------------------------------------------- discover_agents

@@ -199,7 +199,7 @@ async def test_presence_change_is_committed_before_the_200(served: Served, http:
     assert status == 200
     assert body == {"status": "recorded", "result": "applied", "commands": 1}
     state = (await known.store.load_states([ALICE.dynamics_user_id]))[ALICE.dynamics_user_id]
-    assert (state.dynamics.observed_value, state.dynamics.observed_version) == (BUSY, 5948260)
+    assert (state.dynamics_seen.value, state.dynamics_seen.version) == (BUSY, 5948260)
     row = await known.store.outbox_row(ALICE.dynamics_user_id, System.TEAMS)
     assert row is not None and row.value == "Busy/InACall"
     assert [n for n, _ in telemetry.latencies] == ["ack.dataverse_webhook"]
@@ -211,7 +211,7 @@ async def test_older_row_version_does_not_overwrite(served: Served, http: aiohtt
     status, body = await post(http, served, update(AVAILABLE, row_version=99))
     assert status == 200 and body["result"] == "stale"
     state = (await known.store.load_states([ALICE.dynamics_user_id]))[ALICE.dynamics_user_id]
-    assert (state.dynamics.observed_value, state.dynamics.observed_version) == (BUSY, 100)
+    assert (state.dynamics_seen.value, state.dynamics_seen.version) == (BUSY, 100)
 
 
 async def test_non_presence_update_is_200_ignored(served: Served, http: aiohttp.ClientSession, known: Bridge,
@@ -293,7 +293,7 @@ async def test_create_for_a_new_agent_adds_it_in_the_background(emu: DataverseEm
     agent = await bridge.store.get_agent(BOB.dynamics_user_id)
     assert agent == Agent(BOB.dynamics_user_id, BOB.entra_object_id, "Bob Agent", True)
     state = (await bridge.store.load_states([BOB.dynamics_user_id]))[BOB.dynamics_user_id]
-    assert state.dynamics.observed_value == OFFLINE
+    assert state.dynamics_seen.value == OFFLINE
     assert telemetry.events[(ROUTE, "agent_added")] == 1
     assert await bridge.store.list_docs(PENDING_KIND) == {}
     assert await bridge.store.list_unknown() == []
@@ -317,7 +317,7 @@ async def test_update_while_pending_gives_the_latest_presence(emu: DataverseEmul
     finally:
         await served.close()
     state = (await bridge.store.load_states([BOB.dynamics_user_id]))[BOB.dynamics_user_id]
-    assert (state.dynamics.observed_value, state.dynamics.observed_version) == (AVAILABLE, 7)
+    assert (state.dynamics_seen.value, state.dynamics_seen.version) == (AVAILABLE, 7)
 
 
 async def test_create_for_a_user_without_entra_id_ends_up_unknown(emu: DataverseEmulator, served: Served,
@@ -357,7 +357,7 @@ async def test_create_of_a_known_agent_records_its_presence(served: Served, http
     status, body = await post(http, served, seed_bytes("create-agent"))
     assert status == 200 and body["status"] == "recorded"
     state = (await bridge.store.load_states([BOB.dynamics_user_id]))[BOB.dynamics_user_id]
-    assert state.dynamics.observed_value == OFFLINE
+    assert state.dynamics_seen.value == OFFLINE
     assert list(emu.calls) == []
 
 

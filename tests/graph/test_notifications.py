@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from emulators.graph import encrypt_for_certificate, sign_validation_token
 from graph_sync.notifications import PENDING_KIND, ids_from_resource
 from mapping.engine import BATCH
-from mapping.model import Agent, System
+from mapping.model import Agent, PresenceObserved, System
 from tests.graph.conftest import (
     CLIENT_ID,
     CLIENT_STATE,
@@ -30,7 +30,7 @@ from tests.graph.conftest import (
     build_rig,
     close_rig,
 )
-from tests.support import BUSY, DND, FakeClock, RecordingWriter
+from tests.support import AVAILABLE, BUSY, DND, FakeClock, RecordingWriter
 
 ROUTE = "graph_notifications"
 ALICE, BOB = agents(2)
@@ -38,9 +38,21 @@ ALICE, BOB = agents(2)
 
 @pytest.fixture
 async def seeded(rich_rig: Rig) -> Rig:
-    await rich_rig.bridge.store.upsert_agents([ALICE, BOB])
+    """Two agents the bridge knows in both systems: Available in Dynamics (as the start-up sweep
+    would have read), so that what Teams asks has a presence to be measured against (rule 2)."""
+    await known_agents(rich_rig, [ALICE, BOB])
     rich_rig.emu.add_users([ALICE.entra_object_id, BOB.entra_object_id])
     return rich_rig
+
+
+async def known_agents(rig: Rig, agents: list[Agent]) -> None:
+    """Agents in the directory whose Dynamics presence the bridge has read (Available, as the start-up
+    sweep would find): what Teams asks is measured against it (rule 2)."""
+    await rig.bridge.store.upsert_agents(agents)
+    for agent in agents:
+        await rig.bridge.engine.observe(
+            PresenceObserved(agent.dynamics_user_id, System.DYNAMICS, AVAILABLE, rig.bridge.clock(), 1, "SYSTEM",
+                             "reconcile", True))
 
 
 def token(rig: Rig, **claims: Any) -> str:
@@ -227,7 +239,7 @@ async def test_past_the_ack_budget_the_rest_is_deferred_to_reads(emu: Any, clock
     rig, runner = await build_rig(emu, clock, telemetry, dynamics_writer, certificate=certificate, ack_budget=0.0)
     try:
         await rig.intake.stop()  # the pending reads are driven by hand below
-        await rig.bridge.store.upsert_agents([ALICE, BOB])
+        await known_agents(rig, [ALICE, BOB])
         emu.add_users([ALICE.entra_object_id, BOB.entra_object_id], own=("Busy", "InACall"))
         body = {"value": [rich_item(rig, certificate, ALICE, "Busy", "InACall"),
                           rich_item(rig, certificate, BOB, "Busy", "InACall")],
@@ -252,7 +264,7 @@ async def test_the_budget_spent_observing_defers_the_rest_to_reads(emu: Any, clo
     try:
         await rig.intake.stop()  # the pending reads are driven by hand below
         crowd = agents(BATCH + 4, start=100)
-        await rig.bridge.store.upsert_agents(crowd)
+        await known_agents(rig, crowd)
         emu.add_users([a.entra_object_id for a in crowd], own=("Busy", "InACall"))
         observe_many = rig.bridge.engine.observe_many
         chunks: list[int] = []
@@ -284,7 +296,7 @@ async def test_keys_unavailable_is_503_so_graph_retries(emu: Any, clock: FakeClo
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/keys"
     rig, runner = await build_rig(emu, clock, telemetry, dynamics_writer, certificate=certificate, jwks_url=dead)
     try:
-        await rig.bridge.store.upsert_agents([ALICE])
+        await known_agents(rig, [ALICE])
         body = {"value": [rich_item(rig, certificate, ALICE, "Busy", "InACall")], "validationTokens": [token(rig)]}
         status, answer = await post(http, rig.notify_url, body)
         assert status == 503 and "validationTokens" in answer["error"]
@@ -311,7 +323,7 @@ async def test_a_failing_store_is_503_never_500(seeded: Rig, certificate: Certif
 
 
 async def test_basic_notification_is_stored_then_read_in_a_batch(rig: Rig) -> None:
-    await rig.bridge.store.upsert_agents([ALICE, BOB])
+    await known_agents(rig, [ALICE, BOB])
     rig.emu.add_users([ALICE.entra_object_id, BOB.entra_object_id])
     await rig.manager.sync()
     rig.emu.set_user_state(ALICE.entra_object_id, "Busy", "InACall")
@@ -326,7 +338,7 @@ async def test_basic_notification_is_stored_then_read_in_a_batch(rig: Rig) -> No
 
 
 async def test_missed_lifecycle_reads_the_subscriptions_users(rig: Rig) -> None:
-    await rig.bridge.store.upsert_agents([ALICE, BOB])
+    await known_agents(rig, [ALICE, BOB])
     rig.emu.add_users([ALICE.entra_object_id, BOB.entra_object_id])
     await rig.manager.sync()
     (sub,) = rig.emu.subscriptions
@@ -341,7 +353,7 @@ async def test_missed_lifecycle_reads_the_subscriptions_users(rig: Rig) -> None:
 
 
 async def test_lifecycle_with_a_wrong_client_state_does_nothing(rig: Rig, http: aiohttp.ClientSession) -> None:
-    await rig.bridge.store.upsert_agents([ALICE])
+    await known_agents(rig, [ALICE])
     rig.emu.add_users([ALICE.entra_object_id])
     await rig.manager.sync()
     (sub,) = rig.emu.subscriptions
@@ -361,7 +373,7 @@ def test_ids_from_resource() -> None:
 
 
 async def test_pending_reads_survive_failures_and_keep_notes_written_meanwhile(rig: Rig) -> None:
-    await rig.bridge.store.upsert_agents([ALICE, BOB])
+    await known_agents(rig, [ALICE, BOB])
     rig.emu.add_users([ALICE.entra_object_id, BOB.entra_object_id], own=("Busy", "InACall"))
     stranger = agents(1, start=77)[0].entra_object_id
     await rig.intake.stop()  # rounds driven by hand below, no background batcher racing them
@@ -394,7 +406,7 @@ async def test_without_a_configured_client_state_nothing_is_accepted(emu: Any, c
     rig, runner = await build_rig(emu, clock, telemetry, dynamics_writer)
     try:
         rig.intake.client_state = b""
-        await rig.bridge.store.upsert_agents([ALICE])
+        await known_agents(rig, [ALICE])
         item = {"subscriptionId": "s", "clientState": "", "changeType": "updated",
                 "resourceData": {"id": ALICE.entra_object_id}}
         status, answer = await post(http, rig.notify_url, {"value": [item]})

@@ -10,9 +10,9 @@ from datetime import timedelta
 import aiohttp
 
 from graph_sync.subscriptions import KIND, LEADERSHIP, assign, presence_resource
-from mapping.model import System
+from mapping.model import PresenceObserved, System
 from tests.graph.conftest import CLIENT_STATE, SUBSCRIBER_TOKENS, Rig, agents, entra
-from tests.support import BUSY
+from tests.support import AVAILABLE, BUSY
 
 
 async def seed(rig: Rig, count: int = 1400) -> None:
@@ -130,6 +130,11 @@ async def test_accounts_run_out_and_the_rest_is_polled(rig: Rig) -> None:
     assert len(rig.emu.calls("POST", "getPresencesByUserId")) == reads + 1
     agent = await rig.bridge.store.get_agent_by_entra(polled)
     assert agent is not None
+    # Measured against the agent's Dynamics presence (rule 2): the bridge reads it first, then polls.
+    await rig.bridge.engine.observe(
+        PresenceObserved(agent.dynamics_user_id, System.DYNAMICS, AVAILABLE, rig.bridge.clock(), 1, "SYSTEM")
+    )
+    assert await rig.manager.poll_uncovered() == 100
     row = await rig.bridge.store.outbox_row(agent.dynamics_user_id, System.DYNAMICS)
     assert row is not None and row.value == BUSY
     rows = await rig.manager.status()

@@ -120,4 +120,4 @@ async def test_a_failing_chunk_raises_and_leaves_the_chunks_before_it_committed(
     with pytest.raises(RuntimeError):
         await bridge.engine.observe_many(events)
     state = (await store.load_states([ALICE.dynamics_user_id]))[ALICE.dynamics_user_id]
-    assert state.dynamics.observed_value == AWAY  # chunk 1 (BUSY, AWAY) kept; chunk 2 never written
+    assert state.dynamics_seen.value == AWAY  # chunk 1 (BUSY, AWAY) kept; chunk 2 never written

@@ -4,7 +4,7 @@ import pytest
 
 from mapping.errors import ConfigError
 from mapping.model import BasePresence
-from mapping.translation import RESTORE, load_rules
+from mapping.translation import load_rules
 from service.settings import load_settings
 
 
@@ -92,24 +92,25 @@ def test_toml_overrides_and_validates(tmp_path):
     f = tmp_path / "rules.toml"
     f.write_text(
         '[dynamics_to_teams]\nAway = "Busy/InAConferenceCall"\n[teams_to_dynamics]\n'
-        '"Busy/Busy" = "Busy"\n"Away/*" = "none"\n[conflict]\nwinner = "latest"\n'
+        '"Busy/Busy" = "Busy"\n"Away/*" = "none"\n'
     )
     r = load_rules(f)
     assert r.teams_for(BasePresence.AWAY) == "Busy/InAConferenceCall"
-    assert r.action_for("Busy/Busy").base is BasePresence.BUSY
-    assert r.action_for("Away/Away").kind == "none"
-    assert r.action_for("Available/Available").kind == RESTORE  # defaults kept
-    assert r.conflict_winner == "latest"
+    assert r.teams_for(BasePresence.AVAILABLE) == "clear"  # defaults kept: no Available session
+    assert r.asked_by("Busy/Busy") is BasePresence.BUSY
+    assert r.asked_by("Away/Away") is None
+    assert r.asked_by("Busy/InAMeeting") is BasePresence.BUSY  # defaults kept
 
 
 @pytest.mark.parametrize(
     "body,needle",
     [
         ('[teams_to_dynamics]\n"Busy/InACall" = "Lunch"\n', "'Lunch' is not a presence"),
+        ('[teams_to_dynamics]\n"Busy/InACall" = "restore"\n', "'restore' was removed in sync rules version 2"),
         ('[dynamics_to_teams]\nBusy = "Busy/Busy"\n', "Graph accepts only"),
         ('[dynamics_to_teams]\nLunch = "Away/Away"\n', "'Lunch' is not a base presence"),
         ('[teams_to_dynamics]\n"Bussy/InACall" = "Busy"\n', "'Bussy/InACall'"),
-        ('[conflict]\nwinner = "both"\n', "winner"),
+        ('[conflict]\nwinner = "dynamics"\n', "the [conflict] section was removed in sync rules version 2"),
         ('[dynamics_targets]\nBusy = "nope"\n', "not a presence id"),
         ("[extras]\na = 1\n", "unknown section"),
         ("this is = = not toml", "not valid TOML"),

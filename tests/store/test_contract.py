@@ -16,9 +16,10 @@ from mapping.model import (
     BasePresence,
     OutboxStatus,
     Presence,
+    Seen,
     SetPresence,
-    SideState,
     System,
+    Write,
 )
 from mapping.ports import Store
 from tests.support import ALICE, AVAILABLE, BOB, BUSY, PRESENCES, T0
@@ -140,30 +141,39 @@ def full_state(agent_id: str) -> AgentSyncState:
     cet = timezone(timedelta(hours=1))
     return AgentSyncState(
         agent_id,
-        dynamics=SideState(
-            observed_value=BUSY, observed_version=2**40 + 7, observed_at=T0.astimezone(cet),
-            written_value=AVAILABLE, written_at=T0 + timedelta(seconds=1), write_seen=True,
-            changed_at=T0 + timedelta(milliseconds=1234), delivered_value=BUSY,
-            delivered_at=T0 + timedelta(seconds=2),
-            recent_writes=[(AVAILABLE, T0), (BUSY, T0.astimezone(cet) + timedelta(microseconds=1))],
-        ),
-        teams=SideState(observed_value="Busy/InACall", observed_at=T0, written_value="DoNotDisturb/Presenting",
-                        delivered_value="clear"),
-        restore_value=AVAILABLE,
-        override_value=BUSY,
+        own_dynamics=BUSY,
+        own_dynamics_by="SYSTEM",
+        own_dynamics_at=T0.astimezone(cet),
+        chose_at=T0 + timedelta(milliseconds=1234),
+        undo_command=(AVAILABLE, "AGENT", T0.astimezone(cet)),
+        own_teams="Busy/InAMeeting",
+        own_teams_since=T0 + timedelta(seconds=3),
+        dynamics_seen=Seen(BUSY, 2**40 + 7, T0.astimezone(cet), T0 - timedelta(seconds=1)),
+        dynamics_written=AVAILABLE,
+        dynamics_delivered=BUSY,
+        dynamics_delivered_at=T0 + timedelta(seconds=5),
+        dynamics_unconfirmed=[Write(AVAILABLE, T0), Write(BUSY, T0.astimezone(cet) + timedelta(microseconds=1))],
+        teams_seen=Seen("Busy/InACall", None, T0, T0 - timedelta(minutes=1)),
+        session_written="DoNotDisturb/Presenting",
+        session_written_at=T0 + timedelta(seconds=1),
+        session_delivered="clear",
+        session_landed_at=T0 + timedelta(seconds=2),
+        session_unacked=["DoNotDisturb/Presenting"],
+        session_replaced=["Busy/InACall"],
+        read_after_landing=True,
     )
 
 
 def test_full_state_sets_every_field() -> None:
     """Guards the round trip below: when the model gains a field, this fails until ``full_state`` sets
-    it, and then the round trip fails on SQL until the store keeps it (a column and a migration)."""
+    it, and then the round trip fails on SQL until the store's codec keeps it."""
     state = full_state("x")
     blank = AgentSyncState("x")
-    for f in fields(SideState):
-        assert getattr(state.dynamics, f.name) != getattr(blank.dynamics, f.name), f.name
     for f in fields(AgentSyncState):
         if f.name != "agent_id":
             assert getattr(state, f.name) != getattr(blank, f.name), f.name
+    for f in fields(Seen):
+        assert getattr(state.dynamics_seen, f.name) != getattr(blank.dynamics_seen, f.name), f.name
 
 
 async def test_state_round_trips_exactly(any_store: Store) -> None:
@@ -175,22 +185,23 @@ async def test_state_round_trips_exactly(any_store: Store) -> None:
         loaded = await tx.load_state(ALICE.dynamics_user_id)
     assert loaded == state
     assert (await any_store.load_states([ALICE.dynamics_user_id]))[ALICE.dynamics_user_id] == state
-    for side in (loaded.dynamics, loaded.teams):
-        for value in (side.observed_at, side.written_at, side.changed_at, *(at for _, at in side.recent_writes)):
-            assert value is None or value.utcoffset() is not None  # aware (UTC on SQL: test_sql.py)
+    times = [loaded.own_dynamics_at, loaded.chose_at, loaded.own_teams_since, loaded.dynamics_seen.at,
+             loaded.teams_seen.since, *(w.at for w in loaded.dynamics_unconfirmed)]
+    for value in times:
+        assert value is None or value.utcoffset() is not None  # aware (UTC on SQL: test_sql.py)
 
 
 async def test_state_is_overwritten_and_loaded_in_bulk(any_store: Store) -> None:
     first = full_state(ALICE.dynamics_user_id)
     async with any_store.transaction() as tx:
         await tx.save_state(first)
-        await tx.save_state(AgentSyncState(BOB.dynamics_user_id, restore_value=BUSY))
+        await tx.save_state(AgentSyncState(BOB.dynamics_user_id, own_dynamics=BUSY))
     cleared = AgentSyncState(ALICE.dynamics_user_id)
     async with any_store.transaction() as tx:
         await tx.save_state(cleared)
         await tx.load_state(CAROL.dynamics_user_id)  # loaded, never saved: not a state
     states = await any_store.load_states([BOB.dynamics_user_id, CAROL.dynamics_user_id, ALICE.dynamics_user_id])
-    assert states == {BOB.dynamics_user_id: AgentSyncState(BOB.dynamics_user_id, restore_value=BUSY),
+    assert states == {BOB.dynamics_user_id: AgentSyncState(BOB.dynamics_user_id, own_dynamics=BUSY),
                       ALICE.dynamics_user_id: cleared}
     assert list(states) == [BOB.dynamics_user_id, ALICE.dynamics_user_id]
     assert await any_store.load_states([]) == {}
@@ -382,15 +393,15 @@ async def test_enqueue_revives_delivered_and_dead_rows(any_store: Store) -> None
 async def test_cancel_pending_withdraws_and_voids_the_lease(any_store: Store) -> None:
     await enqueue(any_store, cmd(ALICE, "a"), cmd(BOB, "b"))
     async with any_store.transaction() as tx:
-        assert await tx.cancel_pending(ALICE.dynamics_user_id, TEAMS, T0) is True
-        assert await tx.cancel_pending(ALICE.dynamics_user_id, TEAMS, T0) is False  # already withdrawn
-        assert await tx.cancel_pending(CAROL.dynamics_user_id, TEAMS, T0) is False
+        assert await tx.cancel_pending(ALICE.dynamics_user_id, TEAMS, T0) is OutboxStatus.PENDING
+        assert await tx.cancel_pending(ALICE.dynamics_user_id, TEAMS, T0) is None  # already withdrawn
+        assert await tx.cancel_pending(CAROL.dynamics_user_id, TEAMS, T0) is None
     row = await any_store.outbox_row(ALICE.dynamics_user_id, TEAMS)
-    assert row is not None and (row.status, row.last_error) == (OutboxStatus.DELIVERED, "cancelled (conflict)")
+    assert row is not None and (row.status, row.last_error) == (OutboxStatus.DELIVERED, "cancelled (already shown)")
     [d] = await any_store.claim([TEAMS], 10, 30, "w", T0)
     assert d.agent_id == BOB.dynamics_user_id
     async with any_store.transaction() as tx:  # in flight: the attempt cannot be recalled, its ack is refused
-        assert await tx.cancel_pending(BOB.dynamics_user_id, TEAMS, T0) is True
+        assert await tx.cancel_pending(BOB.dynamics_user_id, TEAMS, T0) is OutboxStatus.IN_FLIGHT
     assert await any_store.ack(d, T0) is False
     assert await any_store.claim([TEAMS], 10, 30, "w", T0 + timedelta(hours=1)) == []
     assert await any_store.outbox_counts() == {"pending": 0, "in_flight": 0, "delivered": 2, "dead": 0}

@@ -14,7 +14,7 @@ from cryptography.fernet import Fernet
 from sqlalchemy import select, text
 
 from mapping.errors import ConfigError
-from mapping.model import AgentSyncState, SetPresence, System
+from mapping.model import AgentSyncState, SetPresence, System, Write
 from service.store import SqlStore, open_store
 from service.store.schema import secrets
 from service.store.secrets import KEY_MISSING
@@ -75,7 +75,7 @@ async def test_schema_argument_creates_and_uses_the_schema(pg_server: str, make_
         tables = (await conn.execute(text(
             "SELECT count(*) FROM information_schema.tables WHERE table_schema = :s"), {"s": name})).scalar_one()
         assert (await conn.execute(text("SELECT current_schema()"))).scalar_one() == name
-    assert tables == 9  # eight tables and alembic_version
+    assert tables == 8  # seven tables and alembic_version
 
 
 async def test_sqlite_file_in_a_missing_directory(tmp_path: Path) -> None:
@@ -93,7 +93,7 @@ async def test_schema_newer_than_the_code_is_refused(sql_url: str, open_sql: Ope
     for migrate in (True, False):
         with pytest.raises(ConfigError, match=r"schema revision 9999, which this version of presence-sync does not"):
             await open_store(sql_url, migrate=migrate)
-    with pytest.raises(ConfigError, match=r"revision 9999, this presence-sync needs 0002; a newer presence-sync"):
+    with pytest.raises(ConfigError, match=r"revision 9999, this presence-sync needs 0003; a newer presence-sync"):
         await store.ping()
 
 
@@ -148,15 +148,15 @@ async def test_datetimes_come_back_aware_utc(sql_url: str, open_sql: OpenSql) ->
     async with store.transaction() as tx:
         await tx.enqueue(SetPresence(ALICE.dynamics_user_id, System.TEAMS, "Away/Away"), at)
         state = AgentSyncState(ALICE.dynamics_user_id)
-        state.teams.observed_at = at
-        state.teams.recent_writes = [("Away/Away", at)]
+        state.teams_seen.at = at
+        state.dynamics_unconfirmed = [Write(BUSY, at)]
         await tx.save_state(state)
     row = await store.outbox_row(ALICE.dynamics_user_id, System.TEAMS)
     assert row is not None and row.updated_at == T0 and row.updated_at.tzinfo is UTC
     assert row.next_attempt_at is not None and row.next_attempt_at.tzinfo is UTC
     loaded = (await store.load_states([ALICE.dynamics_user_id]))[ALICE.dynamics_user_id]
-    assert loaded.teams.observed_at == T0 and loaded.teams.observed_at.tzinfo is UTC
-    assert loaded.teams.recent_writes == [("Away/Away", T0)] and loaded.teams.recent_writes[0][1].tzinfo is UTC
+    assert loaded.teams_seen.at == T0 and loaded.teams_seen.at.tzinfo is UTC
+    assert loaded.dynamics_unconfirmed == [Write(BUSY, T0)] and loaded.dynamics_unconfirmed[0].at.tzinfo is UTC
     # Compared in UTC inside SQL too: due at 09:00Z, so not claimable at 08:59:59Z written as 03:59:59-05:00.
     assert await store.claim([System.TEAMS], 10, 30, "w", (T0 - timedelta(seconds=1)).astimezone(eastern)) == []
     assert len(await store.claim([System.TEAMS], 10, 30, "w", T0.astimezone(eastern))) == 1
@@ -188,14 +188,14 @@ async def test_load_state_locks_the_agent_until_commit(pg_url: str, open_sql: Op
     async def second() -> None:
         async with two.transaction() as tx:
             state = await tx.load_state(agent)
-            second_saw.append(state.restore_value)
+            second_saw.append(state.own_dynamics)
 
     async with one.transaction() as tx:
         state = await tx.load_state(agent)
         waiting = asyncio.create_task(second())
         await asyncio.sleep(0.3)
         assert not waiting.done(), "the second transaction read the agent while the first held it"
-        state.restore_value = BUSY
+        state.own_dynamics = BUSY
         await tx.save_state(state)
     await asyncio.wait_for(waiting, 5)
     assert second_saw == [BUSY]
@@ -228,13 +228,13 @@ async def test_sqlite_writers_in_two_stores_wait_instead_of_failing(sqlite_url: 
         async with store.transaction() as tx:
             state = await tx.load_state(ALICE.dynamics_user_id)
             await asyncio.sleep(0)  # let the other store's transaction in between read and write
-            state.dynamics.observed_version = (state.dynamics.observed_version or 0) + 1
+            state.dynamics_seen.version = (state.dynamics_seen.version or 0) + 1
             await tx.save_state(state)
             await tx.enqueue(SetPresence(ALICE.dynamics_user_id, System.TEAMS, f"v{i}"), T0)
 
     await asyncio.gather(*(bump(one if i % 2 else two, i) for i in range(40)))
     states = await one.load_states([ALICE.dynamics_user_id])
-    assert states[ALICE.dynamics_user_id].dynamics.observed_version == 40  # no lost update
+    assert states[ALICE.dynamics_user_id].dynamics_seen.version == 40  # no lost update
     row = await two.outbox_row(ALICE.dynamics_user_id, System.TEAMS)
     assert row is not None and row.generation == 40
 

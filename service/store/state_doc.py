@@ -1,0 +1,102 @@
+"""``AgentSyncState`` <-> the JSON document stored in ``agent_state.doc``.
+
+One explicit codec instead of pickling or ``asdict``: the document is what migrations write and what
+an operator may read in the database, so its keys are spelled out here. Missing keys decode to the
+field's default, so a document written before a field existed still loads (the sweep then fills in
+what the rules need).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from datetime import UTC, datetime
+from typing import Any
+
+from mapping.model import AgentSyncState, Seen, Write
+
+VERSION = 2
+"""Sync rules version the document was written for (1 had another shape, see migration 0003)."""
+
+_TIMES = (
+    "own_dynamics_at",
+    "chose_at",
+    "own_teams_since",
+    "dynamics_delivered_at",
+    "session_written_at",
+    "session_landed_at",
+)
+_PLAIN = (
+    "own_dynamics",
+    "own_dynamics_by",
+    "own_teams",
+    "dynamics_written",
+    "dynamics_delivered",
+    "session_written",
+    "session_delivered",
+    "read_after_landing",
+)
+_SEEN = ("dynamics_seen", "teams_seen")
+
+
+def _t(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).isoformat() if value is not None else None
+
+
+def _dt(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value).astimezone(UTC) if isinstance(value, str) and value else None
+
+
+def to_doc(state: AgentSyncState) -> dict[str, Any]:
+    doc: dict[str, Any] = {"v": VERSION}
+    for name in _PLAIN:
+        doc[name] = getattr(state, name)
+    for name in _TIMES:
+        doc[name] = _t(getattr(state, name))
+    for name in _SEEN:
+        seen: Seen = getattr(state, name)
+        doc[name] = {"value": seen.value, "version": seen.version, "at": _t(seen.at), "since": _t(seen.since)}
+    doc["dynamics_unconfirmed"] = [[w.value, _t(w.at)] for w in state.dynamics_unconfirmed]
+    doc["session_unacked"] = list(state.session_unacked)
+    doc["session_replaced"] = list(state.session_replaced)
+    undo = state.undo_command
+    doc["undo_command"] = None if undo is None else [undo[0], undo[1], _t(undo[2])]
+    return doc
+
+
+def from_doc(agent_id: str, doc: dict[str, Any] | None) -> AgentSyncState:
+    state = AgentSyncState(agent_id)
+    if not doc:
+        return state
+    for name in _PLAIN:
+        if name in doc:
+            setattr(state, name, doc[name])
+    for name in _TIMES:
+        setattr(state, name, _dt(doc.get(name)))
+    for name in _SEEN:
+        raw = doc.get(name) or {}
+        version = raw.get("version")
+        setattr(
+            state,
+            name,
+            Seen(
+                raw.get("value"),
+                int(version) if version is not None else None,
+                _dt(raw.get("at")),
+                _dt(raw.get("since")),
+            ),
+        )
+    state.dynamics_unconfirmed = [
+        Write(value, at) for value, raw_at in doc.get("dynamics_unconfirmed") or [] if (at := _dt(raw_at)) is not None
+    ]
+    state.session_unacked = list(doc.get("session_unacked") or [])
+    state.session_replaced = list(doc.get("session_replaced") or [])
+    undo = doc.get("undo_command")
+    state.undo_command = None if not undo else (undo[0], undo[1], _dt(undo[2]))
+    return state
+
+
+CODED_FIELDS = frozenset(
+    (*_PLAIN, *_TIMES, *_SEEN, "dynamics_unconfirmed", "session_unacked", "session_replaced", "undo_command")
+)
+"""Every field the codec writes; ``tests/store`` fails when the model gains one that is not here."""
+assert CODED_FIELDS | {"agent_id"} == {f.name for f in fields(AgentSyncState)}, "state_doc misses a field"
