@@ -15,7 +15,7 @@ from mapping import rules as R
 from mapping.catalogue import Catalogue
 from mapping.clock import Clock, utcnow
 from mapping.model import Agent, AgentSyncState, Delivery, OutboxStatus, PresenceObserved, SetPresence, System
-from mapping.ports import ReadRequests, Store
+from mapping.ports import ReadRequests, Store, Transaction
 from mapping.rules import Result
 from mapping.telemetry import NullTelemetry, Telemetry
 from mapping.translation import Rules
@@ -123,7 +123,11 @@ class SyncEngine:
                         decisions.append(None)
                         continue
                     agent_id = agent.dynamics_user_id
-                    decision = R.decide(states[agent_id], event, self.rules, self.catalogue, now)
+                    state = states[agent_id]
+                    unsent = (
+                        await tx.unsent_value(agent_id, event.system) if R.needs_unsent(state, event.system) else None
+                    )
+                    decision = R.decide(state, event, self.rules, self.catalogue, now, unsent)
                     if decision.result not in (Result.STALE, Result.DUPLICATE):
                         states[agent_id] = decision.state
                         changed.add(agent_id)
@@ -131,8 +135,9 @@ class SyncEngine:
                         if await tx.cancel_pending(agent_id, write.system, now) is OutboxStatus.PENDING:
                             states[agent_id] = R.withdrawn(states[agent_id], write)
                     for cmd in decision.commands:
-                        hold = self.holds.get(cmd.system, 0.0)
-                        await tx.enqueue(cmd, now, hold, hold * HOLD_CAP_FACTOR)
+                        states[agent_id] = await self._enqueue(
+                            tx, states[agent_id], cmd, now, self.holds.get(cmd.system, 0.0)
+                        )
                     decisions.append(decision)
                 for agent_id in sorted(changed):
                     await tx.save_state(states[agent_id])
@@ -149,6 +154,16 @@ class SyncEngine:
             self._after(agent, source, event, done)
             outcomes.append(Outcome(done.result, agent, done.commands, done.detail))
         return outcomes
+
+    @staticmethod
+    async def _enqueue(
+        tx: Transaction, state: AgentSyncState, cmd: SetPresence, now: datetime, hold: float
+    ) -> AgentSyncState:
+        """Queues ``cmd``; a value it replaces before any attempt never reaches the system, and the
+        state must stop expecting it there (rule 3)."""
+        unsent = await tx.unsent_value(cmd.agent_id, cmd.system)
+        await tx.enqueue(cmd, now, hold, hold * HOLD_CAP_FACTOR)
+        return state if unsent is None else R.never_sent(state, cmd.system, unsent)
 
     async def command(self, agent: Agent, presence_id: str, *, source: str = "bot") -> Outcome:
         """An agent's own request to change presence: Dynamics gets it, Teams follows."""
@@ -173,9 +188,9 @@ class SyncEngine:
                 for write in decision.cancel:
                     if await tx.cancel_pending(agent.dynamics_user_id, write.system, now) is OutboxStatus.PENDING:
                         state = R.withdrawn(state, write)
-                await tx.save_state(state)
                 for cmd in decision.commands:
-                    await tx.enqueue(cmd, now)
+                    state = await self._enqueue(tx, state, cmd, now, 0.0)
+                await tx.save_state(state)
         if decision.commands or source != "delivery":
             self._after(agent, source, None, decision)
         return decision

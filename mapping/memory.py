@@ -128,6 +128,12 @@ class MemoryTransaction:
             row.status = OutboxStatus.PENDING
         return row.id
 
+    async def unsent_value(self, agent_id: str, system: System) -> str | None:
+        row = self.d.outbox.get((agent_id, system))
+        if row is None or row.status is not OutboxStatus.PENDING:
+            return None
+        return row.value
+
     async def cancel_pending(self, agent_id: str, system: System, now: datetime) -> OutboxStatus | None:
         row = self.d.outbox.get((agent_id, system))
         if row is None or row.status in (OutboxStatus.DELIVERED, OutboxStatus.DEAD):

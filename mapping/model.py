@@ -179,10 +179,28 @@ class Seen:
 @dataclass
 class Write:
     """A write of the bridge whose echo may still come back (rule 3). ``at`` is when it was decided,
-    moved to when it landed, so that a write held back by an outage is still recognised."""
+    moved to when it landed, so that a write held back by an outage is still recognised. One entry
+    per delivery: the same value written twice echoes twice."""
 
     value: str
     at: datetime
+    landed: bool = False
+    below: int | None = None
+    """Set once the echo of a later write came back with this RowVersion: this write landed before
+    that one, so its own echo, if it still comes, carries a lower RowVersion (it can only be stale)."""
+
+
+@dataclass
+class DynamicsEvent:
+    """A versioned Dynamics event the rules judged, kept briefly: an echo of ours can arrive after a
+    genuine change to the same value (both marked AGENT), and only their RowVersions then tell which
+    was which (the lower one is the echo, because the write landed first)."""
+
+    version: int
+    value: str
+    by: str | None
+    at: datetime
+    echo: bool
 
 
 @dataclass
@@ -214,6 +232,8 @@ class AgentSyncState:
     """A write to Dynamics decided and not landed yet (no echo, no ack); None when none is."""
     dynamics_unconfirmed: list[Write] = field(default_factory=list)
     """Writes whose echo has not come back yet, oldest first; each echo is consumed once."""
+    dynamics_recent: list[DynamicsEvent] = field(default_factory=list)
+    """The last versioned Dynamics events judged, oldest first (see ``DynamicsEvent``)."""
     dynamics_delivered: str | None = None
     """The last write Dynamics acknowledged, and when (what the bot can confirm when a read fails)."""
     dynamics_delivered_at: datetime | None = None

@@ -81,6 +81,13 @@ class Transaction(Protocol):
         waiting out a retry backoff starts a new run for its new value."""
         ...
 
+    async def unsent_value(self, agent_id: str, system: System) -> str | None:
+        """The value of the (agent, system) row while it is pending (queued or waiting out a retry):
+        no attempt is under way and none succeeded, so the upstream does not show it and will not echo
+        it, and a new ``enqueue`` replaces it for good. (An attempt that failed is taken as not landed;
+        a timeout that did land is then seen as a change of the system's own.)"""
+        ...
+
     async def cancel_pending(self, agent_id: str, system: System, now: datetime) -> OutboxStatus | None:
         """Withdraws a not-yet-delivered command (the system already shows what it should). Returns
         the status the row had: ``PENDING`` (it will never reach the upstream), ``IN_FLIGHT`` (an

@@ -73,8 +73,14 @@ class Rounds:
         if at_once:
             self._wake.set()
         self._task = asyncio.create_task(
-            run_rounds(self._round, wake=self._wake, stop=self._stop, interval=self._interval, retry=self._retry,
-                       what=self._what),
+            run_rounds(
+                self._round,
+                wake=self._wake,
+                stop=self._stop,
+                interval=self._interval,
+                retry=self._retry,
+                what=self._what,
+            ),
             name=self._name,
         )
 

@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 from mapping.model import (
     CLEAR,
     AgentSyncState,
+    DynamicsEvent,
     Presence,
     PresenceObserved,
     Seen,
@@ -107,13 +108,18 @@ def decide(
     rules: Rules,
     catalogue: Mapping[str, Presence],
     now: datetime,
+    unsent: str | None = None,
 ) -> Decision:
-    """What the bridge does about one observation. ``state`` is not modified; the new one is returned."""
+    """What the bridge does about one observation. ``state`` is not modified; the new one is returned.
+
+    ``unsent``: the value queued for the event's system that no attempt has sent yet (the outbox
+    knows; see ``needs_unsent``): the system cannot be showing it, nor echoing it."""
     verdict = order(state, event)
     if verdict is not None:
-        late = _late_echo(state, event)
-        if late is not None:
-            return Decision(Result.ECHO, late, detail=f"late echo of bridge write {event.value} v{event.version}")
+        if verdict is Result.STALE and event.system is System.DYNAMICS:
+            late = _late_dynamics(state, event, rules, catalogue, now)
+            if late is not None:
+                return late
         return Decision(verdict, state, detail=f"{event.system} {event.value} v{event.version}")
     s = copy.deepcopy(state)
     if event.system is System.DYNAMICS:
@@ -121,50 +127,105 @@ def decide(
             return Decision(
                 Result.UNKNOWN_PRESENCE, state, detail=f"presence id {event.value} is not in msdyn_presences"
             )
-        echo = _observe_dynamics(s, event, now)
+        echo = _observe_dynamics(s, event, now, unsent)
     else:
-        echo = _observe_teams(s, event, rules)
+        echo = _observe_teams(s, event, rules, unsent)
     return _converge(s, rules, catalogue, now, f"{event.system} {event.value}", Result.ECHO if echo else None)
 
 
-def _observe_dynamics(s: AgentSyncState, ev: PresenceObserved, now: datetime) -> bool:
+def needs_unsent(state: AgentSyncState, system: System) -> bool:
+    """Whether ``decide`` for this system needs to know the unsent queued value (a write of ours is
+    expected that may not have left yet); False spares the engine the outbox look-up."""
+    if system is System.DYNAMICS:
+        return any(not w.landed and w.below is None for w in state.dynamics_unconfirmed)
+    return bool(state.session_unacked)
+
+
+def _observe_dynamics(s: AgentSyncState, ev: PresenceObserved, now: datetime, unsent: str | None) -> bool:
     """Updates P from a Dynamics event; True when it was the echo of a write of ours."""
     _see(s.dynamics_seen, ev)
     # The bridge writes as the agent (impersonation): a change Dataverse marks SYSTEM is routing's.
-    if ev.modified_by != "SYSTEM" and _take_echo(s, ev.value, now):
-        return True
-    s.own_dynamics, s.own_dynamics_by, s.own_dynamics_at = ev.value, ev.modified_by, ev.observed_at
-    if ev.modified_by == "AGENT":
-        s.chose_at = ev.observed_at
-    s.undo_command = None  # Dynamics moved on: a bot command that fails later undoes nothing
-    return False
+    echo = ev.modified_by != "SYSTEM" and _take_echo(s, ev, now, unsent)
+    _remember(s, ev, echo=echo)
+    if not echo:
+        _genuine(s, ev.value, ev.modified_by, ev.observed_at)
+    return echo
 
 
-def _take_echo(s: AgentSyncState, value: str, now: datetime) -> bool:
-    """True, consuming it and every older write, when ``value`` is a write of ours still expected."""
-    live = [w for w in s.dynamics_unconfirmed if w.value == s.dynamics_written or now - w.at <= ECHO_WINDOW]
+def _take_echo(s: AgentSyncState, ev: PresenceObserved, now: datetime, unsent: str | None) -> bool:
+    """True, consuming it, when ``ev`` is the echo of a write of ours still expected. Every older
+    write landed before it, so its echo, if it still comes, has a lower RowVersion: it is kept for
+    that (stale) echo only. Dynamics then shows the newest of our writes that landed after it."""
+    live = [w for w in s.dynamics_unconfirmed if not (w.landed or w.below) or now - w.at <= ECHO_WINDOW]
+    s.dynamics_unconfirmed = live
+    waiting = unsent is not None and unsent == s.dynamics_written
+    last = max((i for i, w in enumerate(live) if not w.landed and w.value == unsent), default=None)
     for i, w in enumerate(live):
-        if w.value == value:
-            s.dynamics_unconfirmed = live[i + 1 :]
-            if s.dynamics_written == value:
+        if waiting and i == last:
+            continue  # still in the outbox: it cannot have echoed
+        if w.value == ev.value and w.below is None:
+            for older in live[:i]:
+                if older.below is None and ev.version is not None:
+                    older.below = ev.version
+            s.dynamics_unconfirmed = live[:i] + live[i + 1 :]
+            landed_since = [x for x in live[i + 1 :] if x.landed]
+            if landed_since:
+                s.dynamics_seen.value = landed_since[-1].value
+            if s.dynamics_written == ev.value and not any(x.value == ev.value for x in live[i + 1 :]):
                 s.dynamics_written = None  # it landed: Dynamics shows it
-            if s.own_dynamics == value:
+            if s.own_dynamics == ev.value:
                 s.undo_command = None  # the bot command landed
             return True
-    s.dynamics_unconfirmed = live
     return False
 
 
-def _late_echo(state: AgentSyncState, event: PresenceObserved) -> AgentSyncState | None:
-    """The state without the write a stale Dynamics echo belongs to, or None when it is not one: its
-    expectation must not linger and swallow a later genuine change to the same value."""
-    if event.system is not System.DYNAMICS or event.modified_by == "SYSTEM" or event.value == state.dynamics_written:
-        return None
-    if not any(w.value == event.value for w in state.dynamics_unconfirmed):
+def _drop_one(writes: list[Write], value: str, *, landed: bool | None = None) -> list[Write]:
+    """``writes`` without its oldest entry for ``value`` (only a landed or a not landed one, if said)."""
+    for i, w in enumerate(writes):
+        if w.value == value and (landed is None or w.landed is landed):
+            return writes[:i] + writes[i + 1 :]
+    return writes
+
+
+def _late_dynamics(
+    state: AgentSyncState, ev: PresenceObserved, rules: Rules, catalogue: Mapping[str, Presence], now: datetime
+) -> Decision | None:
+    """A Dynamics event older than one already judged, never seen before: an echo of ours held back.
+    Its expectation must not linger to swallow a later genuine change; and when a newer event with the
+    same value was taken for that echo, the newer one was the agent's own change (the write landed
+    first, so its echo has the lower RowVersion). None when it is only stale."""
+    if ev.version is None or ev.modified_by == "SYSTEM" or any(e.version == ev.version for e in state.dynamics_recent):
         return None
     s = copy.deepcopy(state)
-    s.dynamics_unconfirmed = [w for w in s.dynamics_unconfirmed if w.value != event.value]
-    return s
+    _remember(s, ev, echo=True)
+    for i, w in enumerate(s.dynamics_unconfirmed):
+        if w.value == ev.value and ((w.below is not None and ev.version < w.below) or (w.below is None and w.landed)):
+            s.dynamics_unconfirmed = s.dynamics_unconfirmed[:i] + s.dynamics_unconfirmed[i + 1 :]
+            return Decision(Result.ECHO, s, detail=f"late echo of bridge write {ev.value} v{ev.version}")
+    taken = [e for e in s.dynamics_recent if e.echo and e.value == ev.value and e.version > ev.version]
+    if not taken:
+        return None
+    mistaken = taken[0]
+    mistaken.echo = False
+    newer_p = s.own_dynamics_at is not None and s.own_dynamics_at > mistaken.at  # a bot command since
+    if newer_p or any(not e.echo and e.version > mistaken.version for e in s.dynamics_recent):
+        return Decision(Result.ECHO, s, detail=f"late echo {ev.value} v{ev.version}; P moved on since")
+    _genuine(s, mistaken.value, mistaken.by, mistaken.at)
+    reason = f"late echo v{ev.version}: v{mistaken.version} {ev.value} was the agent's own change"
+    return _converge(s, rules, catalogue, now, reason, Result.ECHO)
+
+
+def _remember(s: AgentSyncState, ev: PresenceObserved, *, echo: bool) -> None:
+    if ev.version is not None:
+        event = DynamicsEvent(ev.version, ev.value, ev.modified_by, ev.observed_at, echo)
+        s.dynamics_recent = sorted([*s.dynamics_recent, event], key=lambda e: e.version)[-MAX_UNCONFIRMED:]
+
+
+def _genuine(s: AgentSyncState, value: str, by: str | None, at: datetime) -> None:
+    s.own_dynamics, s.own_dynamics_by, s.own_dynamics_at = value, by, at
+    if by == "AGENT":
+        s.chose_at = at
+    s.undo_command = None  # Dynamics moved on: a bot command that fails later undoes nothing
 
 
 def _teams_holds(s: AgentSyncState) -> set[str]:
@@ -173,13 +234,16 @@ def _teams_holds(s: AgentSyncState) -> set[str]:
     return {v for v in (s.session_delivered, *s.session_unacked) if v is not None and v != CLEAR}
 
 
-def _observe_teams(s: AgentSyncState, ev: PresenceObserved, rules: Rules) -> bool:
+def _observe_teams(s: AgentSyncState, ev: PresenceObserved, rules: Rules, unsent: str | None) -> bool:
     """Updates Q from a Teams report; True when it was the bridge's own session showing."""
     previous = s.teams_seen.value
     _see(s.teams_seen, ev)
     if ev.current:
         _check_session_in_force(s, ev.value)
-    if ev.value in _teams_holds(s):
+    holds = _teams_holds(s)
+    if unsent is not None and unsent != s.session_delivered:
+        holds.discard(unsent)  # still in the outbox: Teams cannot be showing it
+    if ev.value in holds:
         # Teams shows exactly a session of ours: the person's last known state still stands if it
         # is that same value; any other has ended (or is hidden below the session, where it asks
         # nothing that the session's own presence does not already show).
@@ -263,8 +327,7 @@ def _converge(
 
 def _write_dynamics(s: AgentSyncState, value: str, now: datetime, reason: str) -> SetPresence:
     s.dynamics_written = value
-    kept = [w for w in s.dynamics_unconfirmed if w.value != value]
-    s.dynamics_unconfirmed = [*kept, Write(value, now)][-MAX_UNCONFIRMED:]
+    s.dynamics_unconfirmed = [*s.dynamics_unconfirmed, Write(value, now)][-MAX_UNCONFIRMED:]
     return SetPresence(s.agent_id, System.DYNAMICS, value, reason)
 
 
@@ -319,23 +382,19 @@ def landed(
         decision = _converge(s, rules, catalogue, now, f"teams session {value} landed", Result.NO_CHANGE)
         return Decision(decision.result, decision.state, decision.commands, decision.cancel, read, decision.detail)
     s.dynamics_delivered, s.dynamics_delivered_at = value, now
-    for w in s.dynamics_unconfirmed:
-        if w.value == value:
-            w.at = now  # its echo is expected from now on
+    mine = next((w for w in s.dynamics_unconfirmed if w.value == value and not w.landed), None)
+    if mine is None:
+        return Decision(Result.NO_CHANGE, s, detail=f"dynamics {value} landed; its echo came first")
+    mine.landed, mine.at = True, now  # its echo is expected from now on
+    s.dynamics_seen.value = value  # Dynamics shows it now (its webhook will be consumed)
+    if s.own_dynamics == value:
+        s.undo_command = None
     if value == s.dynamics_written:
         s.dynamics_written = None
-        if any(w.value == value for w in s.dynamics_unconfirmed):
-            # Landed, echo not seen yet: Dynamics shows it now (its webhook will be consumed).
-            s.dynamics_seen.value = value
-            if s.own_dynamics == value:
-                s.undo_command = None
         return Decision(Result.NO_CHANGE, s, detail=f"dynamics {value} landed")
-    if s.dynamics_written is None and any(w.value == value for w in s.dynamics_unconfirmed):
-        # A write withdrawn too late (it was in flight) landed over a newer change: Dynamics shows
-        # it until the difference is written again.
-        s.dynamics_seen.value = value
-        return _converge(s, rules, catalogue, now, f"dynamics {value} landed late", Result.NO_CHANGE)
-    return Decision(Result.NO_CHANGE, s, detail=f"dynamics {value} landed")
+    # A write withdrawn too late (it was in flight) or replaced landed: Dynamics shows it until the
+    # difference is written again.
+    return _converge(s, rules, catalogue, now, f"dynamics {value} landed", Result.NO_CHANGE)
 
 
 def write_died(
@@ -353,7 +412,7 @@ def write_died(
             s.session_written = s.session_delivered
             s.read_after_landing = False
         return Decision(Result.NO_CHANGE, s, detail=f"teams write {value} died; the sweep repairs it")
-    s.dynamics_unconfirmed = [w for w in s.dynamics_unconfirmed if w.value != value]
+    s.dynamics_unconfirmed = _drop_one(s.dynamics_unconfirmed, value, landed=False)
     if s.dynamics_written != value:
         return Decision(Result.NO_CHANGE, s, detail="a newer write replaced the dead one")
     s.dynamics_written = None
@@ -369,9 +428,20 @@ def write_died(
 
 def withdrawn(state: AgentSyncState, write: SetPresence) -> AgentSyncState:
     """A withdrawn write never left the outbox: no echo of it will come."""
+    return never_sent(state, write.system, write.value)
+
+
+def never_sent(state: AgentSyncState, system: System, value: str) -> AgentSyncState:
+    """A write replaced in the outbox before it was ever attempted (coalescing, rule 6) or withdrawn
+    never reaches the system: Teams cannot be showing it, and Dynamics will not echo it, so a later
+    report of that value is the person's own or the agent's own change."""
     s = copy.deepcopy(state)
-    if write.system is System.DYNAMICS:
-        s.dynamics_unconfirmed = [w for w in s.dynamics_unconfirmed if w.value != write.value]
+    if system is System.DYNAMICS:
+        # The oldest entry not landed: with the same value written again, the newest stays expected.
+        s.dynamics_unconfirmed = _drop_one(s.dynamics_unconfirmed, value, landed=False)
+    elif value != s.session_written:
+        s.session_unacked = [v for v in s.session_unacked if v != value]
+        s.session_replaced = [v for v in s.session_replaced if v != value]
     return s
 
 
@@ -393,6 +463,8 @@ __all__ = [
     "decide",
     "explain",
     "landed",
+    "needs_unsent",
+    "never_sent",
     "order",
     "refresh",
     "withdrawn",

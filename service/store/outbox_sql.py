@@ -114,6 +114,15 @@ async def enqueue(
     return int(row_id)
 
 
+async def unsent_value(conn: AsyncConnection, agent_id: str, system: System) -> str | None:
+    """The row's value while it is pending (see ``Transaction.unsent_value``)."""
+    query = select(outbox.c.value).where(
+        outbox.c.agent_id == agent_id, outbox.c.system == system.value, outbox.c.status == PENDING
+    )
+    value = (await conn.execute(query)).scalar()
+    return None if value is None else str(value)
+
+
 async def cancel_pending(conn: AsyncConnection, agent_id: str, system: System, now: datetime) -> OutboxStatus | None:
     """Marks a live row delivered as cancelled and drops its lease, so an attempt in flight cannot
     ack it and nothing is redelivered after it. Returns the status the row had (the caller holds the

@@ -12,7 +12,7 @@ from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any
 
-from mapping.model import AgentSyncState, Seen, Write
+from mapping.model import AgentSyncState, DynamicsEvent, Seen, Write
 
 VERSION = 2
 """Sync rules version the document was written for (1 had another shape, see migration 0003)."""
@@ -55,7 +55,8 @@ def to_doc(state: AgentSyncState) -> dict[str, Any]:
     for name in _SEEN:
         seen: Seen = getattr(state, name)
         doc[name] = {"value": seen.value, "version": seen.version, "at": _t(seen.at), "since": _t(seen.since)}
-    doc["dynamics_unconfirmed"] = [[w.value, _t(w.at)] for w in state.dynamics_unconfirmed]
+    doc["dynamics_unconfirmed"] = [[w.value, _t(w.at), w.landed, w.below] for w in state.dynamics_unconfirmed]
+    doc["dynamics_recent"] = [[e.version, e.value, e.by, _t(e.at), e.echo] for e in state.dynamics_recent]
     doc["session_unacked"] = list(state.session_unacked)
     doc["session_replaced"] = list(state.session_replaced)
     undo = state.undo_command
@@ -86,7 +87,14 @@ def from_doc(agent_id: str, doc: dict[str, Any] | None) -> AgentSyncState:
             ),
         )
     state.dynamics_unconfirmed = [
-        Write(value, at) for value, raw_at in doc.get("dynamics_unconfirmed") or [] if (at := _dt(raw_at)) is not None
+        Write(raw[0], at, bool(raw[2]) if len(raw) > 2 else False, raw[3] if len(raw) > 3 else None)
+        for raw in doc.get("dynamics_unconfirmed") or []
+        if (at := _dt(raw[1])) is not None
+    ]
+    state.dynamics_recent = [
+        DynamicsEvent(int(version), value, by, at, bool(echo))
+        for version, value, by, raw_at, echo in doc.get("dynamics_recent") or []
+        if (at := _dt(raw_at)) is not None
     ]
     state.session_unacked = list(doc.get("session_unacked") or [])
     state.session_replaced = list(doc.get("session_replaced") or [])
@@ -96,7 +104,16 @@ def from_doc(agent_id: str, doc: dict[str, Any] | None) -> AgentSyncState:
 
 
 CODED_FIELDS = frozenset(
-    (*_PLAIN, *_TIMES, *_SEEN, "dynamics_unconfirmed", "session_unacked", "session_replaced", "undo_command")
+    (
+        *_PLAIN,
+        *_TIMES,
+        *_SEEN,
+        "dynamics_unconfirmed",
+        "dynamics_recent",
+        "session_unacked",
+        "session_replaced",
+        "undo_command",
+    )
 )
 """Every field the codec writes; ``tests/store`` fails when the model gains one that is not here."""
 assert CODED_FIELDS | {"agent_id"} == {f.name for f in fields(AgentSyncState)}, "state_doc misses a field"

@@ -29,6 +29,9 @@ class SqlTransaction:
     async def enqueue(self, command: SetPresence, now: datetime, hold: float = 0.0, max_hold: float = 0.0) -> int:
         return await outbox_sql.enqueue(self.conn, command, now, hold, max_hold)
 
+    async def unsent_value(self, agent_id: str, system: System) -> str | None:
+        return await outbox_sql.unsent_value(self.conn, agent_id, system)
+
     async def cancel_pending(self, agent_id: str, system: System, now: datetime) -> OutboxStatus | None:
         return await outbox_sql.cancel_pending(self.conn, agent_id, system, now)
 

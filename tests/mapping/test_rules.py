@@ -265,6 +265,7 @@ async def test_rule3_stuck_busy_trap(b):
 
 async def test_rule3_teams_echo_of_our_session_is_suppressed(b):
     await b.engine.observe(ev(ALICE, D, BUSY, b.clock(), 1))
+    await settle(b)
     out = await b.engine.observe(ev(ALICE, T, "Busy/InACall", b.clock.advance(1)))
     assert out.result is Result.ECHO and out.commands == ()
     assert (await state_of(b)).own_teams is None
@@ -309,6 +310,13 @@ async def test_rule3_a_late_echo_of_an_older_write_is_consumed_not_kept(b):
     assert late.result is Result.ECHO and (await state_of(b)).dynamics_unconfirmed == []
     chose = await b.engine.observe(ev(ALICE, D, BUSY, b.clock.advance(1), 4, "AGENT"))
     assert chose.result is not Result.ECHO and (await state_of(b)).own_dynamics == BUSY
+
+
+async def test_rule3_a_session_still_in_the_outbox_is_not_what_teams_shows(b):
+    """Coalescing holds the write back: a person's own call equal to it is theirs, not our echo."""
+    await b.engine.observe(ev(ALICE, D, BUSY, b.clock(), 1, "SYSTEM"))  # session Busy/InACall queued
+    out = await b.engine.observe(ev(ALICE, T, "Busy/InACall", b.clock.advance(0.1)))
+    assert out.result is not Result.ECHO and (await state_of(b)).own_teams == "Busy/InACall"
 
 
 async def test_rule3_an_older_session_still_showing_is_not_the_persons_state(b):
