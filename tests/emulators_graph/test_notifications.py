@@ -123,6 +123,24 @@ async def test_no_notification_when_aggregate_unchanged(emu: GraphEmulator, grap
     assert emu.notifications_sent == []
 
 
+async def test_clearing_a_session_over_the_same_own_state_notifies_nothing(emu: GraphEmulator, graph: Graph,
+                                                                           receiver: Receiver) -> None:
+    """Why the bridge reads Teams after clearing a session Teams showed exactly (rules v2, rule 2): the
+    person's own call under the bridge's Busy/InACall session (their own state wins the tie, with the
+    same value) shows the same before and after the clear, so Graph sends nothing; their own meeting
+    under that session shows as the meeting, and so does the clear."""
+    await graph.set_presence(ALICE, "Busy", "InACall")
+    emu.set_user_state(ALICE, "Busy", "InACall")
+    await graph.subscribe(receiver)
+    await graph.post(f"/users/{ALICE}/presence/clearPresence", {"sessionId": CLIENT_ID})
+    await emu.wait_idle()
+    assert emu.presence_of(ALICE) == ("Busy", "InACall") and receiver.posts == []
+    await graph.set_presence(ALICE, "Busy", "InACall")
+    emu.set_user_state(ALICE, "Busy", "InAMeeting")  # a tie on availability: the person's own wins
+    await emu.wait_idle()
+    assert emu.presence_of(ALICE) == ("Busy", "InAMeeting") and len(receiver.items()) == 1
+
+
 async def test_changes_together_are_batched(emu: GraphEmulator, graph: Graph, receiver: Receiver) -> None:
     await graph.subscribe(receiver, [ALICE, BOB, CAROL])
     emu.set_user_state(ALICE, "Busy", "InACall")
