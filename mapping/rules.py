@@ -120,6 +120,12 @@ def decide(
             late = _late_dynamics(state, event, rules, catalogue, now)
             if late is not None:
                 return late
+        if verdict is Result.DUPLICATE and event.current:
+            # The sweep read what is already known: nothing new, but compare with the outputs anyway
+            # (rule 8), so a difference left by a dead letter is written again.
+            repair = _converge(copy.deepcopy(state), rules, catalogue, now, "sweep", Result.DUPLICATE)
+            if repair.commands:
+                return repair
         return Decision(verdict, state, detail=f"{event.system} {event.value} v{event.version}")
     s = copy.deepcopy(state)
     if event.system is System.DYNAMICS:
