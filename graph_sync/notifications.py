@@ -27,6 +27,7 @@ error, so Graph delivers the batch again instead of it being lost behind a 202.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -34,6 +35,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -487,26 +489,39 @@ class GraphIntake:
         notes = await self.bridge.store.list_docs(PENDING_KIND)
         if not notes:
             return 0
-        wanted: dict[str, None] = {}
+        wanted: dict[str, datetime | None] = {}
         for note in notes.values():
+            noted = _note_time(note)
             for uid in note.get("ids", []):
                 if isinstance(uid, str):
-                    wanted.setdefault(uid.lower())
+                    known_at = wanted.get(uid.lower())
+                    wanted[uid.lower()] = noted if known_at is None or (noted and noted > known_at) else known_at
         agents = await agents_for(self.bridge.store, list(wanted))
         known = {a.entra_object_id.lower() for a in agents}
         for uid in wanted:
             if uid not in known and await self.bridge.engine.agent_for(System.TEAMS, uid) is None:
                 self.bridge.telemetry.event(INTAKE, "unknown_agent")  # recorded for `agents list --unknown`
         observed = 0
+        entra = {a.dynamics_user_id: a.entra_object_id.lower() for a in agents}
         for start in range(0, len(agents), MAX_IDS):
             results = await self.reader.read(agents[start : start + MAX_IDS])
             for obs in results:  # one short transaction each: acks of new notifications interleave
+                # What is read has shown since the (latest) notification that prompted the read.
+                obs = dataclasses.replace(obs, since=wanted.get(entra.get(obs.agent_id, "")))
                 await self.bridge.engine.observe(obs, intake=INTAKE)
             observed += len(results)
         for key in notes:
             await self.bridge.store.delete_doc(PENDING_KIND, key)
         return observed
 
+
+
+def _note_time(note: Mapping[str, Any]) -> datetime | None:
+    """When the request behind a pending-read note arrived (the note's ``at``), if it says."""
+    try:
+        return datetime.fromisoformat(str(note["at"]))
+    except (KeyError, ValueError):
+        return None
 
 
 def _user_id(item: Mapping[str, Any]) -> str | None:

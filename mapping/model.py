@@ -106,7 +106,9 @@ class PresenceObserved:
     ``notification``, ``reconcile``, ``bot``...), for logs and metrics only. ``current`` is True when
     the adapter read what the system shows at ``observed_at`` (a GET), not an event it was sent: only
     a read made after the bridge's own session write landed can tell the person's own Teams state
-    from an older session of the bridge's still showing (rule 3).
+    from an older session of the bridge's still showing (rule 3). ``since``, for a read prompted by
+    a change notification, is when that notification arrived: Teams has shown what is read since
+    then at the latest (the read's own time would make the state look newer than it is).
     """
 
     agent_id: str
@@ -117,6 +119,7 @@ class PresenceObserved:
     modified_by: str | None = None
     source: str = "unknown"
     current: bool = False
+    since: datetime | None = None
 
 
 @dataclass(frozen=True)

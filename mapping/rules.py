@@ -242,8 +242,11 @@ def _teams_holds(s: AgentSyncState) -> set[str]:
 
 def _observe_teams(s: AgentSyncState, ev: PresenceObserved, rules: Rules, unsent: str | None) -> bool:
     """Updates Q from a Teams report; True when it was the bridge's own session showing."""
-    previous = s.teams_seen.value
+    previous, seen_before = s.teams_seen.value, s.teams_seen.at
     _see(s.teams_seen, ev)
+    if previous != ev.value and ev.since is not None and ev.since < ev.observed_at:
+        # Shown since the notification that prompted this read, but not before what was seen last.
+        s.teams_seen.since = max(ev.since, seen_before) if seen_before else ev.since
     if ev.current:
         _check_session_in_force(s, ev.value)
     holds = _teams_holds(s)
@@ -263,8 +266,7 @@ def _observe_teams(s: AgentSyncState, ev: PresenceObserved, rules: Rules, unsent
     if s.own_teams != ev.value:
         # Since when Teams has shown it: a value Teams showed already (our session, now gone, over
         # the same own state) has been showing since then, not since we learned whose it is.
-        since = s.teams_seen.since if previous == ev.value else ev.observed_at
-        s.own_teams, s.own_teams_since = ev.value, since
+        s.own_teams, s.own_teams_since = ev.value, s.teams_seen.since or ev.observed_at
     s.session_replaced = []
     return False
 

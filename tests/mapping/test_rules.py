@@ -491,6 +491,23 @@ async def test_a_teams_change_read_after_a_command_but_older_does_not_overturn_i
     assert again.commands == ()
 
 
+async def test_a_teams_state_notified_before_a_command_and_read_after_it_does_not_overturn_it(b):
+    """A basic notification is only a prompt to read: the read returns after the agent's command, but
+    Teams showed the call since the notification arrived, before the command (the bridge must not
+    take the read's own time as "since")."""
+    await b.engine.observe(ev(ALICE, D, AVAILABLE, b.clock(), 1))
+    await settle(b)
+    notified = b.clock.advance(30)
+    b.clock.advance(0.2)
+    await b.engine.command(ALICE, AWAY)
+    await settle(b)
+    read = replace(read_now(ALICE, "Busy/InACall", b.clock.advance(0.5)), since=notified)
+    out = await b.engine.observe(read)
+    assert (D, BUSY) not in writes(out)
+    later = await b.engine.observe(ev(ALICE, T, "Busy/InAMeeting", b.clock.advance(30)))
+    assert writes(later) == [(D, BUSY)]  # a state Teams began showing after the command still asks
+
+
 async def test_a_teams_change_after_a_command_overrides_it_as_usual(b):
     await b.engine.observe(ev(ALICE, D, AVAILABLE, b.clock(), 1))
     await settle(b)
