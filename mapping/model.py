@@ -220,6 +220,9 @@ class AgentSyncState:
     own_dynamics_by: str | None = None
     """Who set P: ``AGENT``, ``SYSTEM`` (routing), ``bot``, or None when Dataverse did not say."""
     own_dynamics_at: datetime | None = None
+    own_dynamics_version: int | None = None
+    """The RowVersion P was read at (for a bot command: the one Dynamics showed when it was given). A
+    late event above it that is not an echo of ours is a newer change of P, even below an echo."""
     chose_at: datetime | None = None
     """When the agent last chose a presence itself (Dynamics, modified-by AGENT, or the bot)."""
     undo_command: tuple[str | None, str | None, datetime | None] | None = None

@@ -154,7 +154,7 @@ def _observe_dynamics(s: AgentSyncState, ev: PresenceObserved, now: datetime, un
     echo = ev.modified_by != "SYSTEM" and _take_echo(s, ev, now, unsent)
     _remember(s, ev, echo=echo)
     if not echo:
-        _genuine(s, ev.value, ev.modified_by, ev.observed_at)
+        _genuine(s, ev.value, ev.modified_by, ev.observed_at, ev.version)
     return echo
 
 
@@ -196,29 +196,40 @@ def _drop_one(writes: list[Write], value: str, *, landed: bool | None = None) ->
 def _late_dynamics(
     state: AgentSyncState, ev: PresenceObserved, rules: Rules, catalogue: Mapping[str, Presence], now: datetime
 ) -> Decision | None:
-    """A Dynamics event older than one already judged, never seen before: an echo of ours held back.
-    Its expectation must not linger to swallow a later genuine change; and when a newer event with the
-    same value was taken for that echo, the newer one was the agent's own change (the write landed
-    first, so its echo has the lower RowVersion). None when it is only stale."""
-    if ev.version is None or ev.modified_by == "SYSTEM" or any(e.version == ev.version for e in state.dynamics_recent):
+    """A Dynamics event older than one already judged, never seen before (deliveries can be held back
+    and reordered; RowVersions still tell the order). None when it is only stale. Otherwise:
+    - an echo of ours held back: its expectation must not linger to swallow a later genuine change;
+    - an echo of ours below a newer same-valued event that was taken for it: the newer one was the
+      agent's own change (the write landed first, so its echo has the lower RowVersion);
+    - a genuine change above the version P was read at: P changed, even if an echo of ours with a
+      higher RowVersion came first (the bridge's write landed over it, and must be undone)."""
+    if ev.version is None or any(e.version == ev.version for e in state.dynamics_recent):
         return None
     s = copy.deepcopy(state)
-    _remember(s, ev, echo=True)
-    for i, w in enumerate(s.dynamics_unconfirmed):
-        if w.value == ev.value and ((w.below is not None and ev.version < w.below) or (w.below is None and w.landed)):
-            s.dynamics_unconfirmed = s.dynamics_unconfirmed[:i] + s.dynamics_unconfirmed[i + 1 :]
-            return Decision(Result.ECHO, s, detail=f"late echo of bridge write {ev.value} v{ev.version}")
-    taken = [e for e in s.dynamics_recent if e.echo and e.value == ev.value and e.version > ev.version]
-    if not taken:
+    if ev.modified_by != "SYSTEM":
+        for i, w in enumerate(s.dynamics_unconfirmed):
+            if w.value == ev.value and (
+                (w.below is not None and ev.version < w.below) or (w.below is None and w.landed)
+            ):
+                s.dynamics_unconfirmed = s.dynamics_unconfirmed[:i] + s.dynamics_unconfirmed[i + 1 :]
+                _remember(s, ev, echo=True)
+                return Decision(Result.ECHO, s, detail=f"late echo of bridge write {ev.value} v{ev.version}")
+        taken = [e for e in s.dynamics_recent if e.echo and e.value == ev.value and e.version > ev.version]
+        if taken:
+            _remember(s, ev, echo=True)
+            mistaken = taken[0]
+            mistaken.echo = False
+            newer_p = s.own_dynamics_version is not None and s.own_dynamics_version > mistaken.version
+            if newer_p or any(not e.echo and e.version > mistaken.version for e in s.dynamics_recent):
+                return Decision(Result.ECHO, s, detail=f"late echo {ev.value} v{ev.version}; P moved on since")
+            _genuine(s, mistaken.value, mistaken.by, mistaken.at, mistaken.version)
+            reason = f"late echo v{ev.version}: v{mistaken.version} {ev.value} was the agent's own change"
+            return _converge(s, rules, catalogue, now, reason, Result.ECHO)
+    if s.own_dynamics_version is not None and ev.version <= s.own_dynamics_version:
         return None
-    mistaken = taken[0]
-    mistaken.echo = False
-    newer_p = s.own_dynamics_at is not None and s.own_dynamics_at > mistaken.at  # a bot command since
-    if newer_p or any(not e.echo and e.version > mistaken.version for e in s.dynamics_recent):
-        return Decision(Result.ECHO, s, detail=f"late echo {ev.value} v{ev.version}; P moved on since")
-    _genuine(s, mistaken.value, mistaken.by, mistaken.at)
-    reason = f"late echo v{ev.version}: v{mistaken.version} {ev.value} was the agent's own change"
-    return _converge(s, rules, catalogue, now, reason, Result.ECHO)
+    _remember(s, ev, echo=False)
+    _genuine(s, ev.value, ev.modified_by, ev.observed_at, ev.version)
+    return _converge(s, rules, catalogue, now, f"late dynamics {ev.value} v{ev.version}", None)
 
 
 def _remember(s: AgentSyncState, ev: PresenceObserved, *, echo: bool) -> None:
@@ -227,8 +238,9 @@ def _remember(s: AgentSyncState, ev: PresenceObserved, *, echo: bool) -> None:
         s.dynamics_recent = sorted([*s.dynamics_recent, event], key=lambda e: e.version)[-MAX_UNCONFIRMED:]
 
 
-def _genuine(s: AgentSyncState, value: str, by: str | None, at: datetime) -> None:
+def _genuine(s: AgentSyncState, value: str, by: str | None, at: datetime, version: int | None) -> None:
     s.own_dynamics, s.own_dynamics_by, s.own_dynamics_at = value, by, at
+    s.own_dynamics_version = version
     if by == "AGENT":
         s.chose_at = at
     s.undo_command = None  # Dynamics moved on: a bot command that fails later undoes nothing
@@ -369,6 +381,7 @@ def command(
     s = copy.deepcopy(state)
     s.undo_command = (s.own_dynamics, s.own_dynamics_by, s.chose_at)
     s.own_dynamics, s.own_dynamics_by, s.own_dynamics_at, s.chose_at = presence.presence_id, source, now, now
+    s.own_dynamics_version = s.dynamics_seen.version  # a later genuine change is above it
     return _converge(s, rules, catalogue, now, f"{source}: {presence.name}", None)
 
 

@@ -28,6 +28,7 @@ _TIMES = (
 _PLAIN = (
     "own_dynamics",
     "own_dynamics_by",
+    "own_dynamics_version",
     "own_teams",
     "dynamics_written",
     "dynamics_delivered",

@@ -321,6 +321,33 @@ async def test_rule3_a_session_still_in_the_outbox_is_not_what_teams_shows(b):
     assert out.result is not Result.ECHO and (await state_of(b)).own_teams == "Busy/InACall"
 
 
+async def test_rule3_a_change_overwritten_by_our_write_is_still_the_agents_own(b):
+    """A bot command's write lands over the agent's newer change in Dynamics, and our echo (higher
+    RowVersion) arrives before the agent's webhook: the agent's change is still P, and the bridge
+    writes it back (found by the stateful test)."""
+    await b.engine.observe(ev(ALICE, D, AVAILABLE, b.clock(), 1))
+    await b.engine.command(ALICE, BUSY)  # queued
+    await settle(b)  # lands as v3, over the agent's v2 below
+    assert (await b.engine.observe(ev(ALICE, D, BUSY, b.clock.advance(0.1), 3, "AGENT"))).result is Result.ECHO
+    late = await b.engine.observe(ev(ALICE, D, AVAILABLE, b.clock.advance(0.1), 2, "AGENT"))
+    assert set(writes(late)) == {(D, AVAILABLE), (T, CLEAR)}
+    assert (await state_of(b)).own_dynamics == AVAILABLE
+
+
+async def test_rule3_a_change_while_our_write_waits_out_a_retry_is_not_its_echo():
+    """The write failed and waits for its retry: it has not landed, so the agent's own change to the
+    same value is theirs (found by the stateful test)."""
+    from mapping.errors import RetryableError
+
+    b = make_bridge(writers={T: RecordingWriter(T), D: RecordingWriter(D, [RetryableError("503")])})
+    await b.store.upsert_agents([ALICE])
+    await b.engine.observe(ev(ALICE, D, AVAILABLE, b.clock(), 1))
+    await b.engine.observe(ev(ALICE, T, "Busy/InACall", b.clock.advance(30)))  # override Busy queued
+    await b.outbox.run_once()  # ...fails, waits for its retry
+    chose = await b.engine.observe(ev(ALICE, D, BUSY, b.clock.advance(1), 2, "AGENT"))
+    assert chose.result is not Result.ECHO and (await state_of(b)).chose_at == b.clock()
+
+
 async def test_rule3_an_older_session_still_showing_is_not_the_persons_state(b):
     await b.engine.observe(ev(ALICE, D, BUSY, b.clock(), 1, "SYSTEM"))
     await settle(b)

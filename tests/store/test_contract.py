@@ -145,6 +145,7 @@ def full_state(agent_id: str) -> AgentSyncState:
         own_dynamics=BUSY,
         own_dynamics_by="SYSTEM",
         own_dynamics_at=T0.astimezone(cet),
+        own_dynamics_version=2**40 + 5,
         chose_at=T0 + timedelta(milliseconds=1234),
         undo_command=(AVAILABLE, "AGENT", T0.astimezone(cet)),
         own_teams="Busy/InAMeeting",
