@@ -4,8 +4,9 @@ the way a person would look at them.
 
 Everything here is bounded: every test runs inside ``bounded(seconds)``, the stack starts within
 ``START_SECONDS`` and is always stopped, and every wait is a ``stack.until``/``settle`` with a
-timeout. Sleeps appear only where a rule is about time itself (the conflict window) or to pace
-random events.
+timeout. Sleeps appear only to pace random events and to watch that nothing more is written
+(``quiet_for``): no sync rule waits out a time window (version 2 has none), so a scenario that needs
+one step to come after another settles in between.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def bounded(seconds: float) -> Callable[[F], F]:
     return wrap
 
 
-def make_agents(n: int, presence: str = AVAILABLE, own: tuple[str, str] = ("Available", "Available"),
-                first: int = 1) -> list[StackAgent]:
+def make_agents(
+    n: int, presence: str = AVAILABLE, own: tuple[str, str] = ("Available", "Available"), first: int = 1
+) -> list[StackAgent]:
     return [StackAgent(f"Agent {i:02d}", *agent_ids(i), presence, own) for i in range(first, first + n)]
 
 
@@ -99,14 +101,9 @@ async def settle(stack: LocalStack, timeout: float = 30.0) -> None:
                     return
 
 
-async def past_conflict_window(stack: LocalStack) -> None:
-    """Lets the conflict window (rule 5) run out: the next change on either side is then on its own.
-    A rule about time, so it takes time; not a synchronisation."""
-    await asyncio.sleep(stack.runtime.bridge.rules.conflict_window_seconds + 0.25)
-
-
-async def expect(stack: LocalStack, what: str, check: Callable[[], Any], seen: Callable[[], Any],
-                 timeout: float = 15.0) -> None:
+async def expect(
+    stack: LocalStack, what: str, check: Callable[[], Any], seen: Callable[[], Any], timeout: float = 15.0
+) -> None:
     ok = await stack.until(check, timeout=timeout)
     assert ok, f"{what}: not within {timeout:g} s; seen {seen()!r}"
 
@@ -169,6 +166,34 @@ def dynamics_writes(stack: LocalStack, agent: StackAgent | None = None) -> int:
     )
 
 
+def teams_reads(stack: LocalStack, agent: StackAgent) -> int:
+    """Accepted ``getPresencesByUserId`` calls that asked for ``agent`` (the bridge reading Teams:
+    after a basic notification, after a session write landed over what Teams showed, a sweep)."""
+    return sum(
+        1
+        for r in stack.graph.calls("POST", "getPresencesByUserId")
+        if r.status < 300
+        and isinstance(r.body, dict)
+        and agent.entra_id in [str(i).lower() for i in r.body.get("ids") or []]
+    )
+
+
+BASE_CODES = {192360000: "Available", 192360001: "Busy", 192360002: "Busy DND", 192360003: "Away", 192360004: "Offline"}
+"""Dataverse's ``msdyn_basepresencestatus`` option values, named the way ``tests.reference_model`` names
+bases."""
+
+
+def presence_bases(stack: LocalStack) -> dict[str, str]:
+    """Every presence id of the emulator's catalogue -> its base name (custom presences included: the
+    reference model knows only the out-of-the-box ones), read from the emulator, not from the bridge."""
+    rows = stack.dataverse.tables["msdyn_presences"].rows
+    return {
+        pid: BASE_CODES[int(row["msdyn_basepresencestatus"])]
+        for pid, row in rows.items()
+        if int(row.get("msdyn_basepresencestatus", -1)) in BASE_CODES
+    }
+
+
 def upstream_writes(stack: LocalStack) -> tuple[int, int]:
     return stack.teams_writes(), dynamics_writes(stack)
 
@@ -226,4 +251,3 @@ async def quiet_for(stack: LocalStack, seconds: float) -> tuple[int, int]:
     await settle(stack)
     after = upstream_writes(stack)
     return after[0] - before[0], after[1] - before[1]
-
