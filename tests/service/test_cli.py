@@ -112,6 +112,17 @@ def test_unknown_presence_in_mapping_file_stops_with_file_named(tmp_path, db):
     assert str(rules) in r.stderr and "Lunch" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_a_v1_conflict_section_stops_start_up_with_one_line_saying_why(tmp_path, db):
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[conflict]\nwinner = "dynamics"\nwindow_seconds = 2.0\n')
+    env = db | {"PRESENCE_SYNC_MAPPING_FILE": str(rules)}
+    r = run_cli("serve", env=env, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip()
+    assert len(line.splitlines()) == 1 and str(rules) in line
+    assert "[conflict] section was removed in sync rules version 2" in line and "delete the section" in line
+
+
 def test_outbox_retry_needs_an_id(tmp_path, db):
     r = run_cli("outbox", "retry", env=db, cwd=tmp_path)
     assert r.returncode == 2 and "--all-dead" in r.stderr
