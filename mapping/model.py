@@ -191,6 +191,8 @@ class Write:
     below: int | None = None
     """Set once the echo of a later write came back with this RowVersion: this write landed before
     that one, so its own echo, if it still comes, carries a lower RowVersion (it can only be stale)."""
+    above: int | None = None
+    """The RowVersion Dynamics showed when the write was decided: its echo carries a higher one."""
 
 
 @dataclass

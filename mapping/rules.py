@@ -159,30 +159,41 @@ def _observe_dynamics(s: AgentSyncState, ev: PresenceObserved, now: datetime, un
 
 
 def _take_echo(s: AgentSyncState, ev: PresenceObserved, now: datetime, unsent: str | None) -> bool:
-    """True, consuming it, when ``ev`` is the echo of a write of ours still expected. Every older
-    write landed before it, so its echo, if it still comes, has a lower RowVersion: it is kept for
-    that (stale) echo only. Dynamics then shows the newest of our writes that landed after it."""
+    """True, consuming it, when ``ev`` is the echo of a write of ours still expected.
+
+    RowVersions follow landing order: an event newer than everything seen is the echo of the most
+    recently landed write of that value (or, when none has landed yet, of the oldest one on its way:
+    Dataverse calls the webhook before it answers the write). Every write landed before the one it
+    belongs to has a lower echo, if that still comes: it is kept for that (stale) echo only. Dynamics
+    then shows the newest of our writes that landed after it."""
     live = [w for w in s.dynamics_unconfirmed if not (w.landed or w.below) or now - w.at <= ECHO_WINDOW]
     s.dynamics_unconfirmed = live
     waiting = unsent is not None and unsent == s.dynamics_written
     last = max((i for i, w in enumerate(live) if not w.landed and w.value == unsent), default=None)
-    for i, w in enumerate(live):
-        if waiting and i == last:
-            continue  # still in the outbox: it cannot have echoed
-        if w.value == ev.value and w.below is None:
-            for older in live[:i]:
-                if older.below is None and ev.version is not None:
-                    older.below = ev.version
-            s.dynamics_unconfirmed = live[:i] + live[i + 1 :]
-            landed_since = [x for x in live[i + 1 :] if x.landed]
-            if landed_since:
-                s.dynamics_seen.value = landed_since[-1].value
-            if s.dynamics_written == ev.value and not any(x.value == ev.value for x in live[i + 1 :]):
-                s.dynamics_written = None  # it landed: Dynamics shows it
-            if s.own_dynamics == ev.value:
-                s.undo_command = None  # the bot command landed
-            return True
-    return False
+    candidates = [
+        i
+        for i, w in enumerate(live)
+        if w.value == ev.value
+        and w.below is None
+        and (w.above is None or ev.version is None or ev.version > w.above)
+        and not (waiting and i == last)  # still in the outbox: it cannot have echoed
+    ]
+    if not candidates:
+        return False
+    landed = [i for i in candidates if live[i].landed]
+    i = landed[-1] if landed else candidates[0]
+    for older in live[:i]:
+        if older.below is None and older.landed and ev.version is not None:
+            older.below = ev.version
+    s.dynamics_unconfirmed = live[:i] + live[i + 1 :]
+    landed_since = [x for x in live[i + 1 :] if x.landed]
+    if landed_since:
+        s.dynamics_seen.value = landed_since[-1].value
+    if s.dynamics_written == ev.value and not any(x.value == ev.value for x in live[i + 1 :]):
+        s.dynamics_written = None  # it landed: Dynamics shows it
+    if s.own_dynamics == ev.value:
+        s.undo_command = None  # the bot command landed
+    return True
 
 
 def _drop_one(writes: list[Write], value: str, *, landed: bool | None = None) -> list[Write]:
@@ -199,8 +210,9 @@ def _late_dynamics(
     """A Dynamics event older than one already judged, never seen before (deliveries can be held back
     and reordered; RowVersions still tell the order). None when it is only stale. Otherwise:
     - an echo of ours held back: its expectation must not linger to swallow a later genuine change;
-    - an echo of ours below a newer same-valued event that was taken for it: the newer one was the
-      agent's own change (the write landed first, so its echo has the lower RowVersion);
+    - an echo of ours with the same value as an event taken for that write's echo: one of the two
+      was the agent's own change, made then (RowVersions cannot tell which when both are above the
+      version the write was decided at);
     - a genuine change above the version P was read at: P changed, even if an echo of ours with a
       higher RowVersion came first (the bridge's write landed over it, and must be undone)."""
     if ev.version is None or any(e.version == ev.version for e in state.dynamics_recent):
@@ -208,21 +220,24 @@ def _late_dynamics(
     s = copy.deepcopy(state)
     if ev.modified_by != "SYSTEM":
         for i, w in enumerate(s.dynamics_unconfirmed):
-            if w.value == ev.value and (
-                (w.below is not None and ev.version < w.below) or (w.below is None and w.landed)
-            ):
+            expected_below = w.below is not None and ev.version < w.below
+            possible = w.above is None or ev.version > w.above  # decided after Dynamics showed w.above
+            if w.value == ev.value and possible and (expected_below or (w.below is None and w.landed)):
                 s.dynamics_unconfirmed = s.dynamics_unconfirmed[:i] + s.dynamics_unconfirmed[i + 1 :]
                 _remember(s, ev, echo=True)
                 return Decision(Result.ECHO, s, detail=f"late echo of bridge write {ev.value} v{ev.version}")
-        taken = [e for e in s.dynamics_recent if e.echo and e.value == ev.value and e.version > ev.version]
+        # An event of ours was taken for a write's echo, and this one has the same value and no
+        # write left to explain it: one of the two was the agent's own change. Either way, the agent
+        # chose that value then; P takes it if nothing newer set P since.
+        taken = [e for e in s.dynamics_recent if e.echo and e.value == ev.value and e.by != "SYSTEM"]
         if taken:
             _remember(s, ev, echo=True)
-            mistaken = taken[0]
+            mistaken = taken[-1]
             mistaken.echo = False
-            newer_p = s.own_dynamics_version is not None and s.own_dynamics_version > mistaken.version
-            if newer_p or any(not e.echo and e.version > mistaken.version for e in s.dynamics_recent):
-                return Decision(Result.ECHO, s, detail=f"late echo {ev.value} v{ev.version}; P moved on since")
-            _genuine(s, mistaken.value, mistaken.by, mistaken.at, mistaken.version)
+            if s.own_dynamics_version is None or mistaken.version > s.own_dynamics_version:
+                _genuine(s, mistaken.value, mistaken.by, mistaken.at, mistaken.version)
+            elif mistaken.by == "AGENT" and (s.chose_at is None or mistaken.at > s.chose_at):
+                s.chose_at = mistaken.at  # routing changed P since, but the agent's choice stands
             reason = f"late echo v{ev.version}: v{mistaken.version} {ev.value} was the agent's own change"
             return _converge(s, rules, catalogue, now, reason, Result.ECHO)
     if s.own_dynamics_version is not None and ev.version <= s.own_dynamics_version:
@@ -347,7 +362,8 @@ def _converge(
 
 def _write_dynamics(s: AgentSyncState, value: str, now: datetime, reason: str) -> SetPresence:
     s.dynamics_written = value
-    s.dynamics_unconfirmed = [*s.dynamics_unconfirmed, Write(value, now)][-MAX_UNCONFIRMED:]
+    write = Write(value, now, above=s.dynamics_seen.version)
+    s.dynamics_unconfirmed = [*s.dynamics_unconfirmed, write][-MAX_UNCONFIRMED:]
     return SetPresence(s.agent_id, System.DYNAMICS, value, reason)
 
 

@@ -56,7 +56,7 @@ def to_doc(state: AgentSyncState) -> dict[str, Any]:
     for name in _SEEN:
         seen: Seen = getattr(state, name)
         doc[name] = {"value": seen.value, "version": seen.version, "at": _t(seen.at), "since": _t(seen.since)}
-    doc["dynamics_unconfirmed"] = [[w.value, _t(w.at), w.landed, w.below] for w in state.dynamics_unconfirmed]
+    doc["dynamics_unconfirmed"] = [[w.value, _t(w.at), w.landed, w.below, w.above] for w in state.dynamics_unconfirmed]
     doc["dynamics_recent"] = [[e.version, e.value, e.by, _t(e.at), e.echo] for e in state.dynamics_recent]
     doc["session_unacked"] = list(state.session_unacked)
     doc["session_replaced"] = list(state.session_replaced)
@@ -88,7 +88,13 @@ def from_doc(agent_id: str, doc: dict[str, Any] | None) -> AgentSyncState:
             ),
         )
     state.dynamics_unconfirmed = [
-        Write(raw[0], at, bool(raw[2]) if len(raw) > 2 else False, raw[3] if len(raw) > 3 else None)
+        Write(
+            raw[0],
+            at,
+            bool(raw[2]) if len(raw) > 2 else False,
+            raw[3] if len(raw) > 3 else None,
+            raw[4] if len(raw) > 4 else None,
+        )
         for raw in doc.get("dynamics_unconfirmed") or []
         if (at := _dt(raw[1])) is not None
     ]

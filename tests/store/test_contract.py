@@ -155,7 +155,10 @@ def full_state(agent_id: str) -> AgentSyncState:
         dynamics_recent=[DynamicsEvent(2**40 + 7, BUSY, "AGENT", T0.astimezone(cet), True)],
         dynamics_delivered=BUSY,
         dynamics_delivered_at=T0 + timedelta(seconds=5),
-        dynamics_unconfirmed=[Write(AVAILABLE, T0), Write(BUSY, T0.astimezone(cet) + timedelta(microseconds=1))],
+        dynamics_unconfirmed=[
+            Write(AVAILABLE, T0, True, 9, 3),
+            Write(BUSY, T0.astimezone(cet) + timedelta(microseconds=1)),
+        ],
         teams_seen=Seen("Busy/InACall", None, T0, T0 - timedelta(minutes=1)),
         session_written="DoNotDisturb/Presenting",
         session_written_at=T0 + timedelta(seconds=1),
