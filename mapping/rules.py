@@ -161,11 +161,10 @@ def _observe_dynamics(s: AgentSyncState, ev: PresenceObserved, now: datetime, un
 def _take_echo(s: AgentSyncState, ev: PresenceObserved, now: datetime, unsent: str | None) -> bool:
     """True, consuming it, when ``ev`` is the echo of a write of ours still expected.
 
-    RowVersions follow landing order: an event newer than everything seen is the echo of the most
-    recently landed write of that value (or, when none has landed yet, of the oldest one on its way:
-    Dataverse calls the webhook before it answers the write). Every write landed before the one it
-    belongs to has a lower echo, if that still comes: it is kept for that (stale) echo only. Dynamics
-    then shows the newest of our writes that landed after it."""
+    Echoes are matched to writes in the order the writes were made (Dataverse echoes in landing
+    order; a pairing a held-back echo proves wrong is swapped in ``_late_dynamics``). Every write
+    landed before the one it belongs to has a lower echo, if that still comes: it is kept for that
+    (stale) echo only. Dynamics then shows the newest of our writes that landed after it."""
     live = [w for w in s.dynamics_unconfirmed if not (w.landed or w.below) or now - w.at <= ECHO_WINDOW]
     s.dynamics_unconfirmed = live
     waiting = unsent is not None and unsent == s.dynamics_written
@@ -180,8 +179,7 @@ def _take_echo(s: AgentSyncState, ev: PresenceObserved, now: datetime, unsent: s
     ]
     if not candidates:
         return False
-    landed = [i for i in candidates if live[i].landed]
-    i = landed[-1] if landed else candidates[0]
+    i = candidates[0]  # in the order they were written: Dataverse echoes in landing order
     for older in live[:i]:
         if older.below is None and older.landed and ev.version is not None:
             older.below = ev.version
@@ -230,6 +228,14 @@ def _late_dynamics(
         # write left to explain it: one of the two was the agent's own change. Either way, the agent
         # chose that value then; P takes it if nothing newer set P since.
         taken = [e for e in s.dynamics_recent if e.echo and e.value == ev.value and e.by != "SYSTEM"]
+        for e in taken:
+            # Two writes of the same value, their echoes reordered: the one taken for the older write
+            # was the newer write's, and this one is the older write's. Both ours: swap, nothing else.
+            for i, w in enumerate(s.dynamics_unconfirmed):
+                if w.value == ev.value and w.landed and w.below is None and (w.above is None or e.version > w.above):
+                    s.dynamics_unconfirmed = s.dynamics_unconfirmed[:i] + s.dynamics_unconfirmed[i + 1 :]
+                    _remember(s, ev, echo=True)
+                    return Decision(Result.ECHO, s, detail=f"late echo {ev.value} v{ev.version} (echoes reordered)")
         if taken:
             _remember(s, ev, echo=True)
             mistaken = taken[-1]

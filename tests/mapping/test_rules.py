@@ -334,6 +334,24 @@ async def test_rule3_a_change_overwritten_by_our_write_is_still_the_agents_own(b
     assert (await state_of(b)).own_dynamics == AVAILABLE
 
 
+async def test_rule3_an_agents_change_taken_for_our_echo_is_their_choice_once_the_real_echo_comes(b):
+    """Our override lands over the agent's own choice of the same value, whose webhook comes first and
+    is taken for our echo; routing then frees the agent. When our real echo arrives (lower RowVersion
+    than routing's, never seen), the earlier event was the agent's choice: no override after it."""
+    await b.engine.observe(ev(ALICE, D, AVAILABLE, b.clock(), 1))
+    await b.engine.observe(ev(ALICE, T, "Busy/InACall", b.clock.advance(30)))  # override Busy
+    await settle(b)  # lands as v3
+    mine = await b.engine.observe(ev(ALICE, D, BUSY, b.clock.advance(1), 2, "AGENT"))  # the agent's, v2
+    assert mine.result is Result.ECHO  # indistinguishable from our echo so far
+    routed = await b.engine.observe(ev(ALICE, D, AVAILABLE, b.clock.advance(1), 4, "SYSTEM"))
+    assert writes(routed) == [(D, BUSY)]  # the override, as far as the bridge knows
+    late = await b.engine.observe(ev(ALICE, D, BUSY, b.clock.advance(1), 3, "AGENT"))
+    assert late.result is Result.ECHO
+    row = await b.store.outbox_row(ALICE.dynamics_user_id, D)
+    assert row is not None and row.last_error == "cancelled (already shown)"  # the re-override withdrawn
+    assert (await state_of(b)).chose_at is not None
+
+
 async def test_rule3_a_change_while_our_write_waits_out_a_retry_is_not_its_echo():
     """The write failed and waits for its retry: it has not landed, so the agent's own change to the
     same value is theirs (found by the stateful test)."""

@@ -480,10 +480,13 @@ class BridgeMachine(RuleBasedStateMachine):
 
 # 2,000 examples of 20 steps: about 85 s of CPU on this suite's 2-core runner; at 30 steps the run came
 # too close to the 3-minute budget (the in-memory store and the rules deep-copy state on every event).
+# CI plays the same 2,000 examples every run (derandomize), so a red run is a change's doing, not a
+# draw; STATEFUL_RANDOM=1 draws new ones (how counterexamples are hunted; see README "Limits").
 BridgeMachine.TestCase.settings = settings(
     max_examples=int(os.environ.get("STATEFUL_EXAMPLES", "2000")),
     stateful_step_count=20,
     deadline=None,
+    derandomize=os.environ.get("STATEFUL_RANDOM", "") != "1",
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_bridge_converges_to_the_model = BridgeMachine.TestCase
