@@ -152,10 +152,29 @@ def _observe_dynamics(s: AgentSyncState, ev: PresenceObserved, now: datetime, un
     _see(s.dynamics_seen, ev)
     # The bridge writes as the agent (impersonation): a change Dataverse marks SYSTEM is routing's.
     echo = ev.modified_by != "SYSTEM" and _take_echo(s, ev, now, unsent)
+    previous = max(
+        (e for e in s.dynamics_recent if ev.version is None or e.version < ev.version),
+        key=lambda e: e.version,
+        default=None,
+    )
     _remember(s, ev, echo=echo)
-    if not echo:
-        _genuine(s, ev.value, ev.modified_by, ev.observed_at, ev.version)
-    return echo
+    if echo:
+        return True
+    if ev.modified_by == "AGENT" and previous is not None and previous.echo and previous.value == ev.value:
+        # The event just before, same value, was taken for our write's echo and nothing came between:
+        # one of the two was the agent's own change (held-back echoes make the order ambiguous). Pair
+        # this one with the write, and the earlier one is the agent's choice, made then.
+        s.dynamics_recent = [
+            DynamicsEvent(e.version, e.value, e.by, e.at, e.version == ev.version or (e.echo and e is not previous))
+            for e in s.dynamics_recent
+        ]
+        if s.own_dynamics_version is None or previous.version > s.own_dynamics_version:
+            _genuine(s, previous.value, previous.by, previous.at, previous.version)
+        elif s.chose_at is None or previous.at > s.chose_at:
+            s.chose_at = previous.at
+        return True
+    _genuine(s, ev.value, ev.modified_by, ev.observed_at, ev.version)
+    return False
 
 
 def _take_echo(s: AgentSyncState, ev: PresenceObserved, now: datetime, unsent: str | None) -> bool:
