@@ -131,13 +131,7 @@ class SyncEngine:
                     if decision.result not in (Result.STALE, Result.DUPLICATE):
                         states[agent_id] = decision.state
                         changed.add(agent_id)
-                    for write in decision.cancel:
-                        if await tx.cancel_pending(agent_id, write.system, now) is OutboxStatus.PENDING:
-                            states[agent_id] = R.withdrawn(states[agent_id], write)
-                    for cmd in decision.commands:
-                        states[agent_id] = await self._enqueue(
-                            tx, states[agent_id], cmd, now, self.holds.get(cmd.system, 0.0)
-                        )
+                    states[agent_id] = await self._write_out(tx, states[agent_id], decision, now, self.holds)
                     decisions.append(decision)
                 for agent_id in sorted(changed):
                     await tx.save_state(states[agent_id])
@@ -156,14 +150,26 @@ class SyncEngine:
         return outcomes
 
     @staticmethod
-    async def _enqueue(
-        tx: Transaction, state: AgentSyncState, cmd: SetPresence, now: datetime, hold: float
+    async def _write_out(
+        tx: Transaction,
+        state: AgentSyncState,
+        decision: R.Decision,
+        now: datetime,
+        holds: Mapping[System, float],
     ) -> AgentSyncState:
-        """Queues ``cmd``; a value it replaces before any attempt never reaches the system, and the
-        state must stop expecting it there (rule 3)."""
-        unsent = await tx.unsent_value(cmd.agent_id, cmd.system)
-        await tx.enqueue(cmd, now, hold, hold * HOLD_CAP_FACTOR)
-        return state if unsent is None else R.never_sent(state, cmd.system, unsent)
+        """Withdraws and queues what ``decision`` says, in the transaction. The outbox knows what the
+        rules cannot: a withdrawn write that never left, and a queued value replaced before any
+        attempt, will never reach the system, and the state must stop expecting them there."""
+        for write in decision.cancel:
+            if await tx.cancel_pending(write.agent_id, write.system, now) is OutboxStatus.PENDING:
+                state = R.withdrawn(state, write)
+        for cmd in decision.commands:
+            hold = holds.get(cmd.system, 0.0)
+            unsent = await tx.unsent_value(cmd.agent_id, cmd.system)
+            await tx.enqueue(cmd, now, hold, hold * HOLD_CAP_FACTOR)
+            if unsent is not None:
+                state = R.never_sent(state, cmd.system, unsent)
+        return state
 
     async def command(self, agent: Agent, presence_id: str, *, source: str = "bot") -> Outcome:
         """An agent's own request to change presence: Dynamics gets it, Teams follows."""
@@ -184,13 +190,7 @@ class SyncEngine:
             now = self.clock()
             async with self.store.transaction() as tx:
                 decision = decide(await tx.load_state(agent.dynamics_user_id), now)
-                state = decision.state
-                for write in decision.cancel:
-                    if await tx.cancel_pending(agent.dynamics_user_id, write.system, now) is OutboxStatus.PENDING:
-                        state = R.withdrawn(state, write)
-                for cmd in decision.commands:
-                    state = await self._enqueue(tx, state, cmd, now, 0.0)
-                await tx.save_state(state)
+                await tx.save_state(await self._write_out(tx, decision.state, decision, now, {}))
         if decision.commands or source != "delivery":
             self._after(agent, source, None, decision)
         return decision

@@ -213,10 +213,10 @@ def _take_echo(s: AgentSyncState, ev: PresenceObserved, now: datetime, unsent: s
     return True
 
 
-def _drop_one(writes: list[Write], value: str, *, landed: bool | None = None) -> list[Write]:
-    """``writes`` without its oldest entry for ``value`` (only a landed or a not landed one, if said)."""
+def _drop_unlanded(writes: list[Write], value: str) -> list[Write]:
+    """``writes`` without its oldest entry for ``value`` that has not landed."""
     for i, w in enumerate(writes):
-        if w.value == value and (landed is None or w.landed is landed):
+        if w.value == value and not w.landed:
             return writes[:i] + writes[i + 1 :]
     return writes
 
@@ -474,7 +474,7 @@ def write_died(
             s.session_written = s.session_delivered
             s.read_after_landing = False
         return Decision(Result.NO_CHANGE, s, detail=f"teams write {value} died; the sweep repairs it")
-    s.dynamics_unconfirmed = _drop_one(s.dynamics_unconfirmed, value, landed=False)
+    s.dynamics_unconfirmed = _drop_unlanded(s.dynamics_unconfirmed, value)
     if s.dynamics_written != value:
         return Decision(Result.NO_CHANGE, s, detail="a newer write replaced the dead one")
     s.dynamics_written = None
@@ -500,7 +500,7 @@ def never_sent(state: AgentSyncState, system: System, value: str) -> AgentSyncSt
     s = copy.deepcopy(state)
     if system is System.DYNAMICS:
         # The oldest entry not landed: with the same value written again, the newest stays expected.
-        s.dynamics_unconfirmed = _drop_one(s.dynamics_unconfirmed, value, landed=False)
+        s.dynamics_unconfirmed = _drop_unlanded(s.dynamics_unconfirmed, value)
     elif value != s.session_written:
         s.session_unacked = [v for v in s.session_unacked if v != value]
         s.session_replaced = [v for v in s.session_replaced if v != value]
