@@ -206,6 +206,10 @@ class DynamicsEvent:
     by: str | None
     at: datetime
     echo: bool
+    in_flight: bool = False
+    """Taken for the echo of a write that had not landed yet: an agent's change to the same value made
+    while the write was on its way looks the same, so a later same-valued event may still be the echo.
+    An event taken for the echo of a write that had landed is not reconsidered."""
 
 
 @dataclass

@@ -151,19 +151,28 @@ def _observe_dynamics(s: AgentSyncState, ev: PresenceObserved, now: datetime, un
     """Updates P from a Dynamics event; True when it was the echo of a write of ours."""
     _see(s.dynamics_seen, ev)
     # The bridge writes as the agent (impersonation): a change Dataverse marks SYSTEM is routing's.
+    in_flight = any(not w.landed for w in s.dynamics_unconfirmed if w.value == ev.value)
     echo = ev.modified_by != "SYSTEM" and _take_echo(s, ev, now, unsent)
     previous = max(
         (e for e in s.dynamics_recent if ev.version is None or e.version < ev.version),
         key=lambda e: e.version,
         default=None,
     )
-    _remember(s, ev, echo=echo)
+    _remember(s, ev, echo=echo, in_flight=echo and in_flight)
     if echo:
         return True
-    if ev.modified_by == "AGENT" and previous is not None and previous.echo and previous.value == ev.value:
-        # The event just before, same value, was taken for our write's echo and nothing came between:
-        # one of the two was the agent's own change (held-back echoes make the order ambiguous). Pair
-        # this one with the write, and the earlier one is the agent's choice, made then.
+    if (
+        ev.modified_by == "AGENT"
+        and previous is not None
+        and previous.echo
+        and previous.in_flight
+        and previous.value == ev.value
+    ):
+        # The event just before, same value, was taken for the echo of our write while that was still
+        # on its way, and nothing came between: one of the two was the agent's own change, made while
+        # the write was in flight. Pair this one with the write, and the earlier one is the agent's
+        # choice, made then. (Taken after the write landed, the earlier one is its echo, and this is
+        # the agent choosing the same value again.)
         s.dynamics_recent = [
             DynamicsEvent(e.version, e.value, e.by, e.at, e.version == ev.version or (e.echo and e is not previous))
             for e in s.dynamics_recent
@@ -272,9 +281,9 @@ def _late_dynamics(
     return _converge(s, rules, catalogue, now, f"late dynamics {ev.value} v{ev.version}", None)
 
 
-def _remember(s: AgentSyncState, ev: PresenceObserved, *, echo: bool) -> None:
+def _remember(s: AgentSyncState, ev: PresenceObserved, *, echo: bool, in_flight: bool = False) -> None:
     if ev.version is not None:
-        event = DynamicsEvent(ev.version, ev.value, ev.modified_by, ev.observed_at, echo)
+        event = DynamicsEvent(ev.version, ev.value, ev.modified_by, ev.observed_at, echo, in_flight)
         s.dynamics_recent = sorted([*s.dynamics_recent, event], key=lambda e: e.version)[-MAX_UNCONFIRMED:]
 
 
@@ -310,6 +319,9 @@ def _observe_teams(s: AgentSyncState, ev: PresenceObserved, rules: Rules, unsent
         # nothing that the session's own presence does not already show).
         if s.own_teams != ev.value:
             s.own_teams, s.own_teams_since = None, ev.observed_at
+        if s.session_written != ev.value:
+            # Another session (or a clear) is on its way: once it lands, what this one hid is read.
+            s.read_after_landing = True
         s.session_replaced = []
         return True
     read_after_landing = ev.current and s.session_landed_at is not None and ev.observed_at >= s.session_landed_at

@@ -57,7 +57,7 @@ def to_doc(state: AgentSyncState) -> dict[str, Any]:
         seen: Seen = getattr(state, name)
         doc[name] = {"value": seen.value, "version": seen.version, "at": _t(seen.at), "since": _t(seen.since)}
     doc["dynamics_unconfirmed"] = [[w.value, _t(w.at), w.landed, w.below, w.above] for w in state.dynamics_unconfirmed]
-    doc["dynamics_recent"] = [[e.version, e.value, e.by, _t(e.at), e.echo] for e in state.dynamics_recent]
+    doc["dynamics_recent"] = [[e.version, e.value, e.by, _t(e.at), e.echo, e.in_flight] for e in state.dynamics_recent]
     doc["session_unacked"] = list(state.session_unacked)
     doc["session_replaced"] = list(state.session_replaced)
     undo = state.undo_command
@@ -99,9 +99,9 @@ def from_doc(agent_id: str, doc: dict[str, Any] | None) -> AgentSyncState:
         if (at := _dt(raw[1])) is not None
     ]
     state.dynamics_recent = [
-        DynamicsEvent(int(version), value, by, at, bool(echo))
-        for version, value, by, raw_at, echo in doc.get("dynamics_recent") or []
-        if (at := _dt(raw_at)) is not None
+        DynamicsEvent(int(raw[0]), raw[1], raw[2], at, bool(raw[4]), bool(raw[5]) if len(raw) > 5 else False)
+        for raw in doc.get("dynamics_recent") or []
+        if (at := _dt(raw[3])) is not None
     ]
     state.session_unacked = list(doc.get("session_unacked") or [])
     state.session_replaced = list(doc.get("session_replaced") or [])

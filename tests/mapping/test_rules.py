@@ -581,3 +581,51 @@ async def test_a_read_below_the_session_means_it_is_gone_and_it_is_set_again(b):
     await settle(b)
     out = await b.engine.observe(read_now(ALICE, "Available/Available", b.clock.advance(7200)))
     assert writes(out) == [(T, "Busy/InACall")]
+
+
+async def test_a_teams_change_to_the_value_of_a_session_being_cleared_is_the_persons_own(b):
+    """From the stateful test's counterexample in CI. The person is in a meeting under the bridge's
+    Busy/InACall session (own wins the tie, so Teams shows the meeting); the agent then chooses
+    Available with the bot and, before the clear is sent, the person's own state becomes a call. Teams
+    now shows Busy/InACall, the session's value: the change of what Teams shows can only be the
+    person's own, since the session did not change. It is newer than the choice, so Dynamics goes
+    Busy."""
+    await b.engine.observe(ev(ALICE, D, AVAILABLE, b.clock(), 1))
+    await settle(b)
+    await b.engine.observe(ev(ALICE, T, "Busy/InAMeeting", b.clock.advance(1.2)))
+    await b.engine.observe(ev(ALICE, D, BUSY, b.clock.advance(1), 2, "AGENT"))
+    await settle(b)
+    await b.engine.observe(ev(ALICE, D, BUSY, b.clock.advance(0.1), 3, "AGENT"))
+    await b.engine.observe(ev(ALICE, D, BUSY, b.clock.advance(0.1), 3, "AGENT"))
+    b.clock.advance(1.5)
+    await b.engine.command(ALICE, AVAILABLE)
+    await b.engine.observe(ev(ALICE, T, "Busy/InACall", b.clock.advance(2)))
+    await settle(b)
+    assert b.engine.reads.asked == [(T, ALICE.dynamics_user_id)]  # the clear landed: what it hid is read
+    await b.engine.observe(read_now(ALICE, "Busy/InACall", b.clock.advance(0.1)))
+    await settle(b)
+    state = await state_of(b)
+    assert state.own_teams == "Busy/InACall"
+    assert calls(b, D)[-1] == (ALICE.dynamics_user_id, BUSY)
+
+
+async def test_rule3_the_agent_choosing_again_what_our_landed_write_set_is_their_choice(b):
+    """From the stateful test's counterexample: a bot command's write landed and its echo came (twice,
+    the same RowVersion); the agent then chooses Available with the bot and, before that is sent,
+    sets Busy again in Dynamics themselves. That later Busy is the agent's own choice, newer than the
+    command: it is not re-paired with the landed write as if the first echo had been theirs."""
+    await b.engine.observe(ev(ALICE, D, AVAILABLE, b.clock(), 1))
+    await settle(b)
+    b.clock.advance(1.3)
+    await b.engine.command(ALICE, BUSY)
+    await settle(b)
+    await b.engine.observe(ev(ALICE, D, BUSY, b.clock.advance(0.1), 2, "AGENT"))
+    await b.engine.observe(ev(ALICE, D, BUSY, b.clock.advance(0.1), 2, "AGENT"))
+    b.clock.advance(1.2)
+    await b.engine.command(ALICE, AVAILABLE)
+    out = await b.engine.observe(ev(ALICE, D, BUSY, b.clock.advance(1), 3, "AGENT"))
+    assert out.result is not Result.ECHO
+    await settle(b)
+    state = await state_of(b)
+    assert state.own_dynamics == BUSY
+    assert calls(b, D)[-1] != (ALICE.dynamics_user_id, AVAILABLE)
