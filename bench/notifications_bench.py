@@ -95,17 +95,22 @@ class InProcessReader:
 
     async def read(self, agents: Sequence[Agent]) -> list[PresenceObserved]:
         now = utcnow()
-        return [PresenceObserved(a.dynamics_user_id, System.TEAMS, "Available/Available", now, None, None, "reconcile")
-                for a in agents]
+        return [
+            PresenceObserved(a.dynamics_user_id, System.TEAMS, "Available/Available", now, None, None, "reconcile")
+            for a in agents
+        ]
 
 
 def make_agents(n: int) -> list[Agent]:
-    return [Agent(f"{i:08x}-0000-4000-8000-00000000d000", f"{i:08x}-0000-4000-8000-00000000e000", f"Agent {i}")
-            for i in range(n)]
+    return [
+        Agent(f"{i:08x}-0000-4000-8000-00000000d000", f"{i:08x}-0000-4000-8000-00000000e000", f"Agent {i}")
+        for i in range(n)
+    ]
 
 
-def rich_bodies(args: argparse.Namespace, agents: list[Agent], cert_pem: bytes, cert_id: str,
-                key: SigningKey) -> list[bytes]:
+def rich_bodies(
+    args: argparse.Namespace, agents: list[Agent], cert_pem: bytes, cert_id: str, key: SigningKey
+) -> list[bytes]:
     bodies = []
     for r in range(args.requests):
         items = []
@@ -114,14 +119,23 @@ def rich_bodies(args: argparse.Namespace, agents: list[Agent], cert_pem: bytes, 
             agent = agents[n % len(agents)]
             availability, activity = VALUES[(n // len(agents)) % len(VALUES)]
             uid = agent.entra_object_id
-            payload = {"@odata.type": "#Microsoft.Graph.presence", "id": uid, "availability": availability,
-                       "activity": activity}
-            items.append({
-                "subscriptionId": "bench", "clientState": CLIENT_STATE, "changeType": "updated",
-                "resource": f"communications/presences('{uid}')", "tenantId": TENANT_ID,
-                "resourceData": {"@odata.type": "#Microsoft.Graph.presence", "id": uid},
-                "encryptedContent": encrypt_for_certificate(cert_pem, payload, certificate_id=cert_id),
-            })
+            payload = {
+                "@odata.type": "#Microsoft.Graph.presence",
+                "id": uid,
+                "availability": availability,
+                "activity": activity,
+            }
+            items.append(
+                {
+                    "subscriptionId": "bench",
+                    "clientState": CLIENT_STATE,
+                    "changeType": "updated",
+                    "resource": f"communications/presences('{uid}')",
+                    "tenantId": TENANT_ID,
+                    "resourceData": {"@odata.type": "#Microsoft.Graph.presence", "id": uid},
+                    "encryptedContent": encrypt_for_certificate(cert_pem, payload, certificate_id=cert_id),
+                }
+            )
         token = sign_validation_token(key, client_id=CLIENT_ID, tenant_id=TENANT_ID)
         bodies.append(json.dumps({"value": items, "validationTokens": [token]}).encode())
     return bodies
@@ -133,9 +147,16 @@ def basic_bodies(args: argparse.Namespace, agents: list[Agent]) -> list[bytes]:
         items = []
         for k in range(args.items):
             uid = agents[(r * args.items + k) % len(agents)].entra_object_id
-            items.append({"subscriptionId": "bench", "clientState": CLIENT_STATE, "changeType": "updated",
-                          "resource": f"communications/presences('{uid}')", "tenantId": TENANT_ID,
-                          "resourceData": {"@odata.type": "#Microsoft.Graph.presence", "id": uid}})
+            items.append(
+                {
+                    "subscriptionId": "bench",
+                    "clientState": CLIENT_STATE,
+                    "changeType": "updated",
+                    "resource": f"communications/presences('{uid}')",
+                    "tenantId": TENANT_ID,
+                    "resourceData": {"@odata.type": "#Microsoft.Graph.presence", "id": uid},
+                }
+            )
         bodies.append(json.dumps({"value": items}).encode())
     return bodies
 
@@ -143,21 +164,23 @@ def basic_bodies(args: argparse.Namespace, agents: list[Agent]) -> list[bytes]:
 # ------------------------------------------------------------------ load generator (child process)
 
 
-def run_client(url: str, bodies: list[bytes], concurrency: int, timeout: float) -> tuple[list[float], dict[int, int],
-                                                                                         float]:
+def run_client(
+    url: str, bodies: list[bytes], concurrency: int, timeout: float
+) -> tuple[list[float], dict[int, int], float]:
     """Posts every body with ``concurrency`` requests in flight; returns latencies, statuses, wall time."""
     return asyncio.run(_client(url, bodies, concurrency, timeout))
 
 
-async def _client(url: str, bodies: list[bytes], concurrency: int, timeout: float) -> tuple[list[float],
-                                                                                          dict[int, int], float]:
+async def _client(
+    url: str, bodies: list[bytes], concurrency: int, timeout: float
+) -> tuple[list[float], dict[int, int], float]:
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     queue = list(reversed(bodies))
     headers = {"Content-Type": "application/json; charset=utf-8"}
     connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector,
-                                     timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+
         async def worker() -> None:
             while queue:
                 body = queue.pop()
@@ -201,21 +224,33 @@ class Row:
     def line(self) -> str:
         ok = self.statuses.get(202, 0)
         rate = self.items * ok / self.wall if self.wall else 0.0
-        server = (f"{self.pct(self.server, 0.5):7.2f} {self.pct(self.server, 0.99):7.2f}" if self.server
-                  else f"{'-':>7} {'-':>7}")
+        server = (
+            f"{self.pct(self.server, 0.5):7.2f} {self.pct(self.server, 0.99):7.2f}"
+            if self.server
+            else f"{'-':>7} {'-':>7}"
+        )
         others = ",".join(f"{s}:{n}" for s, n in sorted(self.statuses.items()) if s != 202) or "-"
-        return (f"{self.scenario:<28} {self.requests:>6} {self.items:>5} {rate:>10.0f} "
-                f"{self.pct(self.latencies, 0.5):7.2f} {self.pct(self.latencies, 0.99):7.2f} "
-                f"{max(self.latencies) * 1000 if self.latencies else 0:7.2f} {server} {others:>8}")
+        return (
+            f"{self.scenario:<28} {self.requests:>6} {self.items:>5} {rate:>10.0f} "
+            f"{self.pct(self.latencies, 0.5):7.2f} {self.pct(self.latencies, 0.99):7.2f} "
+            f"{max(self.latencies) * 1000 if self.latencies else 0:7.2f} {server} {others:>8}"
+        )
 
 
-async def scenario(pool: concurrent.futures.ProcessPoolExecutor, name: str, url: str, bodies: list[bytes],
-                   args: argparse.Namespace, timings: Timings | None) -> Row:
+async def scenario(
+    pool: concurrent.futures.ProcessPoolExecutor,
+    name: str,
+    url: str,
+    bodies: list[bytes],
+    args: argparse.Namespace,
+    timings: Timings | None,
+) -> Row:
     loop = asyncio.get_running_loop()
     if timings is not None:
         timings.acks.clear()
-    latencies, statuses, wall = await loop.run_in_executor(pool, run_client, url, bodies, args.concurrency,
-                                                           args.timeout)
+    latencies, statuses, wall = await loop.run_in_executor(
+        pool, run_client, url, bodies, args.concurrency, args.timeout
+    )
     server = list(timings.acks) if timings is not None else []
     row = Row(name, len(bodies), args.items, wall, latencies, statuses, server)
     say(f"  {name}: {len(latencies)} requests in {wall:.2f} s")
@@ -246,21 +281,30 @@ async def main_async(args: argparse.Namespace) -> int:
         agents = make_agents(args.agents)
         await store.replace_presences(CATALOGUE)
         for start in range(0, len(agents), 500):
-            await store.upsert_agents(agents[start:start + 500])
+            await store.upsert_agents(agents[start : start + 500])
 
         cert_pem, key_pem = generate_certificate("bench-notifications")
         decryptor = Decryptor(cert_pem, key_pem)
         signing = SigningKey()
         jwks_app = web.Application()
+
         async def keys(_request: web.Request) -> web.Response:
             return web.json_response(signing.jwks())
 
         jwks_app.router.add_get("/keys", keys)
         jwks_runner, jwks_base = await serve_app(jwks_app)
 
-        intake = GraphIntake(bridge, client_state=CLIENT_STATE, client_id=CLIENT_ID, jwks_url=f"{jwks_base}/keys",
-                             decryptor=decryptor, reader=InProcessReader(), subscriptions=None, tenant_id=TENANT_ID,
-                             read_interval=0.2)
+        intake = GraphIntake(
+            bridge,
+            client_state=CLIENT_STATE,
+            client_id=CLIENT_ID,
+            jwks_url=f"{jwks_base}/keys",
+            decryptor=decryptor,
+            reader=InProcessReader(),
+            subscriptions=None,
+            tenant_id=TENANT_ID,
+            read_interval=0.2,
+        )
         app = web.Application()
         app.add_routes(intake.routes())
         app_runner, base = await serve_app(app)
@@ -300,8 +344,10 @@ async def main_async(args: argparse.Namespace) -> int:
 
     say("")
     say(f"store: {store_name}; concurrency {args.concurrency}; {args.agents} agents; python {sys.version.split()[0]}")
-    say(f"{'scenario':<28} {'reqs':>6} {'items':>5} {'items/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} "
-        f"{'srv p50':>7} {'srv p99':>7} {'non-202':>8}")
+    say(
+        f"{'scenario':<28} {'reqs':>6} {'items':>5} {'items/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} "
+        f"{'srv p50':>7} {'srv p99':>7} {'non-202':>8}"
+    )
     for row in rows:
         say(row.line())
     say("")

@@ -59,22 +59,26 @@ def say(text: str) -> None:
 
 
 async def fill(store: Store, rows: int, label: str) -> None:
-    agents = [Agent(f"{i:08x}-0000-4000-8000-000000000000", f"{i:08x}-0000-4000-8000-00000000e000", f"Agent {i}")
-              for i in range(rows)]
+    agents = [
+        Agent(f"{i:08x}-0000-4000-8000-000000000000", f"{i:08x}-0000-4000-8000-00000000e000", f"Agent {i}")
+        for i in range(rows)
+    ]
     started = time.monotonic()
     for start in range(0, rows, FILL_CHUNK):
-        await store.upsert_agents(agents[start:start + FILL_CHUNK])
+        await store.upsert_agents(agents[start : start + FILL_CHUNK])
         now = utcnow()
         async with store.transaction() as tx:
-            for agent in agents[start:start + FILL_CHUNK]:
+            for agent in agents[start : start + FILL_CHUNK]:
                 await tx.enqueue(SetPresence(agent.dynamics_user_id, System.TEAMS, "Busy/InACall", "bench"), now)
     say(f"[{label}] filled {rows} rows in {time.monotonic() - started:.1f} s")
 
 
 async def deliver(store: Store, rows: int, label: str, *, workers: int, batch_size: int, timeout: float) -> Result:
     writers = {s: NoopWriter(s) for s in System}
-    pool = [OutboxWorker(store, writers, batch_size=batch_size, poll_seconds=0.01, limiters={},
-                         owner=f"bench-{i}") for i in range(workers)]
+    pool = [
+        OutboxWorker(store, writers, batch_size=batch_size, poll_seconds=0.01, limiters={}, owner=f"bench-{i}")
+        for i in range(workers)
+    ]
     stop = asyncio.Event()
     started = time.monotonic()
     tasks = [asyncio.create_task(w.run(stop)) for w in pool]
@@ -108,8 +112,9 @@ async def run_sqlite(args: argparse.Namespace) -> Result:
         store = await open_store(url)
         try:
             await fill(store, args.rows, "sqlite")
-            return await deliver(store, args.rows, "sqlite", workers=args.workers, batch_size=args.batch_size,
-                                 timeout=args.timeout)
+            return await deliver(
+                store, args.rows, "sqlite", workers=args.workers, batch_size=args.batch_size, timeout=args.timeout
+            )
         finally:
             await store.close()
 
@@ -127,8 +132,9 @@ async def run_postgres(args: argparse.Namespace) -> Result | None:
         store = await open_store(f"{args.pg_url}?schema={schema}")
         try:
             await fill(store, args.rows, "postgresql")
-            return await deliver(store, args.rows, "postgresql", workers=args.workers,
-                                 batch_size=args.batch_size, timeout=args.timeout)
+            return await deliver(
+                store, args.rows, "postgresql", workers=args.workers, batch_size=args.batch_size, timeout=args.timeout
+            )
         finally:
             await store.close()
     finally:

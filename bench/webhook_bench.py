@@ -92,8 +92,10 @@ class AckTimings:
 
 
 def make_agents(n: int) -> list[Agent]:
-    return [Agent(f"{i:08x}-4e38-4f11-a315-000d3a5a54dc", f"{i:08x}-0000-4000-8000-00000000e000", f"Agent {i}")
-            for i in range(n)]
+    return [
+        Agent(f"{i:08x}-4e38-4f11-a315-000d3a5a54dc", f"{i:08x}-0000-4000-8000-00000000e000", f"Agent {i}")
+        for i in range(n)
+    ]
 
 
 class Bodies:
@@ -130,14 +132,16 @@ class Bodies:
 # ------------------------------------------------------------------ load generator (child process)
 
 
-def run_client(url: str, bodies: list[bytes], concurrency: int, timeout: float) -> tuple[list[float], dict[int, int],
-                                                                                         float]:
+def run_client(
+    url: str, bodies: list[bytes], concurrency: int, timeout: float
+) -> tuple[list[float], dict[int, int], float]:
     """Posts every body with ``concurrency`` requests in flight; returns latencies, statuses, wall time."""
     return asyncio.run(_client(url, bodies, concurrency, timeout))
 
 
-async def _client(url: str, bodies: list[bytes], concurrency: int, timeout: float) -> tuple[list[float],
-                                                                                          dict[int, int], float]:
+async def _client(
+    url: str, bodies: list[bytes], concurrency: int, timeout: float
+) -> tuple[list[float], dict[int, int], float]:
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     queue = list(reversed(bodies))
@@ -189,24 +193,37 @@ class Row:
     def line(self) -> str:
         ok = self.statuses.get(200, 0)
         rate = ok / self.wall if self.wall else 0.0
-        srv = (f"{self.pct(self.server, 0.5):7.2f} {self.pct(self.server, 0.99):7.2f}" if self.server
-               else f"{'-':>7} {'-':>7}")
+        srv = (
+            f"{self.pct(self.server, 0.5):7.2f} {self.pct(self.server, 0.99):7.2f}"
+            if self.server
+            else f"{'-':>7} {'-':>7}"
+        )
         others = ",".join(f"{s}:{n}" for s, n in sorted(self.statuses.items()) if s != 200) or "-"
         lat = self.latencies
-        return (f"{self.store:<9} {self.scenario:<8} {self.concurrency:>4} {len(lat):>6} {rate:>8.0f} "
-                f"{self.pct(lat, 0.5):7.2f} {self.pct(lat, 0.95):7.2f} {self.pct(lat, 0.99):7.2f} "
-                f"{max(lat) * 1000 if lat else 0:7.2f} {srv} {others:>8}")
+        return (
+            f"{self.store:<9} {self.scenario:<8} {self.concurrency:>4} {len(lat):>6} {rate:>8.0f} "
+            f"{self.pct(lat, 0.5):7.2f} {self.pct(lat, 0.95):7.2f} {self.pct(lat, 0.99):7.2f} "
+            f"{max(lat) * 1000 if lat else 0:7.2f} {srv} {others:>8}"
+        )
 
 
-HEADER = (f"{'store':<9} {'route':<8} {'conc':>4} {'reqs':>6} {'req/s':>8} {'p50 ms':>7} {'p95 ms':>7} "
-          f"{'p99 ms':>7} {'max ms':>7} {'srv p50':>7} {'srv p99':>7} {'non-200':>8}")
+HEADER = (
+    f"{'store':<9} {'route':<8} {'conc':>4} {'reqs':>6} {'req/s':>8} {'p50 ms':>7} {'p95 ms':>7} "
+    f"{'p99 ms':>7} {'max ms':>7} {'srv p50':>7} {'srv p99':>7} {'non-200':>8}"
+)
 
 
 # ------------------------------------------------------------------ one store
 
 
-async def bench_store(pool: concurrent.futures.ProcessPoolExecutor, name: str, database_url: str,
-                      schema: str | None, args: argparse.Namespace, deadline: float) -> list[Row]:
+async def bench_store(
+    pool: concurrent.futures.ProcessPoolExecutor,
+    name: str,
+    database_url: str,
+    schema: str | None,
+    args: argparse.Namespace,
+    deadline: float,
+) -> list[Row]:
     store = await open_store(database_url, schema=schema)
     settings = load_settings(
         database_url=database_url,
@@ -233,7 +250,8 @@ async def bench_store(pool: concurrent.futures.ProcessPoolExecutor, name: str, d
     async def run(scenario: str, url: str, batch: list[bytes], concurrency: int) -> Row:
         timings.acks.clear()
         latencies, statuses, wall = await loop.run_in_executor(
-            pool, run_client, url, batch, concurrency, max(1.0, deadline - time.monotonic()))
+            pool, run_client, url, batch, concurrency, max(1.0, deadline - time.monotonic())
+        )
         server = list(timings.acks) if scenario == "webhook" else []
         say(f"  {name} {scenario} c={concurrency}: {len(latencies)} requests in {wall:.2f} s")
         return Row(name, scenario, concurrency, wall, latencies, statuses, server)
@@ -302,8 +320,10 @@ async def main_async(args: argparse.Namespace) -> int:
             finally:
                 await drop_schema(url, schema)
     say("")
-    say(f"{args.requests} seed-shaped Update contexts per scenario over {args.agents} agents; "
-        f"python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}")
+    say(
+        f"{args.requests} seed-shaped Update contexts per scenario over {args.agents} agents; "
+        f"python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}"
+    )
     say(HEADER)
     for row in rows:
         say(row.line())
@@ -320,10 +340,16 @@ async def main_async(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests per scenario (default 2000)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8],
-                        help="requests in flight, one run each (default 1 8)")
-    parser.add_argument("--store", nargs="+", choices=["sqlite", "postgres"], default=["sqlite", "postgres"],
-                        help="stores to measure (default both)")
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=[1, 8], help="requests in flight, one run each (default 1 8)"
+    )
+    parser.add_argument(
+        "--store",
+        nargs="+",
+        choices=["sqlite", "postgres"],
+        default=["sqlite", "postgres"],
+        help="stores to measure (default both)",
+    )
     parser.add_argument("--agents", type=int, default=300, help="agents in the directory (default 300)")
     parser.add_argument("--timeout", type=float, default=300.0, help="overall bound in seconds (default 300)")
     args = parser.parse_args(argv)

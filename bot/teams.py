@@ -65,8 +65,6 @@ _HANDLED = frozenset(
 _NO_TYPING = (Kind.HELP, Kind.EMPTY, Kind.PRESENCES, Kind.INVALID)
 
 
-
-
 def _tenant_of(body: Mapping[str, Any]) -> str | None:
     conv = body.get("conversation")
     if isinstance(conv, Mapping) and isinstance(conv.get("tenantId"), str):

@@ -62,8 +62,6 @@ PRIVILEGE_HINT = (
 )
 
 
-
-
 def check_dataverse_url(url: str) -> str:
     """The org URL without a trailing slash; ``http`` only on loopback (a bearer token must never cross
     a network in clear text)."""
@@ -153,8 +151,7 @@ class DataverseClient:
             url = URL(path, encoded=True)
             if url.origin() != self._origin:
                 raise PermanentError(
-                    f"Dataverse returned a link to {url.origin()}, not {self._origin}; refusing to send the "
-                    "token there"
+                    f"Dataverse returned a link to {url.origin()}, not {self._origin}; refusing to send the token there"
                 )
             return url
         raw = f"{self.api}/{path}"
@@ -199,8 +196,15 @@ class DataverseClient:
             parsed = _decode(raw)
         raise dataverse_error(status, resp_headers, parsed, raw, what=what)
 
-    async def get_json(self, path: str, *, what: str, params: Mapping[str, str] | None = None,
-                       caller: str | None = None, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+    async def get_json(
+        self,
+        path: str,
+        *,
+        what: str,
+        params: Mapping[str, str] | None = None,
+        caller: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
         reply = await self.request("GET", path, what=what, params=params, caller=caller, headers=headers)
         if not isinstance(reply.body, dict):
             raise RetryableError(f"{what}: Dataverse answered {reply.status} without a JSON object; will retry")
@@ -290,8 +294,10 @@ class DataverseClient:
                 try:
                     base = BasePresence(int(row.get("msdyn_basepresencestatus")))  # type: ignore[arg-type]
                 except (TypeError, ValueError):
-                    log.warning("presence with an unknown base status left out",
-                                extra={"fields": {"presence": pid, "base": row.get("msdyn_basepresencestatus")}})
+                    log.warning(
+                        "presence with an unknown base status left out",
+                        extra={"fields": {"presence": pid, "base": row.get("msdyn_basepresencestatus")}},
+                    )
                     continue
                 if not isinstance(pid, str):
                     continue
@@ -308,14 +314,16 @@ class DataverseClient:
             if link is None:
                 return
 
-    async def systemusers_page(self, next_link: str | None = None, *,
-                               page_size: int = 500) -> tuple[list[SystemUser], str | None]:
+    async def systemusers_page(
+        self, next_link: str | None = None, *, page_size: int = 500
+    ) -> tuple[list[SystemUser], str | None]:
         """One page of ``systemusers`` and the link to the next (``None`` on the last). Separate from
         ``iter_systemusers`` so a caller can retry one failed page without starting over."""
         headers = {"Prefer": f"odata.maxpagesize={max(1, min(page_size, MAX_PAGE))}"}
         params = None if next_link else {"$select": "systemuserid,azureactivedirectoryobjectid,fullname,isdisabled"}
-        body = await self.get_json(next_link or "systemusers", what="reading systemusers", params=params,
-                                   headers=headers)
+        body = await self.get_json(
+            next_link or "systemusers", what="reading systemusers", params=params, headers=headers
+        )
         rows = body.get("value")
         if not isinstance(rows, list):
             raise RetryableError("reading systemusers: the answer has no 'value' list; will retry")
@@ -341,13 +349,15 @@ class DataverseClient:
         """The ``systemuserid`` of every user with an ``msdyn_agentstatus`` row: the contact-center agents."""
         params = {"$select": "_msdyn_agentid_value"}
         out: set[str] = set()
-        async for rows in self._pages("msdyn_agentstatuses", params, what="reading msdyn_agentstatuses",
-                                      page_size=page_size):
+        async for rows in self._pages(
+            "msdyn_agentstatuses", params, what="reading msdyn_agentstatuses", page_size=page_size
+        ):
             out.update(str(r["_msdyn_agentid_value"]).lower() for r in rows if r.get("_msdyn_agentid_value"))
         return out
 
-    async def _pages(self, path: str, params: Mapping[str, str], *, what: str,
-                     page_size: int) -> AsyncIterator[list[dict[str, Any]]]:
+    async def _pages(
+        self, path: str, params: Mapping[str, str], *, what: str, page_size: int
+    ) -> AsyncIterator[list[dict[str, Any]]]:
         headers = {"Prefer": f"odata.maxpagesize={max(1, min(page_size, MAX_PAGE))}"}
         next_path: str | None = path
         next_params: Mapping[str, str] | None = params

@@ -209,8 +209,13 @@ def _entity(value: Any, where: str) -> _Entity:
     raw_id = value.get("Id")
     ident = None if raw_id is None else _guid(raw_id, f"{where}.Id")
     attrs = _pairs(value.get("Attributes"), f"{where}.Attributes")
-    return _Entity(name, None if ident == _ZERO_GUID else ident, attrs,
-                   _row_version(value.get("RowVersion"), f"{where}.RowVersion"), where)
+    return _Entity(
+        name,
+        None if ident == _ZERO_GUID else ident,
+        attrs,
+        _row_version(value.get("RowVersion"), f"{where}.RowVersion"),
+        where,
+    )
 
 
 @dataclass(frozen=True)
@@ -362,7 +367,7 @@ def _presence(target: _Entity, message: Message) -> tuple[str | None, str | None
 
 def _modified_by(value: Any, where: str) -> str:
     if not isinstance(value, str):
-        raise ContextError(f"{where}: expected a string such as \"AGENT\" or \"SYSTEM\", got {_kind(value)}")
+        raise ContextError(f'{where}: expected a string such as "AGENT" or "SYSTEM", got {_kind(value)}')
     return value.strip().upper()
 
 

@@ -110,11 +110,15 @@ async def discover_agents(
             batch.append(Agent(user.systemuserid, user.entra_object_id, user.fullname, enabled))
         await _write(bridge, batch, summary, known)
         added, updated, unchanged, skipped = (
-            summary.added - before[0], summary.updated - before[1], summary.unchanged - before[2],
+            summary.added - before[0],
+            summary.updated - before[1],
+            summary.unchanged - before[2],
             summary.skipped_count - before[3],
         )
-        progress(f"page {summary.pages}: {len(users)} user(s) read; added {added}, updated {updated}, "
-                 f"unchanged {unchanged}, skipped {skipped}")
+        progress(
+            f"page {summary.pages}: {len(users)} user(s) read; added {added}, updated {updated}, "
+            f"unchanged {unchanged}, skipped {skipped}"
+        )
         if link is None:
             return summary
 

@@ -60,8 +60,9 @@ class RegistrationResult:
 
     def __str__(self) -> str:
         if self.dry_run:
-            head = "dry run: nothing changed" + ("; the plan above would change the registration" if self.changed
-                                                 else "; the registration is up to date")
+            head = "dry run: nothing changed" + (
+                "; the plan above would change the registration" if self.changed else "; the registration is up to date"
+            )
         else:
             head = "webhook registered" if self.changed else "webhook registration already up to date"
         steps = ", ".join(f"{m} step {i}" for m, i in self.step_ids.items())
@@ -104,9 +105,12 @@ async def register_webhook(
     result.endpoint_id = endpoint_id
     existing = []
     if endpoint_id is not None:
-        existing = await client.query("sdkmessageprocessingsteps", select=_STEP_FIELDS,
-                                      filter=f"_eventhandler_value eq {endpoint_id}",
-                                      what="reading the webhook's sdkmessageprocessingsteps")
+        existing = await client.query(
+            "sdkmessageprocessingsteps",
+            select=_STEP_FIELDS,
+            filter=f"_eventhandler_value eq {endpoint_id}",
+            what="reading the webhook's sdkmessageprocessingsteps",
+        )
     for message in MESSAGES:
         step_id = await _step(client, message, messages[message], filters[message], endpoint_id, existing, act, dry_run)
         if step_id is not None:
@@ -114,11 +118,16 @@ async def register_webhook(
     ours = set(messages.values())
     for step in existing:
         if str(step.get("_sdkmessageid_value") or "").lower() not in ours:
-            act(f"delete step {step.get('name')!r} ({step['sdkmessageprocessingstepid']}): the webhook route "
-                "handles Create and Update only")
+            act(
+                f"delete step {step.get('name')!r} ({step['sdkmessageprocessingstepid']}): the webhook route "
+                "handles Create and Update only"
+            )
             if not dry_run:
-                await client.delete("sdkmessageprocessingsteps", step["sdkmessageprocessingstepid"],
-                                    what="deleting a foreign step on the presence-sync webhook")
+                await client.delete(
+                    "sdkmessageprocessingsteps",
+                    step["sdkmessageprocessingstepid"],
+                    what="deleting a foreign step on the presence-sync webhook",
+                )
     return result
 
 
@@ -126,25 +135,31 @@ async def _message_ids(client: DataverseClient) -> tuple[dict[str, str], dict[st
     messages: dict[str, str] = {}
     filters: dict[str, str] = {}
     for name in MESSAGES:
-        rows = await client.query("sdkmessages", select="sdkmessageid,name", filter=f"name eq {odata_string(name)}",
-                                  what=f"looking up the {name} sdkmessage")
+        rows = await client.query(
+            "sdkmessages",
+            select="sdkmessageid,name",
+            filter=f"name eq {odata_string(name)}",
+            what=f"looking up the {name} sdkmessage",
+        )
         if not rows:
             raise ConfigError(f"Dataverse has no sdkmessage named {name!r}: is this a Dataverse environment?")
         messages[name] = str(rows[0]["sdkmessageid"]).lower()
         rows = await client.query(
-            "sdkmessagefilters", select="sdkmessagefilterid,primaryobjecttypecode",
+            "sdkmessagefilters",
+            select="sdkmessagefilterid,primaryobjecttypecode",
             filter=f"primaryobjecttypecode eq {odata_string(TABLE)} and _sdkmessageid_value eq {messages[name]}",
             what=f"looking up the {name} filter of {TABLE}",
         )
         if not rows:
-            raise ConfigError(f"{TABLE} has no {name} message filter in this environment: is Dynamics 365 Contact "
-                              "Center (Omnichannel) installed?")
+            raise ConfigError(
+                f"{TABLE} has no {name} message filter in this environment: is Dynamics 365 Contact "
+                "Center (Omnichannel) installed?"
+            )
         filters[name] = str(rows[0]["sdkmessagefilterid"]).lower()
     return messages, filters
 
 
-async def _endpoint(client: DataverseClient, url: str, key: str, act: Callable[..., None],
-                    dry_run: bool) -> str | None:
+async def _endpoint(client: DataverseClient, url: str, key: str, act: Callable[..., None], dry_run: bool) -> str | None:
     desired: dict[str, Any] = {
         "name": ENDPOINT_NAME,
         "description": "Teams presence sync: msdyn_agentstatus presence changes and new agents",
@@ -155,11 +170,16 @@ async def _endpoint(client: DataverseClient, url: str, key: str, act: Callable[.
         "connectionmode": CONNECTION_NORMAL,
         "userclaim": USER_CLAIM_NONE,
     }
-    found = await client.query("serviceendpoints", select=_ENDPOINT_FIELDS,
-                               filter=f"name eq {odata_string(ENDPOINT_NAME)}", what="looking up the webhook endpoint")
+    found = await client.query(
+        "serviceendpoints",
+        select=_ENDPOINT_FIELDS,
+        filter=f"name eq {odata_string(ENDPOINT_NAME)}",
+        what="looking up the webhook endpoint",
+    )
     if not found:
         found = await client.query(
-            "serviceendpoints", select=_ENDPOINT_FIELDS,
+            "serviceendpoints",
+            select=_ENDPOINT_FIELDS,
             filter=f"contract eq {CONTRACT_WEBHOOK} and url eq {odata_string(url)}",
             what="looking up the webhook endpoint by URL",
         )
@@ -167,8 +187,9 @@ async def _endpoint(client: DataverseClient, url: str, key: str, act: Callable[.
         act(f"create serviceendpoint {ENDPOINT_NAME!r} (webhook, WebhookKey) -> {url}")
         if dry_run:
             return None
-        return await client.create("serviceendpoints", {**desired, "authvalue": key},
-                                   what="creating the webhook serviceendpoint")
+        return await client.create(
+            "serviceendpoints", {**desired, "authvalue": key}, what="creating the webhook serviceendpoint"
+        )
     row = found[0]
     endpoint_id = str(row["serviceendpointid"]).lower()
     if len(found) > 1:
@@ -185,8 +206,16 @@ async def _endpoint(client: DataverseClient, url: str, key: str, act: Callable[.
     return endpoint_id
 
 
-async def _step(client: DataverseClient, message: str, message_id: str, filter_id: str, endpoint_id: str | None,
-                existing: list[dict[str, Any]], act: Callable[..., None], dry_run: bool) -> str | None:
+async def _step(
+    client: DataverseClient,
+    message: str,
+    message_id: str,
+    filter_id: str,
+    endpoint_id: str | None,
+    existing: list[dict[str, Any]],
+    act: Callable[..., None],
+    dry_run: bool,
+) -> str | None:
     desired: dict[str, Any] = {
         "name": f"{ENDPOINT_NAME}: {message} of {TABLE}",
         "mode": MODE_SYNCHRONOUS,
@@ -202,12 +231,18 @@ async def _step(client: DataverseClient, message: str, message_id: str, filter_i
     }
     mine = [s for s in existing if str(s.get("_sdkmessageid_value") or "").lower() == message_id]
     if not mine:
-        act(f"create step {desired['name']!r} (synchronous, post-operation"
-            f"{', filtering ' + FILTERING_ATTRIBUTES if desired['filteringattributes'] else ''})")
+        act(
+            f"create step {desired['name']!r} (synchronous, post-operation"
+            f"{', filtering ' + FILTERING_ATTRIBUTES if desired['filteringattributes'] else ''})"
+        )
         if dry_run or endpoint_id is None:
             return None
-        body = {**desired, **binds, "asyncautodelete": False,
-                "eventhandler_serviceendpoint@odata.bind": f"/serviceendpoints({endpoint_id})"}
+        body = {
+            **desired,
+            **binds,
+            "asyncautodelete": False,
+            "eventhandler_serviceendpoint@odata.bind": f"/serviceendpoints({endpoint_id})",
+        }
         body.pop("statecode")
         return await client.create("sdkmessageprocessingsteps", body, what=f"creating the {message} step")
     step, extra = mine[0], mine[1:]
@@ -227,8 +262,11 @@ async def _step(client: DataverseClient, message: str, message_id: str, filter_i
     for dup in extra:
         act(f"delete duplicate {message} step {dup['sdkmessageprocessingstepid']} (it would call the webhook twice)")
         if not dry_run:
-            await client.delete("sdkmessageprocessingsteps", dup["sdkmessageprocessingstepid"],
-                                what=f"deleting a duplicate {message} step")
+            await client.delete(
+                "sdkmessageprocessingsteps",
+                dup["sdkmessageprocessingstepid"],
+                what=f"deleting a duplicate {message} step",
+            )
     return step_id
 
 

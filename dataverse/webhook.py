@@ -84,8 +84,13 @@ class DataverseIntake:
         self.key = webhook_key.encode()
         self.client = client
         self.max_body = max_body
-        self._worker = Rounds(self.process_pending, interval=poll_interval, retry=bridge.retry,
-                              what="pending agents", name="dataverse-pending-agents")
+        self._worker = Rounds(
+            self.process_pending,
+            interval=poll_interval,
+            retry=bridge.retry,
+            what="pending agents",
+            name="dataverse-pending-agents",
+        )
         self._busy = False
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -119,8 +124,9 @@ class DataverseIntake:
             try:
                 change = parse_context(body)
             except ContextError as e:
-                raise Rejected(400, "malformed_context",
-                               f"not a usable msdyn_agentstatus context: {e.reason}") from None
+                raise Rejected(
+                    400, "malformed_context", f"not a usable msdyn_agentstatus context: {e.reason}"
+                ) from None
             status, payload = await self._accept(change)
             return web.json_response(payload, status=status)
         except Rejected as r:
@@ -141,8 +147,11 @@ class DataverseIntake:
         if not self.key:
             if is_loopback(request.remote) and not any(h in request.headers for h in _PROXY_HEADERS):
                 return
-            raise Rejected(401, "unauthenticated",
-                          f"{KEY_SETTING} is not set: webhooks are accepted from loopback only until it is")
+            raise Rejected(
+                401,
+                "unauthenticated",
+                f"{KEY_SETTING} is not set: webhooks are accepted from loopback only until it is",
+            )
         given = [v for v in (request.query.get("code"), request.headers.get(KEY_HEADER)) if v]
         if not given:
             raise Rejected(401, "unauthenticated", f"missing webhook key: send ?code=<key> or header {KEY_HEADER}")
@@ -186,17 +195,22 @@ class DataverseIntake:
             return await self._unknown(change, now)
         if not change.is_presence_change:
             return 200, {"status": "known_agent", "reason": change.ignored_reason}
-        return await self._observe(agent, change.presence_id or "", change.row_version,
-                                   change.presence_modified_by, now)
+        return await self._observe(
+            agent, change.presence_id or "", change.row_version, change.presence_modified_by, now
+        )
 
-    async def _observe(self, agent: Agent, presence_id: str, version: int | None, modified_by: str | None,
-                       at: datetime) -> tuple[int, dict[str, Any]]:
-        event = PresenceObserved(agent.dynamics_user_id, System.DYNAMICS, presence_id, at, version, modified_by,
-                                 "webhook")
+    async def _observe(
+        self, agent: Agent, presence_id: str, version: int | None, modified_by: str | None, at: datetime
+    ) -> tuple[int, dict[str, Any]]:
+        event = PresenceObserved(
+            agent.dynamics_user_id, System.DYNAMICS, presence_id, at, version, modified_by, "webhook"
+        )
         outcome = await self.bridge.engine.observe(event, intake=INTAKE)
         if outcome.result is Result.UNKNOWN_AGENT:
-            log.warning("dataverse webhook for a disabled agent",
-                        extra={"fields": {"systemuser": agent.dynamics_user_id, "detail": outcome.detail}})
+            log.warning(
+                "dataverse webhook for a disabled agent",
+                extra={"fields": {"systemuser": agent.dynamics_user_id, "detail": outcome.detail}},
+            )
             return 202, {"status": "unknown_agent", "detail": outcome.detail}
         return 200, {"status": "recorded", "result": str(outcome.result), "commands": len(outcome.commands)}
 
@@ -207,16 +221,20 @@ class DataverseIntake:
             await self.bridge.store.put_doc(PENDING_KIND, agent_id, _note(pending, change, now))
             self._worker.wake()
             self.bridge.telemetry.event(INTAKE, "pending_agent")
-            log.info("new agent noted; its Entra object id is looked up in the background",
-                     extra={"fields": {"systemuser": agent_id, "message": str(change.message)}})
+            log.info(
+                "new agent noted; its Entra object id is looked up in the background",
+                extra={"fields": {"systemuser": agent_id, "message": str(change.message)}},
+            )
             return 202, {"status": "pending_agent", "agent": agent_id}
         await self.bridge.engine.agent_for(System.DYNAMICS, agent_id)  # recorded for `agents list --unknown`
         self.bridge.telemetry.event(INTAKE, "unknown_agent")
         why = "not in the agent directory"
         if change.message is Message.CREATE:
             why += " (Dataverse is not configured, so the new agent's Entra object id cannot be looked up)"
-        log.warning("dataverse webhook for an unknown agent",
-                    extra={"fields": {"systemuser": agent_id, "message": str(change.message), "detail": why}})
+        log.warning(
+            "dataverse webhook for an unknown agent",
+            extra={"fields": {"systemuser": agent_id, "message": str(change.message), "detail": why}},
+        )
         return 202, {"status": "unknown_agent", "agent": agent_id, "detail": why}
 
     # ------------------------------------------------------------------------------------ new agents
@@ -235,8 +253,10 @@ class DataverseIntake:
                     settled += 1
                 except UpstreamError as e:
                     failure = e
-                    log.warning("new agent not added yet; will try again",
-                                extra={"fields": {"systemuser": key, "error": e.message}})
+                    log.warning(
+                        "new agent not added yet; will try again",
+                        extra={"fields": {"systemuser": key, "error": e.message}},
+                    )
             if failure is not None:
                 raise failure
             return settled
@@ -273,8 +293,10 @@ class DataverseIntake:
             except ValueError as e:  # the Entra id was taken meanwhile
                 await self._give_up(agent_id, str(e))
                 return
-        log.info("agent added from a Dataverse Create",
-                 extra={"fields": {"systemuser": agent_id, "agent_name": user.fullname, "directory": outcome}})
+        log.info(
+            "agent added from a Dataverse Create",
+            extra={"fields": {"systemuser": agent_id, "agent_name": user.fullname, "directory": outcome}},
+        )
         self.bridge.telemetry.event(INTAKE, "agent_added")
         if self.on_agent_added is not None:  # e.g. cover it by a Graph subscription now
             self.on_agent_added()

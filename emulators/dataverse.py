@@ -146,8 +146,9 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
 
     def response(self) -> web.Response:
-        return web.json_response({"error": {"code": self.code, "message": self.message}}, status=self.status,
-                                 headers=self.headers)
+        return web.json_response(
+            {"error": {"code": self.code, "message": self.message}}, status=self.status, headers=self.headers
+        )
 
 
 def _not_found(logical: str, row_id: str) -> ApiError:
@@ -155,8 +156,9 @@ def _not_found(logical: str, row_id: str) -> ApiError:
 
 
 def _no_property(logical: str, name: str) -> ApiError:
-    return ApiError(400, "0x80060888", f"Could not find a property named '{name}' on type "
-                                       f"'Microsoft.Dynamics.CRM.{logical}'.")
+    return ApiError(
+        400, "0x80060888", f"Could not find a property named '{name}' on type 'Microsoft.Dynamics.CRM.{logical}'."
+    )
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -196,30 +198,63 @@ def _tables() -> dict[str, _Table]:
         return _Table(entity_set, logical, key, cols, **kw)
 
     endpoint_cols = "name description contract url authtype authvalue messageformat connectionmode userclaim path"
-    step_cols = ("name description mode stage rank supporteddeployment filteringattributes statecode statuscode "
-                 "asyncautodelete configuration")
-    return {x.entity_set: x for x in [
-        t("systemusers", "systemuser", "systemuserid",
-          "fullname azureactivedirectoryobjectid isdisabled domainname applicationid"),
-        t("msdyn_presences", "msdyn_presence", "msdyn_presenceid",
-          "msdyn_name msdyn_presencestatustext msdyn_basepresencestatus msdyn_canuserset statecode statuscode"),
-        t("msdyn_agentstatuses", AGENT_STATUS, "msdyn_agentstatusid",
-          "_msdyn_agentid_value _msdyn_currentpresenceid_value msdyn_presencemodifiedon msdyn_presencemodifiedby "
-          "msdyn_isagentloggedin msdyn_availableunitscapacity msdyn_capacitymodifiedon msdyn_isblockedbysomeprofile "
-          "createdon modifiedon statecode"),
-        t("serviceendpoints", "serviceendpoint", "serviceendpointid", endpoint_cols,
-          writable=frozenset(endpoint_cols.split()), hidden=frozenset({"authvalue"})),
-        t("sdkmessageprocessingsteps", "sdkmessageprocessingstep", "sdkmessageprocessingstepid",
-          step_cols + " _sdkmessageid_value _sdkmessagefilterid_value _eventhandler_value",
-          writable=frozenset(step_cols.split()),
-          binds={"sdkmessageid": ("_sdkmessageid_value", "sdkmessages"),
-                 "sdkmessagefilterid": ("_sdkmessagefilterid_value", "sdkmessagefilters"),
-                 "eventhandler_serviceendpoint": ("_eventhandler_value", "serviceendpoints")}),
-        t("sdkmessages", "sdkmessage", "sdkmessageid", "name"),
-        t("customapis", "customapi", "customapiid", "uniquename name displayname bindingtype isfunction"),
-        t("sdkmessagefilters", "sdkmessagefilter", "sdkmessagefilterid",
-          "_sdkmessageid_value primaryobjecttypecode secondaryobjecttypecode iscustomprocessingstepallowed"),
-    ]}
+    step_cols = (
+        "name description mode stage rank supporteddeployment filteringattributes statecode statuscode "
+        "asyncautodelete configuration"
+    )
+    return {
+        x.entity_set: x
+        for x in [
+            t(
+                "systemusers",
+                "systemuser",
+                "systemuserid",
+                "fullname azureactivedirectoryobjectid isdisabled domainname applicationid",
+            ),
+            t(
+                "msdyn_presences",
+                "msdyn_presence",
+                "msdyn_presenceid",
+                "msdyn_name msdyn_presencestatustext msdyn_basepresencestatus msdyn_canuserset statecode statuscode",
+            ),
+            t(
+                "msdyn_agentstatuses",
+                AGENT_STATUS,
+                "msdyn_agentstatusid",
+                "_msdyn_agentid_value _msdyn_currentpresenceid_value msdyn_presencemodifiedon "
+                "msdyn_presencemodifiedby msdyn_isagentloggedin msdyn_availableunitscapacity "
+                "msdyn_capacitymodifiedon msdyn_isblockedbysomeprofile createdon modifiedon statecode",
+            ),
+            t(
+                "serviceendpoints",
+                "serviceendpoint",
+                "serviceendpointid",
+                endpoint_cols,
+                writable=frozenset(endpoint_cols.split()),
+                hidden=frozenset({"authvalue"}),
+            ),
+            t(
+                "sdkmessageprocessingsteps",
+                "sdkmessageprocessingstep",
+                "sdkmessageprocessingstepid",
+                step_cols + " _sdkmessageid_value _sdkmessagefilterid_value _eventhandler_value",
+                writable=frozenset(step_cols.split()),
+                binds={
+                    "sdkmessageid": ("_sdkmessageid_value", "sdkmessages"),
+                    "sdkmessagefilterid": ("_sdkmessagefilterid_value", "sdkmessagefilters"),
+                    "eventhandler_serviceendpoint": ("_eventhandler_value", "serviceendpoints"),
+                },
+            ),
+            t("sdkmessages", "sdkmessage", "sdkmessageid", "name"),
+            t("customapis", "customapi", "customapiid", "uniquename name displayname bindingtype isfunction"),
+            t(
+                "sdkmessagefilters",
+                "sdkmessagefilter",
+                "sdkmessagefilterid",
+                "_sdkmessageid_value primaryobjecttypecode secondaryobjecttypecode iscustomprocessingstepallowed",
+            ),
+        ]
+    }
 
 
 # ---------------------------------------------------------------------------------------------- $filter
@@ -456,36 +491,72 @@ class DataverseEmulator:
 
     def _seed(self) -> None:
         presences = [
-            (AVAILABLE, "Available", 192360000, True, 0), (BUSY, "Busy", 192360001, True, 0),
-            (DND, "Busy - DND", 192360002, True, 0), (AWAY, "Away", 192360003, True, 0),
-            (OFFLINE, "Offline", 192360004, True, 0), (TRAINING, "Training", 192360002, True, 0),
-            (LUNCH, "Lunch", 192360003, True, 0), (RETIRED, "Retired custom presence", 192360001, True, 1),
+            (AVAILABLE, "Available", 192360000, True, 0),
+            (BUSY, "Busy", 192360001, True, 0),
+            (DND, "Busy - DND", 192360002, True, 0),
+            (AWAY, "Away", 192360003, True, 0),
+            (OFFLINE, "Offline", 192360004, True, 0),
+            (TRAINING, "Training", 192360002, True, 0),
+            (LUNCH, "Lunch", 192360003, True, 0),
+            (RETIRED, "Retired custom presence", 192360001, True, 1),
         ]
         for pid, name, base, settable, state in presences:
-            self._put("msdyn_presences", pid, {
-                "msdyn_name": name, "msdyn_presencestatustext": name, "msdyn_basepresencestatus": base,
-                "msdyn_canuserset": settable, "statecode": state, "statuscode": state + 1,
-            })
+            self._put(
+                "msdyn_presences",
+                pid,
+                {
+                    "msdyn_name": name,
+                    "msdyn_presencestatustext": name,
+                    "msdyn_basepresencestatus": base,
+                    "msdyn_canuserset": settable,
+                    "statecode": state,
+                    "statuscode": state + 1,
+                },
+            )
         for uid, name, entra, app in [
-            (SYSTEM_USER_ID, "SYSTEM", None, None), (ENGINE_USER_ID, "# Omnichannel assignment engine", None, None),
+            (SYSTEM_USER_ID, "SYSTEM", None, None),
+            (ENGINE_USER_ID, "# Omnichannel assignment engine", None, None),
             (APP_USER_ID, "# teams-presence-sync", "5a5a5a5a-0000-4000-8000-0000000e0a11", str(uuid.uuid4())),
         ]:
-            self._put("systemusers", uid, {"fullname": name, "azureactivedirectoryobjectid": entra,
-                                           "isdisabled": False, "domainname": "", "applicationid": app})
+            self._put(
+                "systemusers",
+                uid,
+                {
+                    "fullname": name,
+                    "azureactivedirectoryobjectid": entra,
+                    "isdisabled": False,
+                    "domainname": "",
+                    "applicationid": app,
+                },
+            )
         # The two presence APIs are custom APIs of Dynamics 365 Contact Center: a customapis row each
         # (what `doctor` looks for; it never calls the modifying one).
         for api, is_function in (("CCaaS_ModifyAgentPresence", False), ("CCaaS_GetPresence", True)):
-            self._put("customapis", str(uuid.uuid5(uuid.NAMESPACE_URL, api)), {
-                "uniquename": api, "name": api, "displayname": api, "bindingtype": 0, "isfunction": is_function,
-            })
+            self._put(
+                "customapis",
+                str(uuid.uuid5(uuid.NAMESPACE_URL, api)),
+                {
+                    "uniquename": api,
+                    "name": api,
+                    "displayname": api,
+                    "bindingtype": 0,
+                    "isfunction": is_function,
+                },
+            )
         messages = {name: str(uuid.uuid4()) for name in ("Create", "Update", "Delete", "Retrieve", "Assign")}
         for name, mid in messages.items():
             self._put("sdkmessages", mid, {"name": name})
             for table in (AGENT_STATUS, "systemuser"):
-                self._put("sdkmessagefilters", str(uuid.uuid4()), {
-                    "_sdkmessageid_value": mid, "primaryobjecttypecode": table, "secondaryobjecttypecode": "none",
-                    "iscustomprocessingstepallowed": True,
-                })
+                self._put(
+                    "sdkmessagefilters",
+                    str(uuid.uuid4()),
+                    {
+                        "_sdkmessageid_value": mid,
+                        "primaryobjecttypecode": table,
+                        "secondaryobjecttypecode": "none",
+                        "iscustomprocessingstepallowed": True,
+                    },
+                )
 
     def _put(self, entity_set: str, row_id: str, values: Mapping[str, Any]) -> dict[str, Any]:
         table = self.tables[entity_set]
@@ -508,23 +579,51 @@ class DataverseEmulator:
 
     def add_user(self, systemuserid: str, entra_id: str | None, name: str, *, disabled: bool = False) -> None:
         """A systemuser that is not an agent (no ``msdyn_agentstatus`` row)."""
-        self._put("systemusers", systemuserid, {"fullname": name, "azureactivedirectoryobjectid": entra_id,
-                                                "isdisabled": disabled, "domainname": "", "applicationid": None})
+        self._put(
+            "systemusers",
+            systemuserid,
+            {
+                "fullname": name,
+                "azureactivedirectoryobjectid": entra_id,
+                "isdisabled": disabled,
+                "domainname": "",
+                "applicationid": None,
+            },
+        )
 
-    def add_agent(self, systemuserid: str, entra_id: str | None, name: str, presence_id: str = OFFLINE, *,
-                  disabled: bool = False, logged_in: bool = False) -> str:
+    def add_agent(
+        self,
+        systemuserid: str,
+        entra_id: str | None,
+        name: str,
+        presence_id: str = OFFLINE,
+        *,
+        disabled: bool = False,
+        logged_in: bool = False,
+    ) -> str:
         """A systemuser and its ``msdyn_agentstatus`` row (created by SYSTEM, as Dynamics does); emits
         the Create webhook to registered steps. Returns the agent status id."""
         self.add_user(systemuserid, entra_id, name, disabled=disabled)
         status_id = str(uuid.uuid4())
         ms = _now_ms()
-        self._put("msdyn_agentstatuses", status_id, {
-            "_msdyn_agentid_value": systemuserid.lower(), "_msdyn_currentpresenceid_value": presence_id.lower(),
-            "msdyn_presencemodifiedon": _iso(ms), "msdyn_presencemodifiedby": "SYSTEM",
-            "msdyn_isagentloggedin": logged_in, "msdyn_availableunitscapacity": 100,
-            "msdyn_capacitymodifiedon": _iso(ms), "msdyn_isblockedbysomeprofile": False,
-            "createdon": _iso(ms), "modifiedon": _iso(ms), "statecode": 0, "_ms": ms,
-        })
+        self._put(
+            "msdyn_agentstatuses",
+            status_id,
+            {
+                "_msdyn_agentid_value": systemuserid.lower(),
+                "_msdyn_currentpresenceid_value": presence_id.lower(),
+                "msdyn_presencemodifiedon": _iso(ms),
+                "msdyn_presencemodifiedby": "SYSTEM",
+                "msdyn_isagentloggedin": logged_in,
+                "msdyn_availableunitscapacity": 100,
+                "msdyn_capacitymodifiedon": _iso(ms),
+                "msdyn_isblockedbysomeprofile": False,
+                "createdon": _iso(ms),
+                "modifiedon": _iso(ms),
+                "statecode": 0,
+                "_ms": ms,
+            },
+        )
         self._status_by_agent[systemuserid.lower()] = status_id
         self._emit("Create", status_id, user=SYSTEM_USER_ID, initiating=SYSTEM_USER_ID, user_agent="", on_behalf=None)
         return status_id
@@ -536,8 +635,14 @@ class DataverseEmulator:
         if row is None:
             raise KeyError(f"{agent} has no msdyn_agentstatus row (use add_agent)")
         self._write_presence(row, presence_id, modified_by)
-        self._emit("Update", row["msdyn_agentstatusid"], user=ENGINE_USER_ID, initiating=ENGINE_USER_ID,
-                   user_agent=ENGINE_AGENT, on_behalf=None)
+        self._emit(
+            "Update",
+            row["msdyn_agentstatusid"],
+            user=ENGINE_USER_ID,
+            initiating=ENGINE_USER_ID,
+            user_agent=ENGINE_AGENT,
+            on_behalf=None,
+        )
 
     def presence_of(self, agent: str) -> str | None:
         row = self._status_row(agent)
@@ -604,8 +709,7 @@ class DataverseEmulator:
     # ------------------------------------------------------------------------------------ HTTP plumbing
 
     @web.middleware
-    async def _middleware(self, request: web.Request,
-                          handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+    async def _middleware(self, request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
         caller = request.headers.get("MSCRMCallerID")
         path = request.path.removeprefix(API + "/")
         body: Any = None
@@ -613,9 +717,13 @@ class DataverseEmulator:
         user = "app"
         try:
             if request.headers.get("Authorization") != f"Bearer {self.token}":
-                response = web.Response(status=401, headers={
-                    "WWW-Authenticate": f"Bearer authorization_uri=https://login.microsoftonline.com/common/oauth2/"
-                                        f"authorize, resource_id={self._base}"})
+                response = web.Response(
+                    status=401,
+                    headers={
+                        "WWW-Authenticate": f"Bearer authorization_uri=https://login.microsoftonline.com/common/oauth2/"
+                        f"authorize, resource_id={self._base}"
+                    },
+                )
             else:
                 if self._latency:
                     await asyncio.sleep(self._latency)
@@ -653,19 +761,27 @@ class DataverseEmulator:
             return None
         uid = _guid(caller)
         if uid is None:
-            raise ApiError(400, "0x80040203", f"Invalid MSCRMCallerID header value '{caller[:60]}': expected a "
-                                              "systemuserid GUID.")
+            raise ApiError(
+                400, "0x80040203", f"Invalid MSCRMCallerID header value '{caller[:60]}': expected a systemuserid GUID."
+            )
         if not self.impersonation_allowed:
-            raise ApiError(403, "0x80040220", f"Principal user (Id={APP_USER_ID}, type=8, roleCount=1, "
-                                              "privilegeCount=312) is missing prvActOnBehalfOfAnotherUser privilege "
-                                              "(Id=2d1ad4ef-60ed-4e4b-a0c3-0a12f9b1a6c5) on OTC=8 for entity "
-                                              "'systemuser'.")
+            raise ApiError(
+                403,
+                "0x80040220",
+                f"Principal user (Id={APP_USER_ID}, type=8, roleCount=1, "
+                "privilegeCount=312) is missing prvActOnBehalfOfAnotherUser privilege "
+                "(Id=2d1ad4ef-60ed-4e4b-a0c3-0a12f9b1a6c5) on OTC=8 for entity "
+                "'systemuser'.",
+            )
         user = self.tables["systemusers"].rows.get(uid)
         if user is None:
             raise _not_found("systemuser", uid)
         if user.get("isdisabled"):
-            raise ApiError(400, "0x8004e00b", f"The user with SystemUserId={uid} is disabled. Disabled users "
-                                              "cannot be impersonated.")
+            raise ApiError(
+                400,
+                "0x8004e00b",
+                f"The user with SystemUserId={uid} is disabled. Disabled users cannot be impersonated.",
+            )
         return uid
 
     def _admit(self, user: str) -> None:
@@ -676,12 +792,20 @@ class DataverseEmulator:
             window.popleft()
         if len(window) >= self.requests_per_window:
             wait = self.window_seconds - (now - window[0])
-            raise ApiError(429, "0x80072322", f"Number of requests exceeded the limit of {self.requests_per_window} "
-                                              f"over time window of {self.window_seconds:g} seconds.",
-                           {"Retry-After": str(max(1, round(wait)))})
+            raise ApiError(
+                429,
+                "0x80072322",
+                f"Number of requests exceeded the limit of {self.requests_per_window} "
+                f"over time window of {self.window_seconds:g} seconds.",
+                {"Retry-After": str(max(1, round(wait)))},
+            )
         if self._in_flight.get(user, 0) >= self.concurrent:
-            raise ApiError(429, "0x80072326", f"Number of concurrent requests exceeded the limit of "
-                                              f"{self.concurrent}.", {"Retry-After": "1"})
+            raise ApiError(
+                429,
+                "0x80072326",
+                f"Number of concurrent requests exceeded the limit of {self.concurrent}.",
+                {"Retry-After": "1"},
+            )
         window.append(now)
         self._in_flight[user] = self._in_flight.get(user, 0) + 1
 
@@ -768,9 +892,13 @@ class DataverseEmulator:
             if name.endswith("@odata.bind"):
                 nav = name.removesuffix("@odata.bind")
                 if nav not in table.binds:
-                    raise ApiError(400, "0x80060891", f"An undeclared property '{nav}' which only has property "
-                                                      "annotations in the payload but no property value was found "
-                                                      "in the payload.")
+                    raise ApiError(
+                        400,
+                        "0x80060891",
+                        f"An undeclared property '{nav}' which only has property "
+                        "annotations in the payload but no property value was found "
+                        "in the payload.",
+                    )
                 column, target = table.binds[nav]
                 m = re.match(rf"^/?{target}\(([^)]+)\)$", str(value))
                 ref = _guid(m.group(1)) if m else None
@@ -784,9 +912,13 @@ class DataverseEmulator:
             elif name.startswith("@"):
                 continue
             else:
-                raise ApiError(400, "0x80060891", f"The property '{name}' does not exist on type "
-                                                  f"'Microsoft.Dynamics.CRM.{table.logical}'. Make sure to only use "
-                                                  "property names that are defined by the type.")
+                raise ApiError(
+                    400,
+                    "0x80060891",
+                    f"The property '{name}' does not exist on type "
+                    f"'Microsoft.Dynamics.CRM.{table.logical}'. Make sure to only use "
+                    "property names that are defined by the type.",
+                )
         return values
 
     def _create(self, request: web.Request, table: _Table) -> web.Response:
@@ -822,8 +954,11 @@ class DataverseEmulator:
         if table.entity_set == "serviceendpoints" and any(
             s.get("_eventhandler_value") == row_id for s in self.tables["sdkmessageprocessingsteps"].rows.values()
         ):
-            raise ApiError(400, "0x8004f01f", "The object you tried to delete is associated with another object and "
-                                              "cannot be deleted.")
+            raise ApiError(
+                400,
+                "0x8004f01f",
+                "The object you tried to delete is associated with another object and cannot be deleted.",
+            )
         del table.rows[row_id]
         return web.Response(status=204)
 
@@ -858,36 +993,56 @@ class DataverseEmulator:
     def _agent_caller(self, request: web.Request, api: str) -> tuple[str, dict[str, Any]]:
         caller = request.get(_CALLER)
         if caller is None:
-            raise ApiError(400, "0x80040203", f"{api} acts for an agent: send the agent's systemuserid in the "
-                                              "MSCRMCallerID header.")
+            raise ApiError(
+                400,
+                "0x80040203",
+                f"{api} acts for an agent: send the agent's systemuserid in the MSCRMCallerID header.",
+            )
         row = self._status_row(caller)
         if row is None:
-            raise ApiError(405, "0x80060888", f"API not allowed: user {caller} is not a contact center agent "
-                                              "(no msdyn_agentstatus; Omnichannel Agent role missing).")
+            raise ApiError(
+                405,
+                "0x80060888",
+                f"API not allowed: user {caller} is not a contact center agent "
+                "(no msdyn_agentstatus; Omnichannel Agent role missing).",
+            )
         return caller, row
 
     def _modify_presence(self, request: web.Request) -> web.Response:
         caller, row = self._agent_caller(request, "CCaaS_ModifyAgentPresence")
         body = request[_JSON_BODY]
         if not isinstance(body, dict):
-            raise ApiError(400, "0x80040203", "Bad Request: the body must be a JSON object with ApiVersion, "
-                                              "AgentId and PresenceId.")
+            raise ApiError(
+                400,
+                "0x80040203",
+                "Bad Request: the body must be a JSON object with ApiVersion, AgentId and PresenceId.",
+            )
         if body.get("ApiVersion") != "1.0":
-            raise ApiError(400, "0x80040203", f"Bad Request: unsupported ApiVersion {body.get('ApiVersion')!r}; "
-                                              "use \"1.0\".")
+            raise ApiError(
+                400, "0x80040203", f'Bad Request: unsupported ApiVersion {body.get("ApiVersion")!r}; use "1.0".'
+            )
         agent = _guid(str(body.get("AgentId") or ""))
         presence = _guid(str(body.get("PresenceId") or ""))
         if agent is None or presence is None:
             raise ApiError(400, "0x80040203", "Bad Request: AgentId and PresenceId must be GUIDs.")
         if agent != caller:
-            raise ApiError(400, "0x80040203", f"Bad Request: AgentId {agent} is not the impersonated caller "
-                                              f"{caller} (MSCRMCallerID).")
+            raise ApiError(
+                400,
+                "0x80040203",
+                f"Bad Request: AgentId {agent} is not the impersonated caller {caller} (MSCRMCallerID).",
+            )
         p = self.tables["msdyn_presences"].rows.get(presence)
         if p is None or p.get("statecode") != 0:
             raise _not_found("msdyn_presence", presence)
         self._write_presence(row, presence, "AGENT")
-        self._emit("Update", row["msdyn_agentstatusid"], user=caller, initiating=APP_USER_ID,
-                   user_agent=request.headers.get("User-Agent", ""), on_behalf=APP_USER_ID)
+        self._emit(
+            "Update",
+            row["msdyn_agentstatusid"],
+            user=caller,
+            initiating=APP_USER_ID,
+            user_agent=request.headers.get("User-Agent", ""),
+            on_behalf=APP_USER_ID,
+        )
         return web.Response(status=200)
 
     def _get_presence(self, request: web.Request) -> web.Response:
@@ -895,16 +1050,18 @@ class DataverseEmulator:
         presence = self.tables["msdyn_presences"].rows.get(row["_msdyn_currentpresenceid_value"], {})
         user = self.tables["systemusers"].rows[caller]
         logged_in = bool(row.get("msdyn_isagentloggedin"))
-        return web.json_response({
-            "AgentId": caller,
-            "AgentName": user.get("fullname"),
-            "PresenceId": row["_msdyn_currentpresenceid_value"],
-            "CurrentPresenceStatusInfo": presence.get("msdyn_name", ""),
-            "Timestamp": int(row.get("_ms", 0) / 1000) if logged_in else 0,
-            "ActiveBrowserSessions": 1 if logged_in else 0,
-            "AllowedChannels": ["chat", "voice"] if logged_in else [],
-            "DisabledChannels": [] if logged_in else ["chat", "voice"],
-        })
+        return web.json_response(
+            {
+                "AgentId": caller,
+                "AgentName": user.get("fullname"),
+                "PresenceId": row["_msdyn_currentpresenceid_value"],
+                "CurrentPresenceStatusInfo": presence.get("msdyn_name", ""),
+                "Timestamp": int(row.get("_ms", 0) / 1000) if logged_in else 0,
+                "ActiveBrowserSessions": 1 if logged_in else 0,
+                "AllowedChannels": ["chat", "voice"] if logged_in else [],
+                "DisabledChannels": [] if logged_in else ["chat", "voice"],
+            }
+        )
 
     # ------------------------------------------------------------------------------------ presence rows
 
@@ -914,11 +1071,18 @@ class DataverseEmulator:
 
     def _write_presence(self, row: dict[str, Any], presence_id: str, modified_by: str) -> None:
         ms = _now_ms()
-        self._put("msdyn_agentstatuses", row["msdyn_agentstatusid"], {
-            "_msdyn_currentpresenceid_value": presence_id.lower(), "msdyn_presencemodifiedby": modified_by,
-            "msdyn_presencemodifiedon": _iso(ms), "modifiedon": _iso(ms), "_ms": ms,
-            "msdyn_isagentloggedin": presence_id.lower() != OFFLINE,
-        })
+        self._put(
+            "msdyn_agentstatuses",
+            row["msdyn_agentstatusid"],
+            {
+                "_msdyn_currentpresenceid_value": presence_id.lower(),
+                "msdyn_presencemodifiedby": modified_by,
+                "msdyn_presencemodifiedon": _iso(ms),
+                "modifiedon": _iso(ms),
+                "_ms": ms,
+                "msdyn_isagentloggedin": presence_id.lower() != OFFLINE,
+            },
+        )
 
     # ------------------------------------------------------------------------------------ webhooks
 
@@ -931,32 +1095,41 @@ class DataverseEmulator:
         for step in self.tables["sdkmessageprocessingsteps"].rows.values():
             flt = filters.get(str(step.get("_sdkmessagefilterid_value")))
             endpoint = endpoints.get(str(step.get("_eventhandler_value")))
-            if (step.get("statecode") == 0 and step.get("_sdkmessageid_value") in msg_ids and flt is not None
-                    and flt["primaryobjecttypecode"] == AGENT_STATUS and endpoint is not None
-                    and endpoint.get("contract") == 8):
+            if (
+                step.get("statecode") == 0
+                and step.get("_sdkmessageid_value") in msg_ids
+                and flt is not None
+                and flt["primaryobjecttypecode"] == AGENT_STATUS
+                and endpoint is not None
+                and endpoint.get("contract") == 8
+            ):
                 attrs = {a.strip().lower() for a in str(step.get("filteringattributes") or "").split(",") if a.strip()}
                 if message == "Update" and attrs and "msdyn_currentpresenceid" not in attrs:
                     continue
                 out.append((step, endpoint))
         return sorted(out, key=lambda se: (se[0].get("stage", 40), se[0].get("rank", 1)))
 
-    def _emit(self, message: str, status_id: str, *, user: str, initiating: str, user_agent: str,
-              on_behalf: str | None) -> None:
+    def _emit(
+        self, message: str, status_id: str, *, user: str, initiating: str, user_agent: str, on_behalf: str | None
+    ) -> None:
         row = self.tables["msdyn_agentstatuses"].rows[status_id]
         for step, endpoint in self._steps_for(message):
             ids = {"correlation": str(uuid.uuid4()), "operation": str(uuid.uuid4()), "request": str(uuid.uuid4())}
             build = _update_context if message == "Update" else _create_context
-            ctx = build(self, row, step, ids, user=user, initiating=initiating, user_agent=user_agent,
-                        on_behalf=on_behalf)
+            ctx = build(
+                self, row, step, ids, user=user, initiating=initiating, user_agent=user_agent, on_behalf=on_behalf
+            )
             url, headers = _target(endpoint)
-            headers.update({
-                "Content-Type": "application/json",
-                "x-request-id": ids["request"],
-                "x-ms-correlation-request-id": ids["correlation"],
-                "x-ms-dynamics-organization": urllib.parse.urlsplit(self._base).netloc or "localhost",
-                "x-ms-dynamics-entity-name": AGENT_STATUS,
-                "x-ms-dynamics-request-name": message,
-            })
+            headers.update(
+                {
+                    "Content-Type": "application/json",
+                    "x-request-id": ids["request"],
+                    "x-ms-correlation-request-id": ids["correlation"],
+                    "x-ms-dynamics-organization": urllib.parse.urlsplit(self._base).netloc or "localhost",
+                    "x-ms-dynamics-entity-name": AGENT_STATUS,
+                    "x-ms-dynamics-request-name": message,
+                }
+            )
             # DataContractJsonSerializer escapes every "/" as "\/" (the seed payloads show it).
             raw = json.dumps(ctx, separators=(",", ":")).replace("/", "\\/").encode()
             emission = Emission(message, row["_msdyn_agentid_value"], str(endpoint.get("url")), ctx)
@@ -980,8 +1153,10 @@ class DataverseEmulator:
                 self.emissions.append(emission)
                 self._queue.task_done()
             if emission.error or (emission.status or 0) >= 300:
-                log.info("webhook not accepted", extra={"fields": {"url": emission.url, "status": emission.status,
-                                                                   "error": emission.error}})
+                log.info(
+                    "webhook not accepted",
+                    extra={"fields": {"url": emission.url, "status": emission.status, "error": emission.error}},
+                )
 
 
 def _skiptoken(offset: int, last_id: str) -> str:
@@ -1022,8 +1197,14 @@ def _target(endpoint: Mapping[str, Any]) -> tuple[str, dict[str, str]]:
 def _ref(logical: str, ref_id: str | None, name: str | None = None) -> dict[str, Any] | None:
     if ref_id is None:
         return None
-    return {"__type": f"EntityReference:{NS}", "Id": ref_id, "KeyAttributes": [], "LogicalName": logical,
-            "Name": name, "RowVersion": None}
+    return {
+        "__type": f"EntityReference:{NS}",
+        "Id": ref_id,
+        "KeyAttributes": [],
+        "LogicalName": logical,
+        "Name": name,
+        "RowVersion": None,
+    }
 
 
 def _date(ms: int, offset: bool = False) -> str:
@@ -1034,21 +1215,49 @@ def _kv(pairs: Iterable[tuple[str, Any]]) -> list[dict[str, Any]]:
     return [{"key": k, "value": v} for k, v in pairs]
 
 
-def _entity(row: Mapping[str, Any], attributes: list[tuple[str, Any]], *, row_version: str | None,
-            formatted: list[tuple[str, Any]] | None = None, typed: bool = True) -> dict[str, Any]:
+def _entity(
+    row: Mapping[str, Any],
+    attributes: list[tuple[str, Any]],
+    *,
+    row_version: str | None,
+    formatted: list[tuple[str, Any]] | None = None,
+    typed: bool = True,
+) -> dict[str, Any]:
     out: dict[str, Any] = {"__type": f"Entity:{NS}"} if typed else {}
-    out.update({
-        "Attributes": _kv(attributes), "EntityState": None, "FormattedValues": _kv(formatted or []),
-        "Id": row["msdyn_agentstatusid"], "KeyAttributes": [], "LogicalName": AGENT_STATUS,
-        "RelatedEntities": [], "RowVersion": row_version,
-    })
+    out.update(
+        {
+            "Attributes": _kv(attributes),
+            "EntityState": None,
+            "FormattedValues": _kv(formatted or []),
+            "Id": row["msdyn_agentstatusid"],
+            "KeyAttributes": [],
+            "LogicalName": AGENT_STATUS,
+            "RelatedEntities": [],
+            "RowVersion": row_version,
+        }
+    )
     return out
 
 
-def _context(emu: DataverseEmulator, row: Mapping[str, Any], step: Mapping[str, Any], ids: Mapping[str, str], *,
-             message: str, stage: int, target: dict[str, Any], parent: dict[str, Any] | None, user: str,
-             initiating: str, user_agent: str, created_on: str, output: list[tuple[str, Any]],
-             owning: dict[str, Any], images: list[tuple[str, Any]], shared: list[tuple[str, Any]]) -> dict[str, Any]:
+def _context(
+    emu: DataverseEmulator,
+    row: Mapping[str, Any],
+    step: Mapping[str, Any],
+    ids: Mapping[str, str],
+    *,
+    message: str,
+    stage: int,
+    target: dict[str, Any],
+    parent: dict[str, Any] | None,
+    user: str,
+    initiating: str,
+    user_agent: str,
+    created_on: str,
+    output: list[tuple[str, Any]],
+    owning: dict[str, Any],
+    images: list[tuple[str, Any]],
+    shared: list[tuple[str, Any]],
+) -> dict[str, Any]:
     """One RemoteExecutionContext, keys in the order of the seed payloads."""
     mode = int(step.get("mode", 0))
     return {
@@ -1086,61 +1295,126 @@ def _context(emu: DataverseEmulator, row: Mapping[str, Any], step: Mapping[str, 
 
 
 def _owning(step: Mapping[str, Any], name: Any) -> dict[str, Any]:
-    return {"Id": step["sdkmessageprocessingstepid"], "KeyAttributes": [], "LogicalName": "sdkmessageprocessingstep",
-            "Name": name, "RowVersion": None}
+    return {
+        "Id": step["sdkmessageprocessingstepid"],
+        "KeyAttributes": [],
+        "LogicalName": "sdkmessageprocessingstep",
+        "Name": name,
+        "RowVersion": None,
+    }
 
 
-def _update_context(emu: DataverseEmulator, row: Mapping[str, Any], step: Mapping[str, Any], ids: Mapping[str, str],
-                    *, user: str, initiating: str, user_agent: str, on_behalf: str | None) -> dict[str, Any]:
+def _update_context(
+    emu: DataverseEmulator,
+    row: Mapping[str, Any],
+    step: Mapping[str, Any],
+    ids: Mapping[str, str],
+    *,
+    user: str,
+    initiating: str,
+    user_agent: str,
+    on_behalf: str | None,
+) -> dict[str, Any]:
     ms = int(row["_ms"])
     sec = ms // 1000 * 1000  # Dataverse stores datetimes to the second
     version = str(row["versionnumber"])
     presence = _ref("msdyn_presence", row["_msdyn_currentpresenceid_value"])
     agent = _ref("systemuser", row["_msdyn_agentid_value"])
-    capacity_ms = int(datetime.strptime(row["msdyn_capacitymodifiedon"], "%Y-%m-%dT%H:%M:%SZ")
-                      .replace(tzinfo=UTC).timestamp() * 1000)
-    common: dict[str, Any] = {"user": user, "initiating": initiating, "user_agent": user_agent,
-              "created_on": _date(ms // 1000 * 1000 + 1000, offset=True), "output": []}
-    target = _entity(row, [
-        ("modifiedby", _ref("systemuser", user)),
-        ("msdyn_isagentloggedin", bool(row["msdyn_isagentloggedin"])),
-        ("msdyn_currentpresenceid", presence),
-        ("modifiedon", _date(sec + 1000)),
-        ("modifiedonbehalfby", _ref("systemuser", on_behalf)),
-        ("msdyn_availableunitscapacity", row["msdyn_availableunitscapacity"]),
-        ("msdyn_agentstatusid", row["msdyn_agentstatusid"]),
-        ("msdyn_capacitymodifiedon", _date(capacity_ms)),
-        ("msdyn_presencemodifiedon", _date(sec)),
-        ("msdyn_isblockedbysomeprofile", bool(row["msdyn_isblockedbysomeprofile"])),
-        ("msdyn_presencemodifiedby", row["msdyn_presencemodifiedby"]),
-        ("msdyn_agentid", agent),
-        ("timezoneruleversionnumber", 4),
-    ], row_version=version)
-    parent_target = _entity(row, [
-        ("msdyn_agentstatusid", row["msdyn_agentstatusid"]),
-        ("msdyn_availableunitscapacity", row["msdyn_availableunitscapacity"]),
-        ("msdyn_currentpresenceid", presence),
-        ("msdyn_capacitymodifiedon", _date(capacity_ms)),
-        ("msdyn_presencemodifiedby", row["msdyn_presencemodifiedby"]),
-        ("msdyn_presencemodifiedon", _date(sec)),
-        ("msdyn_isblockedbysomeprofile", bool(row["msdyn_isblockedbysomeprofile"])),
-        ("msdyn_isagentloggedin", bool(row["msdyn_isagentloggedin"])),
-        ("msdyn_agentid", agent),
-    ], row_version=version)
+    capacity_ms = int(
+        datetime.strptime(row["msdyn_capacitymodifiedon"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp() * 1000
+    )
+    common: dict[str, Any] = {
+        "user": user,
+        "initiating": initiating,
+        "user_agent": user_agent,
+        "created_on": _date(ms // 1000 * 1000 + 1000, offset=True),
+        "output": [],
+    }
+    target = _entity(
+        row,
+        [
+            ("modifiedby", _ref("systemuser", user)),
+            ("msdyn_isagentloggedin", bool(row["msdyn_isagentloggedin"])),
+            ("msdyn_currentpresenceid", presence),
+            ("modifiedon", _date(sec + 1000)),
+            ("modifiedonbehalfby", _ref("systemuser", on_behalf)),
+            ("msdyn_availableunitscapacity", row["msdyn_availableunitscapacity"]),
+            ("msdyn_agentstatusid", row["msdyn_agentstatusid"]),
+            ("msdyn_capacitymodifiedon", _date(capacity_ms)),
+            ("msdyn_presencemodifiedon", _date(sec)),
+            ("msdyn_isblockedbysomeprofile", bool(row["msdyn_isblockedbysomeprofile"])),
+            ("msdyn_presencemodifiedby", row["msdyn_presencemodifiedby"]),
+            ("msdyn_agentid", agent),
+            ("timezoneruleversionnumber", 4),
+        ],
+        row_version=version,
+    )
+    parent_target = _entity(
+        row,
+        [
+            ("msdyn_agentstatusid", row["msdyn_agentstatusid"]),
+            ("msdyn_availableunitscapacity", row["msdyn_availableunitscapacity"]),
+            ("msdyn_currentpresenceid", presence),
+            ("msdyn_capacitymodifiedon", _date(capacity_ms)),
+            ("msdyn_presencemodifiedby", row["msdyn_presencemodifiedby"]),
+            ("msdyn_presencemodifiedon", _date(sec)),
+            ("msdyn_isblockedbysomeprofile", bool(row["msdyn_isblockedbysomeprofile"])),
+            ("msdyn_isagentloggedin", bool(row["msdyn_isagentloggedin"])),
+            ("msdyn_agentid", agent),
+        ],
+        row_version=version,
+    )
     owning = _owning(step, None)
     shared = [("IsAutoTransact", True), ("AcceptLang", "")]
-    parent = _context(emu, row, step, ids, message="Update", stage=30, target=parent_target, parent=None,
-                      owning=owning, images=[], shared=shared, **common)
+    parent = _context(
+        emu,
+        row,
+        step,
+        ids,
+        message="Update",
+        stage=30,
+        target=parent_target,
+        parent=None,
+        owning=owning,
+        images=[],
+        shared=shared,
+        **common,
+    )
     images = []
     if int(step.get("mode", 0)) == 1:  # asynchronous steps get the primary-name image (seed)
-        images = [("AsynchronousStepPrimaryName", _entity(
-            row, [("msdyn_agentstatusid", row["msdyn_agentstatusid"])], row_version=None, typed=False))]
-    return _context(emu, row, step, ids, message="Update", stage=40, target=target, parent=parent, owning=owning,
-                    images=images, shared=shared, **common)
+        images = [
+            (
+                "AsynchronousStepPrimaryName",
+                _entity(row, [("msdyn_agentstatusid", row["msdyn_agentstatusid"])], row_version=None, typed=False),
+            )
+        ]
+    return _context(
+        emu,
+        row,
+        step,
+        ids,
+        message="Update",
+        stage=40,
+        target=target,
+        parent=parent,
+        owning=owning,
+        images=images,
+        shared=shared,
+        **common,
+    )
 
 
-def _create_context(emu: DataverseEmulator, row: Mapping[str, Any], step: Mapping[str, Any], ids: Mapping[str, str],
-                    *, user: str, initiating: str, user_agent: str, on_behalf: str | None) -> dict[str, Any]:
+def _create_context(
+    emu: DataverseEmulator,
+    row: Mapping[str, Any],
+    step: Mapping[str, Any],
+    ids: Mapping[str, str],
+    *,
+    user: str,
+    initiating: str,
+    user_agent: str,
+    on_behalf: str | None,
+) -> dict[str, Any]:
     ms = int(row["_ms"])
     sec = ms // 1000 * 1000
     presence = _ref("msdyn_presence", row["_msdyn_currentpresenceid_value"])
@@ -1150,54 +1424,96 @@ def _create_context(emu: DataverseEmulator, row: Mapping[str, Any], step: Mappin
     def shown(when: int) -> str:
         return datetime.fromtimestamp(when / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S-00:00")
 
-    target = _entity(row, [
-        ("msdyn_capacitymodifiedon", _date(sec)),
-        ("msdyn_agentstatusid", row["msdyn_agentstatusid"]),
-        ("owningbusinessunit", _ref("businessunit", emu.business_unit)),
-        ("modifiedon", _date(sec + 1000)),
-        ("modifiedonbehalfby", _ref("systemuser", on_behalf)),
-        ("msdyn_presencemodifiedby", row["msdyn_presencemodifiedby"]),
-        ("msdyn_currentpresenceid", presence),
-        ("msdyn_presencemodifiedon", _date(sec)),
-        ("statecode", {"__type": f"OptionSetValue:{NS}", "Value": 0}),
-        ("statuscode", {"__type": f"OptionSetValue:{NS}", "Value": 1}),
-        ("msdyn_isagentloggedin", logged),
-        ("createdby", _ref("systemuser", user)),
-        ("timezoneruleversionnumber", 4),
-        ("msdyn_agentid", agent),
-        ("ownerid", _ref("systemuser", user)),
-        ("msdyn_availableunitscapacity", row["msdyn_availableunitscapacity"]),
-        ("msdyn_isblockedbysomeprofile", bool(row["msdyn_isblockedbysomeprofile"])),
-        ("owninguser", _ref("systemuser", user)),
-        ("modifiedby", _ref("systemuser", user)),
-        ("createdon", _date(sec + 1000)),
-    ], row_version=None, formatted=[
-        ("msdyn_capacitymodifiedon", shown(sec)), ("modifiedon", shown(sec + 1000)),
-        ("msdyn_presencemodifiedon", shown(sec)), ("statecode", "Active"), ("statuscode", "Active"),
-        ("msdyn_isagentloggedin", "Yes" if logged else "No"), ("timezoneruleversionnumber", "4"),
-        ("msdyn_availableunitscapacity", str(row["msdyn_availableunitscapacity"])),
-        ("msdyn_isblockedbysomeprofile", "Yes" if row["msdyn_isblockedbysomeprofile"] else "No"),
-        ("createdon", shown(sec + 1000)),
-    ])
-    parent_target = _entity(row, [
-        ("msdyn_agentid", agent),
-        ("msdyn_currentpresenceid", presence),
-        ("msdyn_availableunitscapacity", row["msdyn_availableunitscapacity"]),
-        ("msdyn_capacitymodifiedon", _date(ms, offset=True)),
-        ("msdyn_presencemodifiedby", row["msdyn_presencemodifiedby"]),
-        ("msdyn_presencemodifiedon", _date(ms)),
-        ("msdyn_isblockedbysomeprofile", bool(row["msdyn_isblockedbysomeprofile"])),
-        ("msdyn_isagentloggedin", logged),
-        ("msdyn_agentstatusid", row["msdyn_agentstatusid"]),
-    ], row_version=None)
+    target = _entity(
+        row,
+        [
+            ("msdyn_capacitymodifiedon", _date(sec)),
+            ("msdyn_agentstatusid", row["msdyn_agentstatusid"]),
+            ("owningbusinessunit", _ref("businessunit", emu.business_unit)),
+            ("modifiedon", _date(sec + 1000)),
+            ("modifiedonbehalfby", _ref("systemuser", on_behalf)),
+            ("msdyn_presencemodifiedby", row["msdyn_presencemodifiedby"]),
+            ("msdyn_currentpresenceid", presence),
+            ("msdyn_presencemodifiedon", _date(sec)),
+            ("statecode", {"__type": f"OptionSetValue:{NS}", "Value": 0}),
+            ("statuscode", {"__type": f"OptionSetValue:{NS}", "Value": 1}),
+            ("msdyn_isagentloggedin", logged),
+            ("createdby", _ref("systemuser", user)),
+            ("timezoneruleversionnumber", 4),
+            ("msdyn_agentid", agent),
+            ("ownerid", _ref("systemuser", user)),
+            ("msdyn_availableunitscapacity", row["msdyn_availableunitscapacity"]),
+            ("msdyn_isblockedbysomeprofile", bool(row["msdyn_isblockedbysomeprofile"])),
+            ("owninguser", _ref("systemuser", user)),
+            ("modifiedby", _ref("systemuser", user)),
+            ("createdon", _date(sec + 1000)),
+        ],
+        row_version=None,
+        formatted=[
+            ("msdyn_capacitymodifiedon", shown(sec)),
+            ("modifiedon", shown(sec + 1000)),
+            ("msdyn_presencemodifiedon", shown(sec)),
+            ("statecode", "Active"),
+            ("statuscode", "Active"),
+            ("msdyn_isagentloggedin", "Yes" if logged else "No"),
+            ("timezoneruleversionnumber", "4"),
+            ("msdyn_availableunitscapacity", str(row["msdyn_availableunitscapacity"])),
+            ("msdyn_isblockedbysomeprofile", "Yes" if row["msdyn_isblockedbysomeprofile"] else "No"),
+            ("createdon", shown(sec + 1000)),
+        ],
+    )
+    parent_target = _entity(
+        row,
+        [
+            ("msdyn_agentid", agent),
+            ("msdyn_currentpresenceid", presence),
+            ("msdyn_availableunitscapacity", row["msdyn_availableunitscapacity"]),
+            ("msdyn_capacitymodifiedon", _date(ms, offset=True)),
+            ("msdyn_presencemodifiedby", row["msdyn_presencemodifiedby"]),
+            ("msdyn_presencemodifiedon", _date(ms)),
+            ("msdyn_isblockedbysomeprofile", bool(row["msdyn_isblockedbysomeprofile"])),
+            ("msdyn_isagentloggedin", logged),
+            ("msdyn_agentstatusid", row["msdyn_agentstatusid"]),
+        ],
+        row_version=None,
+    )
     shared = [("IsAutoTransact", True), ("AcceptLang", ""), ("DefaultsAddedFlag", True)]
     common: dict[str, Any] = {"user": user, "initiating": initiating, "user_agent": user_agent}
-    parent = _context(emu, row, {"mode": 0}, ids, message="Create", stage=30, target=parent_target, parent=None,
-                      created_on=_date(ms + 1061), output=[],
-                      owning={"Id": "b7a297bf-d810-ef11-9f8a-6045bdd4c6be", "KeyAttributes": [],
-                              "LogicalName": "sdkmessageprocessingstep", "Name": "ObjectModel Implementation",
-                              "RowVersion": None},
-                      images=[], shared=shared, **common)
-    return _context(emu, row, step, ids, message="Create", stage=40, target=target, parent=parent,
-                    created_on=_date(ms + 1108), output=[("id", row["msdyn_agentstatusid"])],
-                    owning=_owning(step, step.get("name")), images=[], shared=shared, **common)
+    parent = _context(
+        emu,
+        row,
+        {"mode": 0},
+        ids,
+        message="Create",
+        stage=30,
+        target=parent_target,
+        parent=None,
+        created_on=_date(ms + 1061),
+        output=[],
+        owning={
+            "Id": "b7a297bf-d810-ef11-9f8a-6045bdd4c6be",
+            "KeyAttributes": [],
+            "LogicalName": "sdkmessageprocessingstep",
+            "Name": "ObjectModel Implementation",
+            "RowVersion": None,
+        },
+        images=[],
+        shared=shared,
+        **common,
+    )
+    return _context(
+        emu,
+        row,
+        step,
+        ids,
+        message="Create",
+        stage=40,
+        target=target,
+        parent=parent,
+        created_on=_date(ms + 1108),
+        output=[("id", row["msdyn_agentstatusid"])],
+        owning=_owning(step, step.get("name")),
+        images=[],
+        shared=shared,
+        **common,
+    )

@@ -120,28 +120,70 @@ log = logging.getLogger("presence_sync.emulators.graph")
 
 State = tuple[str, str]
 
-AVAILABILITIES = frozenset({
-    "Available", "AvailableIdle", "Away", "BeRightBack", "Busy", "BusyIdle", "DoNotDisturb", "Offline",
-    "PresenceUnknown",
-})
-ACTIVITIES = frozenset({
-    "Available", "Away", "BeRightBack", "Busy", "DoNotDisturb", "InACall", "InAConferenceCall", "Inactive",
-    "InAMeeting", "Offline", "OffWork", "OutOfOffice", "PresenceUnknown", "Presenting",
-    "UrgentInterruptionsOnly", "AvailableInactive",
-})
-SESSION_PAIRS: frozenset[State] = frozenset({
-    ("Available", "Available"), ("Busy", "InACall"), ("Busy", "InAConferenceCall"), ("Away", "Away"),
-    ("DoNotDisturb", "Presenting"),
-})
+AVAILABILITIES = frozenset(
+    {
+        "Available",
+        "AvailableIdle",
+        "Away",
+        "BeRightBack",
+        "Busy",
+        "BusyIdle",
+        "DoNotDisturb",
+        "Offline",
+        "PresenceUnknown",
+    }
+)
+ACTIVITIES = frozenset(
+    {
+        "Available",
+        "Away",
+        "BeRightBack",
+        "Busy",
+        "DoNotDisturb",
+        "InACall",
+        "InAConferenceCall",
+        "Inactive",
+        "InAMeeting",
+        "Offline",
+        "OffWork",
+        "OutOfOffice",
+        "PresenceUnknown",
+        "Presenting",
+        "UrgentInterruptionsOnly",
+        "AvailableInactive",
+    }
+)
+SESSION_PAIRS: frozenset[State] = frozenset(
+    {
+        ("Available", "Available"),
+        ("Busy", "InACall"),
+        ("Busy", "InAConferenceCall"),
+        ("Away", "Away"),
+        ("DoNotDisturb", "Presenting"),
+    }
+)
 """The only availability/activity pairs ``setPresence`` accepts."""
-PREFERRED_PAIRS: frozenset[State] = frozenset({
-    ("Available", "Available"), ("Busy", "Busy"), ("DoNotDisturb", "DoNotDisturb"),
-    ("BeRightBack", "BeRightBack"), ("Away", "Away"), ("Offline", "OffWork"),
-})
+PREFERRED_PAIRS: frozenset[State] = frozenset(
+    {
+        ("Available", "Available"),
+        ("Busy", "Busy"),
+        ("DoNotDisturb", "DoNotDisturb"),
+        ("BeRightBack", "BeRightBack"),
+        ("Away", "Away"),
+        ("Offline", "OffWork"),
+    }
+)
 """The only pairs ``setUserPreferredPresence`` accepts."""
 AVAILABILITY_RANK: Mapping[str, int] = {
-    "DoNotDisturb": 7, "Busy": 6, "BusyIdle": 5, "Available": 4, "AvailableIdle": 3, "Away": 2,
-    "BeRightBack": 2, "Offline": 0, "PresenceUnknown": 0,
+    "DoNotDisturb": 7,
+    "Busy": 6,
+    "BusyIdle": 5,
+    "Available": 4,
+    "AvailableIdle": 3,
+    "Away": 2,
+    "BeRightBack": 2,
+    "Offline": 0,
+    "PresenceUnknown": 0,
 }
 NO_SESSION = frozenset({"Offline", "PresenceUnknown"})
 OFFLINE: State = ("Offline", "Offline")
@@ -209,8 +251,9 @@ class GraphError(Exception):
 def _extension_error(status: HTTPStatus, reason: str, operation: str = "Create") -> GraphError:
     """Presence subscription errors come from the Teams extension behind Graph, wrapped this way."""
     name = "".join(word.capitalize() for word in status.name.split("_"))
-    return GraphError(int(status), "ExtensionError",
-                      f"Operation: {operation}; Exception: [Status Code: {name}; Reason: {reason}]")
+    return GraphError(
+        int(status), "ExtensionError", f"Operation: {operation}; Exception: [Status Code: {name}; Reason: {reason}]"
+    )
 
 
 def _status_name(status: int) -> str:
@@ -373,9 +416,16 @@ _CALLER_KEY: Any = web.RequestKey("graph_caller", object) if hasattr(web, "Reque
 _JSON_KEY: Any = web.RequestKey("graph_json", object) if hasattr(web, "RequestKey") else "graph_json"
 
 _ERROR_CODES = {
-    400: "BadRequest", 401: "InvalidAuthenticationToken", 403: "Forbidden", 404: "NotFound",
-    409: "Conflict", 429: "TooManyRequests", 500: "InternalServerError", 502: "BadGateway",
-    503: "ServiceUnavailable", 504: "GatewayTimeout",
+    400: "BadRequest",
+    401: "InvalidAuthenticationToken",
+    403: "Forbidden",
+    404: "NotFound",
+    409: "Conflict",
+    429: "TooManyRequests",
+    500: "InternalServerError",
+    502: "BadGateway",
+    503: "ServiceUnavailable",
+    504: "GatewayTimeout",
 }
 
 
@@ -607,8 +657,9 @@ class GraphEmulator:
             user.own_seq = next(self._seq)
         self._refresh(user)
 
-    def set_user_preferred(self, user_id: str, availability: str, activity: str,
-                           expires_in: float | None = None) -> None:
+    def set_user_preferred(
+        self, user_id: str, availability: str, activity: str, expires_in: float | None = None
+    ) -> None:
         """The person picks a status in Teams (a user-preferred presence; same pairs as the API)."""
         if (availability, activity) not in PREFERRED_PAIRS:
             raise ValueError(f"not a preferred-presence pair: {availability}/{activity}")
@@ -706,8 +757,9 @@ class GraphEmulator:
 
     # ---------------------------------------------------------------- fault injection (control API)
 
-    def fail_next(self, n: int = 1, status: int = 429, retry_after: float | None = 2,
-                  paths: Iterable[str] | str | None = None) -> None:
+    def fail_next(
+        self, n: int = 1, status: int = 429, retry_after: float | None = 2, paths: Iterable[str] | str | None = None
+    ) -> None:
         """The next ``n`` API calls (whose path contains one of ``paths``, if given) fail with
         ``status`` and a Graph error body; 429 and 503 carry ``Retry-After: retry_after``."""
         chosen = (paths,) if isinstance(paths, str) else (tuple(paths) if paths is not None else None)
@@ -757,8 +809,11 @@ class GraphEmulator:
 
     def calls(self, method: str | None = None, contains: str | None = None) -> list[RequestRecord]:
         """The request log filtered by method and a path fragment (``calls("POST", "setPresence")``)."""
-        return [r for r in self.requests
-                if (method is None or r.method == method) and (contains is None or contains in r.path)]
+        return [
+            r
+            for r in self.requests
+            if (method is None or r.method == method) and (contains is None or contains in r.path)
+        ]
 
     async def wait_idle(self, timeout: float = 10.0) -> None:
         """Wait until every pending notification, retry and lifecycle post has finished."""
@@ -835,8 +890,16 @@ class GraphEmulator:
 
     def _info(self, sub: _Subscription) -> SubscriptionInfo:
         return SubscriptionInfo(
-            sub.id, sub.account, sub.resource, sub.user_ids, sub.expires_at, sub.notification_url,
-            sub.lifecycle_url, sub.client_state, sub.include_resource_data, sub.certificate_id,
+            sub.id,
+            sub.account,
+            sub.resource,
+            sub.user_ids,
+            sub.expires_at,
+            sub.notification_url,
+            sub.lifecycle_url,
+            sub.client_state,
+            sub.include_resource_data,
+            sub.certificate_id,
             sub.needs_reauthorization,
         )
 
@@ -882,8 +945,9 @@ class GraphEmulator:
         caller: _Caller = request[_CALLER_KEY]
         sub = self._subs.get(request.match_info["sub_id"])
         if sub is None or not (caller.is_app or caller.account == sub.account):
-            raise GraphError(404, "ResourceNotFound",
-                             f"The object was not found: subscription '{request.match_info['sub_id']}'.")
+            raise GraphError(
+                404, "ResourceNotFound", f"The object was not found: subscription '{request.match_info['sub_id']}'."
+            )
         return sub
 
     # ---------------------------------------------------------------- notifications internals
@@ -921,21 +985,31 @@ class GraphEmulator:
             "clientState": sub.client_state,
             "changeType": "updated",
             "resource": resource,
-            "resourceData": {"@odata.type": "#Microsoft.Graph.presence", "@odata.id": f"users/{uid}/presence",
-                             "id": uid},
+            "resourceData": {
+                "@odata.type": "#Microsoft.Graph.presence",
+                "@odata.id": f"users/{uid}/presence",
+                "id": uid,
+            },
             "subscriptionExpirationDateTime": format_datetime(sub.expires_at),
             "tenantId": self.tenant_id,
         }
         if sub.include_resource_data and sub.certificate is not None:
-            payload = {"@odata.type": "#Microsoft.Graph.presence", "@odata.id": f"users/{uid}/presence",
-                       "id": uid, "availability": state[0], "activity": state[1]}
+            payload = {
+                "@odata.type": "#Microsoft.Graph.presence",
+                "@odata.id": f"users/{uid}/presence",
+                "id": uid,
+                "availability": state[0],
+                "activity": state[1],
+            }
             item["encryptedContent"] = encrypt_for_certificate(
-                sub.certificate, payload, certificate_id=sub.certificate_id or "")
+                sub.certificate, payload, certificate_id=sub.certificate_id or ""
+            )
         return item
 
     def _validation_token(self) -> str:
-        return sign_validation_token(self.signing_key, client_id=self.client_id, tenant_id=self.tenant_id,
-                                     now=self.token_clock())
+        return sign_validation_token(
+            self.signing_key, client_id=self.client_id, tenant_id=self.tenant_id, now=self.token_clock()
+        )
 
     async def _deliver(self, sub_id: str) -> None:
         """One worker per subscription with pending items: batches them, posts in order."""
@@ -944,7 +1018,7 @@ class GraphEmulator:
                 await asyncio.sleep(self.batch_window)
             while self._pending.get(sub_id):
                 queue = self._pending[sub_id]
-                items, queue[:] = queue[: self.max_batch], queue[self.max_batch:]
+                items, queue[:] = queue[: self.max_batch], queue[self.max_batch :]
                 sub = self._subs.get(sub_id)
                 if sub is None or sub.expires_at <= self.now():
                     continue  # removed or expired while queued: Graph sends nothing more
@@ -972,8 +1046,13 @@ class GraphEmulator:
             status: int | None = None
             error: str | None = None
             try:
-                async with self._client.post(url, data=data, timeout=timeout, allow_redirects=False,
-                                             headers={"Content-Type": "application/json; charset=utf-8"}) as resp:
+                async with self._client.post(
+                    url,
+                    data=data,
+                    timeout=timeout,
+                    allow_redirects=False,
+                    headers={"Content-Type": "application/json; charset=utf-8"},
+                ) as resp:
                     await resp.read()
                     status = resp.status
                 if not 200 <= status < 300:
@@ -982,13 +1061,13 @@ class GraphEmulator:
                 error = f"no answer within {self.notification_timeout:g} s"
             except aiohttp.ClientError as e:
                 error = f"{type(e).__name__}: {e}"
-            delivery = Delivery(kind, sub_id, url, body, status, time.monotonic() - started, attempt, error,
-                                self.now())
+            delivery = Delivery(kind, sub_id, url, body, status, time.monotonic() - started, attempt, error, self.now())
             self.deliveries.append(delivery)
             if error is None:
                 return delivery
-            log.info("delivery failed", extra={"fields": {"kind": kind, "url": url, "attempt": attempt,
-                                                          "error": error}})
+            log.info(
+                "delivery failed", extra={"fields": {"kind": kind, "url": url, "attempt": attempt, "error": error}}
+            )
             if attempt < self.delivery_attempts:
                 await asyncio.sleep(self.retry_delay * 2 ** (attempt - 1))
         assert delivery is not None
@@ -1004,27 +1083,50 @@ class GraphEmulator:
         status: int | None = None
         problem: str | None = None
         try:
-            async with self._client.post(target, data=b"", allow_redirects=False,
-                                         timeout=aiohttp.ClientTimeout(total=self.validation_timeout),
-                                         headers={"Content-Type": "text/plain; charset=utf-8"}) as resp:
+            async with self._client.post(
+                target,
+                data=b"",
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=self.validation_timeout),
+                headers={"Content-Type": "text/plain; charset=utf-8"},
+            ) as resp:
                 text = await resp.text(errors="replace")
                 status = resp.status
                 if status != 200:
-                    problem = (f"Subscription validation request failed. HTTP status code is '{_status_name(status)}'. "
-                               "Notification endpoint must respond with 200 OK to validation request.")
+                    problem = (
+                        f"Subscription validation request failed. HTTP status code is '{_status_name(status)}'. "
+                        "Notification endpoint must respond with 200 OK to validation request."
+                    )
                 elif resp.content_type != "text/plain":
-                    problem = ("Subscription validation request failed. Notification endpoint must respond with "
-                               f"content type 'text/plain', not '{resp.content_type}'.")
+                    problem = (
+                        "Subscription validation request failed. Notification endpoint must respond with "
+                        f"content type 'text/plain', not '{resp.content_type}'."
+                    )
                 elif text != token:
-                    problem = ("Subscription validation request failed. Response must exactly match "
-                               "validationToken query parameter.")
+                    problem = (
+                        "Subscription validation request failed. Response must exactly match "
+                        "validationToken query parameter."
+                    )
         except TimeoutError:
             problem = "Subscription validation request timed out."
         except aiohttp.ClientError as e:
-            problem = ("Subscription validation request failed. Notification endpoint must respond with 200 OK "
-                       f"to validation request. ({type(e).__name__})")
-        self.deliveries.append(Delivery("validation", None, url, {"validationToken": token}, status,
-                                        time.monotonic() - started, 1, problem, self.now()))
+            problem = (
+                "Subscription validation request failed. Notification endpoint must respond with 200 OK "
+                f"to validation request. ({type(e).__name__})"
+            )
+        self.deliveries.append(
+            Delivery(
+                "validation",
+                None,
+                url,
+                {"validationToken": token},
+                status,
+                time.monotonic() - started,
+                1,
+                problem,
+                self.now(),
+            )
+        )
         if problem:
             raise GraphError(400, "ValidationError", problem)
 
@@ -1059,8 +1161,12 @@ class GraphEmulator:
             if now < self._throttle_until:
                 left = (self._throttle_until - now).total_seconds()
                 retry = self._throttle_retry_after if self._throttle_retry_after is not None else left
-                raise GraphError(429, "TooManyRequests", "Too many requests: the application is being throttled.",
-                                 {"Retry-After": str(max(1, math.ceil(retry)))})
+                raise GraphError(
+                    429,
+                    "TooManyRequests",
+                    "Too many requests: the application is being throttled.",
+                    {"Retry-After": str(max(1, math.ceil(retry)))},
+                )
             self._throttle_until = None
         if self.presence_rate_limit is not None:
             limit, window = self.presence_rate_limit
@@ -1069,15 +1175,26 @@ class GraphEmulator:
                 self._rate_window.popleft()
             if len(self._rate_window) >= limit:
                 retry = self._rate_window[0] + window - mono
-                raise GraphError(429, "TooManyRequests",
-                                 f"Too many requests: presence is limited to {limit} requests per {window:g} s.",
-                                 {"Retry-After": str(max(1, math.ceil(retry)))})
+                raise GraphError(
+                    429,
+                    "TooManyRequests",
+                    f"Too many requests: presence is limited to {limit} requests per {window:g} s.",
+                    {"Retry-After": str(max(1, math.ceil(retry)))},
+                )
             self._rate_window.append(mono)
 
     def _error_response(self, error: GraphError, request_id: str) -> web.Response:
-        body = {"error": {"code": error.code, "message": error.message,
-                          "innerError": {"date": self.now().strftime("%Y-%m-%dT%H:%M:%S"),
-                                         "request-id": request_id, "client-request-id": request_id}}}
+        body = {
+            "error": {
+                "code": error.code,
+                "message": error.message,
+                "innerError": {
+                    "date": self.now().strftime("%Y-%m-%dT%H:%M:%S"),
+                    "request-id": request_id,
+                    "client-request-id": request_id,
+                },
+            }
+        }
         return web.json_response(body, status=error.status, headers={**error.headers, "request-id": request_id})
 
     @web.middleware
@@ -1110,17 +1227,29 @@ class GraphEmulator:
         except web.HTTPNotFound:
             segment = request.path.rsplit("/", 1)[-1]
             response = self._error_response(
-                GraphError(400, "BadRequest", f"Resource not found for the segment '{segment}'."), request_id)
+                GraphError(400, "BadRequest", f"Resource not found for the segment '{segment}'."), request_id
+            )
         except web.HTTPMethodNotAllowed:
             response = self._error_response(
-                GraphError(405, "Request_BadRequest", f"Method {request.method} is not allowed here."), request_id)
+                GraphError(405, "Request_BadRequest", f"Method {request.method} is not allowed here."), request_id
+            )
         except Exception:
             log.exception("graph emulator handler failed")
             response = self._error_response(
-                GraphError(500, "InternalServerError", "The emulator failed; see its log."), request_id)
-        self.requests.append(RequestRecord(
-            request.method, request.path, request.query_string, response.status, self.now(),
-            caller.account if caller else None, body, time.monotonic() - started))
+                GraphError(500, "InternalServerError", "The emulator failed; see its log."), request_id
+            )
+        self.requests.append(
+            RequestRecord(
+                request.method,
+                request.path,
+                request.query_string,
+                response.status,
+                self.now(),
+                caller.account if caller else None,
+                body,
+                time.monotonic() - started,
+            )
+        )
         return response
 
     @staticmethod
@@ -1134,9 +1263,12 @@ class GraphEmulator:
     def _require_app(request: web.Request) -> None:
         caller: _Caller = request[_CALLER_KEY]
         if not caller.is_app:
-            raise GraphError(403, "Forbidden",
-                             "Insufficient privileges to complete the operation: Presence.ReadWrite.All (application) "
-                             "is required to write another user's presence.")
+            raise GraphError(
+                403,
+                "Forbidden",
+                "Insufficient privileges to complete the operation: Presence.ReadWrite.All (application) "
+                "is required to write another user's presence.",
+            )
 
     def _user_from_path(self, request: web.Request) -> _User:
         user_id = request.match_info["user_id"]
@@ -1158,8 +1290,9 @@ class GraphEmulator:
         return data
 
     @staticmethod
-    def _duration(body: Mapping[str, Any], default: timedelta | None,
-                  bounds: tuple[timedelta, timedelta] | None) -> timedelta | None:
+    def _duration(
+        body: Mapping[str, Any], default: timedelta | None, bounds: tuple[timedelta, timedelta] | None
+    ) -> timedelta | None:
         raw = body.get("expirationDuration")
         if raw is None:
             return default
@@ -1168,8 +1301,9 @@ class GraphEmulator:
         except ValueError as e:
             raise GraphError(400, "BadRequest", f"expirationDuration: {e}") from e
         if bounds is not None and not bounds[0] <= duration <= bounds[1]:
-            raise GraphError(400, "BadRequest",
-                             "expirationDuration must be between PT5M (5 minutes) and PT4H (4 hours).")
+            raise GraphError(
+                400, "BadRequest", "expirationDuration must be between PT5M (5 minutes) and PT4H (4 hours)."
+            )
         if duration <= timedelta(0):
             raise GraphError(400, "BadRequest", "expirationDuration must be positive.")
         return duration
@@ -1181,8 +1315,11 @@ class GraphEmulator:
             raise GraphError(400, "BadRequest", "availability and activity are required strings.")
         if (availability, activity) not in allowed:
             pairs = ", ".join(f"{a}/{b}" for a, b in sorted(allowed))
-            raise GraphError(400, "BadRequest",
-                             f"{api}: '{availability}/{activity}' is not a supported combination; use one of {pairs}.")
+            raise GraphError(
+                400,
+                "BadRequest",
+                f"{api}: '{availability}/{activity}' is not a supported combination; use one of {pairs}.",
+            )
         return availability, activity
 
     # ---------------------------------------------------------------- presence handlers
@@ -1198,8 +1335,9 @@ class GraphEmulator:
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise GraphError(400, "BadRequest", "ids must be an array of user id strings.")
         if len(ids) > MAX_IDS:
-            raise GraphError(400, "BadRequest",
-                             f"Too many ids: {len(ids)}; getPresencesByUserId accepts at most {MAX_IDS}.")
+            raise GraphError(
+                400, "BadRequest", f"Too many ids: {len(ids)}; getPresencesByUserId accepts at most {MAX_IDS}."
+            )
         value = []
         seen: set[str] = set()
         for raw in ids:
@@ -1209,8 +1347,9 @@ class GraphEmulator:
             seen.add(user.id)
             self._refresh(user)
             value.append(self._presence_json(user, context=False))
-        return web.json_response({"@odata.context": f"{self.url}/$metadata#Collection(microsoft.graph.presence)",
-                                  "value": value})
+        return web.json_response(
+            {"@odata.context": f"{self.url}/$metadata#Collection(microsoft.graph.presence)", "value": value}
+        )
 
     async def _h_set_presence(self, request: web.Request) -> web.Response:
         self._require_app(request)
@@ -1265,9 +1404,11 @@ class GraphEmulator:
             return frozenset({single.group("id").lower()})
         bulk = _BULK_RESOURCE.match(text)
         if bulk is None:
-            raise _extension_error(HTTPStatus.BAD_REQUEST,
-                                   "Unsupported resource; use /communications/presences/{id} or "
-                                   "/communications/presences?$filter=id in ('id1','id2',...)")
+            raise _extension_error(
+                HTTPStatus.BAD_REQUEST,
+                "Unsupported resource; use /communications/presences/{id} or "
+                "/communications/presences?$filter=id in ('id1','id2',...)",
+            )
         ids: list[str] = []
         for part in bulk.group("ids").split(","):
             quoted = _QUOTED_ID.match(part)
@@ -1275,8 +1416,9 @@ class GraphEmulator:
                 raise _extension_error(HTTPStatus.BAD_REQUEST, f"Invalid id in $filter: {part.strip()!r}")
             ids.append((quoted.group("a") or quoted.group("b") or "").strip().lower())
         if len(ids) > MAX_IDS:
-            raise _extension_error(HTTPStatus.BAD_REQUEST,
-                                   f"The number of ids in the filter ({len(ids)}) exceeds the maximum of {MAX_IDS}")
+            raise _extension_error(
+                HTTPStatus.BAD_REQUEST, f"The number of ids in the filter ({len(ids)}) exceeds the maximum of {MAX_IDS}"
+            )
         return frozenset(ids)
 
     def _check_url(self, field_name: str, value: Any, required: bool) -> str | None:
@@ -1293,8 +1435,11 @@ class GraphEmulator:
             return str(value).strip()
         if url.scheme == "http" and loopback and self.allow_http_loopback:
             return str(value).strip()
-        raise GraphError(400, "InvalidRequest",
-                         f"{field_name} must be an https URL (http is accepted for loopback only by the emulator).")
+        raise GraphError(
+            400,
+            "InvalidRequest",
+            f"{field_name} must be an https URL (http is accepted for loopback only by the emulator).",
+        )
 
     def _expiration(self, value: Any, operation: str) -> datetime:
         try:
@@ -1303,8 +1448,9 @@ class GraphEmulator:
             raise GraphError(400, "InvalidRequest", f"expirationDateTime is invalid: {e}") from e
         now = self.now()
         if expires <= now:
-            raise _extension_error(HTTPStatus.BAD_REQUEST, "Subscription expiration date must be in the future.",
-                                   operation)
+            raise _extension_error(
+                HTTPStatus.BAD_REQUEST, "Subscription expiration date must be in the future.", operation
+            )
         if expires - now > MAX_SUBSCRIPTION_LIFETIME:
             raise GraphError(400, "ExtensionError", "Subscription expiration can only be 60 minutes in the future.")
         return expires
@@ -1317,22 +1463,30 @@ class GraphEmulator:
         body = self._json_body(request)
         caller: _Caller = request[_CALLER_KEY]
         if body.get("changeType") != "updated":
-            raise GraphError(400, "InvalidRequest",
-                             f"changeType '{body.get('changeType')}' is not supported for presence; use 'updated'.")
+            raise GraphError(
+                400,
+                "InvalidRequest",
+                f"changeType '{body.get('changeType')}' is not supported for presence; use 'updated'.",
+            )
         user_ids = self._parse_resource(body.get("resource"))
         if caller.account is None:
-            raise _extension_error(HTTPStatus.FORBIDDEN, "The request is not authorized for this user or application. "
-                                   "Presence subscriptions need a delegated token (Presence.Read.All); "
-                                   "application permissions are not supported.")
+            raise _extension_error(
+                HTTPStatus.FORBIDDEN,
+                "The request is not authorized for this user or application. "
+                "Presence subscriptions need a delegated token (Presence.Read.All); "
+                "application permissions are not supported.",
+            )
         notification_url = self._check_url("notificationUrl", body.get("notificationUrl"), required=True)
         assert notification_url is not None
-        lifecycle_url = self._check_url("lifecycleNotificationUrl", body.get("lifecycleNotificationUrl"),
-                                        required=False)
+        lifecycle_url = self._check_url(
+            "lifecycleNotificationUrl", body.get("lifecycleNotificationUrl"), required=False
+        )
         expires = self._expiration(body.get("expirationDateTime"), "Create")
         client_state = body.get("clientState")
         if client_state is not None and (not isinstance(client_state, str) or len(client_state) > MAX_CLIENT_STATE):
-            raise GraphError(400, "InvalidRequest", f"clientState must be a string of at most {MAX_CLIENT_STATE} "
-                             "characters.")
+            raise GraphError(
+                400, "InvalidRequest", f"clientState must be a string of at most {MAX_CLIENT_STATE} characters."
+            )
         rich = body.get("includeResourceData", False)
         if not isinstance(rich, bool):
             raise GraphError(400, "InvalidRequest", "includeResourceData must be a boolean.")
@@ -1341,11 +1495,13 @@ class GraphEmulator:
         if rich:
             cert_b64, cert_id = body.get("encryptionCertificate"), body.get("encryptionCertificateId")
             if not isinstance(cert_b64, str) or not cert_b64.strip():
-                raise GraphError(400, "InvalidRequest",
-                                 "encryptionCertificate is required when includeResourceData is true.")
+                raise GraphError(
+                    400, "InvalidRequest", "encryptionCertificate is required when includeResourceData is true."
+                )
             if not isinstance(cert_id, str) or not cert_id.strip():
-                raise GraphError(400, "InvalidRequest",
-                                 "encryptionCertificateId is required when includeResourceData is true.")
+                raise GraphError(
+                    400, "InvalidRequest", "encryptionCertificateId is required when includeResourceData is true."
+                )
             try:
                 certificate = load_certificate(cert_b64)
             except ValueError as e:
@@ -1364,7 +1520,8 @@ class GraphEmulator:
             id=str(uuid.uuid4()),
             account=caller.account,
             creator_id=self._account_ids.setdefault(
-                caller.account, str(uuid.uuid5(uuid.NAMESPACE_URL, caller.account))),
+                caller.account, str(uuid.uuid5(uuid.NAMESPACE_URL, caller.account))
+            ),
             resource=str(body["resource"]),
             user_ids=user_ids,
             notification_url=notification_url,
@@ -1381,16 +1538,22 @@ class GraphEmulator:
         self._subs[sub.id] = sub
         for uid in user_ids:
             self._subs_by_user.setdefault(uid, set()).add(sub.id)
-        log.info("subscription created", extra={"fields": {"subscription": sub.id, "account": sub.account,
-                                                           "ids": len(user_ids), "rich": rich}})
+        log.info(
+            "subscription created",
+            extra={"fields": {"subscription": sub.id, "account": sub.account, "ids": len(user_ids), "rich": rich}},
+        )
         return web.json_response(self._subscription_json(sub), status=201)
 
     async def _h_list_subscriptions(self, request: web.Request) -> web.Response:
         self._purge_subscriptions()
         caller: _Caller = request[_CALLER_KEY]
         subs = [s for s in self._subs.values() if caller.is_app or s.account == caller.account]
-        return web.json_response({"@odata.context": f"{self.url}/$metadata#subscriptions",
-                                  "value": [self._subscription_json(s) for s in subs]})
+        return web.json_response(
+            {
+                "@odata.context": f"{self.url}/$metadata#subscriptions",
+                "value": [self._subscription_json(s) for s in subs],
+            }
+        )
 
     async def _h_get_subscription(self, request: web.Request) -> web.Response:
         return web.json_response(self._subscription_json(self._owned_subscription(request)))
@@ -1421,11 +1584,13 @@ class GraphEmulator:
 
     async def _h_openid(self, request: web.Request) -> web.Response:
         tenant = request.match_info["tenant"]
-        return web.json_response({
-            "issuer": f"https://sts.windows.net/{tenant}/",
-            "jwks_uri": f"{self.base_url}/{tenant}/discovery/v2.0/keys",
-            "id_token_signing_alg_values_supported": ["RS256"],
-        })
+        return web.json_response(
+            {
+                "issuer": f"https://sts.windows.net/{tenant}/",
+                "jwks_uri": f"{self.base_url}/{tenant}/discovery/v2.0/keys",
+                "id_token_signing_alg_values_supported": ["RS256"],
+            }
+        )
 
 
 def _preferred_default(availability: str) -> timedelta:
@@ -1435,5 +1600,6 @@ def _preferred_default(availability: str) -> timedelta:
 
 def _conflict() -> GraphError:
     # Graph's own wording (typos included), so that logs read the same as production ones.
-    return _extension_error(HTTPStatus.CONFLICT,
-                            "A subscripton already exists. It must be deleted before a another can be made")
+    return _extension_error(
+        HTTPStatus.CONFLICT, "A subscripton already exists. It must be deleted before a another can be made"
+    )

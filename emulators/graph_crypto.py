@@ -172,8 +172,9 @@ class SigningKey:
         return {"keys": [self.jwk()]}
 
     def sign(self, claims: Mapping[str, Any]) -> str:
-        return jwt.encode(dict(claims), self.private_key, algorithm="RS256",
-                          headers={"kid": self.kid, "x5t": self.kid, "typ": "JWT"})
+        return jwt.encode(
+            dict(claims), self.private_key, algorithm="RS256", headers={"kid": self.kid, "x5t": self.kid, "typ": "JWT"}
+        )
 
 
 def validation_token_claims(

@@ -139,7 +139,9 @@ class LocalStack:
         values.update(self.overrides)
         # No environment and no .env: see the module docstring.
         self.settings = Settings(
-            _env_file=None, _env_prefix="PRESENCE_SYNC_LOCAL_STACK_UNUSED_", **values  # type: ignore[call-arg]
+            _env_file=None,
+            _env_prefix="PRESENCE_SYNC_LOCAL_STACK_UNUSED_",
+            **values,  # type: ignore[call-arg]
         )
         self.runtime = await Runtime.open(self.settings)
         # Workers start below, once set-up is done (not twice: the app would start them too).
@@ -218,13 +220,15 @@ class LocalStack:
 
     # ------------------------------------------------------------------------------------ acting
 
-    async def chat(self, agent: StackAgent, text: str | None = None, *, value: Any = None,
-                   timeout: float = 20.0) -> SentActivity:
+    async def chat(
+        self, agent: StackAgent, text: str | None = None, *, value: Any = None, timeout: float = 20.0
+    ) -> SentActivity:
         """The agent writes to the bot in Teams; returns the bot's reply as the connector got it."""
         assert self.http is not None
         before = len(self.connector.sent)
-        activity = teams_message(service_url=self.connector.url, aad_object_id=agent.entra_id, text=text,
-                                 value=value, user_name=agent.name)
+        activity = teams_message(
+            service_url=self.connector.url, aad_object_id=agent.entra_id, text=text, value=value, user_name=agent.name
+        )
         conversation = activity["conversation"]["id"]
         async with self.http.post("/api/messages", json=activity) as r:
             if r.status >= 300:

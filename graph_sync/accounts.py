@@ -105,14 +105,18 @@ class AccountTokens:
             return self._app
         blob = await self.owner.store.get_secret(secret_name(self.name))
         if not blob:
-            raise PermanentError(f"subscriber account {self.name} has no token cache in the store; "
-                                 "run `presence-sync graph login` to sign it in")
+            raise PermanentError(
+                f"subscriber account {self.name} has no token cache in the store; "
+                "run `presence-sync graph login` to sign it in"
+            )
         cache = msal.SerializableTokenCache()
         try:
             cache.deserialize(blob.decode())
         except ValueError as e:
-            raise PermanentError(f"subscriber account {self.name}: stored token cache is unreadable ({e}); "
-                                 "run `presence-sync graph login` again") from None
+            raise PermanentError(
+                f"subscriber account {self.name}: stored token cache is unreadable ({e}); "
+                "run `presence-sync graph login` again"
+            ) from None
         self._cache = cache
         self._app = await asyncio.to_thread(self.owner.msal_app, cache)
         return self._app
@@ -122,23 +126,28 @@ class AccountTokens:
         try:
             result = await asyncio.to_thread(self._silent, app)
         except Exception as e:  # requests' connection errors and the like
-            raise RetryableError(f"subscriber account {self.name}: cannot reach the identity platform "
-                                 f"({type(e).__name__}: {e})") from None
+            raise RetryableError(
+                f"subscriber account {self.name}: cannot reach the identity platform ({type(e).__name__}: {e})"
+            ) from None
         if self._cache is not None and self._cache.has_state_changed:
             await self.owner.store.put_secret(secret_name(self.name), self._cache.serialize().encode())
             self._cache.has_state_changed = False
             await self.owner.note(self.name, last_refresh=self.owner.clock().isoformat(), error=None)
         if result is None:
             await self.owner.note(self.name, error="signed out: no token in the cache")
-            raise PermanentError(f"subscriber account {self.name} is not signed in (no usable token in its cache); "
-                                 "run `presence-sync graph login`")
+            raise PermanentError(
+                f"subscriber account {self.name} is not signed in (no usable token in its cache); "
+                "run `presence-sync graph login`"
+            )
         if "access_token" not in result:
             code = str(result.get("error", "unknown_error"))
             desc = str(result.get("error_description", "")).splitlines()[0] if result.get("error_description") else ""
             await self.owner.note(self.name, error=f"{code}: {desc}")
             if code in _SIGN_IN_AGAIN:
-                raise PermanentError(f"subscriber account {self.name} must sign in again ({code}: {desc}); "
-                                     "run `presence-sync graph login`")
+                raise PermanentError(
+                    f"subscriber account {self.name} must sign in again ({code}: {desc}); "
+                    "run `presence-sync graph login`"
+                )
             raise RetryableError(f"subscriber account {self.name}: token refresh failed ({code}: {desc})")
         expires_in = float(result.get("expires_in") or 3600)
         self._token = (str(result["access_token"]), time.time() + expires_in)
@@ -200,8 +209,13 @@ class SubscriberAccounts:
             return [AccountInfo(f"static-{i}", "static") for i in range(1, len(self.static_tokens) + 1)]
         docs = await self.store.list_docs(ACCOUNT_KIND)
         return [
-            AccountInfo(name, "delegated", str(d.get("home_account_id", "")), str(d.get("tenant_id", "")),
-                        str(d.get("signed_in_at", "")))
+            AccountInfo(
+                name,
+                "delegated",
+                str(d.get("home_account_id", "")),
+                str(d.get("tenant_id", "")),
+                str(d.get("signed_in_at", "")),
+            )
             for name, d in sorted(docs.items())
             if not d.get("removed")
         ]

@@ -42,8 +42,6 @@ GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 DEFAULT_TIMEOUT = 10.0
 
 
-
-
 def check_graph_url(graph_url: str) -> str:
     """The base URL without a trailing slash. ``https`` anywhere, ``http`` only on loopback: a bearer
     token must never cross a network in clear text."""
@@ -77,8 +75,9 @@ def make_http_client(graph_url: str, *, timeout: float = DEFAULT_TIMEOUT) -> htt
     return GraphClientFactory.create_with_custom_middleware(middleware, client=client)
 
 
-def make_graph_client(http: httpx.AsyncClient, graph_url: str, tokens: TokenProvider,
-                      scope: str = GRAPH_SCOPE) -> GraphServiceClient:
+def make_graph_client(
+    http: httpx.AsyncClient, graph_url: str, tokens: TokenProvider, scope: str = GRAPH_SCOPE
+) -> GraphServiceClient:
     """A ``GraphServiceClient`` on ``http`` (shareable between clients with different tokens)."""
     base = check_graph_url(graph_url)
     adapter = GraphRequestAdapter(BaseBearerTokenAuthenticationProvider(TokenAccess(tokens, base, scope)), http)
@@ -110,15 +109,19 @@ def graph_error(exc: BaseException, *, what: str, permission: str | None = None)
         said = graph_message(exc)
         if status == 429 or (status == 503 and retry_after_seconds(exc.response_headers) is not None):
             wait = retry_after_seconds(exc.response_headers)
-            return Throttled(f"{what}: Graph throttled the request ({status}; Retry-After {wait}); {said}", wait,
-                             status=status)
+            return Throttled(
+                f"{what}: Graph throttled the request ({status}; Retry-After {wait}); {said}", wait, status=status
+            )
         if status >= 500 or status in (408,):
             return RetryableError(f"{what}: Graph failed with {status}: {said}; will retry", status=status)
         if status == 401:
             # A token can expire between issue and use; a persistent 401 dead-letters after the
             # outbox's bounded attempts with this message.
-            return RetryableError(f"{what}: Graph refused the token (401: {said}); check the app registration "
-                                  "and tenant if this persists", status=status)
+            return RetryableError(
+                f"{what}: Graph refused the token (401: {said}); check the app registration "
+                "and tenant if this persists",
+                status=status,
+            )
         if status == 403:
             need = f"the app needs {permission} with admin consent" if permission else "permission missing"
             return PermanentError(f"{what}: Graph refused (403: {said}); {need}", status=status)

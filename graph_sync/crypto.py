@@ -86,7 +86,8 @@ class Decryptor:
         cert_id = content.get("encryptionCertificateId")
         if cert_id != self.certificate_id:
             raise DecryptionError(
-                f"encrypted for certificate id {cert_id!r}, this bridge holds {self.certificate_id!r}")
+                f"encrypted for certificate id {cert_id!r}, this bridge holds {self.certificate_id!r}"
+            )
         thumbprint = content.get("encryptionCertificateThumbprint")
         if thumbprint is not None and str(thumbprint).replace(":", "").upper() != self.thumbprint:
             raise DecryptionError("encryptionCertificateThumbprint does not match the bridge's certificate")

@@ -51,8 +51,9 @@ async def device_code_login(
     cache = msal.SerializableTokenCache()
 
     def build() -> msal.PublicClientApplication:
-        return msal.PublicClientApplication(client_id, authority=f"{authority_host.rstrip('/')}/{tenant_id}",
-                                            token_cache=cache, http_client=http_client)
+        return msal.PublicClientApplication(
+            client_id, authority=f"{authority_host.rstrip('/')}/{tenant_id}", token_cache=cache, http_client=http_client
+        )
 
     try:
         app = await asyncio.to_thread(build)
@@ -62,8 +63,9 @@ async def device_code_login(
     except Exception as e:
         raise RetryableError(f"graph login: cannot reach the identity platform ({type(e).__name__}: {e})") from None
     if "user_code" not in flow:
-        raise PermanentError(f"graph login: device code not issued ({flow.get('error')}: "
-                             f"{flow.get('error_description', '')})")
+        raise PermanentError(
+            f"graph login: device code not issued ({flow.get('error')}: {flow.get('error_description', '')})"
+        )
     out(str(flow.get("message") or f"Open {flow['verification_uri']} and enter the code {flow['user_code']}"))
     out(f"  URL:  {flow['verification_uri']}")
     out(f"  code: {flow['user_code']}")
@@ -71,7 +73,8 @@ async def device_code_login(
     deadline = float(flow.get("expires_at") or time.time() + float(flow.get("expires_in") or 900))
     while True:
         result: dict[str, Any] = await asyncio.to_thread(
-            app.acquire_token_by_device_flow, flow, exit_condition=lambda _flow: True)
+            app.acquire_token_by_device_flow, flow, exit_condition=lambda _flow: True
+        )
         error = result.get("error")
         if error == "slow_down":
             interval += 5
@@ -92,8 +95,17 @@ async def device_code_login(
     tenant = str(claims.get("tid") or tenant_id)
     await store.put_secret(secret_name(username), cache.serialize().encode())
     now = utcnow().isoformat()
-    await store.put_doc(ACCOUNT_KIND, username, {
-        "username": username, "home_account_id": home, "tenant_id": tenant, "signed_in_at": now,
-        "last_refresh": now, "error": None, "scopes": list(scopes),
-    })
+    await store.put_doc(
+        ACCOUNT_KIND,
+        username,
+        {
+            "username": username,
+            "home_account_id": home,
+            "tenant_id": tenant,
+            "signed_in_at": now,
+            "last_refresh": now,
+            "error": None,
+            "scopes": list(scopes),
+        },
+    )
     return AccountInfo(username, "delegated", home, tenant, now)

@@ -125,8 +125,9 @@ class TokenValidator:
     ``leeway`` seconds of clock skew), and ``tid`` = our tenant when one is configured. Tokens already
     verified are remembered until they expire: Graph sends the same token on many batches."""
 
-    def __init__(self, jwks: JwksCache, *, client_id: str, tenant_id: str | None = None, leeway: float = 60.0,
-                 memory: int = 256) -> None:
+    def __init__(
+        self, jwks: JwksCache, *, client_id: str, tenant_id: str | None = None, leeway: float = 60.0, memory: int = 256
+    ) -> None:
         self.jwks = jwks
         self.client_id = client_id
         self.tenant_id = tenant_id
@@ -152,8 +153,14 @@ class TokenValidator:
         if key is None:
             raise ValueError(f"signed with unknown key {kid!r}")
         try:
-            claims = jwt.decode(token, key, algorithms=["RS256"], audience=self.client_id, leeway=self.leeway,
-                                options={"require": ["exp", "aud"]})
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=["RS256"],
+                audience=self.client_id,
+                leeway=self.leeway,
+                options={"require": ["exp", "aud"]},
+            )
         except jwt.ExpiredSignatureError:
             raise ValueError("expired") from None
         except jwt.InvalidAudienceError:
@@ -227,16 +234,23 @@ class GraphIntake:
         self.ack_budget = ack_budget
         self.jwks = JwksCache(jwks_url)
         self.tokens = TokenValidator(self.jwks, client_id=client_id, tenant_id=tenant_id)
-        self._batcher = Rounds(self.read_pending, interval=read_interval, retry=bridge.retry, what="pending reads",
-                               name="graph-pending-reads")
+        self._batcher = Rounds(
+            self.read_pending,
+            interval=read_interval,
+            retry=bridge.retry,
+            what="pending reads",
+            name="graph-pending-reads",
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------ lifecycle of the intake
 
     async def start(self) -> None:
         if not self.client_state:
-            log.warning("no Graph clientState configured: every notification will be dropped "
-                        "(set PRESENCE_SYNC_GRAPH_CLIENT_STATE)")
+            log.warning(
+                "no Graph clientState configured: every notification will be dropped "
+                "(set PRESENCE_SYNC_GRAPH_CLIENT_STATE)"
+            )
         self._batcher.start()
 
     async def stop(self) -> None:
@@ -248,8 +262,10 @@ class GraphIntake:
         await self.jwks.close()
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.post("/api/graph/notifications", self.notifications),
-                web.post("/api/graph/lifecycle", self.lifecycle)]
+        return [
+            web.post("/api/graph/notifications", self.notifications),
+            web.post("/api/graph/lifecycle", self.lifecycle),
+        ]
 
     async def wait_idle(self, timeout: float = 10.0) -> None:
         """Waits for background lifecycle work and pending reads to finish (tests, demo)."""
@@ -271,8 +287,9 @@ class GraphIntake:
     async def lifecycle(self, request: web.Request) -> web.StreamResponse:
         return await self._guarded(LIFECYCLE_ROUTE, request, self._lifecycle)
 
-    async def _guarded(self, route: str, request: web.Request,
-                       handle: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def _guarded(
+        self, route: str, request: web.Request, handle: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         started = time.monotonic()
         try:
             handshake = _handshake(request)
@@ -281,8 +298,9 @@ class GraphIntake:
             return await handle(request)
         except Rejected as r:
             self.bridge.telemetry.rejected(route, r.reason)
-            log.info("graph request rejected", extra={"fields": {"route": route, "reason": r.reason,
-                                                                 "detail": r.message}})
+            log.info(
+                "graph request rejected", extra={"fields": {"route": route, "reason": r.reason, "detail": r.message}}
+            )
             return _json_error(r.status, r.message)
         except Exception:
             # Nothing was acknowledged: 503 makes Graph deliver again later instead of losing the batch.
@@ -353,8 +371,10 @@ class GraphIntake:
         for item in body["value"]:
             if not self._client_state_ok(item):
                 self.bridge.telemetry.rejected(ROUTE, "client_state")
-                log.warning("notification with a wrong clientState dropped",
-                            extra={"fields": {"subscription": item.get("subscriptionId")}})
+                log.warning(
+                    "notification with a wrong clientState dropped",
+                    extra={"fields": {"subscription": item.get("subscriptionId")}},
+                )
                 continue
             if "lifecycleEvent" in item:  # a subscription without a lifecycle URL gets them here
                 to_read.extend(await self._lifecycle_item(item))
@@ -377,8 +397,9 @@ class GraphIntake:
         await self._queue_reads(to_read, "notification")
         return web.json_response({"accepted": accepted}, status=202)
 
-    async def _observe_within_budget(self, observed: Sequence[tuple[str, PresenceObserved]],
-                                     started: float) -> list[str]:
+    async def _observe_within_budget(
+        self, observed: Sequence[tuple[str, PresenceObserved]], started: float
+    ) -> list[str]:
         """Observes the decrypted items in their order, one transaction per ``BATCH`` (Graph batches
         notifications under load, exactly when a commit per item would eat the budget). Returns the
         users left when the ack budget is spent: they are read after answering instead."""
@@ -400,8 +421,10 @@ class GraphIntake:
             resource = self.decryptor.decrypt(item["encryptedContent"])
         except DecryptionError as e:
             self.bridge.telemetry.rejected(ROUTE, "decryption")
-            log.warning("rich notification not decrypted; reading the user instead",
-                        extra={"fields": {"user": user_id, "error": str(e)}})
+            log.warning(
+                "rich notification not decrypted; reading the user instead",
+                extra={"fields": {"user": user_id, "error": str(e)}},
+            )
             return False
         availability, activity = resource.get("availability"), resource.get("activity")
         rid = str(resource.get("id") or user_id).lower()
@@ -413,8 +436,9 @@ class GraphIntake:
             self.bridge.telemetry.event(INTAKE, "unknown_agent")
             return True
         value = f"{availability}/{activity if isinstance(activity, str) and activity else availability}"
-        return PresenceObserved(agent.dynamics_user_id, System.TEAMS, value, self.bridge.clock(), None, None,
-                                "notification")
+        return PresenceObserved(
+            agent.dynamics_user_id, System.TEAMS, value, self.bridge.clock(), None, None, "notification"
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -513,7 +537,6 @@ class GraphIntake:
         for key in notes:
             await self.bridge.store.delete_doc(PENDING_KIND, key)
         return observed
-
 
 
 def _note_time(note: Mapping[str, Any]) -> datetime | None:

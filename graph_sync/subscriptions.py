@@ -58,8 +58,9 @@ def presence_resource(ids: Sequence[str]) -> str:
     return "/communications/presences?$filter=id in ({})".format(",".join(f"'{i}'" for i in ids))
 
 
-def assign(wanted: Sequence[str], accounts: Sequence[str], current: dict[str, list[str]]
-           ) -> tuple[dict[str, list[str]], list[str]]:
+def assign(
+    wanted: Sequence[str], accounts: Sequence[str], current: dict[str, list[str]]
+) -> tuple[dict[str, list[str]], list[str]]:
     """Sticky split of ``wanted`` ids over ``accounts`` (at most ``MAX_IDS`` each): ids keep the
     account that covers them now; the rest, in sorted order, fill accounts in order. Returns the plan
     (each list sorted) and the ids no account can take."""
@@ -102,10 +103,12 @@ class SyncReport:
         return self.created + self.renewed + self.recreated + self.updated + self.unchanged
 
     def __str__(self) -> str:
-        line = (f"subscriptions {self.subscriptions} (created {self.created}, renewed {self.renewed}, "
-                f"recreated {self.recreated}, updated {self.updated}, deleted {self.deleted}, "
-                f"unchanged {self.unchanged}, failed {self.failed}); agents {self.agents}, "
-                f"covered {self.covered}, polled {len(self.uncovered)}")
+        line = (
+            f"subscriptions {self.subscriptions} (created {self.created}, renewed {self.renewed}, "
+            f"recreated {self.recreated}, updated {self.updated}, deleted {self.deleted}, "
+            f"unchanged {self.unchanged}, failed {self.failed}); agents {self.agents}, "
+            f"covered {self.covered}, polled {len(self.uncovered)}"
+        )
         if self.warning:
             line += f"\n  warning: {self.warning}"
         for e in self.errors:
@@ -153,8 +156,10 @@ class SubscriptionManager:
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         if not client_state:
-            raise ConfigError("Graph subscriptions need PRESENCE_SYNC_GRAPH_CLIENT_STATE (a secret Graph echoes "
-                              "in every notification)")
+            raise ConfigError(
+                "Graph subscriptions need PRESENCE_SYNC_GRAPH_CLIENT_STATE (a secret Graph echoes "
+                "in every notification)"
+            )
         if len(client_state) > 128:
             raise ConfigError("PRESENCE_SYNC_GRAPH_CLIENT_STATE must be at most 128 characters (Graph's limit)")
         if lifetime > timedelta(minutes=60) or renew_before >= lifetime:
@@ -182,8 +187,15 @@ class SubscriptionManager:
         self._http = make_http_client(graph_url, timeout=timeout)
         self._clients: dict[str, GraphServiceClient] = {}
         self.reader: PresenceReader = reader or TeamsPresenceClient(
-            graph_url, _AnyAccountTokens(accounts), session_id="presence-sync-poll", store=bridge.store,
-            limiter=bridge.limiters.get(System.TEAMS), retry=bridge.retry, clock=bridge.clock, http=self._http)
+            graph_url,
+            _AnyAccountTokens(accounts),
+            session_id="presence-sync-poll",
+            store=bridge.store,
+            limiter=bridge.limiters.get(System.TEAMS),
+            retry=bridge.retry,
+            clock=bridge.clock,
+            http=self._http,
+        )
         self._lock = asyncio.Lock()
         self._uncovered: list[str] | None = None
         self._resync = asyncio.Event()
@@ -204,8 +216,9 @@ class SubscriptionManager:
     def _client(self, account: str) -> GraphServiceClient:
         client = self._clients.get(account)
         if client is None:
-            client = self._clients[account] = make_graph_client(self._http, self.graph_url,
-                                                                 self.accounts.tokens(account))
+            client = self._clients[account] = make_graph_client(
+                self._http, self.graph_url, self.accounts.tokens(account)
+            )
         return client
 
     # ------------------------------------------------------------------ the plan
@@ -220,8 +233,9 @@ class SubscriptionManager:
         wanted = sorted({a.entra_object_id.strip().lower() for a in agents if a.entra_object_id.strip()})
         accounts = [a.name for a in await self.accounts.accounts()]
         records = await self.store.list_docs(KIND)
-        current = {name: list(r.get("ids", [])) for name, r in records.items()
-                   if name in accounts and r.get("subscription_id")}
+        current = {
+            name: list(r.get("ids", [])) for name, r in records.items() if name in accounts and r.get("subscription_id")
+        }
         plan, uncovered = assign(wanted, accounts, current)
         report = SyncReport(agents=len(wanted), accounts=len(accounts))
         for account in accounts:
@@ -233,8 +247,10 @@ class SubscriptionManager:
                 report.errors.append(f"{account}: {e.message}")
                 uncovered.extend(target)
                 await self._note_error(account, target, records.get(account), e.message)
-                log.warning("subscription upkeep failed",
-                            extra={"fields": {"account": account, "ids": len(target), "error": e.message}})
+                log.warning(
+                    "subscription upkeep failed",
+                    extra={"fields": {"account": account, "ids": len(target), "error": e.message}},
+                )
                 continue
             if outcome:
                 setattr(report, outcome, getattr(report, outcome) + 1)
@@ -251,9 +267,12 @@ class SubscriptionManager:
                 f"{len(wanted)} agents but {len(accounts)} subscriber account(s) cover at most {capacity} "
                 f"({MAX_IDS} each, one subscription per account): {len(wanted) - capacity} agents are polled with "
                 f"getPresencesByUserId instead; sign in {-(-(len(wanted) - capacity) // MAX_IDS)} more account(s) "
-                "with `presence-sync graph login`")
-            log.warning("agents exceed subscription capacity", extra={"fields": {
-                "agents": len(wanted), "accounts": len(accounts), "polled": len(uncovered)}})
+                "with `presence-sync graph login`"
+            )
+            log.warning(
+                "agents exceed subscription capacity",
+                extra={"fields": {"agents": len(wanted), "accounts": len(accounts), "polled": len(uncovered)}},
+            )
         self._uncovered = uncovered
         await self.store.put_doc(COVERAGE_KIND, "uncovered", {"ids": uncovered, "at": self.bridge.clock().isoformat()})
         return report
@@ -270,9 +289,11 @@ class SubscriptionManager:
         if not sub_id or rec is None:
             await self._create(account, target)
             return "created"
-        config_changed = (rec.get("notification_url") != self.notification_url
-                          or rec.get("lifecycle_url") != self.lifecycle_url
-                          or rec.get("certificate_id") != self.certificate_id)
+        config_changed = (
+            rec.get("notification_url") != self.notification_url
+            or rec.get("lifecycle_url") != self.lifecycle_url
+            or rec.get("certificate_id") != self.certificate_id
+        )
         if sorted(rec.get("ids", [])) != target or config_changed:
             await self._delete(account, sub_id)
             await self._create(account, target)
@@ -296,22 +317,33 @@ class SubscriptionManager:
         sub_id = str(rec["subscription_id"])
         expires = self.bridge.clock() + self.lifetime
         try:
-            result = await self._client(account).subscriptions.by_subscription_id(sub_id).patch(
-                Subscription(expiration_date_time=expires))
+            result = (
+                await self._client(account)
+                .subscriptions.by_subscription_id(sub_id)
+                .patch(Subscription(expiration_date_time=expires))
+            )
         except APIError as e:
             if e.response_status_code == 404:
-                log.info("subscription gone; creating it again", extra={"fields": {"account": account,
-                                                                                    "subscription": sub_id}})
+                log.info(
+                    "subscription gone; creating it again",
+                    extra={"fields": {"account": account, "subscription": sub_id}},
+                )
                 await self._create(account, target)
                 return "recreated"
-            raise graph_error(e, what=f"renewing subscription {sub_id} of {account}",
-                              permission=SUBSCRIBE_PERMISSION) from None
+            raise graph_error(
+                e, what=f"renewing subscription {sub_id} of {account}", permission=SUBSCRIBE_PERMISSION
+            ) from None
         except Exception as e:
-            raise graph_error(e, what=f"renewing subscription {sub_id} of {account}",
-                              permission=SUBSCRIBE_PERMISSION) from None
+            raise graph_error(
+                e, what=f"renewing subscription {sub_id} of {account}", permission=SUBSCRIBE_PERMISSION
+            ) from None
         rec = dict(rec)
-        rec.update(expires_at=_iso(result.expiration_date_time if result and result.expiration_date_time else expires),
-                   renewed_at=self.bridge.clock().isoformat(), pending=None, error=None)
+        rec.update(
+            expires_at=_iso(result.expiration_date_time if result and result.expiration_date_time else expires),
+            renewed_at=self.bridge.clock().isoformat(),
+            pending=None,
+            error=None,
+        )
         await self.store.put_doc(KIND, account, rec)
         return "renewed"
 
@@ -349,27 +381,33 @@ class SubscriptionManager:
         if result is None or not result.id:
             raise graph_error(RuntimeError("Graph returned no subscription id"), what=what)
         now = self.bridge.clock()
-        await self.store.put_doc(KIND, account, {
-            "account": account,
-            "subscription_id": result.id,
-            "ids": target,
-            "expires_at": _iso(result.expiration_date_time or now + self.lifetime),
-            "created_at": now.isoformat(),
-            "renewed_at": None,
-            "notification_url": self.notification_url,
-            "lifecycle_url": self.lifecycle_url,
-            "certificate_id": self.certificate_id,
-            "rich": self.rich,
-            "pending": None,
-            "error": None,
-        })
-        log.info("subscription created", extra={"fields": {"account": account, "subscription": result.id,
-                                                           "ids": len(target), "rich": self.rich}})
+        await self.store.put_doc(
+            KIND,
+            account,
+            {
+                "account": account,
+                "subscription_id": result.id,
+                "ids": target,
+                "expires_at": _iso(result.expiration_date_time or now + self.lifetime),
+                "created_at": now.isoformat(),
+                "renewed_at": None,
+                "notification_url": self.notification_url,
+                "lifecycle_url": self.lifecycle_url,
+                "certificate_id": self.certificate_id,
+                "rich": self.rich,
+                "pending": None,
+                "error": None,
+            },
+        )
+        log.info(
+            "subscription created",
+            extra={"fields": {"account": account, "subscription": result.id, "ids": len(target), "rich": self.rich}},
+        )
 
     async def _clear_account(self, account: str) -> None:
         client = self._client(account)
         listing = await client.subscriptions.get()
-        for sub in (listing.value if listing and listing.value else []):
+        for sub in listing.value if listing and listing.value else []:
             if sub.id and (sub.resource or "").lstrip("/").lower().startswith("communications/presences"):
                 await self._delete(account, sub.id)
 
@@ -379,8 +417,9 @@ class SubscriptionManager:
         except APIError as e:
             if e.response_status_code == 404:
                 return
-            raise graph_error(e, what=f"deleting subscription {sub_id} of {account}",
-                              permission=SUBSCRIBE_PERMISSION) from None
+            raise graph_error(
+                e, what=f"deleting subscription {sub_id} of {account}", permission=SUBSCRIBE_PERMISSION
+            ) from None
         except Exception as e:
             raise graph_error(e, what=f"deleting subscription {sub_id} of {account}") from None
 
@@ -390,8 +429,10 @@ class SubscriptionManager:
             try:
                 await self._delete(account, str(sub_id))
             except (UpstreamError, ConfigError) as e:  # no token any more: Graph expires it within the hour
-                log.info("could not delete subscription of a departed account",
-                         extra={"fields": {"account": account, "subscription": sub_id, "error": str(e)}})
+                log.info(
+                    "could not delete subscription of a departed account",
+                    extra={"fields": {"account": account, "subscription": sub_id, "error": str(e)}},
+                )
         await self.store.delete_doc(KIND, account)
 
     async def _note_error(self, account: str, target: list[str], rec: dict[str, Any] | None, error: str) -> None:
@@ -437,8 +478,10 @@ class SubscriptionManager:
             return f"ignored unknown lifecycle event {event!r}"
         found = await self.find(subscription_id)
         if found is None:
-            log.info("lifecycle event for an unknown subscription",
-                     extra={"fields": {"event": event, "subscription": subscription_id}})
+            log.info(
+                "lifecycle event for an unknown subscription",
+                extra={"fields": {"event": event, "subscription": subscription_id}},
+            )
             return "unknown subscription"
         account, rec = found
         if event == "missed":
@@ -455,8 +498,10 @@ class SubscriptionManager:
                 outcome = await self._converge(account, sorted(fresh.get("ids", [])), fresh)
             except UpstreamError as e:
                 await self._note_error(account, list(fresh.get("ids", [])), fresh, e.message)
-                log.warning("lifecycle action failed", extra={"fields": {
-                    "account": account, "event": event, "error": e.message}})
+                log.warning(
+                    "lifecycle action failed",
+                    extra={"fields": {"account": account, "event": event, "error": e.message}},
+                )
                 return f"failed: {e.message}"
         return outcome or "nothing to do"
 
@@ -542,19 +587,28 @@ class SubscriptionManager:
             account_health = health.get(name, {}).get("health", "ok")
             if account_health != "ok":
                 state = f"{state}; account {account_health}"
-            rows.append({
-                "account": name,
-                "subscription": rec.get("subscription_id") or "-",
-                "ids": len(rec.get("ids", [])) if rec.get("subscription_id") else 0,
-                "expires": rec.get("expires_at") or "-",
-                "minutes_left": round(left, 1) if left is not None else "-",
-                "health": state,
-            })
+            rows.append(
+                {
+                    "account": name,
+                    "subscription": rec.get("subscription_id") or "-",
+                    "ids": len(rec.get("ids", [])) if rec.get("subscription_id") else 0,
+                    "expires": rec.get("expires_at") or "-",
+                    "minutes_left": round(left, 1) if left is not None else "-",
+                    "health": state,
+                }
+            )
         polled = await self.uncovered()
         if polled:
-            rows.append({"account": "(polling)", "subscription": "-", "ids": len(polled), "expires": "-",
-                         "minutes_left": "-", "health": "not covered by a subscription: polled with "
-                         "getPresencesByUserId; sign in more accounts"})
+            rows.append(
+                {
+                    "account": "(polling)",
+                    "subscription": "-",
+                    "ids": len(polled),
+                    "expires": "-",
+                    "minutes_left": "-",
+                    "health": "not covered by a subscription: polled with getPresencesByUserId; sign in more accounts",
+                }
+            )
         return rows
 
 

@@ -46,10 +46,15 @@ log = logging.getLogger("presence_sync.graph")
 MAX_IDS = 650
 """``getPresencesByUserId`` accepts at most 650 ids a call."""
 
-SESSION_PAIRS = frozenset({
-    ("Available", "Available"), ("Busy", "InACall"), ("Busy", "InAConferenceCall"), ("Away", "Away"),
-    ("DoNotDisturb", "Presenting"),
-})
+SESSION_PAIRS = frozenset(
+    {
+        ("Available", "Available"),
+        ("Busy", "InACall"),
+        ("Busy", "InAConferenceCall"),
+        ("Away", "Away"),
+        ("DoNotDisturb", "Presenting"),
+    }
+)
 """What ``setPresence`` accepts (Graph answers 400 to anything else)."""
 
 PREFERRED_FOR: dict[str, tuple[str, str]] = {
@@ -139,8 +144,10 @@ class TeamsPresenceClient:
         if self.mode == "preferred":
             pair = PREFERRED_FOR.get(state.availability)
             if pair is None:
-                raise PermanentError(f"setUserPreferredPresence for {agent.label}: no preferred presence for "
-                                     f"{value!r}; use one of {', '.join(sorted(PREFERRED_FOR))} in the mapping rules")
+                raise PermanentError(
+                    f"setUserPreferredPresence for {agent.label}: no preferred presence for "
+                    f"{value!r}; use one of {', '.join(sorted(PREFERRED_FOR))} in the mapping rules"
+                )
             what = f"setUserPreferredPresence {pair[0]}/{pair[1]} for {agent.label}"
             body = SetUserPreferredPresencePostRequestBody(availability=pair[0], activity=pair[1])
             # kiota writes a timedelta as str(timedelta) ("1:00:00"), which Graph refuses: ISO 8601 it is.
@@ -150,10 +157,13 @@ class TeamsPresenceClient:
             if (state.availability, state.activity) not in SESSION_PAIRS:
                 raise PermanentError(
                     f"setPresence for {agent.label}: Graph does not accept {value!r} for an app session; use one of "
-                    + ", ".join(f"{a}/{b}" for a, b in sorted(SESSION_PAIRS)) + " in the mapping rules")
+                    + ", ".join(f"{a}/{b}" for a, b in sorted(SESSION_PAIRS))
+                    + " in the mapping rules"
+                )
             what = f"setPresence {value} for {agent.label}"
-            body_s = SetPresencePostRequestBody(session_id=self.session_id, availability=state.availability,
-                                                activity=state.activity)
+            body_s = SetPresencePostRequestBody(
+                session_id=self.session_id, availability=state.availability, activity=state.activity
+            )
             body_s.additional_data = {"expirationDuration": self.expiration}
             call = presence.set_presence.post(body_s)
         try:
@@ -224,8 +234,9 @@ class TeamsPresenceClient:
         if error.status == 403:
             self._health_bad.add(kind)
             try:
-                await self.store.put_doc(HEALTH_KIND, f"teams.{kind}",
-                                         {"ok": False, "error": error.message, "at": self.clock().isoformat()})
+                await self.store.put_doc(
+                    HEALTH_KIND, f"teams.{kind}", {"ok": False, "error": error.message, "at": self.clock().isoformat()}
+                )
             except Exception:  # the health note is a convenience; the typed error is what matters
                 log.exception("could not record Graph health")
         return error

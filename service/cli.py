@@ -353,8 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     dv = add("dataverse", None, "the Dataverse side")  # type: ignore[arg-type]
     dvsub = dv.add_subparsers(dest="dataverse_command", required=True, parser_class=OneLineParser)
     reg = add(
-        "register-webhook", cmd_dataverse_register_webhook,
-        "create or update the webhook and its Create/Update steps on msdyn_agentstatus", dvsub,
+        "register-webhook",
+        cmd_dataverse_register_webhook,
+        "create or update the webhook and its Create/Update steps on msdyn_agentstatus",
+        dvsub,
     )
     reg.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
 

@@ -113,8 +113,11 @@ class _Doctor:
 
     async def run(self) -> int:
         self.report(self.settings_summary())
-        store = await self.checked("store", self.open_store, "the database did not answer: check "
-                                   f"{PREFIX}DATABASE_URL and that the server is up")
+        store = await self.checked(
+            "store",
+            self.open_store,
+            f"the database did not answer: check {PREFIX}DATABASE_URL and that the server is up",
+        )
         try:
             # With no usable store, the upstream checks still run on a throw-away in-memory store.
             self.rt = await _DoctorRuntime.open(self.s, store=store or MemoryStore())
@@ -140,8 +143,7 @@ class _Doctor:
         await self.checked("graph subscriptions", self.subscriptions, "the store did not answer")
         await self.checked("public url", self.public_url, "")
 
-    async def checked(self, name: str, fn: Callable[[], Awaitable[Check | tuple[Check, Any]]],
-                      on_timeout: str) -> Any:
+    async def checked(self, name: str, fn: Callable[[], Awaitable[Check | tuple[Check, Any]]], on_timeout: str) -> Any:
         """Runs one check under the per-check timeout and reports it; any error becomes a FAIL line (doctor
         itself never ends in a traceback). A check may return ``(Check, value)`` to hand a value on."""
         value: Any = None
@@ -211,26 +213,36 @@ class _Doctor:
         missing = _missing_sqlite_file(target.url.database if target.is_sqlite else None)
         if missing is not None:
             # Connecting would create an empty file: say so instead of leaving one behind.
-            return Check("FAIL", "store", f"no database file at {missing}",
-                         f"run `presence-sync db upgrade` to create it (or check {PREFIX}DATABASE_URL and the "
-                         "working folder)"), None
+            return Check(
+                "FAIL",
+                "store",
+                f"no database file at {missing}",
+                f"run `presence-sync db upgrade` to create it (or check {PREFIX}DATABASE_URL and the working folder)",
+            ), None
         store: SqlStore = await open_store(self.s.database_url, secret_key=self.s.secret_key, migrate=False)
         try:
             current, head = await migration_status(store)
             if current != head:
                 pending = [r.revision for r in script_directory().iterate_revisions(head_revision(), current or "base")]
                 await store.close()
-                return Check("FAIL", "store", f"{target.shown}: schema at {current or 'none'}, code needs {head}: "
-                             f"{len(pending)} migration(s) pending ({', '.join(reversed(pending))})",
-                             "run `presence-sync db upgrade`"), None
+                return Check(
+                    "FAIL",
+                    "store",
+                    f"{target.shown}: schema at {current or 'none'}, code needs {head}: "
+                    f"{len(pending)} migration(s) pending ({', '.join(reversed(pending))})",
+                    "run `presence-sync db upgrade`",
+                ), None
             agents = await store.list_agents(enabled_only=True)
         except BaseException:
             await store.close()
             raise
         self.store_ok = True
         self.agent = next((a for a in agents if a.entra_object_id), None)
-        return Check("PASS", "store", f"{target.shown} reachable, schema at {head} (current); "
-                     f"{len(agents)} enabled agent(s) in the directory"), store
+        return Check(
+            "PASS",
+            "store",
+            f"{target.shown} reachable, schema at {head} (current); {len(agents)} enabled agent(s) in the directory",
+        ), store
 
     # ------------------------------------------------------------------ 3. tokens
 
@@ -252,15 +264,23 @@ class _Doctor:
             return Check("FAIL", name, "no Entra app configured", problem.removeprefix("no Entra app configured: "))
         if self.s.auth_mode == "static":
             await self.rt.tokens.token(scope)
-            return Check("PASS", name, f"static token for {scope} ({PREFIX}STATIC_TOKEN; whether the upstream "
-                         "accepts it is checked below)")
+            return Check(
+                "PASS",
+                name,
+                f"static token for {scope} ({PREFIX}STATIC_TOKEN; whether the upstream accepts it is checked below)",
+            )
         try:
             token = await self.rt.tokens.token(scope)
         except PermanentError as e:
-            return Check("FAIL", name, e.message, f"check {PREFIX}TENANT_ID, {PREFIX}CLIENT_ID and "
-                         f"{PREFIX}CLIENT_CERT_PATH (or {PREFIX}CLIENT_SECRET), and that the certificate is "
-                         "uploaded to the app registration (Entra admin center > App registrations > "
-                         "Certificates & secrets)")
+            return Check(
+                "FAIL",
+                name,
+                e.message,
+                f"check {PREFIX}TENANT_ID, {PREFIX}CLIENT_ID and "
+                f"{PREFIX}CLIENT_CERT_PATH (or {PREFIX}CLIENT_SECRET), and that the certificate is "
+                "uploaded to the app registration (Entra admin center > App registrations > "
+                "Certificates & secrets)",
+            )
         if not token:
             return Check("FAIL", name, f"Entra returned an empty token for {scope}")
         return Check("PASS", name, f"acquired an app token for {scope} (client credentials)")
@@ -278,8 +298,12 @@ class _Doctor:
             return Check("SKIP", name, "no agent to read: the store is not usable (see above)")
         agent = self.agent
         if agent is None:
-            return Check("WARN", name, "could not verify: no enabled agent with an Entra object id in the directory",
-                         "run `presence-sync agents discover` or `presence-sync agents import FILE.csv`")
+            return Check(
+                "WARN",
+                name,
+                "could not verify: no enabled agent with an Entra object id in the directory",
+                "run `presence-sync agents discover` or `presence-sync agents import FILE.csv`",
+            )
         from graph_sync.client import graph_error
         from graph_sync.teams import READ_PERMISSION
 
@@ -293,11 +317,19 @@ class _Doctor:
         health = await self.rt.teams.health()
         write = health.get("write") or {}
         if write.get("ok") is False:
-            return Check("WARN", name, f"read {agent.label}: {shown}; but the last Teams write was refused "
-                         f"({write.get('at', '?')}): {write.get('error', '')}",
-                         GRAPH_PERMISSION_STEP + " (the next successful write clears this note)")
-        return Check("PASS", name, f"read {agent.label}: {shown} (application token; writes need "
-                     "Presence.ReadWrite.All, not verifiable without writing)")
+            return Check(
+                "WARN",
+                name,
+                f"read {agent.label}: {shown}; but the last Teams write was refused "
+                f"({write.get('at', '?')}): {write.get('error', '')}",
+                GRAPH_PERMISSION_STEP + " (the next successful write clears this note)",
+            )
+        return Check(
+            "PASS",
+            name,
+            f"read {agent.label}: {shown} (application token; writes need "
+            "Presence.ReadWrite.All, not verifiable without writing)",
+        )
 
     def _graph_failure(self, name: str, err: UpstreamError) -> Check:
         detail = _short(err.message)
@@ -307,12 +339,19 @@ class _Doctor:
             if self.s.auth_mode == "static":
                 advice = f"set {PREFIX}STATIC_TOKEN to the token the Graph emulator accepts"
             else:
-                advice = (f"check {PREFIX}TENANT_ID (the agents' tenant), {PREFIX}CLIENT_ID and {PREFIX}GRAPH_URL "
-                          "(https://graph.microsoft.com/v1.0)")
+                advice = (
+                    f"check {PREFIX}TENANT_ID (the agents' tenant), {PREFIX}CLIENT_ID and {PREFIX}GRAPH_URL "
+                    "(https://graph.microsoft.com/v1.0)"
+                )
             return Check("FAIL", name, detail, advice)
         if err.status == 404:
-            return Check("FAIL", name, detail, "the agent's Entra object id is not a user of this tenant: fix the "
-                         "directory (`presence-sync agents discover`, or the CSV for `agents import`)")
+            return Check(
+                "FAIL",
+                name,
+                detail,
+                "the agent's Entra object id is not a user of this tenant: fix the "
+                "directory (`presence-sync agents discover`, or the CSV for `agents import`)",
+            )
         if isinstance(err, Throttled):
             return Check("WARN", name, detail, "Graph is throttling this app; run doctor again in a minute")
         if err.status is None:
@@ -338,14 +377,22 @@ class _Doctor:
         except UpstreamError as e:
             return self._dataverse_failure(name, e)
         self.dataverse_ok = True
-        return Check("PASS", name, f"{self.rt.dataverse.base_url} answered: {len(self.presences)} active "
-                     "presence(s) in msdyn_presences")
+        return Check(
+            "PASS",
+            name,
+            f"{self.rt.dataverse.base_url} answered: {len(self.presences)} active presence(s) in msdyn_presences",
+        )
 
     def _dataverse_failure(self, name: str, e: UpstreamError) -> Check:
         detail = _short(e.message)
         if e.status is None:  # transport: refused, unknown host, timed out
-            return Check("FAIL", name, detail, f"check {PREFIX}DATAVERSE_URL (the environment URL, e.g. "
-                         "https://contoso.crm.dynamics.com) and that it is reachable from here")
+            return Check(
+                "FAIL",
+                name,
+                detail,
+                f"check {PREFIX}DATAVERSE_URL (the environment URL, e.g. "
+                "https://contoso.crm.dynamics.com) and that it is reachable from here",
+            )
         if e.status == 401 and self.s.auth_mode == "static":
             return Check("FAIL", name, detail, f"set {PREFIX}STATIC_TOKEN to the token the Dataverse emulator accepts")
         if isinstance(e, Throttled):
@@ -358,13 +405,18 @@ class _Doctor:
         if skip is not None:
             return skip
         if not self.dataverse_ok:
-            return Check("SKIP", name, "msdyn_presences not read (see above); `serve` would fall back to its "
-                         "stored copy")
+            return Check(
+                "SKIP", name, "msdyn_presences not read (see above); `serve` would fall back to its stored copy"
+            )
         problems = self.rt.bridge.rules.check_catalogue(self.presences)
         where = self.s.mapping_file or "the built-in defaults"
         if problems:
-            return Check("FAIL", name, f"{where} do not fit msdyn_presences: {'; '.join(problems)}",
-                         f"fix {PREFIX}MAPPING_FILE (format in mapping/translation.py)")
+            return Check(
+                "FAIL",
+                name,
+                f"{where} do not fit msdyn_presences: {'; '.join(problems)}",
+                f"fix {PREFIX}MAPPING_FILE (format in mapping/translation.py)",
+            )
         return Check("PASS", name, f"every Dynamics 365 target of {where} is an active presence of its base status")
 
     async def get_presence(self) -> Check:
@@ -380,8 +432,12 @@ class _Doctor:
             return Check("SKIP", name, "no agent to impersonate: the store is not usable (see above)")
         agent = self.agent
         if agent is None:
-            return Check("WARN", name, "could not verify: no enabled agent in the directory to impersonate",
-                         "run `presence-sync agents discover`")
+            return Check(
+                "WARN",
+                name,
+                "could not verify: no enabled agent in the directory to impersonate",
+                "run `presence-sync agents discover`",
+            )
         try:
             info = await self.rt.dataverse.get_presence(agent)
         except UpstreamError as e:
@@ -402,20 +458,36 @@ class _Doctor:
         dv = self.rt.dataverse
         literal = f"'{MODIFY_API}'"
         try:
-            rows = await dv.query("customapis", select="customapiid,uniquename", filter=f"uniquename eq {literal}",
-                                  what=f"looking up {MODIFY_API} in customapis")
+            rows = await dv.query(
+                "customapis",
+                select="customapiid,uniquename",
+                filter=f"uniquename eq {literal}",
+                what=f"looking up {MODIFY_API} in customapis",
+            )
         except PermanentError as e:
             if e.status in (400, 403, 404):  # the table is not readable here (an emulator, or no read privilege)
-                return Check("WARN", name, f"could not verify: customapis not readable ({e.status}); doctor never "
-                             "calls this API, as a call would change an agent's presence")
+                return Check(
+                    "WARN",
+                    name,
+                    f"could not verify: customapis not readable ({e.status}); doctor never "
+                    "calls this API, as a call would change an agent's presence",
+                )
             return self._dataverse_failure(name, e)
         if not rows:
-            rows = await dv.query("sdkmessages", select="sdkmessageid,name", filter=f"name eq {literal}",
-                                  what=f"looking up the {MODIFY_API} sdkmessage")
+            rows = await dv.query(
+                "sdkmessages",
+                select="sdkmessageid,name",
+                filter=f"name eq {literal}",
+                what=f"looking up the {MODIFY_API} sdkmessage",
+            )
         if not rows:
-            return Check("FAIL", name, "not defined in this environment (neither customapis nor sdkmessages)",
-                         "install or update Dynamics 365 Contact Center in this environment (Power Platform admin "
-                         f"center > Environments > Dynamics 365 apps), and check {PREFIX}DATAVERSE_URL")
+            return Check(
+                "FAIL",
+                name,
+                "not defined in this environment (neither customapis nor sdkmessages)",
+                "install or update Dynamics 365 Contact Center in this environment (Power Platform admin "
+                f"center > Environments > Dynamics 365 apps), and check {PREFIX}DATAVERSE_URL",
+            )
         return Check("PASS", name, "defined in this environment (not called: it would change an agent's presence)")
 
     # ------------------------------------------------------------------ 6. webhook
@@ -429,23 +501,36 @@ class _Doctor:
         if not self.dataverse_ok:
             return Check("SKIP", name, "Dataverse not reachable (see above)")
         if not self.s.public_url:
-            return Check("WARN", name, f"{PREFIX}PUBLIC_URL unset: Dataverse cannot call the service, so Dynamics "
-                         "365 changes reach Teams only through the reconcile sweep",
-                         f"set {PREFIX}PUBLIC_URL and run `presence-sync dataverse register-webhook`")
+            return Check(
+                "WARN",
+                name,
+                f"{PREFIX}PUBLIC_URL unset: Dataverse cannot call the service, so Dynamics "
+                "365 changes reach Teams only through the reconcile sweep",
+                f"set {PREFIX}PUBLIC_URL and run `presence-sync dataverse register-webhook`",
+            )
         from dataverse.registration import ENDPOINT_NAME, register_webhook
 
         url = self.s.public("/api/dataverse/webhook")
         lines: list[str] = []
-        result = await register_webhook(self.rt.dataverse, url=url, key=self.s.dataverse_webhook_key, dry_run=True,
-                                        progress=lines.append)
+        result = await register_webhook(
+            self.rt.dataverse, url=url, key=self.s.dataverse_webhook_key, dry_run=True, progress=lines.append
+        )
         if result.changed:
             changes = "[dry run] would "
             plan = "; ".join(line.removeprefix(changes) for line in lines if line.startswith(changes))
-            return Check("FAIL", name, f"not registered as it should be: would {plan}",
-                         "run `presence-sync dataverse register-webhook`")
+            return Check(
+                "FAIL",
+                name,
+                f"not registered as it should be: would {plan}",
+                "run `presence-sync dataverse register-webhook`",
+            )
         steps = ", ".join(sorted(result.step_ids))
-        return Check("PASS", name, f"serviceendpoint {ENDPOINT_NAME!r} -> {url}, synchronous {steps} steps on "
-                     "msdyn_agentstatus (the key itself cannot be read back to compare)")
+        return Check(
+            "PASS",
+            name,
+            f"serviceendpoint {ENDPOINT_NAME!r} -> {url}, synchronous {steps} steps on "
+            "msdyn_agentstatus (the key itself cannot be read back to compare)",
+        )
 
     # ------------------------------------------------------------------ 7. Graph subscriptions
 
@@ -453,45 +538,79 @@ class _Doctor:
         """The bridge's subscription records: one per account, each far enough from expiry."""
         name = "graph subscriptions"
         if not self.s.public_url:
-            return Check("WARN", name, f"{PREFIX}PUBLIC_URL unset, so no subscription can exist: Teams changes "
-                         f"reach Dynamics 365 only through the reconcile sweep (every "
-                         f"{self.s.reconcile_interval_seconds:g} s)", f"set {PREFIX}PUBLIC_URL (https)")
+            return Check(
+                "WARN",
+                name,
+                f"{PREFIX}PUBLIC_URL unset, so no subscription can exist: Teams changes "
+                f"reach Dynamics 365 only through the reconcile sweep (every "
+                f"{self.s.reconcile_interval_seconds:g} s)",
+                f"set {PREFIX}PUBLIC_URL (https)",
+            )
         if self.rt.subscriptions is None:
-            return Check("FAIL", name, f"{PREFIX}GRAPH_CLIENT_STATE unset: subscriptions are off",
-                         f"set {PREFIX}GRAPH_CLIENT_STATE to a long random secret")
+            return Check(
+                "FAIL",
+                name,
+                f"{PREFIX}GRAPH_CLIENT_STATE unset: subscriptions are off",
+                f"set {PREFIX}GRAPH_CLIENT_STATE to a long random secret",
+            )
         if not self.store_ok:
             return Check("SKIP", name, "the store is not usable (see above)")
         if not await self.rt.accounts.accounts():
-            return Check("FAIL", name, "no subscriber account signed in (presence subscriptions need a delegated "
-                         "token)", "run `presence-sync graph login`")
+            return Check(
+                "FAIL",
+                name,
+                "no subscriber account signed in (presence subscriptions need a delegated token)",
+                "run `presence-sync graph login`",
+            )
         rows = await self.rt.subscriptions.status()
         subs = [r for r in rows if r.get("subscription") not in (None, "-")]
         if not subs:
-            return Check("FAIL", name, "none yet", "start `presence-sync serve` (it creates them within a minute) "
-                         "or run `presence-sync graph subscriptions --sync`")
+            return Check(
+                "FAIL",
+                name,
+                "none yet",
+                "start `presence-sync serve` (it creates them within a minute) "
+                "or run `presence-sync graph subscriptions --sync`",
+            )
         from graph_sync.subscriptions import KIND
 
         wanted = self.rt.subscriptions.notification_url
         records = await self.rt.store.list_docs(KIND)
-        elsewhere = {account: rec.get("notification_url") for account, rec in records.items()
-                     if rec.get("subscription_id") and rec.get("notification_url") != wanted}
+        elsewhere = {
+            account: rec.get("notification_url")
+            for account, rec in records.items()
+            if rec.get("subscription_id") and rec.get("notification_url") != wanted
+        }
         if elsewhere:
             shown = "; ".join(f"{a}: delivers to {u}" for a, u in sorted(elsewhere.items()))
-            return Check("FAIL", name, f"{shown}, not {wanted} ({PREFIX}PUBLIC_URL)",
-                         "a running `presence-sync serve` recreates them at its next upkeep (within a minute); "
-                         "or run `presence-sync graph subscriptions --sync`")
+            return Check(
+                "FAIL",
+                name,
+                f"{shown}, not {wanted} ({PREFIX}PUBLIC_URL)",
+                "a running `presence-sync serve` recreates them at its next upkeep (within a minute); "
+                "or run `presence-sync graph subscriptions --sync`",
+            )
         bad = [r for r in rows if r.get("account") != "(polling)" and _subscription_problem(r)]
         if bad:
             shown = "; ".join(f"{r['account']}: {_subscription_problem(r)}" for r in bad)
-            return Check("FAIL", name, shown, "check that `presence-sync serve` is running (it renews them), "
-                         "then `presence-sync graph subscriptions --sync`")
+            return Check(
+                "FAIL",
+                name,
+                shown,
+                "check that `presence-sync serve` is running (it renews them), "
+                "then `presence-sync graph subscriptions --sync`",
+            )
         soonest = min(float(r["minutes_left"]) for r in subs)
         covered = sum(int(r["ids"]) for r in subs)
         detail = f"{len(subs)} active, {covered} agent(s) covered, next expiry in {soonest:.0f} min"
         polled = [r for r in rows if r.get("account") == "(polling)"]
         if polled:
-            return Check("WARN", name, f"{detail}; {polled[0]['ids']} agent(s) not covered (polled instead)",
-                         "sign in more subscriber accounts with `presence-sync graph login` (650 agents each)")
+            return Check(
+                "WARN",
+                name,
+                f"{detail}; {polled[0]['ids']} agent(s) not covered (polled instead)",
+                "sign in more subscriber accounts with `presence-sync graph login` (650 agents each)",
+            )
         return Check("PASS", name, detail)
 
     # ------------------------------------------------------------------ 8. public URL
@@ -504,12 +623,16 @@ class _Doctor:
         if not self.s.public_url:
             return Check("SKIP", name, f"{PREFIX}PUBLIC_URL unset")
         url = self.s.public_url.rstrip("/") + "/healthz"
-        serve_it = (f"the service must be running (`presence-sync serve`) and reachable at {PREFIX}PUBLIC_URL="
-                    f"{self.s.public_url} (https, port 443, for Graph and Dataverse in production)")
+        serve_it = (
+            f"the service must be running (`presence-sync serve`) and reachable at {PREFIX}PUBLIC_URL="
+            f"{self.s.public_url} (https, port 443, for Graph and Dataverse in production)"
+        )
         limit = min(HEALTHZ_TIMEOUT, self.timeout * 0.8)  # its own line, before the check's deadline
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=limit)) as http, \
-                    http.get(url, allow_redirects=False) as resp:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=limit)) as http,
+                http.get(url, allow_redirects=False) as resp,
+            ):
                 status = resp.status
                 body = await resp.read()
         except TimeoutError:
@@ -520,10 +643,15 @@ class _Doctor:
             return Check("FAIL", name, f"GET {url} answered {status}, not presence-sync's health", serve_it)
         if urlsplit(self.s.public_url).scheme != "https":
             if is_loopback_url(self.s.public_url):
-                return Check("PASS", name, f"GET {url}: ok (loopback http: fine for the emulators; production "
-                             "needs https)")
-            return Check("FAIL", name, f"GET {url}: ok, but over http: Graph and Dataverse call https only",
-                         f"put the service behind TLS and set {PREFIX}PUBLIC_URL to its https URL")
+                return Check(
+                    "PASS", name, f"GET {url}: ok (loopback http: fine for the emulators; production needs https)"
+                )
+            return Check(
+                "FAIL",
+                name,
+                f"GET {url}: ok, but over http: Graph and Dataverse call https only",
+                f"put the service behind TLS and set {PREFIX}PUBLIC_URL to its https URL",
+            )
         return Check("PASS", name, f"GET {url}: ok")
 
 

@@ -118,9 +118,7 @@ class Runtime:
             self.dataverse = DataverseClient(s.dataverse_url, self.tokens)
             self.writers[System.DYNAMICS] = self.dataverse
             self.readers[System.DYNAMICS] = self.dataverse
-        self.dataverse_intake = DataverseIntake(
-            self.bridge, webhook_key=s.dataverse_webhook_key, client=self.dataverse
-        )
+        self.dataverse_intake = DataverseIntake(self.bridge, webhook_key=s.dataverse_webhook_key, client=self.dataverse)
         from graph_sync.accounts import SubscriberAccounts
         from graph_sync.crypto import Decryptor
         from graph_sync.notifications import GraphIntake

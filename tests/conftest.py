@@ -71,8 +71,10 @@ def pg_server() -> str:
     url = pg_server_url()
     problem = _run(_probe(url))
     if problem is not None:
-        reason = (f"PostgreSQL not reachable at {url} ({problem}); set {PG_URL_ENV} to a server "
-                  "(tests then create and drop their own schemas)")
+        reason = (
+            f"PostgreSQL not reachable at {url} ({problem}); set {PG_URL_ENV} to a server "
+            "(tests then create and drop their own schemas)"
+        )
         if _in_ci():
             pytest.fail(f"CI=true: {reason}")
         pytest.skip(reason)

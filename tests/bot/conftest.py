@@ -183,9 +183,7 @@ async def make_harness() -> AsyncIterator[MakeHarness]:
             await connector.stop()
 
         stops.append(close)
-        return Harness(
-            bridge, intake, connector, f"{base}/api/messages", http, clock, ws, rs, telemetry
-        )
+        return Harness(bridge, intake, connector, f"{base}/api/messages", http, clock, ws, rs, telemetry)
 
     yield make
     for close in reversed(stops):

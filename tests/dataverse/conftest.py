@@ -85,8 +85,9 @@ class Served:
         await self.runner.cleanup()
 
 
-async def serve_intake(bridge: Bridge, *, key: str = KEY, client: DataverseClient | None = None,
-                       start: bool = True, **kw: Any) -> Served:
+async def serve_intake(
+    bridge: Bridge, *, key: str = KEY, client: DataverseClient | None = None, start: bool = True, **kw: Any
+) -> Served:
     """The intake's route in a tiny aiohttp app on a free loopback port (as ``service.app`` mounts it)."""
     intake = DataverseIntake(bridge, webhook_key=key, client=client, **kw)
     app = web.Application()

@@ -42,7 +42,8 @@ async def upstream_error(aw: Awaitable[Any]) -> UpstreamError:
 
 
 async def test_apply_impersonates_the_agent_with_the_documented_body(
-        emu: DataverseEmulator, client: DataverseClient, tokens: StaticTokens) -> None:
+    emu: DataverseEmulator, client: DataverseClient, tokens: StaticTokens
+) -> None:
     emu.add_agent(ALICE.dynamics_user_id, ALICE.entra_object_id, "Alice Agent", AVAILABLE)
     await client.apply(ALICE, BUSY)
     (call,) = modify_calls(emu)
@@ -54,8 +55,9 @@ async def test_apply_impersonates_the_agent_with_the_documented_body(
     assert tokens.scopes == [f"{emu.url}/.default"]
 
 
-async def test_apply_emits_the_update_webhook_to_a_registered_step(emu: DataverseEmulator, client: DataverseClient,
-                                                                   served: Served) -> None:
+async def test_apply_emits_the_update_webhook_to_a_registered_step(
+    emu: DataverseEmulator, client: DataverseClient, served: Served
+) -> None:
     emu.add_agent(ALICE.dynamics_user_id, ALICE.entra_object_id, "Alice Agent", AVAILABLE)
     await client.apply(ALICE, DND)
     assert await emu.wait_emissions() == []  # nothing registered: nothing sent
@@ -63,7 +65,12 @@ async def test_apply_emits_the_update_webhook_to_a_registered_step(emu: Datavers
     await client.apply(ALICE, BUSY)
     (sent,) = await emu.wait_emissions()
     assert (sent.message, sent.agent_id, sent.url, sent.status, sent.error) == (
-        "Update", ALICE.dynamics_user_id, served.url, 202, None)  # Alice is not in the bridge's directory
+        "Update",
+        ALICE.dynamics_user_id,
+        served.url,
+        202,
+        None,
+    )  # Alice is not in the bridge's directory
     target = sent.body["InputParameters"][0]["value"]
     attrs = {p["key"]: p["value"] for p in target["Attributes"]}
     assert attrs["msdyn_currentpresenceid"]["Id"] == BUSY
@@ -139,8 +146,9 @@ async def test_connection_refused_is_retryable(tokens: StaticTokens) -> None:
     assert type(e) is RetryableError and "cannot reach Dataverse" in e.message
 
 
-async def test_unknown_presence_is_permanent_with_dataverses_message(emu: DataverseEmulator,
-                                                                     client: DataverseClient) -> None:
+async def test_unknown_presence_is_permanent_with_dataverses_message(
+    emu: DataverseEmulator, client: DataverseClient
+) -> None:
     emu.add_agent(ALICE.dynamics_user_id, ALICE.entra_object_id, "Alice Agent")
     e = await upstream_error(client.apply(ALICE, RETIRED))  # an inactive presence
     assert isinstance(e, PermanentError) and e.status == 404
@@ -163,8 +171,9 @@ async def test_disabled_user_is_400_permanent(emu: DataverseEmulator, client: Da
     assert "is disabled. Disabled users cannot be impersonated." in e.message
 
 
-async def test_missing_impersonation_privilege_is_403_with_the_hint(emu: DataverseEmulator,
-                                                                    client: DataverseClient) -> None:
+async def test_missing_impersonation_privilege_is_403_with_the_hint(
+    emu: DataverseEmulator, client: DataverseClient
+) -> None:
     emu.add_agent(ALICE.dynamics_user_id, ALICE.entra_object_id, "Alice Agent")
     emu.impersonation_allowed = False
     e = await upstream_error(client.apply(ALICE, BUSY))
@@ -184,8 +193,9 @@ async def test_wrong_token_is_401_and_never_shown(emu: DataverseEmulator) -> Non
 
 
 @pytest.mark.parametrize("status", [400, 404, 405])
-async def test_injected_client_errors_are_permanent(emu: DataverseEmulator, client: DataverseClient,
-                                                    status: int) -> None:
+async def test_injected_client_errors_are_permanent(
+    emu: DataverseEmulator, client: DataverseClient, status: int
+) -> None:
     emu.add_agent(ALICE.dynamics_user_id, ALICE.entra_object_id, "Alice Agent")
     emu.fail_next(1, status)
     e = await upstream_error(client.apply(ALICE, BUSY))
@@ -260,8 +270,7 @@ async def test_outbox_retries_a_server_error(emu: DataverseEmulator, outbox_brid
 # ---------------------------------------------------------------------------------------------- reads
 
 
-async def test_read_returns_versions_and_leaves_out_non_agents(emu: DataverseEmulator,
-                                                               client: DataverseClient) -> None:
+async def test_read_returns_versions_and_leaves_out_non_agents(emu: DataverseEmulator, client: DataverseClient) -> None:
     emu.add_agent(ALICE.dynamics_user_id, ALICE.entra_object_id.upper(), "Alice Agent", AVAILABLE)
     emu.set_presence(ALICE.dynamics_user_id, TRAINING, "AGENT")
     emu.add_user(CAROL.dynamics_user_id, CAROL.entra_object_id, "Carol User")
@@ -270,7 +279,12 @@ async def test_read_returns_versions_and_leaves_out_non_agents(emu: DataverseEmu
     assert status is not None
     (obs,) = seen
     assert (obs.agent_id, obs.system, obs.value, obs.modified_by, obs.source) == (
-        ALICE.dynamics_user_id, System.DYNAMICS, TRAINING, "AGENT", "reconcile")
+        ALICE.dynamics_user_id,
+        System.DYNAMICS,
+        TRAINING,
+        "AGENT",
+        "reconcile",
+    )
     assert obs.version == status["versionnumber"] and isinstance(obs.version, int)
     emu.set_presence(ALICE.dynamics_user_id, BUSY, "SYSTEM")
     (again,) = await client.read([ALICE])
@@ -297,12 +311,15 @@ async def test_list_presences_includes_custom_ones_by_base(client: DataverseClie
     assert got[BUSY].base is BasePresence.BUSY
 
 
-
 async def test_get_presence(emu: DataverseEmulator, client: DataverseClient) -> None:
     emu.add_agent(ALICE.dynamics_user_id, ALICE.entra_object_id, "Alice Agent", AVAILABLE, logged_in=True)
     p = await client.get_presence(ALICE)
     assert (p.agent_id, p.agent_name, p.presence_id, p.status_text) == (
-        ALICE.dynamics_user_id, "Alice Agent", AVAILABLE, "Available")
+        ALICE.dynamics_user_id,
+        "Alice Agent",
+        AVAILABLE,
+        "Available",
+    )
     assert p.active_sessions == 1 and p.logged_in_at is not None and "chat" in p.allowed_channels
     emu.set_presence(ALICE.dynamics_user_id, OFFLINE)
     p = await client.get_presence(ALICE)
@@ -314,7 +331,11 @@ async def test_get_systemuser(emu: DataverseEmulator, client: DataverseClient) -
     user = await client.get_systemuser(CAROL.dynamics_user_id)
     assert user is not None
     assert (user.systemuserid, user.entra_object_id, user.fullname, user.disabled) == (
-        CAROL.dynamics_user_id, CAROL.entra_object_id, "Carol User", True)
+        CAROL.dynamics_user_id,
+        CAROL.entra_object_id,
+        "Carol User",
+        True,
+    )
     assert await client.get_systemuser("deadbeef-0000-4000-8000-000000000000") is None
     emu.add_user(BOB.dynamics_user_id, "00000000-0000-0000-0000-000000000000", "Bob")
     bob = await client.get_systemuser(BOB.dynamics_user_id)
@@ -351,8 +372,9 @@ async def test_agent_ids(emu: DataverseEmulator, client: DataverseClient) -> Non
 # ---------------------------------------------------------------------------------------------- where the token goes
 
 
-async def test_a_next_link_to_another_origin_is_refused_before_any_call(client: DataverseClient,
-                                                                        tokens: StaticTokens) -> None:
+async def test_a_next_link_to_another_origin_is_refused_before_any_call(
+    client: DataverseClient, tokens: StaticTokens
+) -> None:
     e = await upstream_error(client.systemusers_page("https://evil.example/api/data/v9.2/systemusers?$skiptoken=1"))
     assert isinstance(e, PermanentError)
     assert "https://evil.example" in e.message and "refusing to send the token there" in e.message
@@ -387,8 +409,12 @@ async def stub() -> AsyncIterator[Callable[[Handler], Awaitable[tuple[str, list[
 
 async def test_a_foreign_next_link_in_a_page_is_not_followed(stub: Any) -> None:
     async def page(request: web.Request) -> web.Response:
-        return web.json_response({"value": [{"_msdyn_agentid_value": ALICE.dynamics_user_id}],
-                                  "@odata.nextLink": "http://localhost:9/api/data/v9.2/msdyn_agentstatuses?x=1"})
+        return web.json_response(
+            {
+                "value": [{"_msdyn_agentid_value": ALICE.dynamics_user_id}],
+                "@odata.nextLink": "http://localhost:9/api/data/v9.2/msdyn_agentstatuses?x=1",
+            }
+        )
 
     url, seen = await stub(page)
     c = DataverseClient(url, StaticTokens(TOKEN), timeout=2.0)

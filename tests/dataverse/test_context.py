@@ -209,16 +209,26 @@ def test_other_input_parameters_are_ignored() -> None:
 @pytest.mark.parametrize(
     ("mutate", "reason"),
     [
-        (lambda c: c.__setitem__("InputParameters", {"Target": target(c)}),
-         "context.InputParameters: expected a list of {key, value} pairs, got an object"),
-        (lambda c: target(c).__setitem__("Attributes", {"msdyn_agentid": None}),
-         "context.InputParameters[Target].Attributes: expected a list of {key, value} pairs, got an object"),
-        (lambda c: c["InputParameters"].insert(0, "Target"),
-         "context.InputParameters[0]: expected a {key, value} pair, got the string 'Target'"),
-        (lambda c: target(c)["Attributes"].insert(0, {"key": 7, "value": 1}),
-         "context.InputParameters[Target].Attributes[0].key: expected a string, got a number (7)"),
-        (lambda c: c.__setitem__("PostEntityImages", "none"),
-         "context.PostEntityImages: expected a list of {key, value} pairs, got the string 'none'"),
+        (
+            lambda c: c.__setitem__("InputParameters", {"Target": target(c)}),
+            "context.InputParameters: expected a list of {key, value} pairs, got an object",
+        ),
+        (
+            lambda c: target(c).__setitem__("Attributes", {"msdyn_agentid": None}),
+            "context.InputParameters[Target].Attributes: expected a list of {key, value} pairs, got an object",
+        ),
+        (
+            lambda c: c["InputParameters"].insert(0, "Target"),
+            "context.InputParameters[0]: expected a {key, value} pair, got the string 'Target'",
+        ),
+        (
+            lambda c: target(c)["Attributes"].insert(0, {"key": 7, "value": 1}),
+            "context.InputParameters[Target].Attributes[0].key: expected a string, got a number (7)",
+        ),
+        (
+            lambda c: c.__setitem__("PostEntityImages", "none"),
+            "context.PostEntityImages: expected a list of {key, value} pairs, got the string 'none'",
+        ),
     ],
 )
 def test_wrong_list_shapes(mutate: Any, reason: str) -> None:
@@ -233,8 +243,9 @@ def test_wrong_list_shapes(mutate: Any, reason: str) -> None:
 def test_reference_ids_are_normalised_and_names_and_tags_are_optional() -> None:
     ctx = update_only()
     t = target(ctx)
-    set_attr(t, "msdyn_agentid", {"Id": "{" + UPDATE_AGENT.upper() + "}", "LogicalName": "systemuser",
-                                  "Name": "Alice Agent"})
+    set_attr(
+        t, "msdyn_agentid", {"Id": "{" + UPDATE_AGENT.upper() + "}", "LogicalName": "systemuser", "Name": "Alice Agent"}
+    )
     set_attr(t, "msdyn_currentpresenceid", {"Id": BUSY.upper()})
     change = parse_context(ctx)
     assert (change.agent_id, change.presence_id) == (UPDATE_AGENT, BUSY)
@@ -243,27 +254,53 @@ def test_reference_ids_are_normalised_and_names_and_tags_are_optional() -> None:
 @pytest.mark.parametrize(
     ("key", "value", "reason"),
     [
-        ("msdyn_currentpresenceid", {"__type": "OptionSetValue:http://schemas.microsoft.com/xrm/2011/Contracts",
-                                     "Value": 192360001},
-         "Attributes[msdyn_currentpresenceid]: expected an EntityReference to msdyn_presence, got __type "
-         "'OptionSetValue:http://schemas.microsoft.com/xrm/2011/Contrac'"),  # tags are cut at 60 characters
-        ("msdyn_currentpresenceid", BUSY,
-         "Attributes[msdyn_currentpresenceid]: expected an EntityReference to msdyn_presence, got the string "
-         f"'{BUSY}'"),
-        ("msdyn_currentpresenceid", [BUSY],
-         "Attributes[msdyn_currentpresenceid]: expected an EntityReference to msdyn_presence, got an array"),
-        ("msdyn_currentpresenceid", {"Id": "Busy", "LogicalName": "msdyn_presence"},
-         "Attributes[msdyn_currentpresenceid].Id: 'Busy' is not a GUID"),
-        ("msdyn_currentpresenceid", {"LogicalName": "msdyn_presence"},
-         "Attributes[msdyn_currentpresenceid]: EntityReference without an Id"),
-        ("msdyn_agentid", {"Id": UPDATE_AGENT, "LogicalName": "contact"},
-         "Attributes[msdyn_agentid]: refers to a 'contact', expected a systemuser"),
-        ("msdyn_agentid", {"Id": "00000000-0000-0000-0000-000000000000", "LogicalName": "systemuser"},
-         "Attributes[msdyn_agentid]: the empty GUID is not a systemuser"),
-        ("msdyn_agentid", {"Id": 42, "LogicalName": "systemuser"},
-         "Attributes[msdyn_agentid].Id: expected a GUID string, got a number (42)"),
-        ("msdyn_presencemodifiedby", 1,
-         "Attributes[msdyn_presencemodifiedby]: expected a string such as \"AGENT\" or \"SYSTEM\", got a number (1)"),
+        (
+            "msdyn_currentpresenceid",
+            {"__type": "OptionSetValue:http://schemas.microsoft.com/xrm/2011/Contracts", "Value": 192360001},
+            "Attributes[msdyn_currentpresenceid]: expected an EntityReference to msdyn_presence, got __type "
+            "'OptionSetValue:http://schemas.microsoft.com/xrm/2011/Contrac'",
+        ),  # tags are cut at 60 characters
+        (
+            "msdyn_currentpresenceid",
+            BUSY,
+            "Attributes[msdyn_currentpresenceid]: expected an EntityReference to msdyn_presence, got the string "
+            f"'{BUSY}'",
+        ),
+        (
+            "msdyn_currentpresenceid",
+            [BUSY],
+            "Attributes[msdyn_currentpresenceid]: expected an EntityReference to msdyn_presence, got an array",
+        ),
+        (
+            "msdyn_currentpresenceid",
+            {"Id": "Busy", "LogicalName": "msdyn_presence"},
+            "Attributes[msdyn_currentpresenceid].Id: 'Busy' is not a GUID",
+        ),
+        (
+            "msdyn_currentpresenceid",
+            {"LogicalName": "msdyn_presence"},
+            "Attributes[msdyn_currentpresenceid]: EntityReference without an Id",
+        ),
+        (
+            "msdyn_agentid",
+            {"Id": UPDATE_AGENT, "LogicalName": "contact"},
+            "Attributes[msdyn_agentid]: refers to a 'contact', expected a systemuser",
+        ),
+        (
+            "msdyn_agentid",
+            {"Id": "00000000-0000-0000-0000-000000000000", "LogicalName": "systemuser"},
+            "Attributes[msdyn_agentid]: the empty GUID is not a systemuser",
+        ),
+        (
+            "msdyn_agentid",
+            {"Id": 42, "LogicalName": "systemuser"},
+            "Attributes[msdyn_agentid].Id: expected a GUID string, got a number (42)",
+        ),
+        (
+            "msdyn_presencemodifiedby",
+            1,
+            'Attributes[msdyn_presencemodifiedby]: expected a string such as "AGENT" or "SYSTEM", got a number (1)',
+        ),
     ],
 )
 def test_wrong_reference_types(key: str, value: Any, reason: str) -> None:
@@ -346,9 +383,7 @@ def test_status_id_from_the_attribute_or_primary_entity_id() -> None:
     ctx["PrimaryEntityId"] = UPDATE_STATUS.upper()
     assert parse_context(ctx).agent_status_id == UPDATE_STATUS
     ctx["PrimaryEntityId"] = None
-    assert refused(ctx) == (
-        "context.InputParameters[Target]: no Id, no msdyn_agentstatusid and no PrimaryEntityId"
-    )
+    assert refused(ctx) == ("context.InputParameters[Target]: no Id, no msdyn_agentstatusid and no PrimaryEntityId")
 
 
 # ---------------------------------------------------------------------------------------------- Create
@@ -403,9 +438,7 @@ def test_nesting_deeper_than_the_limit_is_refused() -> None:
 def test_a_parent_context_of_the_wrong_type_is_refused() -> None:
     ctx = seed("update-presence")
     ctx["ParentContext"] = "none"
-    assert refused(ctx) == (
-        "context.ParentContext: expected a RemoteExecutionContext object, got the string 'none'"
-    )
+    assert refused(ctx) == ("context.ParentContext: expected a RemoteExecutionContext object, got the string 'none'")
     ctx["ParentContext"] = [seed("update-presence")]
     assert refused(ctx) == "context.ParentContext: expected a RemoteExecutionContext object, got an array"
 
@@ -473,8 +506,12 @@ def test_post_image_fills_in_version_and_modifier() -> None:
     t = target(ctx)
     drop_attr(t, "msdyn_presencemodifiedby")
     t["RowVersion"] = None
-    post = {"LogicalName": "msdyn_agentstatus", "Id": UPDATE_STATUS, "RowVersion": "5948261",
-            "Attributes": [{"key": "msdyn_presencemodifiedby", "value": "SYSTEM"}]}
+    post = {
+        "LogicalName": "msdyn_agentstatus",
+        "Id": UPDATE_STATUS,
+        "RowVersion": "5948261",
+        "Attributes": [{"key": "msdyn_presencemodifiedby", "value": "SYSTEM"}],
+    }
     ctx["PostEntityImages"] = [{"key": "post", "value": post}]
     change = parse_context(ctx)
     assert (change.row_version, change.presence_modified_by) == (5948261, "SYSTEM")
@@ -504,12 +541,18 @@ def test_a_list_of_contexts_is_refused() -> None:
     ("field", "value", "reason"),
     [
         ("MessageName", None, "MessageName: expected a string, got null"),
-        ("MessageName", "Delete",
-         "MessageName 'Delete' is not handled: only Create and Update of msdyn_agentstatus (register the steps "
-         "with `presence-sync dataverse register-webhook`)"),
+        (
+            "MessageName",
+            "Delete",
+            "MessageName 'Delete' is not handled: only Create and Update of msdyn_agentstatus (register the steps "
+            "with `presence-sync dataverse register-webhook`)",
+        ),
         ("MessageName", "update", "MessageName 'update' is not handled"),
-        ("PrimaryEntityName", "contact",
-         "PrimaryEntityName is the string 'contact'; this route handles msdyn_agentstatus only"),
+        (
+            "PrimaryEntityName",
+            "contact",
+            "PrimaryEntityName is the string 'contact'; this route handles msdyn_agentstatus only",
+        ),
         ("Depth", "1", "Depth: expected an integer, got the string '1'"),
         ("Depth", True, "Depth: expected an integer, got a boolean"),
         ("CorrelationId", 5, "CorrelationId: expected a string, got a number (5)"),
@@ -525,20 +568,29 @@ def test_wrong_top_level_fields(field: str, value: Any, reason: str) -> None:
 @pytest.mark.parametrize(
     ("mutate", "reason"),
     [
-        (lambda t: t.__setitem__("LogicalName", "contact"),
-         "context.InputParameters[Target] is a 'contact'; this route handles msdyn_agentstatus only"),
-        (lambda t: t.__setitem__("LogicalName", None),
-         "context.InputParameters[Target].LogicalName: expected a string, got null"),
-        (lambda t: t.__setitem__("__type", "EntityReference:x"),
-         "context.InputParameters[Target]: expected an Entity, got __type 'EntityReference:x'"),
-        (lambda t: t.__setitem__("Id", "3d1feef9"),
-         "context.InputParameters[Target].Id: '3d1feef9' is not a GUID"),
-        (lambda t: t.__setitem__("RowVersion", "v5948260"),
-         "context.InputParameters[Target].RowVersion: expected a RowVersion number (string of digits) or null, got "
-         "the string 'v5948260'"),
-        (lambda t: t.__setitem__("RowVersion", -1),
-         "context.InputParameters[Target].RowVersion: expected a RowVersion number (string of digits) or null, got "
-         "a number (-1)"),
+        (
+            lambda t: t.__setitem__("LogicalName", "contact"),
+            "context.InputParameters[Target] is a 'contact'; this route handles msdyn_agentstatus only",
+        ),
+        (
+            lambda t: t.__setitem__("LogicalName", None),
+            "context.InputParameters[Target].LogicalName: expected a string, got null",
+        ),
+        (
+            lambda t: t.__setitem__("__type", "EntityReference:x"),
+            "context.InputParameters[Target]: expected an Entity, got __type 'EntityReference:x'",
+        ),
+        (lambda t: t.__setitem__("Id", "3d1feef9"), "context.InputParameters[Target].Id: '3d1feef9' is not a GUID"),
+        (
+            lambda t: t.__setitem__("RowVersion", "v5948260"),
+            "context.InputParameters[Target].RowVersion: expected a RowVersion number (string of digits) or null, got "
+            "the string 'v5948260'",
+        ),
+        (
+            lambda t: t.__setitem__("RowVersion", -1),
+            "context.InputParameters[Target].RowVersion: expected a RowVersion number (string of digits) or null, got "
+            "a number (-1)",
+        ),
     ],
 )
 def test_wrong_target(mutate: Any, reason: str) -> None:

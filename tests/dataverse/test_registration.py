@@ -23,8 +23,9 @@ URL = "https://presence.contoso.example/api/dataverse/webhook"
 WRITES = ("POST", "PATCH", "DELETE")
 
 
-async def register(client: DataverseClient, *, url: str = URL, key: str = KEY,
-                   dry_run: bool = False) -> tuple[RegistrationResult, list[str]]:
+async def register(
+    client: DataverseClient, *, url: str = URL, key: str = KEY, dry_run: bool = False
+) -> tuple[RegistrationResult, list[str]]:
     lines: list[str] = []
     result = await register_webhook(client, url=url, key=key, dry_run=dry_run, progress=lines.append)
     return result, lines
@@ -41,16 +42,23 @@ def message_of(emu: DataverseEmulator, step: dict[str, object]) -> str:
 # ---------------------------------------------------------------------------------------------- register_webhook
 
 
-async def test_register_twice_leaves_one_endpoint_and_two_steps(emu: DataverseEmulator,
-                                                                client: DataverseClient) -> None:
+async def test_register_twice_leaves_one_endpoint_and_two_steps(
+    emu: DataverseEmulator, client: DataverseClient
+) -> None:
     first, lines = await register(client)
     assert first.changed and not first.dry_run
     assert str(first).startswith("webhook registered (serviceendpoint ")
     assert lines[0] == f"create serviceendpoint {ENDPOINT_NAME!r} (webhook, WebhookKey) -> {URL}"
     (endpoint,) = emu.endpoints()
     assert first.endpoint_id == endpoint["serviceendpointid"]
-    assert (endpoint["name"], endpoint["url"], endpoint["contract"], endpoint["authtype"], endpoint["authvalue"],
-            endpoint["messageformat"]) == (ENDPOINT_NAME, URL, 8, 4, KEY, 2)
+    assert (
+        endpoint["name"],
+        endpoint["url"],
+        endpoint["contract"],
+        endpoint["authtype"],
+        endpoint["authvalue"],
+        endpoint["messageformat"],
+    ) == (ENDPOINT_NAME, URL, 8, 4, KEY, 2)
     steps = {message_of(emu, s): s for s in emu.steps()}
     assert set(steps) == {"Update", "Create"} and len(emu.steps()) == 2
     for name, step in steps.items():
@@ -105,8 +113,9 @@ async def test_changed_url_and_key_are_updated_in_place(emu: DataverseEmulator, 
 async def test_a_changed_step_is_patched_back(emu: DataverseEmulator, client: DataverseClient) -> None:
     first, _ = await register(client)
     update_id = first.step_ids["Update"]
-    await client.update("sdkmessageprocessingsteps", update_id, {"mode": 1, "filteringattributes": "statecode"},
-                        what="test")
+    await client.update(
+        "sdkmessageprocessingsteps", update_id, {"mode": 1, "filteringattributes": "statecode"}, what="test"
+    )
     second, lines = await register(client)
     assert second.changed
     step = next(s for s in emu.steps() if s["sdkmessageprocessingstepid"] == update_id)
@@ -117,15 +126,25 @@ async def test_a_changed_step_is_patched_back(emu: DataverseEmulator, client: Da
 async def test_duplicate_and_foreign_steps_are_removed(emu: DataverseEmulator, client: DataverseClient) -> None:
     first, _ = await register(client)
     msg = {emu.tables["sdkmessages"].rows[k]["name"]: k for k in emu.tables["sdkmessages"].rows}
-    flt = {(r["_sdkmessageid_value"]): k for k, r in emu.tables["sdkmessagefilters"].rows.items()
-           if r["primaryobjecttypecode"] == "msdyn_agentstatus"}
+    flt = {
+        (r["_sdkmessageid_value"]): k
+        for k, r in emu.tables["sdkmessagefilters"].rows.items()
+        if r["primaryobjecttypecode"] == "msdyn_agentstatus"
+    }
     for name in ("Update", "Delete"):
-        await client.create("sdkmessageprocessingsteps", {
-            "name": f"copy of {name}", "mode": 0, "stage": 40, "rank": 1,
-            "sdkmessageid@odata.bind": f"/sdkmessages({msg[name]})",
-            "sdkmessagefilterid@odata.bind": f"/sdkmessagefilters({flt[msg[name]]})",
-            "eventhandler_serviceendpoint@odata.bind": f"/serviceendpoints({first.endpoint_id})",
-        }, what="test")
+        await client.create(
+            "sdkmessageprocessingsteps",
+            {
+                "name": f"copy of {name}",
+                "mode": 0,
+                "stage": 40,
+                "rank": 1,
+                "sdkmessageid@odata.bind": f"/sdkmessages({msg[name]})",
+                "sdkmessagefilterid@odata.bind": f"/sdkmessagefilters({flt[msg[name]]})",
+                "eventhandler_serviceendpoint@odata.bind": f"/serviceendpoints({first.endpoint_id})",
+            },
+            what="test",
+        )
     assert len(emu.steps()) == 4
     second, lines = await register(client)
     assert second.changed and second.step_ids == first.step_ids
@@ -150,8 +169,9 @@ async def test_bad_url_or_key_is_refused_before_any_call(emu: DataverseEmulator,
 # ---------------------------------------------------------------------------------------------- the full loop
 
 
-async def test_full_loop_emulator_to_intake_to_store(emu: DataverseEmulator, client: DataverseClient,
-                                                     served: Served, bridge: Bridge) -> None:
+async def test_full_loop_emulator_to_intake_to_store(
+    emu: DataverseEmulator, client: DataverseClient, served: Served, bridge: Bridge
+) -> None:
     await register(client, url=served.url)
     emu.add_agent(ALICE.dynamics_user_id, ALICE.entra_object_id, "Alice Agent", AVAILABLE)
     (created,) = await emu.wait_emissions()
@@ -159,7 +179,8 @@ async def test_full_loop_emulator_to_intake_to_store(emu: DataverseEmulator, cli
     assert list(created.body) == list(seed("create-agent"))  # the seed's shape, key for key
     await served.intake.wait_idle()
     assert await bridge.store.get_agent(ALICE.dynamics_user_id) == Agent(
-        ALICE.dynamics_user_id, ALICE.entra_object_id, "Alice Agent", True)
+        ALICE.dynamics_user_id, ALICE.entra_object_id, "Alice Agent", True
+    )
 
     emu.set_presence(ALICE.dynamics_user_id, BUSY)
     created_too, updated = await emu.wait_emissions()
@@ -168,7 +189,8 @@ async def test_full_loop_emulator_to_intake_to_store(emu: DataverseEmulator, cli
     assert list(updated.body) == list(seed("update-presence"))
     target = updated.body["InputParameters"][0]["value"]
     assert [p["key"] for p in target["Attributes"]] == [
-        p["key"] for p in seed("update-presence")["InputParameters"][0]["value"]["Attributes"]]
+        p["key"] for p in seed("update-presence")["InputParameters"][0]["value"]["Attributes"]
+    ]
     status = emu.agent_status(ALICE.dynamics_user_id)
     assert status is not None
     state = (await bridge.store.load_states([ALICE.dynamics_user_id]))[ALICE.dynamics_user_id]
@@ -178,8 +200,9 @@ async def test_full_loop_emulator_to_intake_to_store(emu: DataverseEmulator, cli
     assert row is not None and row.value == "Busy/InACall"
 
 
-async def test_a_wrong_registered_key_is_refused_by_the_intake(emu: DataverseEmulator, client: DataverseClient,
-                                                               served: Served, bridge: Bridge) -> None:
+async def test_a_wrong_registered_key_is_refused_by_the_intake(
+    emu: DataverseEmulator, client: DataverseClient, served: Served, bridge: Bridge
+) -> None:
     await bridge.store.upsert_agents([ALICE])
     emu.add_agent(ALICE.dynamics_user_id, ALICE.entra_object_id, "Alice Agent", AVAILABLE)
     await register(client, url=served.url, key="not-the-key")
@@ -189,9 +212,9 @@ async def test_a_wrong_registered_key_is_refused_by_the_intake(emu: DataverseEmu
     assert await bridge.store.load_states([ALICE.dynamics_user_id]) == {}
 
 
-async def test_the_emitted_body_is_what_the_intake_parses(emu: DataverseEmulator, client: DataverseClient,
-                                                          served: Served, http: aiohttp.ClientSession,
-                                                          bridge: Bridge) -> None:
+async def test_the_emitted_body_is_what_the_intake_parses(
+    emu: DataverseEmulator, client: DataverseClient, served: Served, http: aiohttp.ClientSession, bridge: Bridge
+) -> None:
     """The emulator escapes "/" as DataContractJsonSerializer does; the body must still parse."""
     await bridge.store.upsert_agents([ALICE])
     emu.add_agent(ALICE.dynamics_user_id, ALICE.entra_object_id, "Alice Agent", AVAILABLE)
@@ -216,8 +239,9 @@ def org(emu: DataverseEmulator) -> DataverseEmulator:
     return emu
 
 
-async def test_discover_adds_agents_and_says_why_others_were_skipped(org: DataverseEmulator, client: DataverseClient,
-                                                                     bridge: Bridge) -> None:
+async def test_discover_adds_agents_and_says_why_others_were_skipped(
+    org: DataverseEmulator, client: DataverseClient, bridge: Bridge
+) -> None:
     lines: list[str] = []
     summary = await discover_agents(client, bridge, lines.append, page_size=2)
     users = len(org.tables["systemusers"].rows)  # five of ours and the three the org is seeded with
@@ -242,7 +266,8 @@ async def test_discover_adds_agents_and_says_why_others_were_skipped(org: Datave
 
 
 async def test_discover_updates_names_and_disables_agents_disabled_in_dataverse(
-        org: DataverseEmulator, client: DataverseClient, bridge: Bridge) -> None:
+    org: DataverseEmulator, client: DataverseClient, bridge: Bridge
+) -> None:
     await bridge.store.upsert_agents([Agent(ALICE.dynamics_user_id, ALICE.entra_object_id, "Old Name"), DAVE])
     summary = await discover_agents(client, bridge, lambda _: None)
     assert (summary.added, summary.updated, summary.unchanged) == (0, 2, 0)
@@ -252,8 +277,9 @@ async def test_discover_updates_names_and_disables_agents_disabled_in_dataverse(
     assert dave is not None and not dave.enabled
 
 
-async def test_discover_keeps_an_agent_disabled_by_hand(org: DataverseEmulator, client: DataverseClient,
-                                                        bridge: Bridge) -> None:
+async def test_discover_keeps_an_agent_disabled_by_hand(
+    org: DataverseEmulator, client: DataverseClient, bridge: Bridge
+) -> None:
     await bridge.store.upsert_agents([Agent(ALICE.dynamics_user_id, ALICE.entra_object_id, "Alice Agent", False)])
     summary = await discover_agents(client, bridge, lambda _: None)
     assert summary.unchanged == 1
@@ -261,16 +287,18 @@ async def test_discover_keeps_an_agent_disabled_by_hand(org: DataverseEmulator, 
     assert alice is not None and not alice.enabled
 
 
-async def test_discover_every_user_with_an_entra_id(org: DataverseEmulator, client: DataverseClient,
-                                                    bridge: Bridge) -> None:
+async def test_discover_every_user_with_an_entra_id(
+    org: DataverseEmulator, client: DataverseClient, bridge: Bridge
+) -> None:
     summary = await discover_agents(client, bridge, lambda _: None, agents_only=False)
     ids = {a.dynamics_user_id for a in await bridge.store.list_agents()}
     assert CAROL.dynamics_user_id in ids and ALICE.dynamics_user_id in ids and summary.not_agents == 0
     assert BOB.dynamics_user_id not in ids and DAVE.dynamics_user_id not in ids
 
 
-async def test_discover_retries_a_failed_page_from_its_own_link(org: DataverseEmulator, client: DataverseClient,
-                                                                bridge: Bridge) -> None:
+async def test_discover_retries_a_failed_page_from_its_own_link(
+    org: DataverseEmulator, client: DataverseClient, bridge: Bridge
+) -> None:
     org.fail_next(1, 503, path="systemusers")
     lines: list[str] = []
     summary = await discover_agents(client, bridge, lines.append, page_size=3)

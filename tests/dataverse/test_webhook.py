@@ -24,8 +24,9 @@ ROUTE = "dataverse_webhook"
 JSON = {"Content-Type": "application/json"}
 
 
-def update(presence: str = BUSY, *, agent: Agent = ALICE, row_version: int = 5948260,
-           modified_by: str = "AGENT") -> bytes:
+def update(
+    presence: str = BUSY, *, agent: Agent = ALICE, row_version: int = 5948260, modified_by: str = "AGENT"
+) -> bytes:
     """The update seed for ``agent`` with ``presence`` (the parent context dropped so only the target speaks)."""
     ctx = seed("update-presence")
     ctx["ParentContext"] = None
@@ -41,8 +42,15 @@ def update(presence: str = BUSY, *, agent: Agent = ALICE, row_version: int = 594
     return json.dumps(ctx).encode()
 
 
-async def post(http: aiohttp.ClientSession, served: Served, body: bytes, *, key: str | None = KEY,
-               via: str = "query", headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+async def post(
+    http: aiohttp.ClientSession,
+    served: Served,
+    body: bytes,
+    *,
+    key: str | None = KEY,
+    via: str = "query",
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, Any]]:
     params = {"code": key} if key is not None and via == "query" else {}
     hdrs = dict(JSON if headers is None else headers)
     if key is not None and via == "header":
@@ -62,8 +70,9 @@ async def known(bridge: Bridge) -> Bridge:
 # ---------------------------------------------------------------------------------------------- the key
 
 
-async def test_missing_key_is_401(served: Served, http: aiohttp.ClientSession, known: Bridge,
-                                  telemetry: RecordingTelemetry) -> None:
+async def test_missing_key_is_401(
+    served: Served, http: aiohttp.ClientSession, known: Bridge, telemetry: RecordingTelemetry
+) -> None:
     status, body = await post(http, served, seed_bytes("update-presence"), key=None)
     assert status == 401
     assert body == {"error": f"missing webhook key: send ?code=<key> or header {KEY_HEADER}"}
@@ -85,15 +94,17 @@ async def test_key_by_query_or_header(served: Served, http: aiohttp.ClientSessio
     assert body["status"] == "recorded"
 
 
-async def test_no_key_configured_accepts_loopback_but_not_a_proxied_call(bridge: Bridge,
-                                                                          http: aiohttp.ClientSession) -> None:
+async def test_no_key_configured_accepts_loopback_but_not_a_proxied_call(
+    bridge: Bridge, http: aiohttp.ClientSession
+) -> None:
     await bridge.store.upsert_agents([ALICE])
     served = await serve_intake(bridge, key="")
     try:
         status, _ = await post(http, served, seed_bytes("update-presence"), key=None)
         assert status == 200
-        status, body = await post(http, served, seed_bytes("update-presence"), key=None,
-                                  headers={**JSON, "X-Forwarded-For": "203.0.113.9"})
+        status, body = await post(
+            http, served, seed_bytes("update-presence"), key=None, headers={**JSON, "X-Forwarded-For": "203.0.113.9"}
+        )
         assert status == 401 and "loopback" in body["error"]
     finally:
         await served.close()
@@ -102,8 +113,9 @@ async def test_no_key_configured_accepts_loopback_but_not_a_proxied_call(bridge:
 # ---------------------------------------------------------------------------------------------- bad input
 
 
-async def test_malformed_json_is_400_with_the_reason(served: Served, http: aiohttp.ClientSession,
-                                                     telemetry: RecordingTelemetry) -> None:
+async def test_malformed_json_is_400_with_the_reason(
+    served: Served, http: aiohttp.ClientSession, telemetry: RecordingTelemetry
+) -> None:
     status, body = await post(http, served, b'{"MessageName": "Update",')
     assert status == 400
     assert body["error"].startswith("body is not JSON: Expecting property name")
@@ -114,11 +126,17 @@ async def test_malformed_json_is_400_with_the_reason(served: Served, http: aioht
     assert status == 400 and body["error"].startswith("body is not JSON")
 
 
-async def test_malformed_context_is_400_with_the_parsers_reason(served: Served, http: aiohttp.ClientSession,
-                                                                telemetry: RecordingTelemetry) -> None:
+async def test_malformed_context_is_400_with_the_parsers_reason(
+    served: Served, http: aiohttp.ClientSession, telemetry: RecordingTelemetry
+) -> None:
     status, body = await post(http, served, b"[]")
-    assert (status, body) == (400, {"error": "not a usable msdyn_agentstatus context: body is an array; expected a "
-                                             "RemoteExecutionContext JSON object"})
+    assert (status, body) == (
+        400,
+        {
+            "error": "not a usable msdyn_agentstatus context: body is an array; expected a "
+            "RemoteExecutionContext JSON object"
+        },
+    )
     ctx = seed("update-presence")
     ctx["MessageName"] = "Delete"
     status, body = await post(http, served, json.dumps(ctx).encode())
@@ -126,8 +144,9 @@ async def test_malformed_context_is_400_with_the_parsers_reason(served: Served, 
     assert telemetry.rejections[(ROUTE, "malformed_context")] == 2
 
 
-async def test_over_one_mebibyte_with_content_length_is_413(served: Served, http: aiohttp.ClientSession,
-                                                            telemetry: RecordingTelemetry) -> None:
+async def test_over_one_mebibyte_with_content_length_is_413(
+    served: Served, http: aiohttp.ClientSession, telemetry: RecordingTelemetry
+) -> None:
     body = b'{"pad": "' + b"x" * (1024 * 1024) + b'"}'
     status, answer = await post(http, served, body)
     assert status == 413
@@ -135,8 +154,9 @@ async def test_over_one_mebibyte_with_content_length_is_413(served: Served, http
     assert telemetry.rejections[(ROUTE, "too_large")] == 1
 
 
-async def test_over_one_mebibyte_chunked_is_413(served: Served, http: aiohttp.ClientSession,
-                                                telemetry: RecordingTelemetry) -> None:
+async def test_over_one_mebibyte_chunked_is_413(
+    served: Served, http: aiohttp.ClientSession, telemetry: RecordingTelemetry
+) -> None:
     async def chunks() -> AsyncIterator[bytes]:
         yield b'{"pad": "'
         for _ in range(20):
@@ -152,8 +172,7 @@ async def test_over_one_mebibyte_chunked_is_413(served: Served, http: aiohttp.Cl
     assert telemetry.rejections[(ROUTE, "too_large")] == 1
 
 
-async def test_a_body_just_under_the_limit_is_read(served: Served, http: aiohttp.ClientSession,
-                                                   known: Bridge) -> None:
+async def test_a_body_just_under_the_limit_is_read(served: Served, http: aiohttp.ClientSession, known: Bridge) -> None:
     ctx = seed("update-presence")
     ctx["Padding"] = "x" * (1024 * 1024 - len(json.dumps(ctx)) - 20)
     body = json.dumps(ctx).encode()
@@ -163,8 +182,9 @@ async def test_a_body_just_under_the_limit_is_read(served: Served, http: aiohttp
 
 
 @pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", None])
-async def test_not_json_content_type_is_415(served: Served, http: aiohttp.ClientSession,
-                                            telemetry: RecordingTelemetry, ctype: str | None) -> None:
+async def test_not_json_content_type_is_415(
+    served: Served, http: aiohttp.ClientSession, telemetry: RecordingTelemetry, ctype: str | None
+) -> None:
     headers = {} if ctype is None else {"Content-Type": ctype}
     status, body = await post(http, served, seed_bytes("update-presence"), headers=headers)
     assert status == 415
@@ -173,15 +193,24 @@ async def test_not_json_content_type_is_415(served: Served, http: aiohttp.Client
 
 
 async def test_json_with_charset_is_accepted(served: Served, http: aiohttp.ClientSession, known: Bridge) -> None:
-    status, _ = await post(http, served, seed_bytes("update-presence"),
-                           headers={"Content-Type": "application/json; charset=utf-8"})
+    status, _ = await post(
+        http, served, seed_bytes("update-presence"), headers={"Content-Type": "application/json; charset=utf-8"}
+    )
     assert status == 200
 
 
 async def test_junk_never_gets_a_500(served: Served, http: aiohttp.ClientSession, known: Bridge) -> None:
-    junk = [b"null", b"0", b'"x"', b"{}", b'{"MessageName": "Update"}', b'{"MessageName": "Update", '
-            b'"InputParameters": [{"key": "Target", "value": {}}]}', b"[" * 50 + b"]" * 50,
-            b'{"MessageName": "Update", "ParentContext": {"ParentContext": 1}}', b"\x00" * 10]
+    junk = [
+        b"null",
+        b"0",
+        b'"x"',
+        b"{}",
+        b'{"MessageName": "Update"}',
+        b'{"MessageName": "Update", "InputParameters": [{"key": "Target", "value": {}}]}',
+        b"[" * 50 + b"]" * 50,
+        b'{"MessageName": "Update", "ParentContext": {"ParentContext": 1}}',
+        b"\x00" * 10,
+    ]
     for body in junk:
         status, answer = await post(http, served, body)
         assert status == 400, (body[:60], answer)
@@ -193,8 +222,9 @@ async def test_junk_never_gets_a_500(served: Served, http: aiohttp.ClientSession
 # ---------------------------------------------------------------------------------------------- the durable path
 
 
-async def test_presence_change_is_committed_before_the_200(served: Served, http: aiohttp.ClientSession,
-                                                           known: Bridge, telemetry: RecordingTelemetry) -> None:
+async def test_presence_change_is_committed_before_the_200(
+    served: Served, http: aiohttp.ClientSession, known: Bridge, telemetry: RecordingTelemetry
+) -> None:
     status, body = await post(http, served, seed_bytes("update-presence"))
     assert status == 200
     assert body == {"status": "recorded", "result": "applied", "commands": 1}
@@ -205,8 +235,7 @@ async def test_presence_change_is_committed_before_the_200(served: Served, http:
     assert [n for n, _ in telemetry.latencies] == ["ack.dataverse_webhook"]
 
 
-async def test_older_row_version_does_not_overwrite(served: Served, http: aiohttp.ClientSession,
-                                                    known: Bridge) -> None:
+async def test_older_row_version_does_not_overwrite(served: Served, http: aiohttp.ClientSession, known: Bridge) -> None:
     assert (await post(http, served, update(BUSY, row_version=100)))[0] == 200
     status, body = await post(http, served, update(AVAILABLE, row_version=99))
     assert status == 200 and body["result"] == "stale"
@@ -214,22 +243,29 @@ async def test_older_row_version_does_not_overwrite(served: Served, http: aiohtt
     assert (state.dynamics_seen.value, state.dynamics_seen.version) == (BUSY, 100)
 
 
-async def test_non_presence_update_is_200_ignored(served: Served, http: aiohttp.ClientSession, known: Bridge,
-                                                  telemetry: RecordingTelemetry) -> None:
+async def test_non_presence_update_is_200_ignored(
+    served: Served, http: aiohttp.ClientSession, known: Bridge, telemetry: RecordingTelemetry
+) -> None:
     ctx = seed("update-presence")
     ctx["ParentContext"] = None
     target = ctx["InputParameters"][0]["value"]
     target["Attributes"] = [p for p in target["Attributes"] if p["key"] != "msdyn_currentpresenceid"]
     status, body = await post(http, served, json.dumps(ctx).encode())
-    assert (status, body) == (200, {"status": "ignored",
-                                    "reason": "Update without msdyn_currentpresenceid: not a presence change"})
+    assert (status, body) == (
+        200,
+        {"status": "ignored", "reason": "Update without msdyn_currentpresenceid: not a presence change"},
+    )
     assert await known.store.load_states([ALICE.dynamics_user_id]) == {}
     assert telemetry.events[(ROUTE, "not_presence_change")] == 1
 
 
-async def test_store_failure_is_503_json_never_500(served: Served, http: aiohttp.ClientSession, known: Bridge,
-                                                   telemetry: RecordingTelemetry,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_store_failure_is_503_json_never_500(
+    served: Served,
+    http: aiohttp.ClientSession,
+    known: Bridge,
+    telemetry: RecordingTelemetry,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     def broken(*_: Any, **__: Any) -> Any:
         raise ConnectionResetError("database connection lost")
 
@@ -247,8 +283,9 @@ async def test_store_failure_is_503_json_never_500(served: Served, http: aiohttp
     assert await known.store.outbox_row(ALICE.dynamics_user_id, System.TEAMS) is not None
 
 
-async def test_no_upstream_call_while_the_request_waits(emu: DataverseEmulator, served: Served,
-                                                        http: aiohttp.ClientSession, known: Bridge) -> None:
+async def test_no_upstream_call_while_the_request_waits(
+    emu: DataverseEmulator, served: Served, http: aiohttp.ClientSession, known: Bridge
+) -> None:
     """The step is synchronous: the agent's own change waits for this answer. A slow Dataverse must not
     slow it, because nothing here calls Dataverse (or Graph) before answering."""
     emu.latency(2.0)
@@ -263,8 +300,9 @@ async def test_no_upstream_call_while_the_request_waits(emu: DataverseEmulator, 
 # ---------------------------------------------------------------------------------------------- unknown and new agents
 
 
-async def test_update_for_an_unknown_agent_is_202_and_counted(served: Served, http: aiohttp.ClientSession,
-                                                              bridge: Bridge, telemetry: RecordingTelemetry) -> None:
+async def test_update_for_an_unknown_agent_is_202_and_counted(
+    served: Served, http: aiohttp.ClientSession, bridge: Bridge, telemetry: RecordingTelemetry
+) -> None:
     status, body = await post(http, served, seed_bytes("update-presence"))
     assert status == 202
     assert body["status"] == "unknown_agent" and body["agent"] == ALICE.dynamics_user_id
@@ -283,9 +321,9 @@ async def test_disabled_agent_is_202(served: Served, http: aiohttp.ClientSession
     assert await bridge.store.outbox_row(ALICE.dynamics_user_id, System.TEAMS) is None
 
 
-async def test_create_for_a_new_agent_adds_it_in_the_background(emu: DataverseEmulator, served: Served,
-                                                                 http: aiohttp.ClientSession, bridge: Bridge,
-                                                                 telemetry: RecordingTelemetry) -> None:
+async def test_create_for_a_new_agent_adds_it_in_the_background(
+    emu: DataverseEmulator, served: Served, http: aiohttp.ClientSession, bridge: Bridge, telemetry: RecordingTelemetry
+) -> None:
     emu.add_agent(BOB.dynamics_user_id, BOB.entra_object_id.upper(), "Bob Agent")
     status, body = await post(http, served, seed_bytes("create-agent"))
     assert (status, body) == (202, {"status": "pending_agent", "agent": BOB.dynamics_user_id})
@@ -301,9 +339,9 @@ async def test_create_for_a_new_agent_adds_it_in_the_background(emu: DataverseEm
     assert lookup.path == f"systemusers({BOB.dynamics_user_id})" and lookup.status == 200
 
 
-async def test_update_while_pending_gives_the_latest_presence(emu: DataverseEmulator, bridge: Bridge,
-                                                              client: DataverseClient,
-                                                              http: aiohttp.ClientSession) -> None:
+async def test_update_while_pending_gives_the_latest_presence(
+    emu: DataverseEmulator, bridge: Bridge, client: DataverseClient, http: aiohttp.ClientSession
+) -> None:
     emu.add_agent(BOB.dynamics_user_id, BOB.entra_object_id, "Bob Agent")
     served = await serve_intake(bridge, client=client, start=False)  # the worker is not running yet
     try:
@@ -320,8 +358,9 @@ async def test_update_while_pending_gives_the_latest_presence(emu: DataverseEmul
     assert (state.dynamics_seen.value, state.dynamics_seen.version) == (AVAILABLE, 7)
 
 
-async def test_create_for_a_user_without_entra_id_ends_up_unknown(emu: DataverseEmulator, served: Served,
-                                                                  http: aiohttp.ClientSession, bridge: Bridge) -> None:
+async def test_create_for_a_user_without_entra_id_ends_up_unknown(
+    emu: DataverseEmulator, served: Served, http: aiohttp.ClientSession, bridge: Bridge
+) -> None:
     emu.add_agent(BOB.dynamics_user_id, None, "Bob Agent")
     status, _ = await post(http, served, seed_bytes("create-agent"))
     assert status == 202
@@ -331,8 +370,9 @@ async def test_create_for_a_user_without_entra_id_ends_up_unknown(emu: Dataverse
     assert await bridge.store.list_docs(PENDING_KIND) == {}
 
 
-async def test_create_for_a_user_dataverse_does_not_know_ends_up_unknown(served: Served, bridge: Bridge,
-                                                                         http: aiohttp.ClientSession) -> None:
+async def test_create_for_a_user_dataverse_does_not_know_ends_up_unknown(
+    served: Served, bridge: Bridge, http: aiohttp.ClientSession
+) -> None:
     status, _ = await post(http, served, seed_bytes("create-agent"))
     assert status == 202
     await served.intake.wait_idle()
@@ -340,8 +380,9 @@ async def test_create_for_a_user_dataverse_does_not_know_ends_up_unknown(served:
     assert [u["id"] for u in await bridge.store.list_unknown()] == [BOB.dynamics_user_id]
 
 
-async def test_create_whose_lookup_fails_is_kept_and_retried(emu: DataverseEmulator, served: Served, bridge: Bridge,
-                                                             http: aiohttp.ClientSession) -> None:
+async def test_create_whose_lookup_fails_is_kept_and_retried(
+    emu: DataverseEmulator, served: Served, bridge: Bridge, http: aiohttp.ClientSession
+) -> None:
     emu.add_agent(BOB.dynamics_user_id, BOB.entra_object_id, "Bob Agent")
     emu.fail_next(3, 503, path="systemusers(")  # bridge.retry gives up after 3: the note stays
     assert (await post(http, served, seed_bytes("create-agent")))[0] == 202
@@ -351,8 +392,9 @@ async def test_create_whose_lookup_fails_is_kept_and_retried(emu: DataverseEmula
     assert statuses == [503, 503, 503, 200]
 
 
-async def test_create_of_a_known_agent_records_its_presence(served: Served, http: aiohttp.ClientSession,
-                                                            bridge: Bridge, emu: DataverseEmulator) -> None:
+async def test_create_of_a_known_agent_records_its_presence(
+    served: Served, http: aiohttp.ClientSession, bridge: Bridge, emu: DataverseEmulator
+) -> None:
     await bridge.store.upsert_agents([BOB])
     status, body = await post(http, served, seed_bytes("create-agent"))
     assert status == 200 and body["status"] == "recorded"

@@ -132,8 +132,14 @@ class Graph:
         self.session = session
         self.emulator = emulator
 
-    async def call(self, method: str, path: str, body: Any = None, token: str | None = APP_TOKEN,
-                   headers: dict[str, str] | None = None) -> tuple[int, Any, CIMultiDictProxy[str]]:
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        token: str | None = APP_TOKEN,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any, CIMultiDictProxy[str]]:
         hdrs = dict(headers or {})
         if token is not None:
             hdrs["Authorization"] = f"Bearer {token}"
@@ -161,15 +167,23 @@ class Graph:
         status, data, _ = await self.call("DELETE", path, token=token)
         return status, data
 
-    async def set_presence(self, user: str, availability: str, activity: str, duration: str | None = "PT1H",
-                           session: str = CLIENT_ID) -> tuple[int, Any]:
+    async def set_presence(
+        self, user: str, availability: str, activity: str, duration: str | None = "PT1H", session: str = CLIENT_ID
+    ) -> tuple[int, Any]:
         body: dict[str, Any] = {"sessionId": session, "availability": availability, "activity": activity}
         if duration is not None:
             body["expirationDuration"] = duration
         return await self.post(f"/users/{user}/presence/setPresence", body)
 
-    def subscription_body(self, receiver: Receiver, ids: list[str] | None = None, *, minutes: float = 45,
-                          lifecycle: bool = True, **extra: Any) -> dict[str, Any]:
+    def subscription_body(
+        self,
+        receiver: Receiver,
+        ids: list[str] | None = None,
+        *,
+        minutes: float = 45,
+        lifecycle: bool = True,
+        **extra: Any,
+    ) -> dict[str, Any]:
         ids = ids if ids is not None else [ALICE, BOB]
         body: dict[str, Any] = {
             "changeType": "updated",
@@ -183,8 +197,9 @@ class Graph:
         body.update(extra)
         return body
 
-    async def subscribe(self, receiver: Receiver, ids: list[str] | None = None, token: str = SUB_A,
-                        **extra: Any) -> tuple[int, Any]:
+    async def subscribe(
+        self, receiver: Receiver, ids: list[str] | None = None, token: str = SUB_A, **extra: Any
+    ) -> tuple[int, Any]:
         return await self.post("/subscriptions", self.subscription_body(receiver, ids, **extra), token=token)
 
 
@@ -207,11 +222,19 @@ def make_certificate(name: str = "bridge-notifications") -> Certificate:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.now(UTC)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(days=1))
-            .not_valid_after(now + timedelta(days=30)).sign(key, hashes.SHA256()))
-    return Certificate(cert, key, cert.public_bytes(serialization.Encoding.PEM),
-                       cert.public_bytes(serialization.Encoding.DER))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    return Certificate(
+        cert, key, cert.public_bytes(serialization.Encoding.PEM), cert.public_bytes(serialization.Encoding.DER)
+    )
 
 
 @pytest.fixture(scope="session")

@@ -60,8 +60,13 @@ def test_random_key_by_default(certificate: Certificate) -> None:
 
 
 def test_certificate_forms(certificate: Certificate) -> None:
-    for form in (certificate.pem, certificate.pem.decode(), certificate.der, base64.b64encode(certificate.der),
-                 certificate_base64_der(certificate.cert)):
+    for form in (
+        certificate.pem,
+        certificate.pem.decode(),
+        certificate.der,
+        base64.b64encode(certificate.der),
+        certificate_base64_der(certificate.cert),
+    ):
         assert load_certificate(form) == certificate.cert
     with pytest.raises(ValueError):
         load_certificate(b"not a certificate at all")
@@ -73,9 +78,16 @@ def test_non_rsa_certificate_is_refused() -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ec")])
     now = datetime.now(UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now).not_valid_after(now + timedelta(days=1))
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
     with pytest.raises(ValueError):
         encrypt_for_certificate(cert.public_bytes(serialization.Encoding.PEM), PAYLOAD)
 
@@ -103,8 +115,9 @@ def test_validation_token_claims_and_jwks() -> None:
     now = datetime.now(UTC)
     token = sign_validation_token(signer, client_id="app", tenant_id="t1", now=now)
     assert jwt.get_unverified_header(token)["kid"] == signer.kid
-    claims = jwt.decode(token, jwt.PyJWK.from_dict(jwk).key, algorithms=["RS256"], audience="app",
-                        issuer="https://sts.windows.net/t1/")
+    claims = jwt.decode(
+        token, jwt.PyJWK.from_dict(jwk).key, algorithms=["RS256"], audience="app", issuer="https://sts.windows.net/t1/"
+    )
     assert claims["azp"] == GRAPH_CHANGE_TRACKING_APP_ID
     assert claims["exp"] == int((now + timedelta(hours=1)).timestamp())
     # the x5c certificate carries the same public key
@@ -119,8 +132,9 @@ def test_validation_token_overrides() -> None:
     token = sign_validation_token(signer, client_id="app", tenant_id="t1", extra_claims={"azp": "not-graph"})
     assert jwt.decode(token, key, algorithms=["RS256"], audience="app")["azp"] == "not-graph"
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = other.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption())
+    pem = other.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     forged = sign_validation_token(pem, client_id="app", tenant_id="t1", kid=signer.kid)
     assert jwt.get_unverified_header(forged)["kid"] == signer.kid
     with pytest.raises(jwt.InvalidSignatureError):

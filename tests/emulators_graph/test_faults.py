@@ -24,14 +24,24 @@ async def test_fail_next_429_with_retry_after(emu: GraphEmulator, graph: Graph) 
     assert (await graph.get(f"/users/{ALICE}/presence"))[0] == 200
 
 
-@pytest.mark.parametrize(("status", "code", "retry_header"), [(503, "ServiceUnavailable", True),
-                                                              (500, "InternalServerError", False),
-                                                              (502, "BadGateway", False), (403, "Forbidden", False)])
-async def test_fail_next_other_statuses(emu: GraphEmulator, graph: Graph, status: int, code: str,
-                                        retry_header: bool) -> None:
+@pytest.mark.parametrize(
+    ("status", "code", "retry_header"),
+    [
+        (503, "ServiceUnavailable", True),
+        (500, "InternalServerError", False),
+        (502, "BadGateway", False),
+        (403, "Forbidden", False),
+    ],
+)
+async def test_fail_next_other_statuses(
+    emu: GraphEmulator, graph: Graph, status: int, code: str, retry_header: bool
+) -> None:
     emu.fail_next(1, status=status, retry_after=3)
-    got, body, headers = await graph.call("POST", f"/users/{ALICE}/presence/setPresence",
-                                          {"sessionId": CLIENT_ID, "availability": "Busy", "activity": "InACall"})
+    got, body, headers = await graph.call(
+        "POST",
+        f"/users/{ALICE}/presence/setPresence",
+        {"sessionId": CLIENT_ID, "availability": "Busy", "activity": "InACall"},
+    )
     assert got == status and body["error"]["code"] == code
     assert ("Retry-After" in headers) is retry_header
     assert emu.sessions_of(ALICE) == {}  # the failed call changed nothing
@@ -99,9 +109,17 @@ async def test_request_log(emu: GraphEmulator, graph: Graph) -> None:
     await graph.get(f"/users/{BOB}/presence", token="nope")
     first, second, third = emu.requests
     assert (first.method, first.path, first.status, first.account) == (
-        "POST", f"/v1.0/users/{ALICE}/presence/setPresence", 200, None)
-    assert first.body == {"sessionId": CLIENT_ID, "availability": "Busy", "activity": "InACall",
-                          "expirationDuration": "PT1H"}
+        "POST",
+        f"/v1.0/users/{ALICE}/presence/setPresence",
+        200,
+        None,
+    )
+    assert first.body == {
+        "sessionId": CLIENT_ID,
+        "availability": "Busy",
+        "activity": "InACall",
+        "expirationDuration": "PT1H",
+    }
     assert (second.status, second.account) == (200, "subscriber-a@contoso.example")
     assert third.status == 401
     assert [r.path for r in emu.calls("POST", "setPresence")] == [first.path]
@@ -114,8 +132,9 @@ async def test_emulator_answers_client_request_id(graph: Graph) -> None:
     assert body["error"]["innerError"]["client-request-id"] == "abc-123"
 
 
-async def test_background_tick_applies_expiry(emu: GraphEmulator, graph: Graph, receiver: Receiver,
-                                              clock: Clock) -> None:
+async def test_background_tick_applies_expiry(
+    emu: GraphEmulator, graph: Graph, receiver: Receiver, clock: Clock
+) -> None:
     """Without ``advance()``: the background tick notices a session that ran out on the injected
     clock and notifies the change, as Graph does when a session lapses."""
     await graph.subscribe(receiver, [ALICE])

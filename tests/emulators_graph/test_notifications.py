@@ -62,16 +62,23 @@ async def jwks(emu: GraphEmulator) -> jwt.PyJWKSet:
 def verify(token: str, keys: jwt.PyJWKSet) -> dict[str, Any]:
     kid = jwt.get_unverified_header(token)["kid"]
     key = next(k for k in keys.keys if k.key_id == kid)
-    claims: dict[str, Any] = jwt.decode(token, key.key, algorithms=["RS256"], audience=CLIENT_ID,
-                                        issuer=f"https://sts.windows.net/{TENANT_ID}/")
+    claims: dict[str, Any] = jwt.decode(
+        token, key.key, algorithms=["RS256"], audience=CLIENT_ID, issuer=f"https://sts.windows.net/{TENANT_ID}/"
+    )
     return claims
 
 
-async def rich_subscription(graph: Graph, receiver: Receiver, certificate: Certificate,
-                            ids: list[str] | None = None, token: str = SUB_A) -> dict[str, Any]:
+async def rich_subscription(
+    graph: Graph, receiver: Receiver, certificate: Certificate, ids: list[str] | None = None, token: str = SUB_A
+) -> dict[str, Any]:
     status, body = await graph.subscribe(
-        receiver, ids, token=token, includeResourceData=True,
-        encryptionCertificate=base64.b64encode(certificate.der).decode(), encryptionCertificateId="cert-2026")
+        receiver,
+        ids,
+        token=token,
+        includeResourceData=True,
+        encryptionCertificate=base64.b64encode(certificate.der).decode(),
+        encryptionCertificateId="cert-2026",
+    )
     assert status == 201, body
     return body
 
@@ -91,8 +98,11 @@ async def test_basic_notification_shape(emu: GraphEmulator, graph: Graph, receiv
         "clientState": "s3cret-state",
         "changeType": "updated",
         "resource": f"communications/presences('{ALICE}')",
-        "resourceData": {"@odata.type": "#Microsoft.Graph.presence", "@odata.id": f"users/{ALICE}/presence",
-                         "id": ALICE},
+        "resourceData": {
+            "@odata.type": "#Microsoft.Graph.presence",
+            "@odata.id": f"users/{ALICE}/presence",
+            "id": ALICE,
+        },
         "subscriptionExpirationDateTime": sub["expirationDateTime"],
         "tenantId": TENANT_ID,
     }
@@ -112,8 +122,7 @@ async def test_bridge_write_is_notified_back(emu: GraphEmulator, graph: Graph, r
     assert len(receiver.items()) == 2
 
 
-async def test_no_notification_when_aggregate_unchanged(emu: GraphEmulator, graph: Graph,
-                                                        receiver: Receiver) -> None:
+async def test_no_notification_when_aggregate_unchanged(emu: GraphEmulator, graph: Graph, receiver: Receiver) -> None:
     await graph.subscribe(receiver)
     await graph.set_presence(ALICE, "Away", "Away")  # hidden under her own Available
     await graph.set_presence(ALICE, "Away", "Away")  # keep-alive
@@ -123,8 +132,9 @@ async def test_no_notification_when_aggregate_unchanged(emu: GraphEmulator, grap
     assert emu.notifications_sent == []
 
 
-async def test_clearing_a_session_over_the_same_own_state_notifies_nothing(emu: GraphEmulator, graph: Graph,
-                                                                           receiver: Receiver) -> None:
+async def test_clearing_a_session_over_the_same_own_state_notifies_nothing(
+    emu: GraphEmulator, graph: Graph, receiver: Receiver
+) -> None:
     """Why the bridge reads Teams after clearing a session Teams showed exactly (rules v2, rule 2): the
     person's own call under the bridge's Busy/InACall session (their own state wins the tie, with the
     same value) shows the same before and after the clear, so Graph sends nothing; their own meeting
@@ -193,14 +203,16 @@ async def test_deleted_subscription_stops_notifying(emu: GraphEmulator, graph: G
     assert receiver.posts == []
 
 
-async def test_failed_delivery_is_retried_then_dropped(emu: GraphEmulator, graph: Graph,
-                                                       receiver: Receiver) -> None:
+async def test_failed_delivery_is_retried_then_dropped(emu: GraphEmulator, graph: Graph, receiver: Receiver) -> None:
     await graph.subscribe(receiver)
     receiver.notify_statuses = [500, 503]
     emu.set_user_state(ALICE, "Busy", "InACall")
     await emu.wait_idle()
     assert [(d.attempt, d.status, d.ok) for d in emu.notifications_sent] == [
-        (1, 500, False), (2, 503, False), (3, 202, True)]
+        (1, 500, False),
+        (2, 503, False),
+        (3, 202, True),
+    ]
     receiver.notify_statuses = [500, 500, 500]
     emu.set_user_state(ALICE, "Available", "Available")
     await emu.wait_idle()
@@ -247,8 +259,9 @@ async def test_tamper_notifications(emu: GraphEmulator, graph: Graph, receiver: 
 # ------------------------------------------------------------------ rich
 
 
-async def test_rich_notification_decrypts(emu: GraphEmulator, graph: Graph, receiver: Receiver,
-                                          certificate: Certificate) -> None:
+async def test_rich_notification_decrypts(
+    emu: GraphEmulator, graph: Graph, receiver: Receiver, certificate: Certificate
+) -> None:
     sub = await rich_subscription(graph, receiver, certificate)
     await graph.set_presence(ALICE, "DoNotDisturb", "Presenting")
     await emu.wait_idle()
@@ -257,8 +270,13 @@ async def test_rich_notification_decrypts(emu: GraphEmulator, graph: Graph, rece
     assert item["subscriptionId"] == sub["id"]
     assert item["resourceData"]["id"] == ALICE
     content = item["encryptedContent"]
-    assert set(content) == {"data", "dataKey", "dataSignature", "encryptionCertificateId",
-                            "encryptionCertificateThumbprint"}
+    assert set(content) == {
+        "data",
+        "dataKey",
+        "dataSignature",
+        "encryptionCertificateId",
+        "encryptionCertificateThumbprint",
+    }
     assert content["encryptionCertificateId"] == "cert-2026"
     assert content["encryptionCertificateThumbprint"] == certificate.cert.fingerprint(hashes.SHA1()).hex().upper()
     presence = decrypt(content, certificate)
@@ -266,8 +284,9 @@ async def test_rich_notification_decrypts(emu: GraphEmulator, graph: Graph, rece
     assert (presence["id"], presence["availability"], presence["activity"]) == (ALICE, "DoNotDisturb", "Presenting")
 
 
-async def test_each_rich_notification_has_its_own_key(emu: GraphEmulator, graph: Graph, receiver: Receiver,
-                                                      certificate: Certificate) -> None:
+async def test_each_rich_notification_has_its_own_key(
+    emu: GraphEmulator, graph: Graph, receiver: Receiver, certificate: Certificate
+) -> None:
     await rich_subscription(graph, receiver, certificate)
     emu.set_user_state(ALICE, "Busy", "InACall")
     emu.set_user_state(BOB, "Busy", "InACall")
@@ -277,8 +296,9 @@ async def test_each_rich_notification_has_its_own_key(emu: GraphEmulator, graph:
     assert [decrypt(c, certificate)["id"] for c in contents] == [ALICE, BOB]
 
 
-async def test_rich_notification_needs_the_right_private_key(emu: GraphEmulator, graph: Graph,
-                                                             receiver: Receiver, certificate: Certificate) -> None:
+async def test_rich_notification_needs_the_right_private_key(
+    emu: GraphEmulator, graph: Graph, receiver: Receiver, certificate: Certificate
+) -> None:
     await rich_subscription(graph, receiver, certificate)
     emu.set_user_state(ALICE, "Busy", "InACall")
     await emu.wait_idle()
@@ -287,8 +307,9 @@ async def test_rich_notification_needs_the_right_private_key(emu: GraphEmulator,
         decrypt(receiver.items()[0]["encryptedContent"], other)
 
 
-async def test_validation_tokens_verify_against_served_jwks(emu: GraphEmulator, graph: Graph, receiver: Receiver,
-                                                            certificate: Certificate) -> None:
+async def test_validation_tokens_verify_against_served_jwks(
+    emu: GraphEmulator, graph: Graph, receiver: Receiver, certificate: Certificate
+) -> None:
     await rich_subscription(graph, receiver, certificate)
     emu.set_user_state(ALICE, "Busy", "InACall")
     await emu.wait_idle()
@@ -303,8 +324,9 @@ async def test_validation_tokens_verify_against_served_jwks(emu: GraphEmulator, 
     assert claims["nbf"] <= claims["iat"] + 1 and claims["exp"] > claims["iat"]
 
 
-async def test_validation_tokens_from_another_signer_fail(emu: GraphEmulator, graph: Graph,
-                                                          receiver: Receiver, certificate: Certificate) -> None:
+async def test_validation_tokens_from_another_signer_fail(
+    emu: GraphEmulator, graph: Graph, receiver: Receiver, certificate: Certificate
+) -> None:
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     from emulators.graph_crypto import sign_validation_token
@@ -316,8 +338,9 @@ async def test_validation_tokens_from_another_signer_fail(emu: GraphEmulator, gr
     wrong_aud = sign_validation_token(emu.signing_key, client_id="someone-else", tenant_id=TENANT_ID)
     with pytest.raises(jwt.InvalidAudienceError):
         verify(wrong_aud, await jwks(emu))
-    expired = sign_validation_token(emu.signing_key, client_id=CLIENT_ID, tenant_id=TENANT_ID,
-                                    now=emu.token_clock() - timedelta(hours=3))
+    expired = sign_validation_token(
+        emu.signing_key, client_id=CLIENT_ID, tenant_id=TENANT_ID, now=emu.token_clock() - timedelta(hours=3)
+    )
     with pytest.raises(jwt.ExpiredSignatureError):
         verify(expired, await jwks(emu))
 
@@ -369,8 +392,9 @@ async def test_subscription_removed(emu: GraphEmulator, graph: Graph, receiver: 
     assert (await graph.subscribe(receiver))[0] == 201  # recreation works
 
 
-async def test_rich_lifecycle_carries_validation_tokens(emu: GraphEmulator, graph: Graph, receiver: Receiver,
-                                                        certificate: Certificate) -> None:
+async def test_rich_lifecycle_carries_validation_tokens(
+    emu: GraphEmulator, graph: Graph, receiver: Receiver, certificate: Certificate
+) -> None:
     sub = await rich_subscription(graph, receiver, certificate)
     await emu.send_lifecycle(sub["id"], "missed")
     (body,) = receiver.bodies("/lifecycle")

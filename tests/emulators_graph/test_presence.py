@@ -49,8 +49,9 @@ async def test_user_ids_are_case_insensitive(graph: Graph) -> None:
         (("Busy", "InAMeeting"), ("Busy", "InACall"), ("Busy", "InAMeeting")),
     ],
 )
-async def test_aggregation_strongest_wins(emu: GraphEmulator, graph: Graph, own: tuple[str, str],
-                                          session: tuple[str, str], shown: tuple[str, str]) -> None:
+async def test_aggregation_strongest_wins(
+    emu: GraphEmulator, graph: Graph, own: tuple[str, str], session: tuple[str, str], shown: tuple[str, str]
+) -> None:
     emu.set_user_state(ALICE, *own)
     assert (await graph.set_presence(ALICE, *session))[0] == 200
     assert await presence(graph, ALICE) == shown
@@ -79,7 +80,8 @@ async def test_clear_presence_returns_to_own_state(emu: GraphEmulator, graph: Gr
 
 
 async def test_between_app_sessions_the_latest_change_wins_and_refresh_does_not_flip(
-        emu: GraphEmulator, graph: Graph) -> None:
+    emu: GraphEmulator, graph: Graph
+) -> None:
     emu.set_user_state(ALICE, "Offline", "Offline")
     await graph.set_presence(ALICE, "Busy", "InACall", session="app-one")
     await graph.set_presence(ALICE, "Busy", "InAConferenceCall", session="app-two")
@@ -96,16 +98,18 @@ async def test_offline_user_without_sessions_is_offline(emu: GraphEmulator) -> N
 
 async def test_preferred_presence_overrides_sessions(emu: GraphEmulator, graph: Graph) -> None:
     await graph.set_presence(ALICE, "DoNotDisturb", "Presenting")
-    status, _ = await graph.post(f"/users/{ALICE}/presence/setUserPreferredPresence",
-                                 {"availability": "BeRightBack", "activity": "BeRightBack",
-                                  "expirationDuration": "PT1H"})
+    status, _ = await graph.post(
+        f"/users/{ALICE}/presence/setUserPreferredPresence",
+        {"availability": "BeRightBack", "activity": "BeRightBack", "expirationDuration": "PT1H"},
+    )
     assert status == 200
     assert emu.presence_of(ALICE) == ("BeRightBack", "BeRightBack")
     assert emu.preferred_of(ALICE) == ("BeRightBack", "BeRightBack")
     emu.advance(3601)  # preferred expired; the app session (PT1H) too
     assert emu.presence_of(ALICE) == ("Available", "Available")
-    await graph.post(f"/users/{ALICE}/presence/setUserPreferredPresence",
-                     {"availability": "Offline", "activity": "OffWork"})
+    await graph.post(
+        f"/users/{ALICE}/presence/setUserPreferredPresence", {"availability": "Offline", "activity": "OffWork"}
+    )
     assert emu.presence_of(ALICE) == ("Offline", "OffWork")
     assert (await graph.post(f"/users/{ALICE}/presence/clearUserPreferredPresence", {}))[0] == 200
     assert emu.presence_of(ALICE) == ("Available", "Available")
@@ -132,8 +136,16 @@ async def test_preferred_presence_default_expiry(emu: GraphEmulator) -> None:
 # ------------------------------------------------------------------ pairs and bodies
 
 
-@pytest.mark.parametrize("pair", [("Available", "Available"), ("Busy", "InACall"), ("Busy", "InAConferenceCall"),
-                                  ("Away", "Away"), ("DoNotDisturb", "Presenting")])
+@pytest.mark.parametrize(
+    "pair",
+    [
+        ("Available", "Available"),
+        ("Busy", "InACall"),
+        ("Busy", "InAConferenceCall"),
+        ("Away", "Away"),
+        ("DoNotDisturb", "Presenting"),
+    ],
+)
 async def test_set_presence_accepts_documented_pairs(emu: GraphEmulator, graph: Graph, pair: tuple[str, str]) -> None:
     emu.set_user_state(ALICE, "Offline", "Offline")
     status, _ = await graph.set_presence(ALICE, *pair)
@@ -141,9 +153,18 @@ async def test_set_presence_accepts_documented_pairs(emu: GraphEmulator, graph: 
     assert emu.presence_of(ALICE) == pair
 
 
-@pytest.mark.parametrize("pair", [("Busy", "Busy"), ("Available", "InACall"), ("DoNotDisturb", "DoNotDisturb"),
-                                  ("BeRightBack", "BeRightBack"), ("Offline", "OffWork"), ("Busy", "InAMeeting"),
-                                  ("available", "available")])
+@pytest.mark.parametrize(
+    "pair",
+    [
+        ("Busy", "Busy"),
+        ("Available", "InACall"),
+        ("DoNotDisturb", "DoNotDisturb"),
+        ("BeRightBack", "BeRightBack"),
+        ("Offline", "OffWork"),
+        ("Busy", "InAMeeting"),
+        ("available", "available"),
+    ],
+)
 async def test_set_presence_rejects_other_pairs(emu: GraphEmulator, graph: Graph, pair: tuple[str, str]) -> None:
     status, body = await graph.set_presence(ALICE, *pair)
     assert status == 400
@@ -152,24 +173,36 @@ async def test_set_presence_rejects_other_pairs(emu: GraphEmulator, graph: Graph
     assert emu.sessions_of(ALICE) == {}
 
 
-@pytest.mark.parametrize("pair", [("Available", "Available"), ("Busy", "Busy"), ("DoNotDisturb", "DoNotDisturb"),
-                                  ("BeRightBack", "BeRightBack"), ("Away", "Away"), ("Offline", "OffWork")])
+@pytest.mark.parametrize(
+    "pair",
+    [
+        ("Available", "Available"),
+        ("Busy", "Busy"),
+        ("DoNotDisturb", "DoNotDisturb"),
+        ("BeRightBack", "BeRightBack"),
+        ("Away", "Away"),
+        ("Offline", "OffWork"),
+    ],
+)
 async def test_preferred_accepts_its_pairs(graph: Graph, pair: tuple[str, str]) -> None:
-    status, _ = await graph.post(f"/users/{ALICE}/presence/setUserPreferredPresence",
-                                 {"availability": pair[0], "activity": pair[1]})
+    status, _ = await graph.post(
+        f"/users/{ALICE}/presence/setUserPreferredPresence", {"availability": pair[0], "activity": pair[1]}
+    )
     assert status == 200
 
 
 @pytest.mark.parametrize("pair", [("Busy", "InACall"), ("DoNotDisturb", "Presenting"), ("Offline", "Offline")])
 async def test_preferred_rejects_session_pairs(graph: Graph, pair: tuple[str, str]) -> None:
-    status, body = await graph.post(f"/users/{ALICE}/presence/setUserPreferredPresence",
-                                    {"availability": pair[0], "activity": pair[1]})
+    status, body = await graph.post(
+        f"/users/{ALICE}/presence/setUserPreferredPresence", {"availability": pair[0], "activity": pair[1]}
+    )
     assert status == 400, body
 
 
 async def test_set_presence_requires_session_id(graph: Graph) -> None:
-    status, body = await graph.post(f"/users/{ALICE}/presence/setPresence",
-                                    {"availability": "Busy", "activity": "InACall"})
+    status, body = await graph.post(
+        f"/users/{ALICE}/presence/setPresence", {"availability": "Busy", "activity": "InACall"}
+    )
     assert status == 400
     assert "sessionId" in body["error"]["message"]
     status, _ = await graph.post(f"/users/{ALICE}/presence/clearPresence", {})
@@ -177,20 +210,36 @@ async def test_set_presence_requires_session_id(graph: Graph) -> None:
 
 
 async def test_malformed_body_is_400(graph: Graph) -> None:
-    status, _, _ = await graph.call("POST", f"/users/{ALICE}/presence/setPresence", None,
-                                    headers={"Content-Type": "application/json"})
+    status, _, _ = await graph.call(
+        "POST", f"/users/{ALICE}/presence/setPresence", None, headers={"Content-Type": "application/json"}
+    )
     assert status == 400
-    async with graph.session.post(f"{graph.emulator.url}/users/{ALICE}/presence/setPresence", data=b"{nope",
-                                  headers={"Authorization": f"Bearer {APP_TOKEN}"}) as resp:
+    async with graph.session.post(
+        f"{graph.emulator.url}/users/{ALICE}/presence/setPresence",
+        data=b"{nope",
+        headers={"Authorization": f"Bearer {APP_TOKEN}"},
+    ) as resp:
         assert resp.status == 400
         assert (await resp.json())["error"]["code"] == "BadRequest"
 
 
-@pytest.mark.parametrize(("duration", "ok"), [("PT5M", True), ("PT1H", True), ("PT4H", True), ("P0DT2H", True),
-                                              ("PT300S", True), ("PT4M59S", False), ("PT4H1M", False),
-                                              ("P1D", False), ("1 hour", False), ("PT", False),
-                                              # str(timedelta(hours=1)), what kiota's Python writer emits
-                                              ("1:00:00", False)])
+@pytest.mark.parametrize(
+    ("duration", "ok"),
+    [
+        ("PT5M", True),
+        ("PT1H", True),
+        ("PT4H", True),
+        ("P0DT2H", True),
+        ("PT300S", True),
+        ("PT4M59S", False),
+        ("PT4H1M", False),
+        ("P1D", False),
+        ("1 hour", False),
+        ("PT", False),
+        # str(timedelta(hours=1)), what kiota's Python writer emits
+        ("1:00:00", False),
+    ],
+)
 async def test_expiration_duration_bounds(graph: Graph, duration: str, ok: bool) -> None:
     status, _ = await graph.set_presence(ALICE, "Busy", "InACall", duration=duration)
     assert (status == 200) is ok
@@ -240,11 +289,15 @@ async def test_busy_session_does_not_fade(emu: GraphEmulator, graph: Graph) -> N
 
 async def test_get_presences_by_user_id(emu: GraphEmulator, graph: Graph) -> None:
     emu.set_user_state(BOB, "Busy", "InAMeeting")
-    status, body = await graph.post("/communications/getPresencesByUserId",
-                                    {"ids": [ALICE, "ffffffff-0000-4000-8000-00000000dead", BOB.upper(), ALICE]})
+    status, body = await graph.post(
+        "/communications/getPresencesByUserId",
+        {"ids": [ALICE, "ffffffff-0000-4000-8000-00000000dead", BOB.upper(), ALICE]},
+    )
     assert status == 200
     assert [(p["id"], p["availability"], p["activity"]) for p in body["value"]] == [
-        (ALICE, "Available", "Available"), (BOB, "Busy", "InAMeeting")]
+        (ALICE, "Available", "Available"),
+        (BOB, "Busy", "InAMeeting"),
+    ]
 
 
 async def test_get_presences_limit(emu: GraphEmulator, graph: Graph) -> None:
@@ -268,8 +321,10 @@ async def test_single_presence_via_communications(graph: Graph) -> None:
 
 
 async def test_unknown_user_is_404(graph: Graph) -> None:
-    for status, body in [await graph.get("/users/nobody/presence"),
-                         await graph.set_presence("nobody", "Busy", "InACall")]:
+    for status, body in [
+        await graph.get("/users/nobody/presence"),
+        await graph.set_presence("nobody", "Busy", "InACall"),
+    ]:
         assert status == 404
         assert body["error"]["code"] == "NotFound"
 
@@ -283,9 +338,12 @@ async def test_missing_or_wrong_token_is_401(graph: Graph, token: str | None) ->
 
 async def test_subscriber_token_reads_but_cannot_write_others_presence(graph: Graph) -> None:
     assert (await graph.get(f"/users/{ALICE}/presence", token=SUB_A))[0] == 200
-    status, _, _ = await graph.call("POST", f"/users/{ALICE}/presence/setPresence",
-                                    {"sessionId": CLIENT_ID, "availability": "Busy", "activity": "InACall"},
-                                    token=SUB_A)
+    status, _, _ = await graph.call(
+        "POST",
+        f"/users/{ALICE}/presence/setPresence",
+        {"sessionId": CLIENT_ID, "availability": "Busy", "activity": "InACall"},
+        token=SUB_A,
+    )
     assert status == 403
 
 

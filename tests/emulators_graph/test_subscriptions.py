@@ -56,10 +56,12 @@ async def test_create_after_validation_handshake(emu: GraphEmulator, graph: Grap
     assert info.notification_url == receiver.url("/notify")
 
 
-@pytest.mark.parametrize(("status", "name"), [(403, "Forbidden"), (404, "NotFound"), (500, "InternalServerError"),
-                                              (202, "Accepted")])
-async def test_failing_endpoint_gets_no_subscription(emu: GraphEmulator, graph: Graph, receiver: Receiver,
-                                                     status: int, name: str) -> None:
+@pytest.mark.parametrize(
+    ("status", "name"), [(403, "Forbidden"), (404, "NotFound"), (500, "InternalServerError"), (202, "Accepted")]
+)
+async def test_failing_endpoint_gets_no_subscription(
+    emu: GraphEmulator, graph: Graph, receiver: Receiver, status: int, name: str
+) -> None:
     receiver.validation = "status"
     receiver.validation_status = status
     code, body = await graph.subscribe(receiver)
@@ -72,8 +74,9 @@ async def test_failing_endpoint_gets_no_subscription(emu: GraphEmulator, graph: 
 
 
 @pytest.mark.parametrize(("mode", "fragment"), [("wrong-body", "exactly match"), ("wrong-type", "text/plain")])
-async def test_wrong_validation_answer(emu: GraphEmulator, graph: Graph, receiver: Receiver, mode: str,
-                                       fragment: str) -> None:
+async def test_wrong_validation_answer(
+    emu: GraphEmulator, graph: Graph, receiver: Receiver, mode: str, fragment: str
+) -> None:
     receiver.validation = mode
     status, body = await graph.subscribe(receiver)
     assert status == 400
@@ -143,23 +146,33 @@ async def test_650_ids_and_no_more(emu: GraphEmulator, graph: Graph, receiver: R
     assert len(emu.subscriptions[0].user_ids) == MAX_IDS
 
 
-@pytest.mark.parametrize("resource", [
-    f"/communications/presences/{ALICE}",
-    f"communications/presences/{ALICE}",
-    f"/communications/presences?$filter=id in ('{ALICE}')",
-    f"/communications/presences?$filter=id%20in%20(%27{ALICE}%27)",
-    f"/communications/presences?$filter=id+in+(%27{ALICE}%27)",
-    f'/communications/presences?$filter=id in ("{ALICE.upper()}")',
-])
+@pytest.mark.parametrize(
+    "resource",
+    [
+        f"/communications/presences/{ALICE}",
+        f"communications/presences/{ALICE}",
+        f"/communications/presences?$filter=id in ('{ALICE}')",
+        f"/communications/presences?$filter=id%20in%20(%27{ALICE}%27)",
+        f"/communications/presences?$filter=id+in+(%27{ALICE}%27)",
+        f'/communications/presences?$filter=id in ("{ALICE.upper()}")',
+    ],
+)
 async def test_resource_forms(emu: GraphEmulator, graph: Graph, receiver: Receiver, resource: str) -> None:
     status, body = await graph.subscribe(receiver, resource=resource)
     assert status == 201, body
     assert emu.subscriptions[0].user_ids == {ALICE}
 
 
-@pytest.mark.parametrize("resource", ["/users", "/communications/presences",
-                                      "/communications/presences?$filter=id in ()",
-                                      "/communications/presences?$filter=id in (abc)", ""])
+@pytest.mark.parametrize(
+    "resource",
+    [
+        "/users",
+        "/communications/presences",
+        "/communications/presences?$filter=id in ()",
+        "/communications/presences?$filter=id in (abc)",
+        "",
+    ],
+)
 async def test_bad_resources(graph: Graph, receiver: Receiver, resource: str) -> None:
     status, _ = await graph.subscribe(receiver, resource=resource)
     assert status == 400
@@ -171,8 +184,9 @@ async def test_change_type_must_be_updated(graph: Graph, receiver: Receiver) -> 
 
 
 @pytest.mark.parametrize("minutes", [61, 24 * 60, -1])
-async def test_expiration_at_most_60_minutes_ahead(emu: GraphEmulator, graph: Graph, receiver: Receiver,
-                                                   minutes: int) -> None:
+async def test_expiration_at_most_60_minutes_ahead(
+    emu: GraphEmulator, graph: Graph, receiver: Receiver, minutes: int
+) -> None:
     status, body = await graph.subscribe(receiver, minutes=minutes)
     assert status == 400
     if minutes > 0:
@@ -192,10 +206,14 @@ async def test_rich_needs_certificate_and_id(graph: Graph, receiver: Receiver, c
     cert_b64 = base64.b64encode(certificate.der).decode()
     assert (await graph.subscribe(receiver, includeResourceData=True))[0] == 400
     assert (await graph.subscribe(receiver, includeResourceData=True, encryptionCertificate=cert_b64))[0] == 400
-    assert (await graph.subscribe(receiver, includeResourceData=True, encryptionCertificateId="c1",
-                                  encryptionCertificate="bm90IGEgY2VydA=="))[0] == 400
-    status, body = await graph.subscribe(receiver, includeResourceData=True, encryptionCertificate=cert_b64,
-                                         encryptionCertificateId="c1")
+    assert (
+        await graph.subscribe(
+            receiver, includeResourceData=True, encryptionCertificateId="c1", encryptionCertificate="bm90IGEgY2VydA=="
+        )
+    )[0] == 400
+    status, body = await graph.subscribe(
+        receiver, includeResourceData=True, encryptionCertificate=cert_b64, encryptionCertificateId="c1"
+    )
     assert status == 201, body
     assert body["includeResourceData"] is True
     assert body["encryptionCertificateId"] == "c1"

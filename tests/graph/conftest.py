@@ -61,11 +61,19 @@ def make_certificate(name: str = "presence-sync-notifications") -> Certificate:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.now(UTC)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(days=1))
-            .not_valid_after(now + timedelta(days=30)).sign(key, hashes.SHA256()))
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     return Certificate(cert.public_bytes(serialization.Encoding.PEM), key_pem, key, cert)
 
 
@@ -135,9 +143,17 @@ class Rig:
         return f"{self.base}/api/graph/lifecycle"
 
 
-async def build_rig(emu: GraphEmulator, clock: FakeClock, telemetry: RecordingTelemetry, dynamics: RecordingWriter,
-                    *, accounts: int = 3, certificate: Certificate | None = None,
-                    jwks_url: str | None = None, **intake_kw: Any) -> tuple[Rig, web.AppRunner]:
+async def build_rig(
+    emu: GraphEmulator,
+    clock: FakeClock,
+    telemetry: RecordingTelemetry,
+    dynamics: RecordingWriter,
+    *,
+    accounts: int = 3,
+    certificate: Certificate | None = None,
+    jwks_url: str | None = None,
+    **intake_kw: Any,
+) -> tuple[Rig, web.AppRunner]:
     holder: dict[str, TeamsPresenceClient] = {}
 
     class LateWriter:
@@ -149,38 +165,61 @@ async def build_rig(emu: GraphEmulator, clock: FakeClock, telemetry: RecordingTe
     bridge = make_bridge(clock=clock, writers={System.TEAMS: LateWriter(), System.DYNAMICS: dynamics})
     bridge.telemetry = telemetry
     bridge.engine.telemetry = telemetry
-    teams = TeamsPresenceClient(emu.url, StaticTokens(APP_TOKEN), session_id=CLIENT_ID, store=bridge.store, clock=clock,
-                                retry=bridge.retry)
+    teams = TeamsPresenceClient(
+        emu.url, StaticTokens(APP_TOKEN), session_id=CLIENT_ID, store=bridge.store, clock=clock, retry=bridge.retry
+    )
     holder["teams"] = teams
-    subs = SubscriberAccounts(bridge.store, tenant_id=TENANT_ID, client_id=CLIENT_ID,
-                              static_tokens=SUBSCRIBER_TOKENS[:accounts])
+    subs = SubscriberAccounts(
+        bridge.store, tenant_id=TENANT_ID, client_id=CLIENT_ID, static_tokens=SUBSCRIBER_TOKENS[:accounts]
+    )
     decryptor = Decryptor(certificate.cert_pem, certificate.key_pem) if certificate else None
-    intake = GraphIntake(bridge, client_state=CLIENT_STATE, client_id=CLIENT_ID, jwks_url=jwks_url or emu.jwks_url,
-                         decryptor=decryptor, reader=teams, subscriptions=None, **intake_kw)
+    intake = GraphIntake(
+        bridge,
+        client_state=CLIENT_STATE,
+        client_id=CLIENT_ID,
+        jwks_url=jwks_url or emu.jwks_url,
+        decryptor=decryptor,
+        reader=teams,
+        subscriptions=None,
+        **intake_kw,
+    )
     app = web.Application()
     app.add_routes(intake.routes())
     runner, base = await serve_app(app)
     manager = SubscriptionManager(
-        bridge, emu.url, subs,
-        notification_url=f"{base}/api/graph/notifications", lifecycle_url=f"{base}/api/graph/lifecycle",
-        client_state=CLIENT_STATE, encryption_cert_pem=certificate.cert_pem if certificate else None,
-        encryption_cert_id=decryptor.certificate_id if decryptor else None, owner="test-instance", reader=teams)
+        bridge,
+        emu.url,
+        subs,
+        notification_url=f"{base}/api/graph/notifications",
+        lifecycle_url=f"{base}/api/graph/lifecycle",
+        client_state=CLIENT_STATE,
+        encryption_cert_pem=certificate.cert_pem if certificate else None,
+        encryption_cert_id=decryptor.certificate_id if decryptor else None,
+        owner="test-instance",
+        reader=teams,
+    )
     intake.subscriptions = manager
     await intake.start()
     return Rig(bridge, emu, teams, subs, intake, manager, base, telemetry, dynamics), runner
 
 
 @pytest.fixture
-async def rig(emu: GraphEmulator, clock: FakeClock, telemetry: RecordingTelemetry,
-              dynamics_writer: RecordingWriter) -> AsyncIterator[Rig]:
+async def rig(
+    emu: GraphEmulator, clock: FakeClock, telemetry: RecordingTelemetry, dynamics_writer: RecordingWriter
+) -> AsyncIterator[Rig]:
     r, runner = await build_rig(emu, clock, telemetry, dynamics_writer)
     yield r
     await close_rig(r, runner)
 
 
 @pytest.fixture
-async def rich_rig(emu: GraphEmulator, clock: FakeClock, telemetry: RecordingTelemetry,
-                   dynamics_writer: RecordingWriter, certificate: Certificate) -> AsyncIterator[Rig]:
+async def rich_rig(
+    emu: GraphEmulator,
+    clock: FakeClock,
+    telemetry: RecordingTelemetry,
+    dynamics_writer: RecordingWriter,
+    certificate: Certificate,
+) -> AsyncIterator[Rig]:
     r, runner = await build_rig(emu, clock, telemetry, dynamics_writer, certificate=certificate)
     yield r
     await close_rig(r, runner)

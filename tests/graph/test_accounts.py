@@ -50,38 +50,82 @@ class IdentityPlatform:
         self.requests.append(("GET", url, {}))
         base = f"{AUTHORITY}/{TENANT_ID}"
         if "/discovery/instance" in url:  # MSAL's authority aliases, asked for after a failed refresh
-            return Response(200, {"tenant_discovery_endpoint": f"{base}/v2.0/.well-known/openid-configuration",
-                                  "metadata": [{"preferred_network": "login.microsoftonline.com",
-                                                "preferred_cache": "login.windows.net",
-                                                "aliases": ["login.microsoftonline.com", "login.windows.net"]}]})
-        return Response(200, {"authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
-                              "token_endpoint": f"{base}/oauth2/v2.0/token",
-                              "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
-                              "issuer": f"{AUTHORITY}/{TENANT_ID}/v2.0"})
+            return Response(
+                200,
+                {
+                    "tenant_discovery_endpoint": f"{base}/v2.0/.well-known/openid-configuration",
+                    "metadata": [
+                        {
+                            "preferred_network": "login.microsoftonline.com",
+                            "preferred_cache": "login.windows.net",
+                            "aliases": ["login.microsoftonline.com", "login.windows.net"],
+                        }
+                    ],
+                },
+            )
+        return Response(
+            200,
+            {
+                "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
+                "token_endpoint": f"{base}/oauth2/v2.0/token",
+                "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
+                "issuer": f"{AUTHORITY}/{TENANT_ID}/v2.0",
+            },
+        )
 
     def post(self, url: str, params: Any = None, data: Any = None, headers: Any = None, **kw: Any) -> Response:
         data = dict(data or {})
         self.requests.append(("POST", url, data))
         if url.endswith("/devicecode"):
-            return Response(200, {"device_code": "dev-code", "user_code": "ABCD-EFGH",
-                                  "verification_uri": "https://microsoft.com/devicelogin", "expires_in": 900,
-                                  "interval": 1, "message": "To sign in, open https://microsoft.com/devicelogin "
-                                  "and enter the code ABCD-EFGH to authenticate."})
+            return Response(
+                200,
+                {
+                    "device_code": "dev-code",
+                    "user_code": "ABCD-EFGH",
+                    "verification_uri": "https://microsoft.com/devicelogin",
+                    "expires_in": 900,
+                    "interval": 1,
+                    "message": "To sign in, open https://microsoft.com/devicelogin "
+                    "and enter the code ABCD-EFGH to authenticate.",
+                },
+            )
         grant = data.get("grant_type")
         if grant == "urn:ietf:params:oauth:grant-type:device_code" and self.pending > 0:
             self.pending -= 1
             return Response(400, {"error": "authorization_pending", "error_description": "waiting for the user"})
         if grant == "refresh_token" and self.refresh_error:
-            return Response(400, {"error": self.refresh_error,
-                                  "error_description": "AADSTS70043: The refresh token has expired."})
+            return Response(
+                400, {"error": self.refresh_error, "error_description": "AADSTS70043: The refresh token has expired."}
+            )
         self.issued += 1
         now = int(time.time())
-        id_token = "e30." + _b64({"aud": CLIENT_ID, "iss": f"{AUTHORITY}/{TENANT_ID}/v2.0", "tid": TENANT_ID,
-                                  "oid": "oid-1", "preferred_username": USER, "iat": now, "exp": now + 3600}) + ".x"
-        return Response(200, {"token_type": "Bearer", "access_token": f"access-{self.issued}",
-                              "refresh_token": f"refresh-{self.issued}", "expires_in": self.expires_in,
-                              "scope": " ".join(DELEGATED_SCOPES), "id_token": id_token,
-                              "client_info": _b64({"uid": "oid-1", "utid": TENANT_ID})})
+        id_token = (
+            "e30."
+            + _b64(
+                {
+                    "aud": CLIENT_ID,
+                    "iss": f"{AUTHORITY}/{TENANT_ID}/v2.0",
+                    "tid": TENANT_ID,
+                    "oid": "oid-1",
+                    "preferred_username": USER,
+                    "iat": now,
+                    "exp": now + 3600,
+                }
+            )
+            + ".x"
+        )
+        return Response(
+            200,
+            {
+                "token_type": "Bearer",
+                "access_token": f"access-{self.issued}",
+                "refresh_token": f"refresh-{self.issued}",
+                "expires_in": self.expires_in,
+                "scope": " ".join(DELEGATED_SCOPES),
+                "id_token": id_token,
+                "client_info": _b64({"uid": "oid-1", "utid": TENANT_ID}),
+            },
+        )
 
     def close(self) -> None:
         pass
@@ -95,8 +139,9 @@ async def no_sleep(_: float) -> None:
 
 
 async def login(store: MemoryStore, idp: IdentityPlatform, lines: list[str]) -> Any:
-    return await device_code_login(tenant_id=TENANT_ID, client_id=CLIENT_ID, store=store, out=lines.append,
-                                   http_client=idp, sleep=no_sleep)
+    return await device_code_login(
+        tenant_id=TENANT_ID, client_id=CLIENT_ID, store=store, out=lines.append, http_client=idp, sleep=no_sleep
+    )
 
 
 async def test_device_code_login_prints_the_code_and_stores_the_account() -> None:
@@ -135,8 +180,7 @@ async def test_login_needs_tenant_and_client() -> None:
 async def test_signed_in_account_gives_tokens_and_saves_a_refreshed_cache() -> None:
     store, idp = MemoryStore(), IdentityPlatform(pending=0, expires_in=60)  # expires inside MSAL's margin
     await login(store, idp, [])
-    accounts = SubscriberAccounts(store, tenant_id=TENANT_ID, client_id=CLIENT_ID, static_tokens=None,
-                                  http_client=idp)
+    accounts = SubscriberAccounts(store, tenant_id=TENANT_ID, client_id=CLIENT_ID, static_tokens=None, http_client=idp)
     assert [a.name for a in await accounts.accounts()] == [USER]
     before = await store.get_secret(secret_name(USER))
     token = await accounts.tokens(USER).token("https://graph.microsoft.com/.default")
@@ -150,8 +194,7 @@ async def test_signed_in_account_gives_tokens_and_saves_a_refreshed_cache() -> N
 async def test_cached_token_is_reused_without_calling_the_identity_platform() -> None:
     store, idp = MemoryStore(), IdentityPlatform(pending=0)
     await login(store, idp, [])
-    accounts = SubscriberAccounts(store, tenant_id=TENANT_ID, client_id=CLIENT_ID, static_tokens=None,
-                                  http_client=idp)
+    accounts = SubscriberAccounts(store, tenant_id=TENANT_ID, client_id=CLIENT_ID, static_tokens=None, http_client=idp)
     provider = accounts.tokens(USER)
     assert await provider.token("x") == "access-1"
     calls = len(idp.requests)
@@ -163,8 +206,7 @@ async def test_expired_refresh_token_asks_for_a_new_login() -> None:
     store, idp = MemoryStore(), IdentityPlatform(pending=0, expires_in=60)
     await login(store, idp, [])
     idp.refresh_error = "invalid_grant"
-    accounts = SubscriberAccounts(store, tenant_id=TENANT_ID, client_id=CLIENT_ID, static_tokens=None,
-                                  http_client=idp)
+    accounts = SubscriberAccounts(store, tenant_id=TENANT_ID, client_id=CLIENT_ID, static_tokens=None, http_client=idp)
     with pytest.raises(PermanentError, match=r"must sign in again.*graph login"):
         await accounts.tokens(USER).token("x")
     rows = await accounts.describe()

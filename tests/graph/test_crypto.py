@@ -21,12 +21,23 @@ from graph_sync.crypto import DecryptionError, Decryptor
 from mapping.errors import ConfigError
 from tests.graph.conftest import Certificate
 
-PRESENCE = {"@odata.type": "#Microsoft.Graph.presence", "id": "0a1b2c3d-0000-4000-8000-000000000001",
-            "availability": "Busy", "activity": "InACall"}
+PRESENCE = {
+    "@odata.type": "#Microsoft.Graph.presence",
+    "id": "0a1b2c3d-0000-4000-8000-000000000001",
+    "availability": "Busy",
+    "activity": "InACall",
+}
 
 
-def independent_encrypt(cert: Certificate, payload: dict[str, Any], cert_id: str, *, key: bytes | None = None,
-                        oaep_hash: hashes.HashAlgorithm | None = None, pad: bool = True) -> dict[str, str]:
+def independent_encrypt(
+    cert: Certificate,
+    payload: dict[str, Any],
+    cert_id: str,
+    *,
+    key: bytes | None = None,
+    oaep_hash: hashes.HashAlgorithm | None = None,
+    pad: bool = True,
+) -> dict[str, str]:
     """Graph's recipe, from its documentation, sharing no code with the emulator or the bridge."""
     key = key or os.urandom(32)
     plain = json.dumps(payload).encode()
@@ -99,8 +110,9 @@ def test_tampered_data_is_rejected_before_decrypting(decryptor: Decryptor, certi
         decryptor.decrypt(content)
 
 
-def test_key_wrapped_for_another_key_is_rejected(decryptor: Decryptor, certificate: Certificate,
-                                                 other_certificate: Certificate) -> None:
+def test_key_wrapped_for_another_key_is_rejected(
+    decryptor: Decryptor, certificate: Certificate, other_certificate: Certificate
+) -> None:
     # Labelled as ours (id and thumbprint), but the data key was encrypted with someone else's public key.
     content = independent_encrypt(other_certificate, PRESENCE, decryptor.certificate_id)
     content["encryptionCertificateThumbprint"] = decryptor.thumbprint

@@ -17,8 +17,14 @@ ALICE = agents(1)[0]
 
 
 @pytest.fixture(params=["rich", "basic"])
-async def loop_rig(request: pytest.FixtureRequest, emu: object, clock: FakeClock, telemetry: RecordingTelemetry,
-                   dynamics_writer: RecordingWriter, certificate: Certificate) -> AsyncIterator[Rig]:
+async def loop_rig(
+    request: pytest.FixtureRequest,
+    emu: object,
+    clock: FakeClock,
+    telemetry: RecordingTelemetry,
+    dynamics_writer: RecordingWriter,
+    certificate: Certificate,
+) -> AsyncIterator[Rig]:
     cert = certificate if request.param == "rich" else None
     rig, runner = await build_rig(emu, clock, telemetry, dynamics_writer, certificate=cert)  # type: ignore[arg-type]
     await rig.bridge.store.upsert_agents([ALICE])
@@ -36,8 +42,9 @@ async def settle(rig: Rig) -> None:
 async def test_the_bridges_own_write_notified_back_changes_nothing_in_dynamics(loop_rig: Rig) -> None:
     rig = loop_rig
     # A customer conversation: Dynamics 365 says Busy; the bridge makes Teams show Busy/InACall.
-    await rig.bridge.engine.observe(ev(ALICE, System.DYNAMICS, BUSY, rig.bridge.clock(), version=10,
-                                       source="dataverse_webhook"))
+    await rig.bridge.engine.observe(
+        ev(ALICE, System.DYNAMICS, BUSY, rig.bridge.clock(), version=10, source="dataverse_webhook")
+    )
     await rig.bridge.outbox.drain()
     assert rig.emu.presence_of(ALICE.entra_object_id) == ("Busy", "InACall")
     await settle(rig)

@@ -51,26 +51,44 @@ async def known_agents(rig: Rig, agents: list[Agent]) -> None:
     await rig.bridge.store.upsert_agents(agents)
     for agent in agents:
         await rig.bridge.engine.observe(
-            PresenceObserved(agent.dynamics_user_id, System.DYNAMICS, AVAILABLE, rig.bridge.clock(), 1, "SYSTEM",
-                             "reconcile", True))
+            PresenceObserved(
+                agent.dynamics_user_id, System.DYNAMICS, AVAILABLE, rig.bridge.clock(), 1, "SYSTEM", "reconcile", True
+            )
+        )
 
 
 def token(rig: Rig, **claims: Any) -> str:
     return sign_validation_token(rig.emu.signing_key, client_id=CLIENT_ID, tenant_id=TENANT_ID, extra_claims=claims)
 
 
-def rich_item(rig: Rig, cert: Certificate, agent: Agent, availability: str, activity: str,
-              *, client_state: str = CLIENT_STATE, certificate_id: str | None = None) -> dict[str, Any]:
+def rich_item(
+    rig: Rig,
+    cert: Certificate,
+    agent: Agent,
+    availability: str,
+    activity: str,
+    *,
+    client_state: str = CLIENT_STATE,
+    certificate_id: str | None = None,
+) -> dict[str, Any]:
     assert rig.intake.decryptor is not None
     uid = agent.entra_object_id
-    payload = {"@odata.type": "#Microsoft.Graph.presence", "id": uid, "availability": availability,
-               "activity": activity}
+    payload = {
+        "@odata.type": "#Microsoft.Graph.presence",
+        "id": uid,
+        "availability": availability,
+        "activity": activity,
+    }
     return {
-        "subscriptionId": "sub-1", "clientState": client_state, "changeType": "updated",
-        "resource": f"communications/presences('{uid}')", "tenantId": TENANT_ID,
+        "subscriptionId": "sub-1",
+        "clientState": client_state,
+        "changeType": "updated",
+        "resource": f"communications/presences('{uid}')",
+        "tenantId": TENANT_ID,
         "resourceData": {"@odata.type": "#Microsoft.Graph.presence", "id": uid},
         "encryptedContent": encrypt_for_certificate(
-            cert.cert_pem, payload, certificate_id=certificate_id or rig.intake.decryptor.certificate_id),
+            cert.cert_pem, payload, certificate_id=certificate_id or rig.intake.decryptor.certificate_id
+        ),
     }
 
 
@@ -107,14 +125,20 @@ async def test_validation_handshake(rig: Rig, http: aiohttp.ClientSession, path:
         (b"[1, 2]", {"Content-Type": "application/json"}, 400, "malformed", "JSON object"),
         (b'{"items": []}', {"Content-Type": "application/json"}, 400, "malformed", "'value'"),
         (b'{"value": [1]}', {"Content-Type": "application/json"}, 400, "malformed", "notification objects"),
-        (b'{"value": [], "validationTokens": "x"}', {"Content-Type": "application/json"}, 400, "malformed",
-         "validationTokens"),
+        (
+            b'{"value": [], "validationTokens": "x"}',
+            {"Content-Type": "application/json"},
+            400,
+            "malformed",
+            "validationTokens",
+        ),
         (b"<html/>", {"Content-Type": "text/html"}, 415, "unsupported_media_type", "application/json"),
         (b"\xff\xfe{}", {"Content-Type": "application/json"}, 400, "malformed", "not JSON"),
     ],
 )
-async def test_bad_input_is_a_4xx_with_a_reason(rig: Rig, http: aiohttp.ClientSession, data: bytes,
-                                                headers: dict[str, str], status: int, reason: str, says: str) -> None:
+async def test_bad_input_is_a_4xx_with_a_reason(
+    rig: Rig, http: aiohttp.ClientSession, data: bytes, headers: dict[str, str], status: int, reason: str, says: str
+) -> None:
     for url in (rig.notify_url, rig.lifecycle_url):
         got, body = await post(http, url, data=data, headers=headers)
         assert got == status and says in body["error"]
@@ -151,11 +175,16 @@ async def test_rich_notification_from_graph_reaches_dynamics(seeded: Rig) -> Non
     assert any(name == f"ack.{ROUTE}" for name, _ in seeded.telemetry.latencies)
 
 
-async def test_client_state_mismatch_drops_only_that_item(seeded: Rig, certificate: Certificate,
-                                                         http: aiohttp.ClientSession) -> None:
-    body = {"value": [rich_item(seeded, certificate, ALICE, "Busy", "InACall", client_state="guess"),
-                      rich_item(seeded, certificate, BOB, "DoNotDisturb", "Presenting")],
-            "validationTokens": [token(seeded)]}
+async def test_client_state_mismatch_drops_only_that_item(
+    seeded: Rig, certificate: Certificate, http: aiohttp.ClientSession
+) -> None:
+    body = {
+        "value": [
+            rich_item(seeded, certificate, ALICE, "Busy", "InACall", client_state="guess"),
+            rich_item(seeded, certificate, BOB, "DoNotDisturb", "Presenting"),
+        ],
+        "validationTokens": [token(seeded)],
+    }
     status, answer = await post(http, seeded.notify_url, body)
     assert status == 202 and answer == {"accepted": 1}
     assert await dynamics_value(seeded, ALICE) is None
@@ -180,21 +209,38 @@ def _unknown_key(rig: Rig) -> str:
         (lambda rig: [token(rig, aud="someone-elses-app")], "wrong audience"),
         (lambda rig: [_wrong_signer(rig)], "bad signature"),
         (lambda rig: [_unknown_key(rig)], "unknown key"),
-        (lambda rig: [token(rig, azp="11111111-0000-0000-0000-000000000000",
-                            appid="11111111-0000-0000-0000-000000000000")], "change tracking"),
+        (
+            lambda rig: [
+                token(rig, azp="11111111-0000-0000-0000-000000000000", appid="11111111-0000-0000-0000-000000000000")
+            ],
+            "change tracking",
+        ),
         (lambda rig: [token(rig), token(rig, aud="someone-elses-app")], "wrong audience"),
         (lambda rig: ["not.a.jwt"], "not a JWT"),
         (lambda rig: [], "without validationTokens"),
         (lambda rig: None, "without validationTokens"),
     ],
-    ids=["expired", "wrong-audience", "wrong-signer", "unknown-key", "wrong-azp", "one-of-two-bad", "garbage",
-         "empty", "missing"],
+    ids=[
+        "expired",
+        "wrong-audience",
+        "wrong-signer",
+        "unknown-key",
+        "wrong-azp",
+        "one-of-two-bad",
+        "garbage",
+        "empty",
+        "missing",
+    ],
 )
-async def test_bad_validation_tokens_reject_the_whole_batch(seeded: Rig, certificate: Certificate,
-                                                            http: aiohttp.ClientSession, make: Any,
-                                                            says: str) -> None:
-    body: dict[str, Any] = {"value": [rich_item(seeded, certificate, ALICE, "Busy", "InACall"),
-                                      rich_item(seeded, certificate, BOB, "Busy", "InACall")]}
+async def test_bad_validation_tokens_reject_the_whole_batch(
+    seeded: Rig, certificate: Certificate, http: aiohttp.ClientSession, make: Any, says: str
+) -> None:
+    body: dict[str, Any] = {
+        "value": [
+            rich_item(seeded, certificate, ALICE, "Busy", "InACall"),
+            rich_item(seeded, certificate, BOB, "Busy", "InACall"),
+        ]
+    }
     tokens = make(seeded)
     if tokens is not None:
         body["validationTokens"] = tokens
@@ -208,8 +254,9 @@ async def test_bad_validation_tokens_reject_the_whole_batch(seeded: Rig, certifi
     assert status == 202 and await dynamics_value(seeded, ALICE) == BUSY
 
 
-async def test_undecryptable_content_falls_back_to_a_read(seeded: Rig, certificate: Certificate,
-                                                          http: aiohttp.ClientSession) -> None:
+async def test_undecryptable_content_falls_back_to_a_read(
+    seeded: Rig, certificate: Certificate, http: aiohttp.ClientSession
+) -> None:
     seeded.emu.set_user_state(ALICE.entra_object_id, "DoNotDisturb", "Presenting")
     item = rich_item(seeded, certificate, ALICE, "Busy", "InACall", certificate_id="old-certificate")
     status, _ = await post(http, seeded.notify_url, {"value": [item], "validationTokens": [token(seeded)]})
@@ -220,8 +267,9 @@ async def test_undecryptable_content_falls_back_to_a_read(seeded: Rig, certifica
     assert await seeded.bridge.store.list_docs(PENDING_KIND) == {}
 
 
-async def test_unknown_user_is_counted_not_guessed(seeded: Rig, certificate: Certificate,
-                                                   http: aiohttp.ClientSession) -> None:
+async def test_unknown_user_is_counted_not_guessed(
+    seeded: Rig, certificate: Certificate, http: aiohttp.ClientSession
+) -> None:
     stranger = agents(1, start=77)[0]
     item = rich_item(seeded, certificate, stranger, "Busy", "InACall")
     status, _ = await post(http, seeded.notify_url, {"value": [item], "validationTokens": [token(seeded)]})
@@ -231,19 +279,26 @@ async def test_unknown_user_is_counted_not_guessed(seeded: Rig, certificate: Cer
     assert seeded.telemetry.events[("graph_notification", "unknown_agent")] == 1
 
 
-async def test_past_the_ack_budget_the_rest_is_deferred_to_reads(emu: Any, clock: FakeClock,
-                                                                 telemetry: RecordingTelemetry,
-                                                                 dynamics_writer: RecordingWriter,
-                                                                 certificate: Certificate,
-                                                                 http: aiohttp.ClientSession) -> None:
+async def test_past_the_ack_budget_the_rest_is_deferred_to_reads(
+    emu: Any,
+    clock: FakeClock,
+    telemetry: RecordingTelemetry,
+    dynamics_writer: RecordingWriter,
+    certificate: Certificate,
+    http: aiohttp.ClientSession,
+) -> None:
     rig, runner = await build_rig(emu, clock, telemetry, dynamics_writer, certificate=certificate, ack_budget=0.0)
     try:
         await rig.intake.stop()  # the pending reads are driven by hand below
         await known_agents(rig, [ALICE, BOB])
         emu.add_users([ALICE.entra_object_id, BOB.entra_object_id], own=("Busy", "InACall"))
-        body = {"value": [rich_item(rig, certificate, ALICE, "Busy", "InACall"),
-                          rich_item(rig, certificate, BOB, "Busy", "InACall")],
-                "validationTokens": [token(rig)]}
+        body = {
+            "value": [
+                rich_item(rig, certificate, ALICE, "Busy", "InACall"),
+                rich_item(rig, certificate, BOB, "Busy", "InACall"),
+            ],
+            "validationTokens": [token(rig)],
+        }
         status, answer = await post(http, rig.notify_url, body)
         assert status == 202 and answer == {"accepted": 2}
         (note,) = (await rig.bridge.store.list_docs(PENDING_KIND)).values()  # one durable note per request
@@ -254,12 +309,15 @@ async def test_past_the_ack_budget_the_rest_is_deferred_to_reads(emu: Any, clock
         await close_rig(rig, runner)
 
 
-async def test_the_budget_spent_observing_defers_the_rest_to_reads(emu: Any, clock: FakeClock,
-                                                                   telemetry: RecordingTelemetry,
-                                                                   dynamics_writer: RecordingWriter,
-                                                                   certificate: Certificate,
-                                                                   http: aiohttp.ClientSession,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_budget_spent_observing_defers_the_rest_to_reads(
+    emu: Any,
+    clock: FakeClock,
+    telemetry: RecordingTelemetry,
+    dynamics_writer: RecordingWriter,
+    certificate: Certificate,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     rig, runner = await build_rig(emu, clock, telemetry, dynamics_writer, certificate=certificate, ack_budget=0.3)
     try:
         await rig.intake.stop()  # the pending reads are driven by hand below
@@ -275,8 +333,10 @@ async def test_the_budget_spent_observing_defers_the_rest_to_reads(emu: Any, clo
             return await observe_many(events, **kw)
 
         monkeypatch.setattr(rig.bridge.engine, "observe_many", slow_store)
-        body = {"value": [rich_item(rig, certificate, a, "Busy", "InACall") for a in crowd],
-                "validationTokens": [token(rig)]}
+        body = {
+            "value": [rich_item(rig, certificate, a, "Busy", "InACall") for a in crowd],
+            "validationTokens": [token(rig)],
+        }
         status, answer = await post(http, rig.notify_url, body)
         assert status == 202 and answer == {"accepted": len(crowd)}
         assert chunks == [BATCH]  # observed in one transaction; the other 4 deferred, not dropped
@@ -288,9 +348,14 @@ async def test_the_budget_spent_observing_defers_the_rest_to_reads(emu: Any, clo
         await close_rig(rig, runner)
 
 
-async def test_keys_unavailable_is_503_so_graph_retries(emu: Any, clock: FakeClock, telemetry: RecordingTelemetry,
-                                                        dynamics_writer: RecordingWriter, certificate: Certificate,
-                                                        http: aiohttp.ClientSession) -> None:
+async def test_keys_unavailable_is_503_so_graph_retries(
+    emu: Any,
+    clock: FakeClock,
+    telemetry: RecordingTelemetry,
+    dynamics_writer: RecordingWriter,
+    certificate: Certificate,
+    http: aiohttp.ClientSession,
+) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/keys"
@@ -305,8 +370,9 @@ async def test_keys_unavailable_is_503_so_graph_retries(emu: Any, clock: FakeClo
         await close_rig(rig, runner)
 
 
-async def test_a_failing_store_is_503_never_500(seeded: Rig, certificate: Certificate,
-                                                http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_failing_store_is_503_never_500(
+    seeded: Rig, certificate: Certificate, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
     @contextlib.asynccontextmanager
     async def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("database is locked")
@@ -399,16 +465,23 @@ async def test_pending_reads_survive_failures_and_keep_notes_written_meanwhile(r
     assert [u["id"] for u in await rig.bridge.store.list_unknown()] == [stranger]
 
 
-async def test_without_a_configured_client_state_nothing_is_accepted(emu: Any, clock: FakeClock,
-                                                                     telemetry: RecordingTelemetry,
-                                                                     dynamics_writer: RecordingWriter,
-                                                                     http: aiohttp.ClientSession) -> None:
+async def test_without_a_configured_client_state_nothing_is_accepted(
+    emu: Any,
+    clock: FakeClock,
+    telemetry: RecordingTelemetry,
+    dynamics_writer: RecordingWriter,
+    http: aiohttp.ClientSession,
+) -> None:
     rig, runner = await build_rig(emu, clock, telemetry, dynamics_writer)
     try:
         rig.intake.client_state = b""
         await known_agents(rig, [ALICE])
-        item = {"subscriptionId": "s", "clientState": "", "changeType": "updated",
-                "resourceData": {"id": ALICE.entra_object_id}}
+        item = {
+            "subscriptionId": "s",
+            "clientState": "",
+            "changeType": "updated",
+            "resourceData": {"id": ALICE.entra_object_id},
+        }
         status, answer = await post(http, rig.notify_url, {"value": [item]})
         assert status == 202 and answer == {"accepted": 0}
         assert await rig.bridge.store.list_docs(PENDING_KIND) == {}

@@ -172,10 +172,16 @@ async def test_directory_changes_touch_only_the_affected_subscription(rig: Rig) 
 async def test_an_existing_subscription_of_the_account_is_replaced(rig: Rig, http: aiohttp.ClientSession) -> None:
     """One per account and app: a leftover (record lost, old deployment) answers 409 and is cleared."""
     await seed(rig, 5)
-    body = {"changeType": "updated", "notificationUrl": rig.notify_url, "resource": presence_resource([entra(1)]),
-            "expirationDateTime": (rig.emu.now() + timedelta(minutes=30)).isoformat(), "clientState": "old"}
-    async with http.post(f"{rig.emu.url}/subscriptions", json=body,
-                         headers={"Authorization": f"Bearer {SUBSCRIBER_TOKENS[0]}"}) as resp:
+    body = {
+        "changeType": "updated",
+        "notificationUrl": rig.notify_url,
+        "resource": presence_resource([entra(1)]),
+        "expirationDateTime": (rig.emu.now() + timedelta(minutes=30)).isoformat(),
+        "clientState": "old",
+    }
+    async with http.post(
+        f"{rig.emu.url}/subscriptions", json=body, headers={"Authorization": f"Bearer {SUBSCRIBER_TOKENS[0]}"}
+    ) as resp:
         assert resp.status == 201
         leftover = (await resp.json())["id"]
     report = await rig.manager.sync()

@@ -22,19 +22,25 @@ ALICE = Agent("97c90b02-4e38-ef11-a315-000d3a5a54dc", entra(1), "Alice Agent")
 @pytest.fixture
 async def teams(emu: GraphEmulator, clock: FakeClock) -> AsyncIterator[TeamsPresenceClient]:
     emu.add_user(ALICE.entra_object_id)
-    client = TeamsPresenceClient(emu.url, StaticTokens(APP_TOKEN), session_id=CLIENT_ID, store=MemoryStore(),
-                                 clock=clock, expiration_minutes=60)
+    client = TeamsPresenceClient(
+        emu.url, StaticTokens(APP_TOKEN), session_id=CLIENT_ID, store=MemoryStore(), clock=clock, expiration_minutes=60
+    )
     yield client
     await client.close()
 
 
-async def test_set_presence_opens_the_apps_session(teams: TeamsPresenceClient, emu: GraphEmulator,
-                                                   clock: FakeClock) -> None:
+async def test_set_presence_opens_the_apps_session(
+    teams: TeamsPresenceClient, emu: GraphEmulator, clock: FakeClock
+) -> None:
     await teams.apply(ALICE, "Busy/InACall")
     (call,) = emu.calls("POST", "setPresence")
     assert call.path == f"/v1.0/users/{ALICE.entra_object_id}/presence/setPresence"
-    assert call.body == {"sessionId": CLIENT_ID, "availability": "Busy", "activity": "InACall",
-                         "expirationDuration": "PT60M"}
+    assert call.body == {
+        "sessionId": CLIENT_ID,
+        "availability": "Busy",
+        "activity": "InACall",
+        "expirationDuration": "PT60M",
+    }
     session = emu.sessions_of(ALICE.entra_object_id)[CLIENT_ID.lower()]
     assert (session.availability, session.activity) == ("Busy", "InACall")
     assert (session.expires_at - session.set_at).total_seconds() == 3600
@@ -52,8 +58,14 @@ async def test_clear_ends_the_session(teams: TeamsPresenceClient, emu: GraphEmul
 
 async def test_preferred_mode_uses_the_matching_preferred_pair(emu: GraphEmulator, clock: FakeClock) -> None:
     emu.add_user(ALICE.entra_object_id)
-    client = TeamsPresenceClient(emu.url, StaticTokens(APP_TOKEN), session_id=CLIENT_ID, store=MemoryStore(),
-                                 mode="preferred", expiration_minutes=30)
+    client = TeamsPresenceClient(
+        emu.url,
+        StaticTokens(APP_TOKEN),
+        session_id=CLIENT_ID,
+        store=MemoryStore(),
+        mode="preferred",
+        expiration_minutes=30,
+    )
     try:
         await client.apply(ALICE, "Busy/InACall")
         (call,) = emu.calls("POST", "setUserPreferredPresence")
@@ -82,8 +94,9 @@ async def test_read_batches_650_ids_and_maps_back_to_dynamics_ids(emu: GraphEmul
     for a in directory[:-5]:  # the last five are unknown to Graph
         emu.add_user(a.entra_object_id, own=("Away", "Away"))
     emu.set_user_state(directory[0].entra_object_id, "Busy", "InAMeeting")
-    client = TeamsPresenceClient(emu.url, StaticTokens(APP_TOKEN), session_id=CLIENT_ID, store=MemoryStore(),
-                                 clock=clock)
+    client = TeamsPresenceClient(
+        emu.url, StaticTokens(APP_TOKEN), session_id=CLIENT_ID, store=MemoryStore(), clock=clock
+    )
     try:
         observed = await client.read(directory)
     finally:
@@ -93,15 +106,20 @@ async def test_read_batches_650_ids_and_maps_back_to_dynamics_ids(emu: GraphEmul
     assert len(observed) == 1395
     by_agent = {o.agent_id: o for o in observed}
     first = by_agent[directory[0].dynamics_user_id]
-    assert (first.system, first.value, first.version, first.source) == (System.TEAMS, "Busy/InAMeeting", None,
-                                                                        "reconcile")
+    assert (first.system, first.value, first.version, first.source) == (
+        System.TEAMS,
+        "Busy/InAMeeting",
+        None,
+        "reconcile",
+    )
     assert first.observed_at == clock()
     assert by_agent[directory[1].dynamics_user_id].value == "Away/Away"
     assert not {a.dynamics_user_id for a in directory[-5:]} & set(by_agent)
 
 
-async def test_429_is_throttled_with_retry_after_and_no_retry_inside(teams: TeamsPresenceClient,
-                                                                     emu: GraphEmulator) -> None:
+async def test_429_is_throttled_with_retry_after_and_no_retry_inside(
+    teams: TeamsPresenceClient, emu: GraphEmulator
+) -> None:
     emu.fail_next(1, status=429, retry_after=7, paths="setPresence")
     with pytest.raises(Throttled) as e:
         await teams.apply(ALICE, "Away/Away")
@@ -110,8 +128,9 @@ async def test_429_is_throttled_with_retry_after_and_no_retry_inside(teams: Team
     assert len(emu.calls("POST", "setPresence")) == 1  # the outbox retries, not the SDK
 
 
-async def test_503_with_retry_after_is_throttled_and_500_retryable(teams: TeamsPresenceClient,
-                                                                   emu: GraphEmulator) -> None:
+async def test_503_with_retry_after_is_throttled_and_500_retryable(
+    teams: TeamsPresenceClient, emu: GraphEmulator
+) -> None:
     emu.fail_next(1, status=503, retry_after=3)
     with pytest.raises(Throttled) as t:
         await teams.apply(ALICE, "Away/Away")
@@ -156,8 +175,9 @@ async def test_timeout_and_refused_connection_are_retryable(emu: GraphEmulator) 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dead = TeamsPresenceClient(f"http://127.0.0.1:{port}/v1.0", StaticTokens(APP_TOKEN), session_id=CLIENT_ID,
-                               store=MemoryStore())
+    dead = TeamsPresenceClient(
+        f"http://127.0.0.1:{port}/v1.0", StaticTokens(APP_TOKEN), session_id=CLIENT_ID, store=MemoryStore()
+    )
     try:
         with pytest.raises(RetryableError, match="cannot reach Graph"):
             await dead.apply(ALICE, "Away/Away")

@@ -41,8 +41,17 @@ def events_of(specs: list[tuple[Agent, System, int, int, str | None]]) -> list[P
     for agent, system, i, at, by in specs:
         value = [AVAILABLE, BUSY, DND, AWAY, AVAILABLE][i] if system is D else TEAMS_VALUES[i]
         version = at + 1 if system is D else None
-        out.append(PresenceObserved(agent.dynamics_user_id, system, value, T0 + timedelta(seconds=at), version,
-                                    by if system is D else None, "test"))
+        out.append(
+            PresenceObserved(
+                agent.dynamics_user_id,
+                system,
+                value,
+                T0 + timedelta(seconds=at),
+                version,
+                by if system is D else None,
+                "test",
+            )
+        )
     return out
 
 
@@ -74,9 +83,18 @@ def test_a_batch_decides_exactly_as_one_observe_per_event(specs):
 
 
 async def test_the_same_on_the_sql_stores(any_store, open_sql, sqlite_url):
-    events = events_of([(ALICE, D, 0, 1, "AGENT"), (BOB, T, 1, 2, None), (ALICE, T, 1, 3, None),
-                        (GHOST, D, 1, 4, None), (ALICE, D, 1, 0, "AGENT"), (BOB, D, 3, 5, "SYSTEM"),
-                        (ALICE, T, 0, 6, None), (BOB, T, 1, 2, None)])
+    events = events_of(
+        [
+            (ALICE, D, 0, 1, "AGENT"),
+            (BOB, T, 1, 2, None),
+            (ALICE, T, 1, 3, None),
+            (GHOST, D, 1, 4, None),
+            (ALICE, D, 1, 0, "AGENT"),
+            (BOB, D, 3, 5, "SYSTEM"),
+            (ALICE, T, 0, 6, None),
+            (BOB, T, 1, 2, None),
+        ]
+    )
     one, batch = await one_by_one_and_batched(MemoryStore(), any_store, events)
     assert batch == one
     assert batch[0][3][0] is Result.UNKNOWN_AGENT and batch[0][4][0] is Result.STALE
@@ -103,8 +121,18 @@ async def test_one_transaction_per_chunk(monkeypatch):
     bridge = make_bridge(store=store)
     await store.upsert_agents([ALICE, BOB])
     store.transactions = 0
-    events = [PresenceObserved((ALICE if i % 2 else BOB).dynamics_user_id, D, [AVAILABLE, BUSY][i % 4 // 2],
-                               T0 + timedelta(seconds=i), i + 1, "AGENT", "test") for i in range(25)]
+    events = [
+        PresenceObserved(
+            (ALICE if i % 2 else BOB).dynamics_user_id,
+            D,
+            [AVAILABLE, BUSY][i % 4 // 2],
+            T0 + timedelta(seconds=i),
+            i + 1,
+            "AGENT",
+            "test",
+        )
+        for i in range(25)
+    ]
     outcomes = await bridge.engine.observe_many(events)
     assert store.transactions == 3 and len(outcomes) == 25
 
@@ -115,8 +143,10 @@ async def test_a_failing_chunk_raises_and_leaves_the_chunks_before_it_committed(
     bridge = make_bridge(store=store)
     await store.upsert_agents([ALICE, BOB])
     store.transactions, store.fail_on = 0, 2
-    events = [PresenceObserved(ALICE.dynamics_user_id, D, v, T0 + timedelta(seconds=i), i + 1, "AGENT", "test")
-              for i, v in enumerate([BUSY, AWAY, DND, AVAILABLE])]
+    events = [
+        PresenceObserved(ALICE.dynamics_user_id, D, v, T0 + timedelta(seconds=i), i + 1, "AGENT", "test")
+        for i, v in enumerate([BUSY, AWAY, DND, AVAILABLE])
+    ]
     with pytest.raises(RuntimeError):
         await bridge.engine.observe_many(events)
     state = (await store.load_states([ALICE.dynamics_user_id]))[ALICE.dynamics_user_id]

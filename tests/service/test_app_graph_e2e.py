@@ -132,8 +132,17 @@ async def test_reconcile_repairs_a_lost_notification(stack):
     """Subscriptions can go silent: the sweep reads Teams and repairs what the notification would have."""
     graph, rt, _ = stack
     await rt.subscriptions.sync()
-    await rt.bridge.engine.observe(PresenceObserved(
-        ALICE.dynamics_user_id, System.DYNAMICS, AVAILABLE, rt.bridge.clock() - timedelta(minutes=5), 2, "AGENT", "t"))
+    await rt.bridge.engine.observe(
+        PresenceObserved(
+            ALICE.dynamics_user_id,
+            System.DYNAMICS,
+            AVAILABLE,
+            rt.bridge.clock() - timedelta(minutes=5),
+            2,
+            "AGENT",
+            "t",
+        )
+    )
     assert await until(lambda: _shows(graph, ALICE, ("Available", "Available")))
     await graph.wait_idle()
     graph.drop_notifications(10)
@@ -156,8 +165,12 @@ async def test_bot_command_through_the_service_changes_dynamics_and_teams(stack)
 
     graph, rt, http = stack
     async with BotConnectorEmulator() as connector:
-        activity = teams_message(service_url=connector.url, aad_object_id=ALICE.entra_object_id,
-                                 text="please set me to do not disturb", mention_bot=True)
+        activity = teams_message(
+            service_url=connector.url,
+            aad_object_id=ALICE.entra_object_id,
+            text="please set me to do not disturb",
+            mention_bot=True,
+        )
         r = await http.post("/api/messages", json=activity)
         assert r.status in (200, 201, 202), await r.text()
         reply = await connector.wait_for(lambda a: a.type == "message", timeout=15)

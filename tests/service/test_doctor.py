@@ -34,8 +34,18 @@ KEY = "webhook-key-0123456789"
 DEADLINE = 30.0
 """No doctor run in these tests may take longer (doctor's own checks are bounded at 5 s each)."""
 NAMES = [
-    "settings", "store", "graph token", "dataverse token", "graph presence", "dataverse", "mapping rules",
-    "CCaaS_GetPresence", "CCaaS_ModifyAgentPresence", "dataverse webhook", "graph subscriptions", "public url",
+    "settings",
+    "store",
+    "graph token",
+    "dataverse token",
+    "graph presence",
+    "dataverse",
+    "mapping rules",
+    "CCaaS_GetPresence",
+    "CCaaS_ModifyAgentPresence",
+    "dataverse webhook",
+    "graph subscriptions",
+    "public url",
 ]
 
 
@@ -54,8 +64,13 @@ class Stack:
     """The serving instance's runtime (doctor opens its own)."""
 
     async def register(self) -> None:
-        await register_webhook(self.rt.dataverse, url=self.settings.public("/api/dataverse/webhook"), key=KEY,
-                               dry_run=False, progress=lambda _: None)
+        await register_webhook(
+            self.rt.dataverse,
+            url=self.settings.public("/api/dataverse/webhook"),
+            key=KEY,
+            dry_run=False,
+            progress=lambda _: None,
+        )
 
     async def subscribe(self) -> None:
         await self.rt.subscriptions.sync()
@@ -243,8 +258,13 @@ async def test_unregistered_webhook_says_to_register_it(stack: Stack) -> None:
 
 async def test_webhook_pointing_elsewhere_fails(stack: Stack) -> None:
     await stack.subscribe()
-    await register_webhook(stack.rt.dataverse, url="http://127.0.0.1:9/api/dataverse/webhook", key=KEY,
-                           dry_run=False, progress=lambda _: None)
+    await register_webhook(
+        stack.rt.dataverse,
+        url="http://127.0.0.1:9/api/dataverse/webhook",
+        key=KEY,
+        dry_run=False,
+        progress=lambda _: None,
+    )
 
     code, lines, _ = await run(stack.settings)
 
@@ -296,8 +316,14 @@ async def test_without_dataverse_url_its_checks_are_skipped(stack: Stack) -> Non
     code, lines, _ = await run(settings)
 
     found = by_name(lines)
-    for name in ("dataverse token", "dataverse", "mapping rules", "CCaaS_GetPresence", "CCaaS_ModifyAgentPresence",
-                 "dataverse webhook"):
+    for name in (
+        "dataverse token",
+        "dataverse",
+        "mapping rules",
+        "CCaaS_GetPresence",
+        "CCaaS_ModifyAgentPresence",
+        "dataverse webhook",
+    ):
         assert found[name].startswith("SKIP") and "PRESENCE_SYNC_DATAVERSE_URL unset" in found[name], found[name]
     assert code == 0, "\n".join(lines)
 
@@ -308,8 +334,9 @@ async def test_without_public_url_subscriptions_and_webhook_warn(stack: Stack) -
     code, lines, _ = await run(settings)
 
     found = by_name(lines)
-    assert found["graph subscriptions"].startswith("WARN") and "no subscription can exist" in found[
-        "graph subscriptions"]
+    assert (
+        found["graph subscriptions"].startswith("WARN") and "no subscription can exist" in found["graph subscriptions"]
+    )
     assert found["dataverse webhook"].startswith("WARN")
     assert found["public url"].startswith("SKIP")
     assert code == 0, "\n".join(lines)

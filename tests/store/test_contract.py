@@ -40,12 +40,17 @@ async def enqueue(store: Store, *commands: SetPresence, at: datetime = T0) -> li
 
 # Directory ---------------------------------------------------------------------------------------
 
+
 async def test_upsert_reports_added_updated_unchanged(any_store: Store) -> None:
-    assert await any_store.upsert_agents([ALICE, BOB]) == {ALICE.dynamics_user_id: "added",
-                                                           BOB.dynamics_user_id: "added"}
+    assert await any_store.upsert_agents([ALICE, BOB]) == {
+        ALICE.dynamics_user_id: "added",
+        BOB.dynamics_user_id: "added",
+    }
     renamed = Agent(BOB.dynamics_user_id, BOB.entra_object_id, "Robert Agent")
-    assert await any_store.upsert_agents([ALICE, renamed]) == {ALICE.dynamics_user_id: "unchanged",
-                                                               BOB.dynamics_user_id: "updated"}
+    assert await any_store.upsert_agents([ALICE, renamed]) == {
+        ALICE.dynamics_user_id: "unchanged",
+        BOB.dynamics_user_id: "updated",
+    }
     assert await any_store.get_agent(BOB.dynamics_user_id) == renamed
     async with any_store.transaction() as tx:
         assert await tx.upsert_agent(renamed) == "unchanged"
@@ -84,15 +89,20 @@ async def test_batch_is_judged_agent_by_agent_in_order(any_store: Store) -> None
         await any_store.upsert_agents([_with(BOB, e1), _with(ALICE, e3)])  # B takes e1 while A holds it
     assert await any_store.list_agents() == [ALICE, BOB]
     result = await any_store.upsert_agents([_with(ALICE, e3), _with(BOB, e1), _with(CAROL, e2), CAROL])
-    assert result == {ALICE.dynamics_user_id: "updated", BOB.dynamics_user_id: "updated",
-                      CAROL.dynamics_user_id: "updated"}  # Carol added, then changed in the same batch
+    assert result == {
+        ALICE.dynamics_user_id: "updated",
+        BOB.dynamics_user_id: "updated",
+        CAROL.dynamics_user_id: "updated",
+    }  # Carol added, then changed in the same batch
     assert await any_store.list_agents() == [_with(ALICE, e3), _with(BOB, e1), CAROL]
     assert await any_store.get_agent_by_entra(e2) is None
 
 
 async def test_a_large_first_import(any_store: Store) -> None:
-    many = [Agent(f"{i:08x}-0000-4000-8000-000000000000", f"{i:08x}-0000-4000-8000-0000000000ee", f"A{i:05d}")
-            for i in range(1234)]
+    many = [
+        Agent(f"{i:08x}-0000-4000-8000-000000000000", f"{i:08x}-0000-4000-8000-0000000000ee", f"A{i:05d}")
+        for i in range(1234)
+    ]
     result = await any_store.upsert_agents(many)
     assert len(result) == 1234 and set(result.values()) == {"added"}
     assert await any_store.list_agents() == many
@@ -125,6 +135,7 @@ async def test_unknown_ids_are_counted(any_store: Store) -> None:
 
 # Catalogue ---------------------------------------------------------------------------------------
 
+
 async def test_presence_catalogue_is_replaced_whole(any_store: Store) -> None:
     await any_store.replace_presences(PRESENCES)
     assert await any_store.list_presences() == PRESENCES
@@ -136,6 +147,7 @@ async def test_presence_catalogue_is_replaced_whole(any_store: Store) -> None:
 
 
 # Sync state --------------------------------------------------------------------------------------
+
 
 def full_state(agent_id: str) -> AgentSyncState:
     """Every field set to something other than its default, datetimes in a non-UTC zone."""
@@ -191,8 +203,14 @@ async def test_state_round_trips_exactly(any_store: Store) -> None:
         loaded = await tx.load_state(ALICE.dynamics_user_id)
     assert loaded == state
     assert (await any_store.load_states([ALICE.dynamics_user_id]))[ALICE.dynamics_user_id] == state
-    times = [loaded.own_dynamics_at, loaded.chose_at, loaded.own_teams_since, loaded.dynamics_seen.at,
-             loaded.teams_seen.since, *(w.at for w in loaded.dynamics_unconfirmed)]
+    times = [
+        loaded.own_dynamics_at,
+        loaded.chose_at,
+        loaded.own_teams_since,
+        loaded.dynamics_seen.at,
+        loaded.teams_seen.since,
+        *(w.at for w in loaded.dynamics_unconfirmed),
+    ]
     for value in times:
         assert value is None or value.utcoffset() is not None  # aware (UTC on SQL: test_sql.py)
 
@@ -207,8 +225,10 @@ async def test_state_is_overwritten_and_loaded_in_bulk(any_store: Store) -> None
         await tx.save_state(cleared)
         await tx.load_state(CAROL.dynamics_user_id)  # loaded, never saved: not a state
     states = await any_store.load_states([BOB.dynamics_user_id, CAROL.dynamics_user_id, ALICE.dynamics_user_id])
-    assert states == {BOB.dynamics_user_id: AgentSyncState(BOB.dynamics_user_id, own_dynamics=BUSY),
-                      ALICE.dynamics_user_id: cleared}
+    assert states == {
+        BOB.dynamics_user_id: AgentSyncState(BOB.dynamics_user_id, own_dynamics=BUSY),
+        ALICE.dynamics_user_id: cleared,
+    }
     assert list(states) == [BOB.dynamics_user_id, ALICE.dynamics_user_id]
     assert await any_store.load_states([]) == {}
 
@@ -232,12 +252,18 @@ async def test_a_failed_transaction_writes_nothing(any_store: Store) -> None:
 
 # Outbox ------------------------------------------------------------------------------------------
 
+
 async def test_ten_enqueues_coalesce_into_one_row(any_store: Store) -> None:
     ids = await enqueue(any_store, *(cmd(ALICE, f"value-{i}", reason=f"r{i}") for i in range(10)))
     assert len(set(ids)) == 1
     [row] = await any_store.list_outbox()
-    assert (row.id, row.value, row.reason, row.generation, row.status) == (ids[0], "value-9", "r9", 10,
-                                                                           OutboxStatus.PENDING)
+    assert (row.id, row.value, row.reason, row.generation, row.status) == (
+        ids[0],
+        "value-9",
+        "r9",
+        10,
+        OutboxStatus.PENDING,
+    )
     assert row.updated_at == T0 and row.next_attempt_at == T0
     await enqueue(any_store, cmd(ALICE, "other system", DYN))
     assert len(await any_store.list_outbox()) == 2
@@ -287,7 +313,14 @@ async def test_claim_then_ack_delivers(any_store: Store) -> None:
     [row_id] = await enqueue(any_store, cmd(ALICE, "Busy/InACall", reason="call"))
     [d] = await any_store.claim([TEAMS], 10, 30, "w1", T0)
     assert (d.id, d.agent_id, d.system, d.value, d.generation, d.attempts, d.reason) == (
-        row_id, ALICE.dynamics_user_id, TEAMS, "Busy/InACall", 1, 0, "call")
+        row_id,
+        ALICE.dynamics_user_id,
+        TEAMS,
+        "Busy/InACall",
+        1,
+        0,
+        "call",
+    )
     assert len(d.lease_token) >= 16
     assert await any_store.claim([TEAMS], 10, 30, "w2", T0 + timedelta(seconds=29)) == []
     assert await any_store.ack(d, T0 + timedelta(seconds=1)) is True
@@ -318,7 +351,11 @@ async def test_failed_attempt_waits_then_retries(any_store: Store) -> None:
     row = await any_store.outbox_row(ALICE.dynamics_user_id, TEAMS)
     assert row is not None
     assert (row.status, row.attempts, row.next_attempt_at, row.last_error) == (
-        OutboxStatus.PENDING, 1, later, "503 from Graph")
+        OutboxStatus.PENDING,
+        1,
+        later,
+        "503 from Graph",
+    )
     assert await any_store.claim([TEAMS], 10, 30, "w", later - timedelta(seconds=1)) == []
     [again] = await any_store.claim([TEAMS], 10, 30, "w", later)
     assert (again.attempts, again.generation) == (1, 1)
@@ -330,14 +367,19 @@ async def test_dead_letter_and_retry_dead(any_store: Store) -> None:
         assert await any_store.fail(d, "403 forbidden", None, T0) is OutboxStatus.DEAD
     dead = await any_store.list_outbox(OutboxStatus.DEAD)
     assert [(r.id, r.attempts, r.next_attempt_at, r.last_error) for r in dead] == [
-        (ids[0], 1, None, "403 forbidden"), (ids[1], 1, None, "403 forbidden")]
+        (ids[0], 1, None, "403 forbidden"),
+        (ids[1], 1, None, "403 forbidden"),
+    ]
     assert await any_store.list_outbox(OutboxStatus.DEAD, limit=1) == dead[:1]
     assert await any_store.claim([TEAMS], 10, 30, "w", T0 + timedelta(days=1)) == []
     assert await any_store.retry_dead(ids[1], T0 + timedelta(seconds=5)) == 1
     assert await any_store.retry_dead(999_999, T0) == 0
     row = await any_store.outbox_row(BOB.dynamics_user_id, TEAMS)
     assert row is not None and (row.status, row.attempts, row.next_attempt_at) == (
-        OutboxStatus.PENDING, 0, T0 + timedelta(seconds=5))
+        OutboxStatus.PENDING,
+        0,
+        T0 + timedelta(seconds=5),
+    )
     assert await any_store.retry_dead(None, T0) == 1
     assert await any_store.outbox_counts() == {"pending": 2, "in_flight": 0, "delivered": 0, "dead": 0}
 
@@ -365,7 +407,10 @@ async def test_newer_value_during_flight_is_delivered_after_the_ack(any_store: S
     assert await any_store.ack(d, T0 + timedelta(seconds=3)) is True
     row = await any_store.outbox_row(ALICE.dynamics_user_id, TEAMS)
     assert row is not None and (row.status, row.attempts, row.next_attempt_at) == (
-        OutboxStatus.PENDING, 0, T0 + timedelta(seconds=3))
+        OutboxStatus.PENDING,
+        0,
+        T0 + timedelta(seconds=3),
+    )
     [again] = await any_store.claim([TEAMS], 10, 30, "w", T0 + timedelta(seconds=3))
     assert (again.value, again.generation) == ("new", 2)
     assert await any_store.ack(again, T0 + timedelta(seconds=4)) is True
@@ -382,7 +427,12 @@ async def test_newer_value_during_a_failing_attempt_is_retried_not_killed(any_st
     assert status is OutboxStatus.PENDING
     row = await any_store.outbox_row(ALICE.dynamics_user_id, TEAMS)
     assert row is not None and (row.status, row.attempts, row.value, row.next_attempt_at, row.last_error) == (
-        OutboxStatus.PENDING, 0, "new", T0 + timedelta(seconds=12), "403")
+        OutboxStatus.PENDING,
+        0,
+        "new",
+        T0 + timedelta(seconds=12),
+        "403",
+    )
 
 
 async def test_enqueue_revives_delivered_and_dead_rows(any_store: Store) -> None:
@@ -393,7 +443,9 @@ async def test_enqueue_revives_delivered_and_dead_rows(any_store: Store) -> None
     await enqueue(any_store, cmd(ALICE, "a2"), cmd(BOB, "b2"), at=T0 + timedelta(seconds=1))
     rows = await any_store.list_outbox()
     assert [(r.value, r.status, r.generation, r.attempts, r.last_error) for r in rows] == [
-        ("a2", OutboxStatus.PENDING, 2, 0, None), ("b2", OutboxStatus.PENDING, 2, 0, None)]
+        ("a2", OutboxStatus.PENDING, 2, 0, None),
+        ("b2", OutboxStatus.PENDING, 2, 0, None),
+    ]
 
 
 async def test_cancel_pending_withdraws_and_voids_the_lease(any_store: Store) -> None:
@@ -414,6 +466,7 @@ async def test_cancel_pending_withdraws_and_voids_the_lease(any_store: Store) ->
 
 
 # Adapter state -----------------------------------------------------------------------------------
+
 
 async def test_documents(any_store: Store) -> None:
     doc = {"id": "sub-1", "expires": "2026-11-25T10:00:00Z", "users": ["a", "b"], "n": 3, "ok": True}

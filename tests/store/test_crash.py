@@ -24,8 +24,15 @@ async def enqueue(store: Store, value: str, clock: FakeClock) -> None:
 
 
 def worker(store: Store, writer: object, clock: FakeClock, owner: str) -> OutboxWorker:
-    return OutboxWorker(store, {TEAMS: writer}, clock=clock, lease_seconds=LEASE, owner=owner,  # type: ignore[dict-item]
-                        policy=RetryPolicy(jitter=False), limiters={})
+    return OutboxWorker(
+        store,
+        {TEAMS: writer},
+        clock=clock,
+        lease_seconds=LEASE,
+        owner=owner,  # type: ignore[dict-item]
+        policy=RetryPolicy(jitter=False),
+        limiters={},
+    )
 
 
 class GatedWriter:
@@ -94,7 +101,10 @@ async def test_a_newer_value_waits_for_the_attempt_in_flight(any_store: Store) -
     assert applied + [v for _, v in fast.calls] == ["Busy/InACall", "Available/Available"]
     row = await any_store.outbox_row(ALICE.dynamics_user_id, TEAMS)
     assert row is not None and (row.status, row.value, row.generation) == (
-        OutboxStatus.DELIVERED, "Available/Available", 2)
+        OutboxStatus.DELIVERED,
+        "Available/Available",
+        2,
+    )
 
 
 async def test_death_between_apply_and_ack_redelivers_rather_than_loses(any_store: Store) -> None:

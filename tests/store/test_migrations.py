@@ -91,8 +91,10 @@ async def test_instances_starting_together_migrate_once(sql_url: str) -> None:
     """Separate processes, as several instances starting at once: the database serialises them
     (PostgreSQL advisory lock, SQLite BEGIN IMMEDIATE)."""
     start = str(time.time() + 1.5)
-    procs = [await asyncio.create_subprocess_exec(sys.executable, "-c", _UPGRADE, sql_url, start,
-                                                  stdout=PIPE, stderr=PIPE) for _ in range(4)]
+    procs = [
+        await asyncio.create_subprocess_exec(sys.executable, "-c", _UPGRADE, sql_url, start, stdout=PIPE, stderr=PIPE)
+        for _ in range(4)
+    ]
     outputs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), 60)
     assert [p.returncode for p in procs] == [0, 0, 0, 0], [err.decode()[-500:] for _, err in outputs]
     assert sorted(json.loads(out) for out, _ in outputs) == [[], [], [], ["0001", "0002", "0003"]]
@@ -123,7 +125,7 @@ async def test_v1_state_is_converted_and_nothing_else_is_lost(sql_url: str, open
             "INSERT INTO sync_state (agent_id, system, observed_value, observed_version, observed_at, written_value,"
             " written_at, write_seen, changed_at, delivered_value, delivered_at, recent_writes) VALUES"
             f" ('alice', 'dynamics', '{BUSY}', 7, '{t0}', '{BUSY}', '{t0}', true, NULL, '{BUSY}', '{t0}',"
-            f" '[[\"{BUSY}\", \"2026-11-30T09:00:00+00:00\"]]'),"
+            f' \'[["{BUSY}", "2026-11-30T09:00:00+00:00"]]\'),'
             f" ('alice', 'teams', 'Busy/InAMeeting', NULL, '{t0}', 'Available/Available', '{t0}', true, NULL,"
             f" 'Available/Available', '{t0}', '[]')"
         )

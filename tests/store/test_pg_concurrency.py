@@ -28,8 +28,9 @@ from service.store.leader import lock_key
 pytestmark = pytest.mark.postgres
 
 OpenSql = Callable[..., Awaitable[SqlStore]]
-AGENTS = [Agent(f"00000000-0000-4000-8000-{i:012d}", f"10000000-0000-4000-8000-{i:012d}", f"Agent {i}")
-          for i in range(16)]
+AGENTS = [
+    Agent(f"00000000-0000-4000-8000-{i:012d}", f"10000000-0000-4000-8000-{i:012d}", f"Agent {i}") for i in range(16)
+]
 ROUNDS = 12
 
 
@@ -66,9 +67,16 @@ async def test_two_instances_never_overlap_and_deliver_the_last_value(pg_url: st
     log: list[Apply] = []
     stop = asyncio.Event()
     workers = [
-        OutboxWorker(store, {s: TimedWriter(s, f"instance-{i}", log) for s in System}, owner=f"instance-{i}",
-                     lease_seconds=20, batch_size=4, poll_seconds=0.005, policy=RetryPolicy(jitter=False),
-                     limiters={})
+        OutboxWorker(
+            store,
+            {s: TimedWriter(s, f"instance-{i}", log) for s in System},
+            owner=f"instance-{i}",
+            lease_seconds=20,
+            batch_size=4,
+            poll_seconds=0.005,
+            policy=RetryPolicy(jitter=False),
+            limiters={},
+        )
         for i, store in enumerate(stores)
     ]
     running = [asyncio.create_task(w.run(stop)) for w in workers]
@@ -125,8 +133,9 @@ async def test_only_one_store_leads_and_the_next_takes_over(pg_url: str, open_sq
     assert await two.try_lead("reconcile", "instance-2") is True
 
 
-async def test_leadership_is_lost_with_the_session_and_taken_over(pg_server: str, pg_url: str,
-                                                                  open_sql: OpenSql) -> None:
+async def test_leadership_is_lost_with_the_session_and_taken_over(
+    pg_server: str, pg_url: str, open_sql: OpenSql
+) -> None:
     one, two = await open_sql(pg_url), await open_sql(pg_url)
     assert await one.try_lead("reconcile", "instance-1") is True
     key = lock_key(one.target.schema or "", "reconcile") & 0xFFFF_FFFF_FFFF_FFFF
@@ -136,7 +145,8 @@ async def test_leadership_is_lost_with_the_session_and_taken_over(pg_server: str
             "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' AND granted "
             "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
             "AND classid::bigint = $1 AND objid::bigint = $2 AND objsubid = 1",
-            key >> 32, key & 0xFFFF_FFFF,
+            key >> 32,
+            key & 0xFFFF_FFFF,
         )
     finally:
         await admin.close()

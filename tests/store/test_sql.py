@@ -26,6 +26,7 @@ OpenSql = Callable[..., Awaitable[SqlStore]]
 
 # Configuration errors: one line, naming the setting, never the password ---------------------------
 
+
 async def test_unreachable_postgres_is_one_clear_line() -> None:
     with pytest.raises(ConfigError) as caught:
         await open_store("postgresql+asyncpg://postgres:s3cret@127.0.0.1:5999/test")
@@ -43,14 +44,17 @@ async def test_plain_postgres_scheme_is_accepted_and_password_hidden() -> None:
     assert "hunter2" not in str(caught.value)
 
 
-@pytest.mark.parametrize(("url", "expected"), [
-    ("mysql+aiomysql://root:pw@localhost/db", "unsupported database 'mysql+aiomysql'"),
-    ("not a url at all", "cannot parse"),
-    ("sqlite+aiosqlite://", "names no database file"),
-    ("sqlite+aiosqlite:///:memory:", "an in-memory SQLite database is not supported"),
-    ("sqlite+aiosqlite:///x.db?schema=s1", "schema= is for PostgreSQL only"),
-    ("postgresql+asyncpg://u@h/db?schema=bad;drop", "is not a plain identifier"),
-])
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("mysql+aiomysql://root:pw@localhost/db", "unsupported database 'mysql+aiomysql'"),
+        ("not a url at all", "cannot parse"),
+        ("sqlite+aiosqlite://", "names no database file"),
+        ("sqlite+aiosqlite:///:memory:", "an in-memory SQLite database is not supported"),
+        ("sqlite+aiosqlite:///x.db?schema=s1", "schema= is for PostgreSQL only"),
+        ("postgresql+asyncpg://u@h/db?schema=bad;drop", "is not a plain identifier"),
+    ],
+)
 async def test_bad_urls_are_refused_before_connecting(url: str, expected: str) -> None:
     with pytest.raises(ConfigError) as caught:
         await open_store(url)
@@ -60,8 +64,9 @@ async def test_bad_urls_are_refused_before_connecting(url: str, expected: str) -
 
 
 @pytest.mark.postgres
-async def test_schema_argument_creates_and_uses_the_schema(pg_server: str, make_pg_url: Callable[[], Awaitable[str]],
-                                                           open_sql: OpenSql) -> None:
+async def test_schema_argument_creates_and_uses_the_schema(
+    pg_server: str, make_pg_url: Callable[[], Awaitable[str]], open_sql: OpenSql
+) -> None:
     """``open_store(url, schema=...)`` is the same as ``?schema=`` and creates the schema when missing."""
     name = (await make_pg_url()).rpartition("schema=")[2]  # a name the fixture drops afterwards
     admin = await asyncpg.connect(pg_server.replace("postgresql+asyncpg://", "postgresql://"))
@@ -72,8 +77,11 @@ async def test_schema_argument_creates_and_uses_the_schema(pg_server: str, make_
     store = await open_sql(pg_server, schema=name)
     assert store.target.shown.endswith(f"?schema={name}")
     async with store.engine.connect() as conn:
-        tables = (await conn.execute(text(
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = :s"), {"s": name})).scalar_one()
+        tables = (
+            await conn.execute(
+                text("SELECT count(*) FROM information_schema.tables WHERE table_schema = :s"), {"s": name}
+            )
+        ).scalar_one()
         assert (await conn.execute(text("SELECT current_schema()"))).scalar_one() == name
     assert tables == 8  # seven tables and alembic_version
 
@@ -82,8 +90,9 @@ async def test_sqlite_file_in_a_missing_directory(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path}/no/such/dir/x.db"
     with pytest.raises(ConfigError) as caught:
         await open_store(url)
-    assert str(caught.value) == (f"PRESENCE_SYNC_DATABASE_URL: cannot connect to {url}: "
-                                 f"directory {tmp_path}/no/such/dir does not exist")
+    assert str(caught.value) == (
+        f"PRESENCE_SYNC_DATABASE_URL: cannot connect to {url}: directory {tmp_path}/no/such/dir does not exist"
+    )
 
 
 async def test_schema_newer_than_the_code_is_refused(sql_url: str, open_sql: OpenSql) -> None:
@@ -104,6 +113,7 @@ async def test_unmigrated_database_fails_ping_with_the_fix(sql_url: str, open_sq
 
 
 # Secrets ----------------------------------------------------------------------------------------
+
 
 async def test_secrets_are_encrypted_at_rest(sql_url: str, open_sql: OpenSql) -> None:
     store = await open_sql(sql_url)
@@ -141,6 +151,7 @@ async def test_a_malformed_key_is_refused_at_open(sqlite_url: str) -> None:
 
 # Datetimes --------------------------------------------------------------------------------------
 
+
 async def test_datetimes_come_back_aware_utc(sql_url: str, open_sql: OpenSql) -> None:
     store = await open_sql(sql_url)
     eastern = timezone(timedelta(hours=-5))
@@ -171,6 +182,7 @@ async def test_naive_datetimes_are_refused(sql_url: str, open_sql: OpenSql) -> N
 
 
 # Concurrency ------------------------------------------------------------------------------------
+
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("known", [False, True], ids=["new-agent", "saved-agent"])
