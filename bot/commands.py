@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from mapping.bridge import Bridge
+from mapping.api import CoreApi
 from mapping.catalogue import Catalogue
 from mapping.errors import UpstreamError
 from mapping.model import CLEAR, Agent, BasePresence, OutboxRow, OutboxStatus, Presence, System, TeamsPresence
@@ -362,7 +362,7 @@ def teams_label(value: str | None) -> str:
     return f"{head} ({act})" if act else head
 
 
-def value_label(bridge: Bridge, system: System, value: str | None) -> str:
+def value_label(bridge: CoreApi, system: System, value: str | None) -> str:
     return dynamics_label(bridge.catalogue, value) if system is System.DYNAMICS else teams_label(value)
 
 
@@ -412,7 +412,7 @@ def presence_card(agent: Agent, presences: Sequence[Presence], *, current: str |
 
 
 async def read_side(
-    bridge: Bridge,
+    bridge: CoreApi,
     readers: Mapping[System, PresenceReader],
     agent: Agent,
     system: System,
@@ -442,8 +442,7 @@ async def read_side(
             problem = f"{SYSTEM_NAMES[system]} did not return this agent"
     # Fallback: the newest of what the bridge last observed there and what the system last
     # acknowledged from the bridge (right after a change, that is newer than any observation).
-    states = await bridge.store.load_states([agent.dynamics_user_id])
-    state = states.get(agent.dynamics_user_id)
+    state = await bridge.last_known(agent.dynamics_user_id)
     if state is None:
         return Seen(system, None, False, None, problem)
     last = state.dynamics_seen if system is System.DYNAMICS else state.teams_seen
@@ -459,14 +458,14 @@ async def read_side(
     return best
 
 
-async def read_both(bridge: Bridge, readers: Mapping[System, PresenceReader], agent: Agent) -> dict[System, Seen]:
+async def read_both(bridge: CoreApi, readers: Mapping[System, PresenceReader], agent: Agent) -> dict[System, Seen]:
     d, t = await asyncio.gather(
         read_side(bridge, readers, agent, System.DYNAMICS), read_side(bridge, readers, agent, System.TEAMS)
     )
     return {System.DYNAMICS: d, System.TEAMS: t}
 
 
-def _seen_line(bridge: Bridge, seen: Seen) -> str:
+def _seen_line(bridge: CoreApi, seen: Seen) -> str:
     label = value_label(bridge, seen.system, seen.value)
     if seen.live:
         return f"{SYSTEM_NAMES[seen.system]} shows **{label}**."
@@ -497,7 +496,7 @@ def help_text(agent: Agent) -> str:
 async def handle(
     command: Command,
     agent: Agent,
-    bridge: Bridge,
+    bridge: CoreApi,
     readers: Mapping[System, PresenceReader],
     *,
     settle_seconds: float = SETTLE_SECONDS,
@@ -553,7 +552,7 @@ def _pure_keyword(name: str) -> bool:
     return bool(bases) and len(used) == len(tokens)
 
 
-def _resolve(command: Command, bridge: Bridge) -> tuple[Presence | None, str]:
+def _resolve(command: Command, bridge: CoreApi) -> tuple[Presence | None, str]:
     """The presence a CHANGE (or an UNKNOWN that is a custom presence's name) asks for, or why none."""
     cat = bridge.catalogue
     settable = cat.settable()
@@ -589,74 +588,19 @@ def _resolve(command: Command, bridge: Bridge) -> tuple[Presence | None, str]:
     return p, ""
 
 
-async def _unfinished(
-    bridge: Bridge, agent: Agent, expected: Mapping[System, str], *, exclude: Sequence[System]
-) -> list[System]:
-    """Systems where this very value is still on its way, or died, although the core issued no new
-    command for it (the core counts its last decided write as what the system shows until the echo
-    comes back, even when that write died). A dead row is retried: the agent asking again is the
-    human decision the dead letter was waiting for. Either way the reply waits for it and reports
-    it, instead of answering "already" while the system shows something else."""
-    found: list[System] = []
-    for system, value in expected.items():
-        if system in exclude:
-            continue
-        row = await bridge.store.outbox_row(agent.dynamics_user_id, system)
-        if row is None or row.value != value or row.status is OutboxStatus.DELIVERED:
-            continue
-        if row.status is OutboxStatus.DEAD:
-            await bridge.store.retry_dead(row.id, bridge.clock())
-            bridge.outbox.wake()
-        found.append(system)
-    return found
-
-
-async def _settle(
-    bridge: Bridge, agent: Agent, systems: Sequence[System], settle_seconds: float
-) -> dict[System, OutboxRow | None]:
-    """Waits (bounded) for the rows just enqueued for ``systems`` to be delivered or dead."""
-    generations: dict[System, int] = {}
-    for system in systems:
-        row = await bridge.store.outbox_row(agent.dynamics_user_id, system)
-        generations[system] = row.generation if row else 0
-    rows = await asyncio.gather(
-        *(
-            bridge.outbox.wait_settled(
-                agent.dynamics_user_id, s, after_generation=generations[s], timeout=settle_seconds
-            )
-            for s in systems
-        )
-    )
-    return dict(zip(systems, rows, strict=True))
-
-
-def _settled(row: OutboxRow | None, generation: int) -> bool:
-    return (
-        row is not None
-        and row.generation >= generation
-        and row.status
-        in (
-            OutboxStatus.DELIVERED,
-            OutboxStatus.DEAD,
-        )
-    )
-
-
 async def _change(
     agent: Agent,
     presence: Presence,
-    bridge: Bridge,
+    bridge: CoreApi,
     readers: Mapping[System, PresenceReader],
     settle_seconds: float,
 ) -> Reply:
     label = presence_label(presence)
-    outcome = await bridge.engine.command(agent, presence.presence_id, source="bot")
-    if outcome.result is Result.UNKNOWN_PRESENCE:
-        return Reply(f"I couldn't set {label}: {outcome.detail}. Please tell your admin.")
-    expected = {System.DYNAMICS: presence.presence_id, System.TEAMS: bridge.rules.teams_for(presence.base)}
-    systems = [c.system for c in outcome.commands]
-    systems += await _unfinished(bridge, agent, expected, exclude=systems)
-    rows = await _settle(bridge, agent, systems, settle_seconds) if systems else {}
+    change = await bridge.change_presence(agent, presence.presence_id, source="bot", settle_seconds=settle_seconds)
+    if change.result is Result.UNKNOWN_PRESENCE:
+        return Reply(f"I couldn't set {label}: {change.detail}. Please tell your admin.")
+    expected, rows = change.expected, change.rows
+    systems = list(rows)
     seen = await read_both(bridge, readers, agent)
 
     lines: list[str] = []
@@ -735,7 +679,7 @@ def _change_headline(
 
 
 def _teams_note(
-    bridge: Bridge, presence: Presence, rows: Mapping[System, OutboxRow | None], seen: Mapping[System, Seen]
+    bridge: CoreApi, presence: Presence, rows: Mapping[System, OutboxRow | None], seen: Mapping[System, Seen]
 ) -> str:
     """Teams shows the strongest of the person's own sessions and the bridge's: say so when the read
     differs from what the bridge's session holds, so the agent isn't surprised (or misled)."""
@@ -756,12 +700,12 @@ def _teams_note(
     return ""
 
 
-async def _status(agent: Agent, bridge: Bridge, readers: Mapping[System, PresenceReader]) -> Reply:
+async def _status(agent: Agent, bridge: CoreApi, readers: Mapping[System, PresenceReader]) -> Reply:
     seen = await read_both(bridge, readers, agent)
     parts = [f"Here's your presence, {first_name(agent)}:"]
     parts += [_seen_line(bridge, seen[System.DYNAMICS]), _seen_line(bridge, seen[System.TEAMS])]
     for system in (System.DYNAMICS, System.TEAMS):
-        row = await bridge.store.outbox_row(agent.dynamics_user_id, system)
+        row = await bridge.delivery(agent.dynamics_user_id, system)
         if row is None or row.status is OutboxStatus.DELIVERED:
             continue
         what = value_label(bridge, system, row.value)

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from bot.commands import SYSTEM_NAMES, PendingChange, value_label
-from mapping.bridge import Bridge
+from mapping.api import CoreApi
 from mapping.model import CLEAR, Delivery, OutboxStatus, System
 
 log = logging.getLogger("presence_sync.bot")
@@ -48,18 +48,18 @@ def followup_key(agent_id: str, system: System) -> str:
     return f"{agent_id}:{system.value}"
 
 
-async def remember_conversation(bridge: Bridge, agent_id: str, reference: Mapping[str, Any]) -> None:
+async def remember_conversation(bridge: CoreApi, agent_id: str, reference: Mapping[str, Any]) -> None:
     """Stores the agent's conversation reference; skips the write when nothing changed (most messages)."""
     ref = dict(reference)
-    if await bridge.store.get_doc(CONVERSATION_KIND, agent_id) != ref:
-        await bridge.store.put_doc(CONVERSATION_KIND, agent_id, ref)
+    if await bridge.records.get_doc(CONVERSATION_KIND, agent_id) != ref:
+        await bridge.records.put_doc(CONVERSATION_KIND, agent_id, ref)
 
 
 class FollowUps:
     """The durable follow-up book (see the module docstring). ``sender`` may be set after construction
     (the SDK module creates its adapter first); without one, outcomes are recorded and sent later."""
 
-    def __init__(self, bridge: Bridge, sender: ProactiveSender | None = None, *, sweep_seconds: float = 30.0) -> None:
+    def __init__(self, bridge: CoreApi, sender: ProactiveSender | None = None, *, sweep_seconds: float = 30.0) -> None:
         self.bridge = bridge
         self.sender = sender
         self.sweep_seconds = sweep_seconds
@@ -86,27 +86,27 @@ class FollowUps:
                 "landed_value": None,
                 "send_attempts": 0,
             }
-            await self.bridge.store.put_doc(FOLLOWUP_KIND, key, doc)
+            await self.bridge.records.put_doc(FOLLOWUP_KIND, key, doc)
             await self._check_row(key, doc)
 
     async def on_outcome(self, delivery: Delivery, outcome: str, error: str | None) -> None:
         """DeliveryListener: called by the outbox after a row is delivered or dead."""
         key = followup_key(delivery.agent_id, delivery.system)
-        doc = await self.bridge.store.get_doc(FOLLOWUP_KIND, key)
+        doc = await self.bridge.records.get_doc(FOLLOWUP_KIND, key)
         if doc is None or doc.get("outcome") or delivery.generation < int(doc.get("generation", 0)):
             return
         await self._record(key, doc, outcome, delivery.value, error)
 
     async def _record(self, key: str, doc: dict[str, Any], outcome: str, value: str, error: str | None) -> None:
         doc = {**doc, "outcome": outcome, "landed_value": value, "error": error}
-        await self.bridge.store.put_doc(FOLLOWUP_KIND, key, doc)
+        await self.bridge.records.put_doc(FOLLOWUP_KIND, key, doc)
         self._spawn(key)
 
     async def _check_row(self, key: str, doc: Mapping[str, Any]) -> bool:
         """Records the outcome if the row settled without a listener seeing it. True if it had."""
-        row = await self.bridge.store.outbox_row(doc["agent_id"], System(doc["system"]))
+        row = await self.bridge.delivery(doc["agent_id"], System(doc["system"]))
         if row is None:
-            await self.bridge.store.delete_doc(FOLLOWUP_KIND, key)
+            await self.bridge.records.delete_doc(FOLLOWUP_KIND, key)
             return False
         if row.generation < int(doc["generation"]) or row.status not in (OutboxStatus.DELIVERED, OutboxStatus.DEAD):
             return False
@@ -123,7 +123,7 @@ class FollowUps:
     async def _send(self, key: str) -> None:
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
-            store = self.bridge.store
+            store = self.bridge.records
             doc = await store.get_doc(FOLLOWUP_KIND, key)
             if doc is None or not doc.get("outcome"):
                 return  # sent already (another task), or replaced by a newer promise
@@ -192,7 +192,7 @@ class FollowUps:
         """Sends what is due: outcomes recorded but not sent (crash, connector down), and rows that
         settled unseen (another instance delivered them). Returns how many follow-ups it started."""
         started = 0
-        for key, doc in (await self.bridge.store.list_docs(FOLLOWUP_KIND)).items():
+        for key, doc in (await self.bridge.records.list_docs(FOLLOWUP_KIND)).items():
             if doc.get("outcome"):
                 self._spawn(key)
                 started += 1

@@ -44,7 +44,7 @@ from botframework.connector.auth import AuthenticateRequestResult
 
 from bot.commands import SETTLE_SECONDS, Kind, Reply, handle, parse
 from bot.followups import FollowUps, remember_conversation
-from mapping.bridge import Bridge
+from mapping.api import CoreApi
 from mapping.errors import ConfigError, Rejected
 from mapping.hosts import is_loopback
 from mapping.model import Agent, System
@@ -99,7 +99,7 @@ class BotIntake:
 
     def __init__(
         self,
-        bridge: Bridge,
+        bridge: CoreApi,
         readers: Mapping[System, PresenceReader],
         *,
         app_id: str,
@@ -269,7 +269,7 @@ class BotIntake:
         aad = (turn.activity.from_property.aad_object_id or "").strip()
         if not aad:
             return None
-        agent = await self.bridge.engine.agent_for(System.TEAMS, aad)
+        agent = await self.bridge.agent_for(System.TEAMS, aad)
         if agent is not None:
             ref = TurnContext.get_conversation_reference(turn.activity).serialize()
             await remember_conversation(self.bridge, agent.dynamics_user_id, ref)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dataverse.client import DataverseClient, SystemUser
-from mapping.bridge import Bridge
+from mapping.api import CoreApi
 from mapping.model import Agent
 
 NO_ENTRA = "no Entra object id (azureactivedirectoryobjectid is empty)"
@@ -64,7 +64,7 @@ def _label(user: SystemUser) -> str:
 
 async def discover_agents(
     client: DataverseClient,
-    bridge: Bridge,
+    bridge: CoreApi,
     progress: Callable[[str], None],
     *,
     page_size: int = 500,
@@ -72,7 +72,7 @@ async def discover_agents(
 ) -> DiscoverySummary:
     """Adds or updates directory agents from Dataverse ``systemusers``; ``progress`` gets a line per page.
     ``agents_only=False`` takes every user with an Entra object id (no ``msdyn_agentstatus`` check)."""
-    store = bridge.store
+    store = bridge.directory
     summary = DiscoverySummary()
     agent_ids: set[str] | None = None
     if agents_only:
@@ -123,18 +123,18 @@ async def discover_agents(
             return summary
 
 
-async def _write(bridge: Bridge, batch: list[Agent], summary: DiscoverySummary, known: dict[str, Agent]) -> None:
+async def _write(bridge: CoreApi, batch: list[Agent], summary: DiscoverySummary, known: dict[str, Agent]) -> None:
     """One page in one batch; if the store refuses it (an Entra id swapped between two agents), agent by
     agent, so one conflict skips one user, not the page."""
     if not batch:
         return
     try:
-        results = await bridge.store.upsert_agents(batch)
+        results = await bridge.directory.upsert_agents(batch)
     except ValueError:
         results = {}
         for agent in batch:
             try:
-                results.update(await bridge.store.upsert_agents([agent]))
+                results.update(await bridge.directory.upsert_agents([agent]))
             except ValueError as e:
                 summary.skip(ENTRA_TAKEN, f"{agent.label}: {e}")
     for agent in batch:

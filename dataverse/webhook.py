@@ -40,7 +40,7 @@ from aiohttp import web
 
 from dataverse.client import DataverseClient
 from dataverse.context import AgentStatusChange, ContextError, Message, parse_context
-from mapping.bridge import Bridge
+from mapping.api import CoreApi
 from mapping.errors import Rejected, UpstreamError
 from mapping.hosts import is_loopback
 from mapping.model import Agent, PresenceObserved, System
@@ -71,7 +71,7 @@ class DataverseIntake:
 
     def __init__(
         self,
-        bridge: Bridge,
+        bridge: CoreApi,
         *,
         webhook_key: str,
         client: DataverseClient | None,
@@ -110,7 +110,7 @@ class DataverseIntake:
     async def wait_idle(self, timeout: float = 10.0) -> None:
         """Waits until no new agent is pending (tests, demo)."""
         async with asyncio.timeout(timeout):
-            while self._busy or await self.bridge.store.list_docs(PENDING_KIND):
+            while self._busy or await self.bridge.records.list_docs(PENDING_KIND):
                 self._worker.wake()
                 await asyncio.sleep(0.02)
 
@@ -190,7 +190,7 @@ class DataverseIntake:
             return 200, {"status": "ignored", "reason": change.ignored_reason}
         assert change.agent_id is not None  # the parser guarantees it for Creates and presence changes
         now = self.bridge.clock()
-        agent = await self.bridge.store.get_agent(change.agent_id)
+        agent = await self.bridge.directory.get_agent(change.agent_id)
         if agent is None:
             return await self._unknown(change, now)
         if not change.is_presence_change:
@@ -205,7 +205,7 @@ class DataverseIntake:
         event = PresenceObserved(
             agent.dynamics_user_id, System.DYNAMICS, presence_id, at, version, modified_by, "webhook"
         )
-        outcome = await self.bridge.engine.observe(event, intake=INTAKE)
+        outcome = await self.bridge.observe(event, intake=INTAKE)
         if outcome.result is Result.UNKNOWN_AGENT:
             log.warning(
                 "dataverse webhook for a disabled agent",
@@ -216,9 +216,9 @@ class DataverseIntake:
 
     async def _unknown(self, change: AgentStatusChange, now: datetime) -> tuple[int, dict[str, Any]]:
         agent_id = change.agent_id or ""
-        pending = await self.bridge.store.get_doc(PENDING_KIND, agent_id)
+        pending = await self.bridge.records.get_doc(PENDING_KIND, agent_id)
         if pending is not None or (change.message is Message.CREATE and self.client is not None):
-            await self.bridge.store.put_doc(PENDING_KIND, agent_id, _note(pending, change, now))
+            await self.bridge.records.put_doc(PENDING_KIND, agent_id, _note(pending, change, now))
             self._worker.wake()
             self.bridge.telemetry.event(INTAKE, "pending_agent")
             log.info(
@@ -226,7 +226,7 @@ class DataverseIntake:
                 extra={"fields": {"systemuser": agent_id, "message": str(change.message)}},
             )
             return 202, {"status": "pending_agent", "agent": agent_id}
-        await self.bridge.engine.agent_for(System.DYNAMICS, agent_id)  # recorded for `agents list --unknown`
+        await self.bridge.agent_for(System.DYNAMICS, agent_id)  # recorded for `agents list --unknown`
         self.bridge.telemetry.event(INTAKE, "unknown_agent")
         why = "not in the agent directory"
         if change.message is Message.CREATE:
@@ -244,7 +244,7 @@ class DataverseIntake:
         An upstream failure leaves that note for the next round and is raised after the others ran."""
         self._busy = True
         try:
-            notes = await self.bridge.store.list_docs(PENDING_KIND)
+            notes = await self.bridge.records.list_docs(PENDING_KIND)
             settled = 0
             failure: UpstreamError | None = None
             for key in notes:
@@ -264,7 +264,7 @@ class DataverseIntake:
             self._busy = False
 
     async def _settle(self, agent_id: str) -> None:
-        store = self.bridge.store
+        directory, records = self.bridge.directory, self.bridge.records
         if self.client is None:
             await self._give_up(agent_id, "Dataverse is not configured, so its Entra object id cannot be looked up")
             return
@@ -278,18 +278,18 @@ class DataverseIntake:
         elif user.disabled:
             problem = "systemuser is disabled"
         else:
-            other = await store.get_agent_by_entra(user.entra_object_id)
+            other = await directory.get_agent_by_entra(user.entra_object_id)
             if other is not None and other.dynamics_user_id != agent_id:
                 problem = f"its Entra object id {user.entra_object_id} already belongs to agent {other.label}"
         if problem is not None or user is None or user.entra_object_id is None:
             await self._give_up(agent_id, problem or "")
             return
-        agent = await store.get_agent(agent_id)  # added meanwhile (discovery, CSV): keep it as it is
+        agent = await directory.get_agent(agent_id)  # added meanwhile (discovery, CSV): keep it as it is
         outcome = "unchanged"
         if agent is None:
             agent = Agent(agent_id, user.entra_object_id, user.fullname, True)
             try:
-                outcome = (await store.upsert_agents([agent])).get(agent_id, "added")
+                outcome = (await directory.upsert_agents([agent])).get(agent_id, "added")
             except ValueError as e:  # the Entra id was taken meanwhile
                 await self._give_up(agent_id, str(e))
                 return
@@ -300,15 +300,15 @@ class DataverseIntake:
         self.bridge.telemetry.event(INTAKE, "agent_added")
         if self.on_agent_added is not None:  # e.g. cover it by a Graph subscription now
             self.on_agent_added()
-        note = await store.get_doc(PENDING_KIND, agent_id)  # re-read: an Update may have refreshed it
+        note = await records.get_doc(PENDING_KIND, agent_id)  # re-read: an Update may have refreshed it
         if note is not None and note.get("presence_id"):
             at = datetime.fromisoformat(str(note.get("observed_at") or self.bridge.clock().isoformat()))
             await self._observe(agent, str(note["presence_id"]), note.get("row_version"), note.get("modified_by"), at)
-        await store.delete_doc(PENDING_KIND, agent_id)
+        await records.delete_doc(PENDING_KIND, agent_id)
 
     async def _give_up(self, agent_id: str, why: str) -> None:
-        await self.bridge.engine.agent_for(System.DYNAMICS, agent_id)  # recorded for `agents list --unknown`
-        await self.bridge.store.delete_doc(PENDING_KIND, agent_id)
+        await self.bridge.agent_for(System.DYNAMICS, agent_id)  # recorded for `agents list --unknown`
+        await self.bridge.records.delete_doc(PENDING_KIND, agent_id)
         self.bridge.telemetry.event(INTAKE, "unknown_agent")
         log.warning("new agent not added: " + why, extra={"fields": {"systemuser": agent_id}})
 

@@ -28,7 +28,7 @@ import msal
 
 from mapping.clock import Clock, utcnow
 from mapping.errors import ConfigError, PermanentError, RetryableError
-from mapping.ports import Store, TokenProvider
+from mapping.ports import AdapterRecords, TokenProvider
 
 log = logging.getLogger("presence_sync.graph")
 
@@ -169,7 +169,7 @@ class SubscriberAccounts:
 
     def __init__(
         self,
-        store: Store,
+        store: AdapterRecords,
         *,
         tenant_id: str,
         client_id: str,

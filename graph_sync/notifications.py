@@ -45,7 +45,7 @@ from aiohttp import web
 from graph_sync.crypto import DecryptionError, Decryptor
 from graph_sync.subscriptions import SubscriptionManager, agents_for
 from graph_sync.teams import MAX_IDS
-from mapping.bridge import Bridge
+from mapping.api import CoreApi
 from mapping.engine import BATCH
 from mapping.errors import Rejected
 from mapping.model import PresenceObserved, System
@@ -212,7 +212,7 @@ class GraphIntake:
 
     def __init__(
         self,
-        bridge: Bridge,
+        bridge: CoreApi,
         *,
         client_state: str,
         client_id: str,
@@ -274,7 +274,7 @@ class GraphIntake:
                 if self._tasks:
                     await asyncio.gather(*list(self._tasks), return_exceptions=True)
                     continue
-                if not await self.bridge.store.list_docs(PENDING_KIND):
+                if not await self.bridge.records.list_docs(PENDING_KIND):
                     return
                 self._batcher.wake()
                 await asyncio.sleep(0.02)
@@ -407,7 +407,7 @@ class GraphIntake:
             if time.monotonic() - started > self.ack_budget:
                 return [user_id for user_id, _ in observed[start:]]
             chunk = [obs for _, obs in observed[start : start + BATCH]]
-            await self.bridge.engine.observe_many(chunk, intake=INTAKE)
+            await self.bridge.observe_many(chunk, intake=INTAKE)
         return []
 
     async def _rich_item(self, item: Mapping[str, Any], user_id: str) -> PresenceObserved | bool:
@@ -431,7 +431,7 @@ class GraphIntake:
         if rid != user_id or not isinstance(availability, str) or not availability:
             self.bridge.telemetry.rejected(ROUTE, "malformed_item")
             return False
-        agent = await self.bridge.engine.agent_for(System.TEAMS, user_id)
+        agent = await self.bridge.agent_for(System.TEAMS, user_id)
         if agent is None:
             self.bridge.telemetry.event(INTAKE, "unknown_agent")
             return True
@@ -493,7 +493,7 @@ class GraphIntake:
             return
         now = self.bridge.clock()
         key = f"{now.strftime('%Y%m%dT%H%M%S.%f')}-{uuid.uuid4().hex[:12]}"
-        await self.bridge.store.put_doc(PENDING_KIND, key, {"ids": ids, "why": why, "at": now.isoformat()})
+        await self.bridge.records.put_doc(PENDING_KIND, key, {"ids": ids, "why": why, "at": now.isoformat()})
         self._batcher.wake()
 
     async def request_read(self, system: System, agent_id: str, why: str) -> None:
@@ -501,7 +501,7 @@ class GraphIntake:
         over what Teams showed, and Graph notifies nothing when the aggregate does not change)."""
         if system is not System.TEAMS:
             return
-        agent = await self.bridge.store.get_agent(agent_id)
+        agent = await self.bridge.directory.get_agent(agent_id)
         if agent is not None and agent.entra_object_id:
             await self._queue_reads([agent.entra_object_id], why)
 
@@ -510,7 +510,7 @@ class GraphIntake:
         shows, then removes exactly the notes it covered (notes written meanwhile stay for the next
         round). A failed read leaves every note in place to be read again. Returns how many users
         were observed."""
-        notes = await self.bridge.store.list_docs(PENDING_KIND)
+        notes = await self.bridge.records.list_docs(PENDING_KIND)
         if not notes:
             return 0
         wanted: dict[str, datetime | None] = {}
@@ -520,10 +520,10 @@ class GraphIntake:
                 if isinstance(uid, str):
                     known_at = wanted.get(uid.lower())
                     wanted[uid.lower()] = noted if known_at is None or (noted and noted > known_at) else known_at
-        agents = await agents_for(self.bridge.store, list(wanted))
+        agents = await agents_for(self.bridge.directory, list(wanted))
         known = {a.entra_object_id.lower() for a in agents}
         for uid in wanted:
-            if uid not in known and await self.bridge.engine.agent_for(System.TEAMS, uid) is None:
+            if uid not in known and await self.bridge.agent_for(System.TEAMS, uid) is None:
                 self.bridge.telemetry.event(INTAKE, "unknown_agent")  # recorded for `agents list --unknown`
         observed = 0
         entra = {a.dynamics_user_id: a.entra_object_id.lower() for a in agents}
@@ -532,10 +532,10 @@ class GraphIntake:
             for obs in results:  # one short transaction each: acks of new notifications interleave
                 # What is read has shown since the (latest) notification that prompted the read.
                 obs = dataclasses.replace(obs, since=wanted.get(entra.get(obs.agent_id, "")))
-                await self.bridge.engine.observe(obs, intake=INTAKE)
+                await self.bridge.observe(obs, intake=INTAKE)
             observed += len(results)
         for key in notes:
-            await self.bridge.store.delete_doc(PENDING_KIND, key)
+            await self.bridge.records.delete_doc(PENDING_KIND, key)
         return observed
 
 

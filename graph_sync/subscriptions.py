@@ -39,10 +39,10 @@ from msgraph.generated.models.subscription import Subscription
 from graph_sync.accounts import SubscriberAccounts
 from graph_sync.client import DEFAULT_TIMEOUT, graph_error, make_graph_client, make_http_client
 from graph_sync.teams import MAX_IDS, TeamsPresenceClient
-from mapping.bridge import Bridge
+from mapping.api import CoreApi
 from mapping.errors import ConfigError, UpstreamError
 from mapping.model import Agent, System
-from mapping.ports import PresenceReader, Store
+from mapping.ports import AgentDirectory, PresenceReader
 
 log = logging.getLogger("presence_sync.graph")
 
@@ -139,7 +139,7 @@ class _AnyAccountTokens:
 class SubscriptionManager:
     def __init__(
         self,
-        bridge: Bridge,
+        bridge: CoreApi,
         graph_url: str,
         accounts: SubscriberAccounts,
         *,
@@ -165,7 +165,8 @@ class SubscriptionManager:
         if lifetime > timedelta(minutes=60) or renew_before >= lifetime:
             raise ConfigError("subscription lifetime must be at most 60 minutes and longer than renew_before")
         self.bridge = bridge
-        self.store = bridge.store
+        self.records = bridge.records
+        self.directory = bridge.directory
         self.graph_url = graph_url
         self.accounts = accounts
         self.notification_url = notification_url
@@ -190,7 +191,7 @@ class SubscriptionManager:
             graph_url,
             _AnyAccountTokens(accounts),
             session_id="presence-sync-poll",
-            store=bridge.store,
+            store=bridge.records,
             limiter=bridge.limiters.get(System.TEAMS),
             retry=bridge.retry,
             clock=bridge.clock,
@@ -229,10 +230,10 @@ class SubscriptionManager:
             return await self._sync()
 
     async def _sync(self) -> SyncReport:
-        agents = await self.store.list_agents(enabled_only=True)
+        agents = await self.directory.list_agents(enabled_only=True)
         wanted = sorted({a.entra_object_id.strip().lower() for a in agents if a.entra_object_id.strip()})
         accounts = [a.name for a in await self.accounts.accounts()]
-        records = await self.store.list_docs(KIND)
+        records = await self.records.list_docs(KIND)
         current = {
             name: list(r.get("ids", [])) for name, r in records.items() if name in accounts and r.get("subscription_id")
         }
@@ -274,7 +275,9 @@ class SubscriptionManager:
                 extra={"fields": {"agents": len(wanted), "accounts": len(accounts), "polled": len(uncovered)}},
             )
         self._uncovered = uncovered
-        await self.store.put_doc(COVERAGE_KIND, "uncovered", {"ids": uncovered, "at": self.bridge.clock().isoformat()})
+        await self.records.put_doc(
+            COVERAGE_KIND, "uncovered", {"ids": uncovered, "at": self.bridge.clock().isoformat()}
+        )
         return report
 
     async def _converge(self, account: str, target: list[str], rec: dict[str, Any] | None) -> str | None:
@@ -310,7 +313,7 @@ class SubscriptionManager:
                 return "recreated"
             return await self._renew(account, target, rec)
         if rec.get("error"):  # an earlier failed attempt; the subscription itself is fine
-            await self.store.put_doc(KIND, account, {**rec, "error": None})
+            await self.records.put_doc(KIND, account, {**rec, "error": None})
         return "unchanged"
 
     async def _renew(self, account: str, target: list[str], rec: dict[str, Any]) -> str:
@@ -344,7 +347,7 @@ class SubscriptionManager:
             pending=None,
             error=None,
         )
-        await self.store.put_doc(KIND, account, rec)
+        await self.records.put_doc(KIND, account, rec)
         return "renewed"
 
     def _body(self, target: list[str]) -> Subscription:
@@ -381,7 +384,7 @@ class SubscriptionManager:
         if result is None or not result.id:
             raise graph_error(RuntimeError("Graph returned no subscription id"), what=what)
         now = self.bridge.clock()
-        await self.store.put_doc(
+        await self.records.put_doc(
             KIND,
             account,
             {
@@ -433,19 +436,19 @@ class SubscriptionManager:
                     "could not delete subscription of a departed account",
                     extra={"fields": {"account": account, "subscription": sub_id, "error": str(e)}},
                 )
-        await self.store.delete_doc(KIND, account)
+        await self.records.delete_doc(KIND, account)
 
     async def _note_error(self, account: str, target: list[str], rec: dict[str, Any] | None, error: str) -> None:
         doc = dict(rec or {"account": account, "subscription_id": None, "ids": target})
         doc["error"] = error
         doc["error_at"] = self.bridge.clock().isoformat()
-        await self.store.put_doc(KIND, account, doc)
+        await self.records.put_doc(KIND, account, doc)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def find(self, subscription_id: str) -> tuple[str, dict[str, Any]] | None:
         """The (account, record) holding ``subscription_id``, if it is one of ours."""
-        for account, rec in (await self.store.list_docs(KIND)).items():
+        for account, rec in (await self.records.list_docs(KIND)).items():
             if rec.get("subscription_id") == subscription_id:
                 return account, rec
         return None
@@ -465,7 +468,7 @@ class SubscriptionManager:
         account, rec = found
         if rec.get("pending") != "subscriptionRemoved":  # removal is the stronger need
             rec["pending"] = event
-        await self.store.put_doc(KIND, account, rec)
+        await self.records.put_doc(KIND, account, rec)
         return True
 
     async def on_lifecycle(self, event: str, subscription_id: str) -> str:
@@ -487,11 +490,11 @@ class SubscriptionManager:
         if event == "missed":
             n = await self.observe_ids(list(rec.get("ids", [])), intake="graph_missed")
             return f"reconciled {n}"
-        if not await self.store.try_lead(LEADERSHIP, self.owner):
+        if not await self.records.try_lead(LEADERSHIP, self.owner):
             return "noted for the leader"
         await self.record_lifecycle(event, subscription_id)
         async with self._lock:
-            fresh = await self.store.get_doc(KIND, account)
+            fresh = await self.records.get_doc(KIND, account)
             if fresh is None or fresh.get("subscription_id") != subscription_id:
                 return "already replaced"
             try:
@@ -509,7 +512,7 @@ class SubscriptionManager:
 
     async def uncovered(self) -> list[str]:
         if self._uncovered is None:
-            doc = await self.store.get_doc(COVERAGE_KIND, "uncovered")
+            doc = await self.records.get_doc(COVERAGE_KIND, "uncovered")
             self._uncovered = list(doc.get("ids", [])) if doc else []
         return list(self._uncovered)
 
@@ -523,12 +526,12 @@ class SubscriptionManager:
 
     async def observe_ids(self, entra_ids: Sequence[str], *, intake: str) -> int:
         """Reads ``entra_ids`` (batched by the reader) and observes what Teams shows for each."""
-        agents = await agents_for(self.store, entra_ids)
+        agents = await agents_for(self.directory, entra_ids)
         if not agents:
             return 0
         observed = await self.reader.read(agents)
         for obs in observed:
-            await self.bridge.engine.observe(obs, intake=intake)
+            await self.bridge.observe(obs, intake=intake)
         return len(observed)
 
     # ------------------------------------------------------------------ background
@@ -541,7 +544,7 @@ class SubscriptionManager:
         next_sync = 0.0
         while not stop.is_set():
             try:
-                if await self.store.try_lead(LEADERSHIP, self.owner):
+                if await self.records.try_lead(LEADERSHIP, self.owner):
                     if time.monotonic() >= next_sync:
                         report = await self.sync()
                         next_sync = time.monotonic() + interval
@@ -562,7 +565,7 @@ class SubscriptionManager:
     async def status(self) -> list[dict[str, Any]]:
         """One row per account (and one for polled agents) for ``graph subscriptions``."""
         now = self.bridge.clock()
-        records = await self.store.list_docs(KIND)
+        records = await self.records.list_docs(KIND)
         health = {row["account"]: row for row in await self.accounts.describe()}
         rows: list[dict[str, Any]] = []
         names = [a.name for a in await self.accounts.accounts()]
@@ -612,7 +615,7 @@ class SubscriptionManager:
         return rows
 
 
-async def agents_for(store: Store, entra_ids: Sequence[str]) -> list[Agent]:
+async def agents_for(store: AgentDirectory, entra_ids: Sequence[str]) -> list[Agent]:
     """The enabled agents of ``entra_ids``: one directory query for many ids, one lookup each for few."""
     if len(entra_ids) > 50:
         by_entra = {a.entra_object_id.lower(): a for a in await store.list_agents(enabled_only=True)}

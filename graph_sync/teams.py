@@ -37,7 +37,7 @@ from graph_sync.client import DEFAULT_TIMEOUT, graph_error, make_graph_client, m
 from mapping.clock import Clock, utcnow
 from mapping.errors import ConfigError, PermanentError, UpstreamError
 from mapping.model import CLEAR, Agent, PresenceObserved, System, TeamsPresence
-from mapping.ports import Store, TokenProvider
+from mapping.ports import AdapterRecords, TokenProvider
 from mapping.ratelimit import UpstreamLimiter
 from mapping.retry import RetryPolicy
 
@@ -94,7 +94,7 @@ class TeamsPresenceClient:
         session_id: str,
         mode: Literal["session", "preferred"] = "session",
         expiration_minutes: int = 60,
-        store: Store,
+        store: AdapterRecords,
         limiter: UpstreamLimiter | None = None,
         retry: RetryPolicy | None = None,
         clock: Clock = utcnow,

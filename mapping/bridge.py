@@ -1,21 +1,24 @@
-"""The core as adapters see it: one object bundling directory, catalogue, engine and outbox.
-
-``service`` builds it once (``service.wiring``); adapters receive it and never build core parts.
+"""The core's application service: implements ``mapping.api.CoreApi`` over the store, the engine and
+the outbox, and holds the use cases that span them (an agent changing presence and waiting for both
+systems). ``service.runtime`` builds the one instance; adapters see it only as ``CoreApi``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from mapping.api import PresenceChange
 from mapping.catalogue import Catalogue
 from mapping.clock import Clock, utcnow
-from mapping.engine import SyncEngine
-from mapping.model import System
+from mapping.engine import Outcome, SyncEngine
+from mapping.model import Agent, AgentSyncState, OutboxRow, OutboxStatus, PresenceObserved, System
 from mapping.outbox import OutboxWorker
-from mapping.ports import Store
+from mapping.ports import AdapterRecords, AgentDirectory, Store
 from mapping.ratelimit import DATAVERSE_PER_USER, GRAPH_PRESENCE, UpstreamLimiter
 from mapping.retry import RetryPolicy
+from mapping.rules import Result
 from mapping.telemetry import NullTelemetry, Telemetry
 from mapping.translation import Rules
 
@@ -37,6 +40,79 @@ class Bridge:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     clock: Clock = utcnow
 
-    async def load_catalogue(self) -> None:
-        """Refreshes the in-memory catalogue from the store (after a sync from Dataverse)."""
-        self.catalogue.replace(await self.store.list_presences())
+    # ---------------------------------------------------------------------------- CoreApi
+
+    @property
+    def directory(self) -> AgentDirectory:
+        return self.store
+
+    @property
+    def records(self) -> AdapterRecords:
+        return self.store
+
+    async def observe(self, event: PresenceObserved, *, intake: str | None = None) -> Outcome:
+        return await self.engine.observe(event, intake=intake)
+
+    async def observe_many(self, events: Sequence[PresenceObserved], *, intake: str | None = None) -> list[Outcome]:
+        return await self.engine.observe_many(events, intake=intake)
+
+    async def agent_for(self, system: System, external_id: str) -> Agent | None:
+        return await self.engine.agent_for(system, external_id)
+
+    async def delivery(self, agent_id: str, system: System) -> OutboxRow | None:
+        return await self.store.outbox_row(agent_id, system)
+
+    async def last_known(self, agent_id: str) -> AgentSyncState | None:
+        return (await self.store.load_states([agent_id])).get(agent_id)
+
+    async def change_presence(
+        self, agent: Agent, presence_id: str, *, source: str, settle_seconds: float
+    ) -> PresenceChange:
+        outcome = await self.engine.command(agent, presence_id, source=source)
+        presence = self.catalogue.get(presence_id)
+        if outcome.result is Result.UNKNOWN_PRESENCE or presence is None:
+            return PresenceChange(Result.UNKNOWN_PRESENCE, outcome.detail)
+        expected = {System.DYNAMICS: presence.presence_id, System.TEAMS: self.rules.teams_for(presence.base)}
+        systems = [c.system for c in outcome.commands]
+        systems += await self._unfinished(agent, expected, exclude=systems)
+        rows = await self._settle(agent, systems, settle_seconds) if systems else {}
+        return PresenceChange(outcome.result, outcome.detail, expected, rows)
+
+    async def _unfinished(
+        self, agent: Agent, expected: Mapping[System, str], *, exclude: Sequence[System]
+    ) -> list[System]:
+        """Systems where this very value is still on its way, or died, although the core issued no new
+        command for it (the core counts its last decided write as what the system shows until the
+        echo comes back, even when that write died). A dead row is retried: the agent asking again is
+        the human decision the dead letter was waiting for. Either way the caller waits for it and
+        reports it, instead of answering "already" while the system shows something else."""
+        found: list[System] = []
+        for system, value in expected.items():
+            if system in exclude:
+                continue
+            row = await self.store.outbox_row(agent.dynamics_user_id, system)
+            if row is None or row.value != value or row.status is OutboxStatus.DELIVERED:
+                continue
+            if row.status is OutboxStatus.DEAD:
+                await self.store.retry_dead(row.id, self.clock())
+                self.outbox.wake()
+            found.append(system)
+        return found
+
+    async def _settle(
+        self, agent: Agent, systems: Sequence[System], settle_seconds: float
+    ) -> dict[System, OutboxRow | None]:
+        """Waits (bounded) for the rows just enqueued for ``systems`` to be delivered or dead."""
+        generations: dict[System, int] = {}
+        for system in systems:
+            row = await self.store.outbox_row(agent.dynamics_user_id, system)
+            generations[system] = row.generation if row else 0
+        rows = await asyncio.gather(
+            *(
+                self.outbox.wait_settled(
+                    agent.dynamics_user_id, s, after_generation=generations[s], timeout=settle_seconds
+                )
+                for s in systems
+            )
+        )
+        return dict(zip(systems, rows, strict=True))
