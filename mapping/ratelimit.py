@@ -1,4 +1,4 @@
-"""Per-upstream limits (DESIGN.md rule 7): token buckets and a per-key concurrency cap.
+"""Per-upstream limits (sync rule 7, ``docs/DESIGN.md``): token buckets and a per-key concurrency cap.
 
 Limits are per process. Graph presence: 1,500 requests / 30 s per tenant (reads and writes share it);
 Dataverse: 6,000 requests / 5 min and 52 concurrent, per impersonated user.

@@ -1,4 +1,4 @@
-"""The one settings object (DESIGN.md, "Settings"): environment with prefix ``PRESENCE_SYNC_``, or ``.env``.
+"""The one settings object (``docs/DESIGN.md``, "Settings"): environment with prefix ``PRESENCE_SYNC_``, or ``.env``.
 
 Every check that can be made before touching a network is made here, so that a bad value stops the
 process with one line naming the variable, instead of failing later inside an adapter.

@@ -1,15 +1,16 @@
 """Alembic, driven from code: no ``alembic.ini``, no dependence on the working directory.
 
-Every command applies pending migrations itself (DESIGN.md: "works on a fresh store"), so this runs
-inside ``open_store``: one transaction, on a sync connection lent by the async engine through
-``run_sync``. Two instances starting together do not race: PostgreSQL serialises them with a
-transaction-level advisory lock, SQLite with ``BEGIN IMMEDIATE``.
+Every command that opens the store applies pending migrations itself, so it works on a fresh store
+(``docs/DESIGN.md``, "Commands"; ``doctor`` alone only reports them). So this runs inside
+``open_store``: one transaction, on a sync connection lent by the async engine through ``run_sync``.
+Two instances starting together do not race: PostgreSQL serialises them with a transaction-level
+advisory lock, SQLite with ``BEGIN IMMEDIATE``.
 
 New revision for developers (after changing ``schema.py``)::
 
     from alembic import command
     from service.store.migrate import alembic_config
-    command.revision(alembic_config(), message="what changed", rev_id="0002")
+    command.revision(alembic_config(), message="what changed", rev_id="0004")
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Fixtures for the Dataverse adapter's tests: the Dataverse emulator on a free port, a client on it, a
 bridge on the in-memory store with recording telemetry, and ``DataverseIntake`` served by a real aiohttp
-server on a free loopback port. The seed payloads are in ``data/``, byte for byte as in
-``shared/fixtures/dataverse`` (``test_context`` checks that they have not drifted)."""
+server on a free loopback port. The seed payloads (Dataverse's ``RemoteExecutionContext`` of an Update
+and of a Create of ``msdyn_agentstatus``, as the webhook receives them) are in ``tests/dataverse/data/``;
+``test_context`` pins them byte for byte by SHA-256, so they cannot drift unnoticed."""
 
 from __future__ import annotations
 
