@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import re
 import socket
+import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,19 +131,32 @@ def create_engine(target: Target) -> AsyncEngine:
     )
 
 
+def _set_wal(cursor: Any) -> None:
+    """``journal_mode=WAL``. SQLite answers "database is locked" at once, without waiting out
+    ``busy_timeout``, when another connection holds a transaction while this one would switch the
+    mode (a fresh file, another instance migrating it): so it is tried again within the same budget.
+    Runs on aiosqlite's connection thread, so the sleep blocks no event loop."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _sqlite_hooks(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # The sqlite3 module's own transaction handling would BEGIN (DEFERRED) behind our back.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        for pragma in (
-            "PRAGMA journal_mode=WAL",
-            f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
-            "PRAGMA foreign_keys=ON",
-            "PRAGMA synchronous=FULL",  # the outbox promise is durability: fsync each commit
-        ):
-            cursor.execute(pragma)
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        _set_wal(cursor)
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=FULL")  # the outbox promise is durability: fsync each commit
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")
