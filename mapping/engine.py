@@ -127,7 +127,13 @@ class SyncEngine:
                     unsent = (
                         await tx.unsent_value(agent_id, event.system) if R.needs_unsent(state, event.system) else None
                     )
-                    decision = R.decide(state, event, self.rules, self.catalogue, now, unsent)
+                    # A Teams event converges Dynamics too: it needs what the outbox says of Dynamics.
+                    dynamics_unsent = (
+                        await tx.unsent_value(agent_id, System.DYNAMICS)
+                        if event.system is System.TEAMS and R.needs_unsent(state, System.DYNAMICS)
+                        else None
+                    )
+                    decision = R.decide(state, event, self.rules, self.catalogue, now, unsent, dynamics_unsent)
                     if decision.result not in (Result.STALE, Result.DUPLICATE):
                         states[agent_id] = decision.state
                         changed.add(agent_id)
@@ -160,10 +166,20 @@ class SyncEngine:
         """Withdraws and queues what ``decision`` says, in the transaction. The outbox knows what the
         rules cannot: a withdrawn write that never left, and a queued value replaced before any
         attempt, will never reach the system, and the state must stop expecting them there."""
+        commands = list(decision.commands)
         for write in decision.cancel:
-            if await tx.cancel_pending(write.agent_id, write.system, now) is OutboxStatus.PENDING:
+            superseded = None
+            if await tx.unsent_value(write.agent_id, write.system) is None:
+                # In flight (the state still expects it, and it is not pending): an attempt cannot be
+                # called back, and cancelling would void its lease, so its failure would go unheard.
+                # Supersede it instead: the outbox then says, by the row, whether it is still under way.
+                superseded = R.superseded(state, write, now)
+            if superseded is not None:
+                state, cmd = superseded
+                commands.append(cmd)
+            elif await tx.cancel_pending(write.agent_id, write.system, now) is OutboxStatus.PENDING:
                 state = R.withdrawn(state, write)
-        for cmd in decision.commands:
+        for cmd in commands:
             hold = holds.get(cmd.system, 0.0)
             unsent = await tx.unsent_value(cmd.agent_id, cmd.system)
             await tx.enqueue(cmd, now, hold, hold * HOLD_CAP_FACTOR)

@@ -109,11 +109,16 @@ def decide(
     catalogue: Mapping[str, Presence],
     now: datetime,
     unsent: str | None = None,
+    dynamics_unsent: str | None = None,
 ) -> Decision:
     """What the bridge does about one observation. ``state`` is not modified; the new one is returned.
 
     ``unsent``: the value queued for the event's system that no attempt has sent yet (the outbox
-    knows; see ``needs_unsent``): the system cannot be showing it, nor echoing it."""
+    knows; see ``needs_unsent``): the system cannot be showing it, nor echoing it. For a Teams event,
+    ``dynamics_unsent`` is the same for Dynamics: the outbox may show that a Dynamics attempt failed,
+    which changes P (``_retry_pending``), and a Teams event converges Dynamics too."""
+    given = state
+    state = _retry_pending(state, unsent if event.system is System.DYNAMICS else dynamics_unsent)
     verdict = order(state, event)
     if verdict is not None:
         if verdict is Result.STALE and event.system is System.DYNAMICS:
@@ -126,6 +131,10 @@ def decide(
             repair = _converge(copy.deepcopy(state), rules, catalogue, now, "sweep", Result.DUPLICATE)
             if repair.commands:
                 return repair
+        if state is not given:
+            # Stale or a duplicate, but the outbox showed an attempt failed: what that changed is kept
+            # (a STALE or DUPLICATE decision is not saved), and P may have changed with it.
+            return _converge(copy.deepcopy(state), rules, catalogue, now, "failed attempt", Result.NO_CHANGE)
         return Decision(verdict, state, detail=f"{event.system} {event.value} v{event.version}")
     s = copy.deepcopy(state)
     if event.system is System.DYNAMICS:
@@ -141,10 +150,38 @@ def decide(
 
 def needs_unsent(state: AgentSyncState, system: System) -> bool:
     """Whether ``decide`` for this system needs to know the unsent queued value (a write of ours is
-    expected that may not have left yet); False spares the engine the outbox look-up."""
+    expected that may not have left yet, or an event was taken for the echo of a write in flight,
+    whose attempt may have failed since); False spares the engine the outbox look-up."""
     if system is System.DYNAMICS:
-        return any(not w.landed and w.below is None for w in state.dynamics_unconfirmed)
+        return any(not w.landed and w.below is None for w in state.dynamics_unconfirmed) or any(
+            e.echo and e.in_flight for e in state.dynamics_recent
+        )
     return bool(state.session_unacked)
+
+
+def _retry_pending(state: AgentSyncState, unsent: str | None) -> AgentSyncState:
+    """The outbox holds ``unsent`` pending (no attempt under way, none succeeded) while the state
+    expects no write of that value: an event was taken for the echo of its attempt while that was in
+    flight, and the attempt failed (a failure waiting for its retry is reported to no one). That
+    event was a change of the agent's own, made then; the retry is still ours, and still expected.
+    Left as it was, nothing withdraws the retry once P moves on, and its echo, matching no write,
+    becomes the agent's choice of a value the bridge wrote."""
+    if unsent is None or any(not w.landed and w.value == unsent for w in state.dynamics_unconfirmed):
+        return state
+    taken = [e for e in state.dynamics_recent if e.echo and e.in_flight and e.value == unsent]
+    if not taken:
+        return state
+    s = copy.deepcopy(state)
+    mistaken = next(e for e in s.dynamics_recent if e.version == taken[-1].version)
+    mistaken.echo = mistaken.in_flight = False
+    if s.own_dynamics_version is None or mistaken.version > s.own_dynamics_version:
+        _genuine(s, mistaken.value, mistaken.by, mistaken.at, mistaken.version)
+    elif mistaken.by == "AGENT" and (s.chose_at is None or mistaken.at > s.chose_at):
+        s.chose_at = mistaken.at  # routing changed P since, but the agent's choice stands
+    s.dynamics_written = unsent
+    write = Write(unsent, mistaken.at, above=s.dynamics_seen.version)  # it lands after all seen so far
+    s.dynamics_unconfirmed = [*s.dynamics_unconfirmed, write][-MAX_UNCONFIRMED:]
+    return s
 
 
 def _observe_dynamics(s: AgentSyncState, ev: PresenceObserved, now: datetime, unsent: str | None) -> bool:
@@ -195,15 +232,17 @@ def _take_echo(s: AgentSyncState, ev: PresenceObserved, now: datetime, unsent: s
     (stale) echo only. Dynamics then shows the newest of our writes that landed after it."""
     live = [w for w in s.dynamics_unconfirmed if not (w.landed or w.below) or now - w.at <= ECHO_WINDOW]
     s.dynamics_unconfirmed = live
-    waiting = unsent is not None and unsent == s.dynamics_written
-    last = max((i for i, w in enumerate(live) if not w.landed and w.value == unsent), default=None)
+    # While the row is pending (queued, or waiting out a retry) no attempt is under way: the engine
+    # never calls back an attempt in flight (``superseded``), so a write of ours not acknowledged by
+    # then was not sent yet or failed. Neither can have echoed.
+    pending = unsent is not None
     candidates = [
         i
         for i, w in enumerate(live)
         if w.value == ev.value
         and w.below is None
         and (w.above is None or ev.version is None or ev.version > w.above)
-        and not (waiting and i == last)  # still in the outbox: it cannot have echoed
+        and not (pending and not w.landed)
     ]
     if not candidates:
         return False
@@ -447,27 +486,61 @@ def landed(
     s = copy.deepcopy(state)
     read: tuple[System, ...] = ()
     if system is System.TEAMS:
+        before = s.session_delivered
         s.session_delivered, s.session_landed_at = value, now
         if value in s.session_unacked:
-            s.session_unacked = s.session_unacked[s.session_unacked.index(value) + 1 :]
+            i = s.session_unacked.index(value)
+            # One attempt per row at a time: the sessions decided before this one and never
+            # acknowledged failed (a failure replaced by a newer value is reported to no one), so
+            # Teams never showed them, and a later report of one is the person's own state.
+            failed = set(s.session_unacked[:i]) - {before, value}
+            s.session_replaced = [v for v in s.session_replaced if v not in failed]
+            s.session_unacked = s.session_unacked[i + 1 :]
         if value == s.session_written and not s.session_unacked and s.read_after_landing:
             s.read_after_landing = False
             read = (System.TEAMS,)
         decision = _converge(s, rules, catalogue, now, f"teams session {value} landed", Result.NO_CHANGE)
         return Decision(decision.result, decision.state, decision.commands, decision.cancel, read, decision.detail)
+    acked_before = s.dynamics_delivered_at
     s.dynamics_delivered, s.dynamics_delivered_at = value, now
     mine = next((w for w in s.dynamics_unconfirmed if w.value == value and not w.landed), None)
     if mine is None:
         return Decision(Result.NO_CHANGE, s, detail=f"dynamics {value} landed; its echo came first")
     mine.landed, mine.at = True, now  # its echo is expected from now on
+    # One attempt per row at a time (an attempt in flight is superseded, never called back): the
+    # writes decided before this one and not acknowledged are over, and failed (a failure replaced by
+    # a newer value is reported to no one). Their echo will not come; kept, one would swallow the
+    # agent's own later change to its value.
+    i = s.dynamics_unconfirmed.index(mine)
+    s.dynamics_unconfirmed = [w for w in s.dynamics_unconfirmed[:i] if w.landed] + s.dynamics_unconfirmed[i:]
+    # For the same reason, an event of another value taken for the echo of a write on its way, since
+    # the last acknowledgement, was no echo: that write was never acknowledged, so it failed, and the
+    # event was the agent's own change (made during this attempt, say). Only this write's own echo may
+    # have come before its acknowledgement.
+    mistaken = [
+        e
+        for e in s.dynamics_recent
+        if e.echo and e.in_flight and e.value != value and (acked_before is None or e.at > acked_before)
+    ]
+    changed = bool(mistaken)
+    if mistaken:
+        e = mistaken[-1]
+        for m in mistaken:
+            m.echo = m.in_flight = False
+        if s.own_dynamics_version is None or e.version > s.own_dynamics_version:
+            _genuine(s, e.value, e.by, e.at, e.version)
+        elif e.by == "AGENT" and (s.chose_at is None or e.at > s.chose_at):
+            s.chose_at = e.at  # routing changed P since, but the agent's choice stands
     s.dynamics_seen.value = value  # Dynamics shows it now (its webhook will be consumed)
     if s.own_dynamics == value:
         s.undo_command = None
-    if value == s.dynamics_written:
+    if value == s.dynamics_written and not changed:
         s.dynamics_written = None
         return Decision(Result.NO_CHANGE, s, detail=f"dynamics {value} landed")
-    # A write withdrawn too late (it was in flight) or replaced landed: Dynamics shows it until the
-    # difference is written again.
+    if value == s.dynamics_written:
+        s.dynamics_written = None
+    # A write withdrawn too late (it was in flight) or replaced landed, or P was found changed:
+    # Dynamics shows it until the difference is written again.
     return _converge(s, rules, catalogue, now, f"dynamics {value} landed", Result.NO_CHANGE)
 
 
@@ -498,6 +571,22 @@ def write_died(
     shown = catalogue.get(s.dynamics_seen.value or "")
     reason = f"dynamics write {value} failed; Teams follows {shown.name if shown else 'Dynamics'}"
     return _converge(s, rules, catalogue, now, reason, Result.NO_CHANGE, dynamics=False)
+
+
+def superseded(state: AgentSyncState, write: SetPresence, now: datetime) -> tuple[AgentSyncState, SetPresence] | None:
+    """A withdrawn Dynamics write whose attempt is in flight: it cannot be called back. Cancelling the
+    row would void the attempt's lease, so that its failure would be reported to no one and the state
+    would expect its echo for good (a later change of the agent's own to that value was swallowed as
+    that echo, and the bridge wrote over the agent's last choice). Instead the row gets what Dynamics
+    shows as its next value: if the attempt lands, that repairs it; if it fails, the row is pending
+    again (no attempt under way, so the failed write is not expected back), and the value is written
+    once more, which changes nothing that Dynamics shows. None when what Dynamics shows is unknown
+    (a write is withdrawn only because Dynamics already shows what it should, so never in practice)."""
+    if state.dynamics_seen.value is None:
+        return None
+    s = copy.deepcopy(state)
+    shown = state.dynamics_seen.value
+    return s, _write_dynamics(s, shown, now, f"{write.reason}: {write.value} in flight, superseded")
 
 
 def withdrawn(state: AgentSyncState, write: SetPresence) -> AgentSyncState:
@@ -541,6 +630,7 @@ __all__ = [
     "never_sent",
     "order",
     "refresh",
+    "superseded",
     "withdrawn",
     "write_died",
 ]

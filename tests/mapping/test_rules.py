@@ -41,11 +41,23 @@ class ReadRecorder:
         self.asked.append((system, agent_id))
 
 
+READS: dict[int, ReadRecorder] = {}
+"""The recorder each fixture bridge was given, by ``id`` of the bridge (however it wires reads in)."""
+
+
 @pytest.fixture
 async def b():
-    bridge = make_bridge(reads=ReadRecorder())
+    reads = ReadRecorder()
+    bridge = make_bridge(reads=reads)
+    READS[id(bridge)] = reads
     await bridge.store.upsert_agents([ALICE, BOB])
-    return bridge
+    yield bridge
+    del READS[id(bridge)]
+
+
+def asked(bridge):
+    """The reads the engine of a fixture bridge asked for."""
+    return READS[id(bridge)].asked
 
 
 async def state_of(bridge, agent=ALICE):
@@ -236,9 +248,9 @@ async def test_rule2_a_state_hidden_behind_a_cleared_session_is_read_once_it_lan
     await settle(b)
     assert (await b.engine.observe(ev(ALICE, T, "Busy/InACall", b.clock.advance(1)))).result is Result.ECHO
     await b.engine.observe(ev(ALICE, D, AVAILABLE, b.clock.advance(30), 2, "SYSTEM"))
-    assert b.engine.reads.asked == []
+    assert asked(b) == []
     await settle(b)  # the clear lands
-    assert b.engine.reads.asked == [(T, ALICE.dynamics_user_id)]
+    assert asked(b) == [(T, ALICE.dynamics_user_id)]
     found = await b.engine.observe(read_now(ALICE, "Busy/InACall", b.clock.advance(1)))
     assert writes(found) == [(D, BUSY)]
 
@@ -601,7 +613,7 @@ async def test_a_teams_change_to_the_value_of_a_session_being_cleared_is_the_per
     await b.engine.command(ALICE, AVAILABLE)
     await b.engine.observe(ev(ALICE, T, "Busy/InACall", b.clock.advance(2)))
     await settle(b)
-    assert b.engine.reads.asked == [(T, ALICE.dynamics_user_id)]  # the clear landed: what it hid is read
+    assert asked(b) == [(T, ALICE.dynamics_user_id)]  # the clear landed: what it hid is read
     await b.engine.observe(read_now(ALICE, "Busy/InACall", b.clock.advance(0.1)))
     await settle(b)
     state = await state_of(b)
@@ -629,3 +641,155 @@ async def test_rule3_the_agent_choosing_again_what_our_landed_write_set_is_their
     state = await state_of(b)
     assert state.own_dynamics == BUSY
     assert calls(b, D)[-1] != (ALICE.dynamics_user_id, AVAILABLE)
+
+
+class DuringWrite(RecordingWriter):
+    """A Dynamics writer that, before its next attempt commits, lets the bridge judge the webhook of
+    an earlier change of the row (Dataverse's synchronous webhook is answered before the bridge's
+    write of the same row commits), then raises the queued errors first, like ``RecordingWriter``."""
+
+    def __init__(self, errors=(), system=D) -> None:
+        super().__init__(system, errors)
+        self.before: list = []
+
+    async def apply(self, agent, value):
+        if self.before:  # one per attempt
+            await self.before.pop(0)()
+        await super().apply(agent, value)
+
+
+async def test_rule3_a_withdrawn_write_that_failed_in_flight_is_not_expected_back():
+    """From the stateful test's counterexample: our override Busy is in flight when the agent's own
+    DND is judged, so the write is no longer needed; then the attempt fails. It never landed, so a
+    later Busy of the agent's own is their choice, not its echo (it was taken for the echo, kept DND
+    as P, and the bridge wrote DND over the agent's last choice)."""
+    from mapping.errors import RetryableError
+
+    dynamics = DuringWrite([RetryableError("503")])
+    b = make_bridge(writers={T: RecordingWriter(T), D: dynamics})
+    await b.store.upsert_agents([ALICE])
+    await b.engine.observe(ev(ALICE, D, AVAILABLE, b.clock(), 1))
+    await b.engine.observe(ev(ALICE, T, "Busy/InACall", b.clock.advance(30)))  # override Busy queued
+
+    async def agent_sets_dnd() -> None:
+        await b.engine.observe(ev(ALICE, D, DND, b.clock.advance(1), 2, "AGENT"))
+
+    dynamics.before.append(agent_sets_dnd)
+    await b.outbox.drain()  # the agent's DND is judged during the Busy attempt, which then fails
+    b.clock.advance(60)
+    await b.outbox.drain()
+    written = len(dynamics.calls)
+    await b.engine.observe(ev(ALICE, D, BUSY, b.clock.advance(1), 5, "AGENT"))
+    await b.outbox.drain()
+    state = await state_of(b)
+    assert state.own_dynamics == BUSY and state.chose_at == b.clock()
+    assert dynamics.calls[written:] == []  # nothing written over the agent's last choice
+    assert (ALICE.dynamics_user_id, BUSY) not in dynamics.calls  # the failed Busy is never retried
+
+
+async def test_rule3_a_change_taken_for_the_echo_of_an_attempt_that_failed_is_the_agents_own():
+    """From the stateful test's counterexample: the agent sets Busy while our override Busy is in
+    flight, and their webhook is taken for its echo; then the attempt fails and waits for its retry.
+    A write still pending cannot have echoed, so that Busy was the agent's own: the retry is ours and
+    still expected, and when the agent then chooses Available it is withdrawn (it was written later,
+    and its echo taken for the agent's choice of Busy)."""
+    from mapping.errors import RetryableError
+
+    dynamics = DuringWrite([RetryableError("503")])
+    b = make_bridge(writers={T: RecordingWriter(T), D: dynamics})
+    await b.store.upsert_agents([ALICE])
+    await b.engine.observe(ev(ALICE, D, AVAILABLE, b.clock(), 1))
+    await b.engine.observe(ev(ALICE, T, "Busy/InACall", b.clock.advance(30)))  # override Busy queued
+
+    async def agent_sets_busy() -> None:
+        taken = await b.engine.observe(ev(ALICE, D, BUSY, b.clock.advance(1), 2, "AGENT"))
+        assert taken.result is Result.ECHO  # indistinguishable from our echo so far
+
+    dynamics.before.append(agent_sets_busy)
+    await b.outbox.run_once()  # the agent's Busy is judged during the attempt, which then fails
+    assert (await b.store.outbox_row(ALICE.dynamics_user_id, D)).status is OutboxStatus.PENDING
+    await b.engine.observe(ev(ALICE, D, AVAILABLE, b.clock.advance(1), 3, "AGENT"))
+    b.clock.advance(600)
+    await b.outbox.drain()
+    state = await state_of(b)
+    assert state.own_dynamics == AVAILABLE and state.dynamics_unconfirmed == []
+    assert dynamics.calls == []  # the retry of Busy was withdrawn
+
+
+async def test_rule3_a_teams_change_after_an_attempt_failed_sees_the_agents_own_change():
+    """From the stateful test's counterexample: as above, the agent's Busy is taken for the echo of
+    our Busy whose attempt then fails; the next event is the person's call ending in Teams. The
+    agent's Busy was their choice, made after the call began: Dynamics stays Busy (it was written
+    Available, P as it stood before the agent's change)."""
+    from mapping.errors import RetryableError
+
+    dynamics = DuringWrite([RetryableError("503")])
+    b = make_bridge(writers={T: RecordingWriter(T), D: dynamics})
+    await b.store.upsert_agents([ALICE])
+    await b.engine.observe(ev(ALICE, D, AVAILABLE, b.clock(), 1))
+    await b.engine.observe(ev(ALICE, T, "Busy/InACall", b.clock.advance(30)))  # override Busy queued
+
+    async def agent_sets_busy() -> None:
+        await b.engine.observe(ev(ALICE, D, BUSY, b.clock.advance(1), 2, "AGENT"))
+
+    dynamics.before.append(agent_sets_busy)
+    await b.outbox.run_once()  # the agent's Busy is judged during the attempt, which then fails
+    out = await b.engine.observe(ev(ALICE, T, "Available/Available", b.clock.advance(1)))
+    assert (D, AVAILABLE) not in writes(out)
+    b.clock.advance(600)
+    await b.outbox.drain()
+    state = await state_of(b)
+    assert state.own_dynamics == BUSY and state.chose_at is not None
+    assert AVAILABLE not in [v for _, v in dynamics.calls]
+
+
+async def test_rule3_a_change_taken_for_the_echo_of_a_write_never_acknowledged_is_the_agents_own(b):
+    """From the stateful test's counterexample: the bot's Available is in flight when the agent's own
+    Busy is judged (our write is superseded by Busy, what Dynamics shows), and the attempt fails. The
+    agent then chooses Available while the superseding Busy is in flight: taken for the echo of our
+    Available, which could still be on its way. Once Busy lands without Available ever acknowledged,
+    Available never landed: that event was the agent's choice, and Dynamics is written Available."""
+    from mapping.errors import RetryableError
+
+    dynamics = DuringWrite()
+    b = make_bridge(writers={T: RecordingWriter(T), D: dynamics})
+    await b.store.upsert_agents([ALICE])
+    await b.engine.observe(ev(ALICE, D, AVAILABLE, b.clock(), 1))
+    await b.engine.observe(ev(ALICE, T, "Busy/InACall", b.clock.advance(30)))  # override Busy
+    await b.outbox.drain()  # lands as v2
+    await b.engine.observe(ev(ALICE, D, BUSY, b.clock.advance(0.1), 2, "AGENT"))  # its echo
+    await b.engine.command(ALICE, AVAILABLE)
+    dynamics.errors.append(RetryableError("503"))
+
+    async def agent_sets(value: str, version: int) -> None:
+        await b.engine.observe(ev(ALICE, D, value, b.clock.advance(1), version, "AGENT"))
+
+    dynamics.before += [lambda: agent_sets(BUSY, 3), lambda: agent_sets(AVAILABLE, 4)]
+    await b.outbox.drain()  # Available fails after the agent's Busy; Busy lands after their Available
+    await b.outbox.drain()
+    state = await state_of(b)
+    assert state.own_dynamics == AVAILABLE
+    assert dynamics.calls[-1] == (ALICE.dynamics_user_id, AVAILABLE)
+
+
+async def test_rule3_a_session_whose_attempt_failed_is_not_an_older_session_still_showing(b):
+    """From the stateful test's counterexample: routing frees the agent while our DND session is in
+    flight, so a clear replaces it; the DND attempt then fails, and the clear lands. The failed session
+    never showed, so a later report of that value is the person's own state, not an older session of
+    ours still showing."""
+    from mapping.errors import RetryableError
+
+    teams = DuringWrite([RetryableError("503")], system=T)
+    b = make_bridge(writers={T: teams, D: RecordingWriter(D)})
+    await b.store.upsert_agents([ALICE])
+    await b.engine.observe(ev(ALICE, D, AVAILABLE, b.clock(), 1, "SYSTEM"))
+    await b.engine.observe(ev(ALICE, D, DND, b.clock.advance(1), 2, "SYSTEM"))  # session DND queued
+
+    async def routing_frees() -> None:
+        await b.engine.observe(ev(ALICE, D, AVAILABLE, b.clock.advance(1), 3, "SYSTEM"))  # clear queued
+
+    teams.before.append(routing_frees)
+    await b.outbox.drain()  # the DND session attempt fails after the clear replaced it; the clear lands
+    assert teams.calls == [(ALICE.dynamics_user_id, CLEAR)]
+    out = await b.engine.observe(ev(ALICE, T, "DoNotDisturb/Presenting", b.clock.advance(1)))
+    assert writes(out) == [(D, DND)]  # the person's own Do not disturb asks Busy DND
