@@ -51,9 +51,7 @@ from graph_sync.notifications import GraphIntake
 from mapping.bridge import Bridge
 from mapping.catalogue import Catalogue
 from mapping.clock import utcnow
-from mapping.engine import SyncEngine
 from mapping.model import OOB_PRESENCE_IDS, Agent, BasePresence, Presence, PresenceObserved, System
-from mapping.outbox import OutboxWorker
 from mapping.translation import Rules
 
 CLIENT_ID = "11111111-2222-3333-4444-555555555555"
@@ -275,9 +273,7 @@ async def main_async(args: argparse.Namespace) -> int:
         timings = Timings()
         catalogue = Catalogue(CATALOGUE)
         rules = Rules()
-        engine = SyncEngine(store, catalogue, rules, telemetry=timings)
-        outbox = OutboxWorker(store, {}, limiters={})
-        bridge = Bridge(store, catalogue, rules, engine, outbox, telemetry=timings, limiters={})
+        bridge = Bridge.assemble(store, catalogue, rules, {}, telemetry=timings, limiters={})
         agents = make_agents(args.agents)
         await store.replace_presences(CATALOGUE)
         for start in range(0, len(agents), 500):

@@ -25,7 +25,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from bot.commands import SYSTEM_NAMES, PendingChange, value_label
+from bot.commands import PendingChange
+from bot.wording import SYSTEM_NAMES, value_label
 from mapping.api import CoreApi
 from mapping.model import CLEAR, Delivery, OutboxStatus, System
 

@@ -26,10 +26,8 @@ name another person. Unknown users are recorded by ``engine.agent_for`` and told
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import time
 from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Any
@@ -42,13 +40,16 @@ from botbuilder.integration.aiohttp import CloudAdapter, ConfigurationBotFramewo
 from botbuilder.schema import Activity, ActivityTypes, Attachment, ConversationReference
 from botframework.connector.auth import AuthenticateRequestResult
 
-from bot.commands import SETTLE_SECONDS, Kind, Reply, handle, parse
+from bot.commands import SETTLE_SECONDS, Reply, handle
 from bot.followups import FollowUps, remember_conversation
+from bot.parsing import Kind, parse
+from edge.body import read_json
+from edge.intake import Rejected, answer
+from edge.upstream import is_loopback
 from mapping.api import CoreApi
-from mapping.errors import ConfigError, Rejected
-from mapping.hosts import is_loopback
+from mapping.errors import ConfigError
 from mapping.model import Agent, System
-from mapping.ports import DeliveryListener, PresenceReader
+from mapping.ports import PresenceReader
 from mapping.rules import Result
 
 log = logging.getLogger("presence_sync.bot")
@@ -94,8 +95,8 @@ class _SdkSender:
 
 
 class BotIntake:
-    """The bot's inbound route and its proactive side. ``service`` registers ``listener`` with the
-    outbox (follow-ups) and calls ``start``/``stop`` with the runtime."""
+    """The bot's inbound route and its proactive side (follow-ups, registered with the core when
+    built). ``service`` calls ``start``/``stop`` with the runtime."""
 
     def __init__(
         self,
@@ -131,11 +132,7 @@ class BotIntake:
         )
         self.adapter = CloudAdapter(ConfigurationBotFrameworkAuthentication(config))
         self.followups = FollowUps(bridge, _SdkSender(self))
-
-    @property
-    def listener(self) -> DeliveryListener:
-        """The outbox listener that sends follow-ups for changes a reply called queued."""
-        return self.followups
+        bridge.on_delivery(self.followups)  # follow-ups for changes a reply called queued
 
     async def start(self) -> None:
         await self.followups.start()
@@ -144,24 +141,14 @@ class BotIntake:
         await self.followups.stop()
 
     # ------------------------------------------------------------------ the route
-    async def handle(self, request: web.Request) -> web.Response:
-        started = time.monotonic()
-        try:
-            return await self._handle(request)
-        except Rejected as r:
-            self.bridge.telemetry.rejected(ROUTE, r.reason)
-            log.warning(
-                "bot activity rejected",
-                extra={"fields": {"status": r.status, "reason": r.reason, "remote": request.remote}},
-            )
-            return web.json_response({"error": r.message}, status=r.status)
-        except Exception:
-            log.exception("bot activity failed", extra={"fields": {"remote": request.remote}})
-            return web.json_response(
-                {"error": "the bot could not process this activity now; send it again"}, status=503
-            )
-        finally:
-            self.bridge.telemetry.latency(f"ack.{ROUTE}", time.monotonic() - started)
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        return await answer(
+            ROUTE,
+            self.bridge.telemetry,
+            lambda: self._handle(request),
+            unavailable="the bot could not process this activity now; send it again",
+            remote=request.remote,
+        )
 
     async def _handle(self, request: web.Request) -> web.Response:
         auth_header = request.headers.get("Authorization", "")
@@ -204,21 +191,7 @@ class BotIntake:
         return result
 
     async def _read_body(self, request: web.Request) -> dict[str, Any]:
-        if request.content_length is not None and request.content_length > MAX_BODY:
-            raise Rejected(413, "too_large", f"activity larger than {MAX_BODY} bytes")
-        if request.content_type != "application/json":
-            raise Rejected(415, "unsupported_media_type", "send the activity as application/json")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.content.iter_chunked(64 * 1024):  # chunked uploads carry no length
-            size += len(chunk)
-            if size > MAX_BODY:
-                raise Rejected(413, "too_large", f"activity larger than {MAX_BODY} bytes")
-            chunks.append(chunk)
-        try:
-            body = json.loads(b"".join(chunks))
-        except ValueError:
-            raise Rejected(400, "malformed", "body is not valid JSON") from None
+        body = await read_json(request, max_body=MAX_BODY, what="a Bot Framework activity", types=("application/json",))
         if not isinstance(body, dict):
             raise Rejected(400, "malformed", "body is not a JSON object (an activity)")
         if not isinstance(body.get("type"), str) or not body["type"]:

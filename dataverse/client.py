@@ -30,12 +30,11 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from edge.upstream import retry_after_seconds, upstream_base_url
 from mapping.clock import Clock, from_epoch_ms, utcnow
 from mapping.errors import PermanentError, RetryableError, Throttled, UpstreamError
-from mapping.hosts import upstream_base_url
 from mapping.model import Agent, BasePresence, Presence, PresenceObserved, System
 from mapping.ports import TokenProvider
-from mapping.retry import retry_after_seconds
 
 log = logging.getLogger("presence_sync.dataverse")
 
@@ -105,6 +104,12 @@ class Reply:
     status: int
     headers: Mapping[str, str]
     body: Any
+
+
+@dataclass(frozen=True)
+class ApiLookup:
+    defined: bool
+    unreadable: int | None = None
 
 
 class DataverseClient:
@@ -373,6 +378,32 @@ class DataverseClient:
             next_path, next_params = (link, None) if isinstance(link, str) and link else (None, None)
 
     # ------------------------------------------------------------------------------------ writes (registration)
+
+    async def custom_api_defined(self, name: str) -> ApiLookup:
+        """Whether the custom API (or SDK message) ``name`` exists in this environment, from the
+        ``customapis`` table, then ``sdkmessages``: never by calling it, since a call of a CCaaS API
+        changes an agent's presence. When ``customapis`` cannot be read here (no read privilege, or
+        an emulator without the table), ``unreadable`` is the HTTP status that said so."""
+        literal = f"'{name}'"
+        try:
+            rows = await self.query(
+                "customapis",
+                select="customapiid,uniquename",
+                filter=f"uniquename eq {literal}",
+                what=f"looking up {name} in customapis",
+            )
+        except PermanentError as e:
+            if e.status in (400, 403, 404):
+                return ApiLookup(False, unreadable=e.status)
+            raise
+        if not rows:
+            rows = await self.query(
+                "sdkmessages",
+                select="sdkmessageid,name",
+                filter=f"name eq {literal}",
+                what=f"looking up the {name} sdkmessage",
+            )
+        return ApiLookup(bool(rows))
 
     async def query(self, entity_set: str, *, select: str, filter: str, what: str) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []

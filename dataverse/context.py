@@ -37,8 +37,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from mapping.clock import to_epoch_ms
-
 AGENT_STATUS = "msdyn_agentstatus"
 MAX_NESTING = 8
 """``ParentContext`` levels followed at most: real contexts nest once or twice; a deeper body is junk."""
@@ -82,18 +80,6 @@ class AgentStatusChange:
     @property
     def is_presence_change(self) -> bool:
         return self.presence_id is not None
-
-    @property
-    def order_version(self) -> int | None:
-        """The contract's ordering key (``docs/adapters.md``): ``RowVersion`` when the context has one,
-        else ``msdyn_presencemodifiedon`` in epoch milliseconds. Note the two are different scales (a
-        row version is a database counter in the millions, a timestamp is ~1.7e12), which is why the
-        intake does not hand the fallback to the core; see ``dataverse.webhook``."""
-        if self.row_version is not None:
-            return self.row_version
-        if self.presence_modified_on is not None:
-            return to_epoch_ms(self.presence_modified_on)
-        return None
 
 
 # ---------------------------------------------------------------------------------------------- values

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dataverse.client import DataverseClient, odata_string
+from edge.upstream import is_loopback
 from mapping.errors import ConfigError
-from mapping.hosts import is_loopback
 
 ENDPOINT_NAME = "teams-presence-sync"
 TABLE = "msdyn_agentstatus"

@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
-import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -40,9 +38,11 @@ from aiohttp import web
 
 from dataverse.client import DataverseClient
 from dataverse.context import AgentStatusChange, ContextError, Message, parse_context
+from edge.body import read_json
+from edge.intake import Rejected, answer
+from edge.upstream import is_loopback
 from mapping.api import CoreApi
-from mapping.errors import Rejected, UpstreamError
-from mapping.hosts import is_loopback
+from mapping.errors import UpstreamError
 from mapping.model import Agent, PresenceObserved, System
 from mapping.rounds import Rounds
 from mapping.rules import Result
@@ -56,7 +56,6 @@ PENDING_KIND = "dataverse.pending_agent"
 KEY_HEADER = "x-presence-sync-key"
 KEY_SETTING = "PRESENCE_SYNC_DATAVERSE_WEBHOOK_KEY"
 MAX_BODY = 1024 * 1024
-_JSON_TYPES = ("application/json", "text/json")
 _PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
 
 
@@ -116,32 +115,24 @@ class DataverseIntake:
 
     # ------------------------------------------------------------------------------------ the route
 
-    async def handle(self, request: web.Request) -> web.Response:
-        started = time.monotonic()
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        return await answer(
+            ROUTE,
+            self.bridge.telemetry,
+            lambda: self._handle(request),
+            unavailable="temporarily unable to record the change; nothing was acknowledged, send it again",
+            remote=request.remote,
+        )
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        body = await read_json(request, max_body=self.max_body, what="a RemoteExecutionContext JSON object")
         try:
-            self._authorize(request)
-            body = await self._body(request)
-            try:
-                change = parse_context(body)
-            except ContextError as e:
-                raise Rejected(
-                    400, "malformed_context", f"not a usable msdyn_agentstatus context: {e.reason}"
-                ) from None
-            status, payload = await self._accept(change)
-            return web.json_response(payload, status=status)
-        except Rejected as r:
-            self.bridge.telemetry.rejected(ROUTE, r.reason)
-            log.info("dataverse webhook rejected", extra={"fields": {"reason": r.reason, "detail": r.message}})
-            return web.json_response({"error": r.message}, status=r.status)
-        except Exception:
-            log.exception("dataverse webhook failed")
-            self.bridge.telemetry.rejected(ROUTE, "internal")
-            return web.json_response(
-                {"error": "temporarily unable to record the change; nothing was acknowledged, send it again"},
-                status=503,
-            )
-        finally:
-            self.bridge.telemetry.latency(f"ack.{ROUTE}", time.monotonic() - started)
+            change = parse_context(body)
+        except ContextError as e:
+            raise Rejected(400, "malformed_context", f"not a usable msdyn_agentstatus context: {e.reason}") from None
+        status, payload = await self._accept(change)
+        return web.json_response(payload, status=status)
 
     def _authorize(self, request: web.Request) -> None:
         if not self.key:
@@ -157,30 +148,6 @@ class DataverseIntake:
             raise Rejected(401, "unauthenticated", f"missing webhook key: send ?code=<key> or header {KEY_HEADER}")
         if not any(hmac.compare_digest(v.encode(), self.key) for v in given):
             raise Rejected(401, "unauthenticated", "wrong webhook key")
-
-    async def _body(self, request: web.Request) -> Any:
-        if request.content_length is not None and request.content_length > self.max_body:
-            raise Rejected(413, "too_large", f"body of {request.content_length} bytes exceeds {self.max_body}")
-        ctype = request.content_type
-        if "Content-Type" not in request.headers or not (ctype in _JSON_TYPES or ctype.endswith("+json")):
-            shown = ctype if "Content-Type" in request.headers else "none"
-            raise Rejected(415, "unsupported_media_type", f"content type {shown!r}; Dataverse sends application/json")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            size += len(chunk)
-            if size > self.max_body:
-                raise Rejected(413, "too_large", f"body exceeds {self.max_body} bytes")
-            chunks.append(chunk)
-        raw = b"".join(chunks)
-        if not raw.strip():
-            raise Rejected(400, "malformed", "empty body; expected a RemoteExecutionContext JSON object")
-        try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, ValueError) as e:
-            raise Rejected(400, "malformed", f"body is not JSON: {e}") from None
-        except RecursionError:  # [[[[... : junk, not a store failure, so not a 503 that invites a resend
-            raise Rejected(400, "malformed", "body is not a usable JSON document: nested too deeply") from None
 
     # ------------------------------------------------------------------------------------ processing
 
@@ -264,7 +231,7 @@ class DataverseIntake:
             self._busy = False
 
     async def _settle(self, agent_id: str) -> None:
-        directory, records = self.bridge.directory, self.bridge.records
+        records = self.bridge.records
         if self.client is None:
             await self._give_up(agent_id, "Dataverse is not configured, so its Entra object id cannot be looked up")
             return
@@ -277,22 +244,14 @@ class DataverseIntake:
             problem = "systemuser has no azureactivedirectoryobjectid (Entra object id)"
         elif user.disabled:
             problem = "systemuser is disabled"
-        else:
-            other = await directory.get_agent_by_entra(user.entra_object_id)
-            if other is not None and other.dynamics_user_id != agent_id:
-                problem = f"its Entra object id {user.entra_object_id} already belongs to agent {other.label}"
         if problem is not None or user is None or user.entra_object_id is None:
             await self._give_up(agent_id, problem or "")
             return
-        agent = await directory.get_agent(agent_id)  # added meanwhile (discovery, CSV): keep it as it is
-        outcome = "unchanged"
-        if agent is None:
-            agent = Agent(agent_id, user.entra_object_id, user.fullname, True)
-            try:
-                outcome = (await directory.upsert_agents([agent])).get(agent_id, "added")
-            except ValueError as e:  # the Entra id was taken meanwhile
-                await self._give_up(agent_id, str(e))
-                return
+        added = await self.bridge.add_agent(Agent(agent_id, user.entra_object_id, user.fullname, True))
+        if added.agent is None:
+            await self._give_up(agent_id, added.problem or added.outcome)
+            return
+        agent, outcome = added.agent, "unchanged" if added.outcome == "kept" else added.outcome
         log.info(
             "agent added from a Dataverse Create",
             extra={"fields": {"systemuser": agent_id, "agent_name": user.fullname, "directory": outcome}},

@@ -3,7 +3,8 @@ Contact Center presence APIs, webhook registration and webhook emission. It powe
 ``presence-sync demo`` and the Dataverse adapter's tests, so it must fail the way Dataverse fails, not
 only succeed the way it succeeds.
 
-What it models (facts: ``../shared/reference/upstream-apis.md``, the seed how-to and its payloads):
+What it models (the upstream facts are summarised in ``docs/DESIGN.md``; the seed payloads are
+``tests/dataverse/data/update-presence.json`` and ``create-agent.json``):
 
 - **Web API** under ``/api/data/v9.2``: ``systemusers``, ``msdyn_presences`` (the five out-of-the-box
   presences, custom "Training" (base Busy DND) and "Lunch" (base Away), and an inactive custom one),
@@ -311,8 +312,9 @@ class _Filter:
 
     def parse(self) -> Predicate:
         pred = self._or()
-        if self._peek() is not None:
-            raise self._error(f"unexpected {self._peek()[1]!r}")  # type: ignore[index]
+        rest = self._peek()
+        if rest is not None:
+            raise self._error(f"unexpected {rest[1]!r}")
         return pred
 
     def _or(self) -> Predicate:

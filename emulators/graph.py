@@ -2,7 +2,7 @@
 notifications. It powers ``presence-sync demo`` and the Graph adapter's tests, so it must fail the way
 Graph fails, not only succeed the way Graph succeeds.
 
-What it models (facts: ``../shared/reference/upstream-apis.md`` and Graph's public documentation):
+What it models (facts: ``docs/DESIGN.md`` and Graph's public documentation):
 
 - **Presence per user** (Entra object id, compared case-insensitively): the person's *own* state (what
   their Teams clients say; ``set_user_state``), application *sessions* keyed by ``sessionId``

@@ -31,10 +31,9 @@ from kiota_http.middleware import ParametersNameDecodingHandler, UserAgentHandle
 from msgraph import GraphRequestAdapter, GraphServiceClient
 from msgraph_core import GraphClientFactory
 
+from edge.upstream import retry_after_seconds, upstream_base_url
 from mapping.errors import PermanentError, RetryableError, Throttled, UpstreamError
-from mapping.hosts import upstream_base_url
 from mapping.ports import TokenProvider
-from mapping.retry import retry_after_seconds
 
 log = logging.getLogger("presence_sync.graph")
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-import json
 import logging
 import re
 import time
@@ -42,12 +41,14 @@ import aiohttp
 import jwt
 from aiohttp import web
 
+from edge.body import read_json
+from edge.intake import Rejected, answer
+from graph_sync.coverage import agents_for
 from graph_sync.crypto import DecryptionError, Decryptor
-from graph_sync.subscriptions import SubscriptionManager, agents_for
+from graph_sync.subscriptions import SubscriptionManager
 from graph_sync.teams import MAX_IDS
 from mapping.api import CoreApi
 from mapping.engine import BATCH
-from mapping.errors import Rejected
 from mapping.model import PresenceObserved, System
 from mapping.ports import PresenceReader
 from mapping.rounds import Rounds
@@ -182,10 +183,6 @@ class TokenValidator:
         self._verified[token] = float(claims["exp"])
 
 
-def _json_error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
-
-
 def _handshake(request: web.Request) -> web.Response | None:
     token = request.query.get("validationToken")
     if token is None:
@@ -242,6 +239,7 @@ class GraphIntake:
             name="graph-pending-reads",
         )
         self._tasks: set[asyncio.Task[Any]] = set()
+        bridge.serve_reads(System.TEAMS, self)
 
     # ------------------------------------------------------------------ lifecycle of the intake
 
@@ -290,46 +288,21 @@ class GraphIntake:
     async def _guarded(
         self, route: str, request: web.Request, handle: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        started = time.monotonic()
-        try:
+        async def run() -> web.StreamResponse:
             handshake = _handshake(request)
-            if handshake is not None:
-                return handshake
-            return await handle(request)
-        except Rejected as r:
-            self.bridge.telemetry.rejected(route, r.reason)
-            log.info(
-                "graph request rejected", extra={"fields": {"route": route, "reason": r.reason, "detail": r.message}}
-            )
-            return _json_error(r.status, r.message)
-        except Exception:
-            # Nothing was acknowledged: 503 makes Graph deliver again later instead of losing the batch.
-            log.exception("graph request failed", extra={"fields": {"route": route}})
-            self.bridge.telemetry.rejected(route, "internal")
-            return _json_error(503, "temporarily unable to store the notification; retry later")
-        finally:
-            self.bridge.telemetry.latency(f"ack.{route}", time.monotonic() - started)
+            return handshake if handshake is not None else await handle(request)
+
+        # Nothing acknowledged on failure: the 503 makes Graph deliver again later instead of losing it.
+        return await answer(
+            route,
+            self.bridge.telemetry,
+            run,
+            unavailable="temporarily unable to store the notification; retry later",
+            remote=request.remote,
+        )
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
-        if request.content_length is not None and request.content_length > self.max_body:
-            raise Rejected(413, "too_large", f"body of {request.content_length} bytes exceeds {self.max_body}")
-        ctype = request.content_type
-        if request.headers.get("Content-Type") and ctype not in ("application/json", "text/json"):
-            raise Rejected(415, "unsupported_media_type", f"content type {ctype!r}; Graph sends application/json")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            size += len(chunk)
-            if size > self.max_body:
-                raise Rejected(413, "too_large", f"body exceeds {self.max_body} bytes")
-            chunks.append(chunk)
-        raw = b"".join(chunks)
-        if not raw:
-            raise Rejected(400, "malformed", "empty body; expected a JSON object with 'value'")
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, ValueError) as e:
-            raise Rejected(400, "malformed", f"body is not JSON: {e}") from None
+        body = await read_json(request, max_body=self.max_body, what="a JSON object with 'value'", type_required=False)
         if not isinstance(body, dict):
             raise Rejected(400, "malformed", "body must be a JSON object with 'value'")
         items = body.get("value")

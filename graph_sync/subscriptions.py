@@ -26,7 +26,6 @@ import base64
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -38,11 +37,21 @@ from msgraph.generated.models.subscription import Subscription
 
 from graph_sync.accounts import SubscriberAccounts
 from graph_sync.client import DEFAULT_TIMEOUT, graph_error, make_graph_client, make_http_client
+from graph_sync.coverage import (
+    SubscriptionHealth,
+    SyncReport,
+    agents_for,
+    assign,
+    health_of,
+    parse_time,
+    presence_resource,
+    status_rows,
+)
 from graph_sync.teams import MAX_IDS, TeamsPresenceClient
 from mapping.api import CoreApi
 from mapping.errors import ConfigError, UpstreamError
-from mapping.model import Agent, System
-from mapping.ports import AgentDirectory, PresenceReader
+from mapping.model import System
+from mapping.ports import PresenceReader
 
 log = logging.getLogger("presence_sync.graph")
 
@@ -51,69 +60,6 @@ COVERAGE_KIND = "graph.coverage"
 LEADERSHIP = "graph.subscriptions"
 SUBSCRIBE_PERMISSION = "delegated Presence.Read.All consented for the subscriber account"
 LIFECYCLE_EVENTS = ("reauthorizationRequired", "subscriptionRemoved", "missed")
-
-
-def presence_resource(ids: Sequence[str]) -> str:
-    """``/communications/presences?$filter=id in ('a','b')``: the bulk presence resource."""
-    return "/communications/presences?$filter=id in ({})".format(",".join(f"'{i}'" for i in ids))
-
-
-def assign(
-    wanted: Sequence[str], accounts: Sequence[str], current: dict[str, list[str]]
-) -> tuple[dict[str, list[str]], list[str]]:
-    """Sticky split of ``wanted`` ids over ``accounts`` (at most ``MAX_IDS`` each): ids keep the
-    account that covers them now; the rest, in sorted order, fill accounts in order. Returns the plan
-    (each list sorted) and the ids no account can take."""
-    wanted_set = set(wanted)
-    plan: dict[str, list[str]] = {}
-    taken: set[str] = set()
-    for account in accounts:
-        keep = sorted(i for i in set(current.get(account, ())) if i in wanted_set and i not in taken)[:MAX_IDS]
-        plan[account] = keep
-        taken.update(keep)
-    rest = sorted(i for i in wanted_set if i not in taken)
-    for account in accounts:
-        room = MAX_IDS - len(plan[account])
-        if room > 0 and rest:
-            plan[account] = sorted(plan[account] + rest[:room])
-            rest = rest[room:]
-    return plan, rest
-
-
-@dataclass
-class SyncReport:
-    """What one ``sync`` did, and what it could not cover."""
-
-    agents: int = 0
-    accounts: int = 0
-    covered: int = 0
-    uncovered: list[str] = field(default_factory=list)
-    created: int = 0
-    renewed: int = 0
-    recreated: int = 0
-    updated: int = 0
-    deleted: int = 0
-    unchanged: int = 0
-    failed: int = 0
-    errors: list[str] = field(default_factory=list)
-    warning: str = ""
-
-    @property
-    def subscriptions(self) -> int:
-        return self.created + self.renewed + self.recreated + self.updated + self.unchanged
-
-    def __str__(self) -> str:
-        line = (
-            f"subscriptions {self.subscriptions} (created {self.created}, renewed {self.renewed}, "
-            f"recreated {self.recreated}, updated {self.updated}, deleted {self.deleted}, "
-            f"unchanged {self.unchanged}, failed {self.failed}); agents {self.agents}, "
-            f"covered {self.covered}, polled {len(self.uncovered)}"
-        )
-        if self.warning:
-            line += f"\n  warning: {self.warning}"
-        for e in self.errors:
-            line += f"\n  error: {e}"
-        return line
 
 
 class _AnyAccountTokens:
@@ -306,7 +252,7 @@ class SubscriptionManager:
             await self._delete(account, sub_id)
             await self._create(account, target)
             return "recreated"
-        expires = _parse_time(rec.get("expires_at"))
+        expires = parse_time(rec.get("expires_at"))
         if pending == "reauthorizationRequired" or expires is None or expires - now < self.renew_before:
             if expires is not None and expires <= now:
                 await self._create(account, target)
@@ -562,75 +508,20 @@ class SubscriptionManager:
                 self._resync.clear()
                 next_sync = 0.0
 
+    async def health(self) -> SubscriptionHealth:
+        """doctor's subscription check, from this adapter's own records."""
+        return health_of(await self.status(), await self.records.list_docs(KIND), self.notification_url)
+
     async def status(self) -> list[dict[str, Any]]:
         """One row per account (and one for polled agents) for ``graph subscriptions``."""
-        now = self.bridge.clock()
-        records = await self.records.list_docs(KIND)
-        health = {row["account"]: row for row in await self.accounts.describe()}
-        rows: list[dict[str, Any]] = []
-        names = [a.name for a in await self.accounts.accounts()]
-        for name in names + sorted(set(records) - set(names)):
-            rec = records.get(name) or {}
-            expires = _parse_time(rec.get("expires_at"))
-            left = (expires - now).total_seconds() / 60 if expires else None
-            if name not in names:
-                state = "account gone (subscription left to expire)"
-            elif rec.get("error"):
-                state = f"error: {rec['error']}"
-            elif not rec.get("subscription_id"):
-                state = "no subscription"
-            elif rec.get("pending"):
-                state = f"pending {rec['pending']}"
-            elif left is not None and left <= 0:
-                state = "expired"
-            elif left is not None and left * 60 < self.renew_before.total_seconds():
-                state = "renewing"
-            else:
-                state = "ok"
-            account_health = health.get(name, {}).get("health", "ok")
-            if account_health != "ok":
-                state = f"{state}; account {account_health}"
-            rows.append(
-                {
-                    "account": name,
-                    "subscription": rec.get("subscription_id") or "-",
-                    "ids": len(rec.get("ids", [])) if rec.get("subscription_id") else 0,
-                    "expires": rec.get("expires_at") or "-",
-                    "minutes_left": round(left, 1) if left is not None else "-",
-                    "health": state,
-                }
-            )
-        polled = await self.uncovered()
-        if polled:
-            rows.append(
-                {
-                    "account": "(polling)",
-                    "subscription": "-",
-                    "ids": len(polled),
-                    "expires": "-",
-                    "minutes_left": "-",
-                    "health": "not covered by a subscription: polled with getPresencesByUserId; sign in more accounts",
-                }
-            )
-        return rows
-
-
-async def agents_for(store: AgentDirectory, entra_ids: Sequence[str]) -> list[Agent]:
-    """The enabled agents of ``entra_ids``: one directory query for many ids, one lookup each for few."""
-    if len(entra_ids) > 50:
-        by_entra = {a.entra_object_id.lower(): a for a in await store.list_agents(enabled_only=True)}
-        return [by_entra[e.lower()] for e in dict.fromkeys(entra_ids) if e.lower() in by_entra]
-    found = [await store.get_agent_by_entra(e) for e in dict.fromkeys(entra_ids)]
-    return [a for a in found if a is not None and a.enabled]
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        return None
+        return status_rows(
+            await self.records.list_docs(KIND),
+            accounts=[a.name for a in await self.accounts.accounts()],
+            health={row["account"]: row for row in await self.accounts.describe()},
+            polled=await self.uncovered(),
+            now=self.bridge.clock(),
+            renew_before=self.renew_before,
+        )
 
 
 def _iso(value: datetime) -> str:

@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
@@ -71,6 +72,22 @@ session pairs (``Busy/InACall``), preferred presence only knows ``Busy/Busy``.""
 WRITE_PERMISSION = "Presence.ReadWrite.All (application)"
 READ_PERMISSION = "Presence.Read.All (application)"
 HEALTH_KIND = "graph.health"
+
+
+@dataclass(frozen=True)
+class WriteRefusal:
+    at: str
+    error: str
+
+
+@dataclass(frozen=True)
+class TeamsReadCheck:
+    """``shown`` ("Availability/Activity") when the read worked, else ``error``; ``refused_write``:
+    the last Teams write Graph refused (a permission problem), if no write succeeded since."""
+
+    shown: str | None
+    error: UpstreamError | None
+    refused_write: WriteRefusal | None = None
 
 
 class TeamsPresenceClient:
@@ -248,6 +265,23 @@ class TeamsPresenceClient:
                 await self.store.put_doc(HEALTH_KIND, f"teams.{kind}", {"ok": True, "at": self.clock().isoformat()})
             except Exception:
                 log.exception("could not record Graph health")
+
+    async def check_read(self, agent: Agent) -> TeamsReadCheck:
+        """doctor's Teams check, made here with the adapter's own client: one presence read for
+        ``agent`` (never a write: that would change what the person shows), and the last refused
+        write, if Graph refused one since the last successful write."""
+        try:
+            presence = await self.graph.users.by_user_id(agent.entra_object_id).presence.get()
+        except Exception as e:
+            return TeamsReadCheck(
+                None, graph_error(e, what=f"reading the Teams presence of {agent.label}", permission=READ_PERMISSION)
+            )
+        shown = f"{getattr(presence, 'availability', None)}/{getattr(presence, 'activity', None)}"
+        write = (await self.health()).get("write") or {}
+        refused = None
+        if write.get("ok") is False:
+            refused = WriteRefusal(str(write.get("at", "?")), str(write.get("error", "")))
+        return TeamsReadCheck(shown, None, refused)
 
     async def health(self) -> dict[str, dict[str, object]]:
         """The last recorded permission problem per kind (``read``/``write``), if any."""

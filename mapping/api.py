@@ -15,7 +15,7 @@ from mapping.catalogue import Catalogue
 from mapping.clock import Clock
 from mapping.engine import Outcome
 from mapping.model import Agent, AgentSyncState, OutboxRow, PresenceObserved, System
-from mapping.ports import AdapterRecords, AgentDirectory
+from mapping.ports import AdapterRecords, AgentDirectory, DeliveryListener, ReadRequests
 from mapping.ratelimit import UpstreamLimiter
 from mapping.retry import RetryPolicy
 from mapping.rules import Result
@@ -36,6 +36,17 @@ class PresenceChange:
     detail: str
     expected: Mapping[System, str] = field(default_factory=dict)
     rows: Mapping[System, OutboxRow | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AgentAdded:
+    """What became of adding one agent: ``outcome`` is ``added``, ``updated``, ``unchanged`` or
+    ``kept`` (the directory had it already, from discovery or a CSV: left as it is); ``problem`` says
+    why it was refused (its Entra object id belongs to another agent), else None."""
+
+    agent: Agent | None
+    outcome: str
+    problem: str | None = None
 
 
 class CoreApi(Protocol):
@@ -83,8 +94,21 @@ class CoreApi(Protocol):
         the call waits, at most ``settle_seconds``, until each write was delivered or died."""
         ...
 
+    async def add_agent(self, candidate: Agent) -> AgentAdded:
+        """A new agent found upstream (a Dataverse Create): added unless the directory has it already
+        (kept as it is) or its Entra object id belongs to another agent (refused, with the reason)."""
+        ...
+
     async def delivery(self, agent_id: str, system: System) -> OutboxRow | None:
         """The outbox row of the agent's latest write to ``system``, if any."""
+        ...
+
+    def on_delivery(self, listener: DeliveryListener) -> None:
+        """``listener`` hears every write that finally landed or died (the bot's follow-ups)."""
+        ...
+
+    def serve_reads(self, system: System, reads: ReadRequests) -> None:
+        """``reads`` serves the core's requests to read an agent's present state in ``system``."""
         ...
 
     async def last_known(self, agent_id: str) -> AgentSyncState | None:

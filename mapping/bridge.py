@@ -9,13 +9,13 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from mapping.api import PresenceChange
+from mapping.api import AgentAdded, PresenceChange
 from mapping.catalogue import Catalogue
 from mapping.clock import Clock, utcnow
-from mapping.engine import Outcome, SyncEngine
-from mapping.model import Agent, AgentSyncState, OutboxRow, OutboxStatus, PresenceObserved, System
+from mapping.engine import HOLD_CAP_FACTOR, Outcome, SyncEngine
+from mapping.model import Agent, AgentSyncState, Delivery, OutboxRow, OutboxStatus, PresenceObserved, System
 from mapping.outbox import OutboxWorker
-from mapping.ports import AdapterRecords, AgentDirectory, Store
+from mapping.ports import AdapterRecords, AgentDirectory, DeliveryListener, PresenceWriter, ReadRequests, Store
 from mapping.ratelimit import DATAVERSE_PER_USER, GRAPH_PRESENCE, UpstreamLimiter
 from mapping.retry import RetryPolicy
 from mapping.rules import Result
@@ -27,8 +27,29 @@ def default_limiters() -> dict[System, UpstreamLimiter]:
     return {System.TEAMS: UpstreamLimiter(GRAPH_PRESENCE), System.DYNAMICS: UpstreamLimiter(DATAVERSE_PER_USER)}
 
 
+class _Relay:
+    """Where the core's own parts call out to adapters that register later through the API (they are
+    built with the core in hand): delivery outcomes for the bot's follow-ups, read requests for the
+    Graph intake. Each registration is an explicit ``CoreApi`` call, not a field patched from outside."""
+
+    def __init__(self) -> None:
+        self.listeners: list[DeliveryListener] = []
+        self.readers: dict[System, ReadRequests] = {}
+
+    async def on_outcome(self, delivery: Delivery, outcome: str, error: str | None) -> None:
+        for listener in self.listeners:
+            await listener.on_outcome(delivery, outcome, error)
+
+    async def request_read(self, system: System, agent_id: str, why: str) -> None:
+        reads = self.readers.get(system)
+        if reads is not None:
+            await reads.request_read(system, agent_id, why)
+
+
 @dataclass
 class Bridge:
+    """Build with ``Bridge.assemble``: it wires the engine and the outbox to each other."""
+
     store: Store
     catalogue: Catalogue
     rules: Rules
@@ -39,6 +60,54 @@ class Bridge:
     """Shared with adapters' reads: Graph presence reads and writes count against one bucket."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     clock: Clock = utcnow
+    relay: _Relay = field(default_factory=_Relay)
+
+    @classmethod
+    def assemble(
+        cls,
+        store: Store,
+        catalogue: Catalogue,
+        rules: Rules,
+        writers: Mapping[System, PresenceWriter],
+        *,
+        telemetry: Telemetry | None = None,
+        limiters: Mapping[System, UpstreamLimiter] | None = None,
+        retry: RetryPolicy | None = None,
+        holds: Mapping[System, float] | None = None,
+        clock: Clock = utcnow,
+        owner: str | None = None,
+    ) -> Bridge:
+        """The core, complete: the engine decides and enqueues (waking the outbox), the outbox
+        delivers through ``writers`` and reports every outcome to the engine, then to whoever
+        registered with ``on_delivery``. ``holds``: see ``SyncEngine``."""
+        telemetry = telemetry or NullTelemetry()
+        limiters = default_limiters() if limiters is None else limiters
+        retry = retry or RetryPolicy()
+        holds = dict(holds or {})
+        relay = _Relay()
+        wakeup = asyncio.Event()
+        engine = SyncEngine(
+            store, catalogue, rules, telemetry=telemetry, clock=clock, on_enqueued=wakeup.set, holds=holds, reads=relay
+        )
+        outbox = OutboxWorker(
+            store,
+            writers,
+            limiters=limiters,
+            policy=retry,
+            telemetry=telemetry,
+            listeners=[engine, relay],
+            clock=clock,
+            owner=owner,
+            hold_seconds=max(holds.values(), default=0.0) * HOLD_CAP_FACTOR,
+            wakeup=wakeup,
+        )
+        return cls(store, catalogue, rules, engine, outbox, telemetry, limiters, retry, clock, relay)
+
+    def on_delivery(self, listener: DeliveryListener) -> None:
+        self.relay.listeners.append(listener)
+
+    def serve_reads(self, system: System, reads: ReadRequests) -> None:
+        self.relay.readers[system] = reads
 
     # ---------------------------------------------------------------------------- CoreApi
 
@@ -58,6 +127,23 @@ class Bridge:
 
     async def agent_for(self, system: System, external_id: str) -> Agent | None:
         return await self.engine.agent_for(system, external_id)
+
+    async def add_agent(self, candidate: Agent) -> AgentAdded:
+        other = await self.store.get_agent_by_entra(candidate.entra_object_id)
+        if other is not None and other.dynamics_user_id != candidate.dynamics_user_id:
+            return AgentAdded(
+                None,
+                "refused",
+                f"its Entra object id {candidate.entra_object_id} already belongs to agent {other.label}",
+            )
+        existing = await self.store.get_agent(candidate.dynamics_user_id)
+        if existing is not None:
+            return AgentAdded(existing, "kept")
+        try:
+            outcome = (await self.store.upsert_agents([candidate])).get(candidate.dynamics_user_id, "added")
+        except ValueError as e:  # the Entra object id was taken meanwhile (another instance, a CSV)
+            return AgentAdded(None, "refused", str(e))
+        return AgentAdded(candidate, outcome)
 
     async def delivery(self, agent_id: str, system: System) -> OutboxRow | None:
         return await self.store.outbox_row(agent_id, system)

@@ -14,7 +14,3 @@ def utcnow() -> datetime:
 
 def from_epoch_ms(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
-
-
-def to_epoch_ms(dt: datetime) -> int:
-    return int(dt.timestamp() * 1000)

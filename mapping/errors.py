@@ -1,5 +1,5 @@
-"""Typed failures: the outbox decides retry, wait or dead-letter from an upstream error's type alone;
-an intake answers a request it refuses from ``Rejected`` alone."""
+"""Typed failures: the outbox decides retry, wait or dead-letter from an upstream error's type alone.
+(An intake's refusal of a request, ``Rejected``, is HTTP business: ``edge.intake``.)"""
 
 from __future__ import annotations
 
@@ -35,15 +35,3 @@ class PermanentError(UpstreamError):
 
 class ConfigError(Exception):
     """Bad configuration or input an admin must fix: the message names what and where."""
-
-
-class Rejected(Exception):
-    """An intake refuses a request: answered with ``status``, counted under ``reason`` (a metric
-    label), explained by ``message`` (safe to return and log). Shared by every route so that all
-    refuse the same way."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message

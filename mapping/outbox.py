@@ -41,7 +41,12 @@ class OutboxWorker:
         poll_seconds: float = 0.25,
         clock: Clock = utcnow,
         owner: str | None = None,
+        hold_seconds: float = 0.0,
+        wakeup: asyncio.Event | None = None,
     ) -> None:
+        """``hold_seconds``: the longest time a row can be held for coalescing (``SyncEngine.holds``
+        times its cap); ``drain`` waits that long for held rows to fall due. ``wakeup``: set by
+        whoever enqueues (the engine), so the worker delivers at once instead of at its next poll."""
         self.store = store
         self.writers = dict(writers)
         self.limiters = dict(limiters or {})
@@ -51,12 +56,10 @@ class OutboxWorker:
         self.lease_seconds = lease_seconds
         self.batch_size = batch_size
         self.poll_seconds = poll_seconds
-        self.hold_seconds = 0.0
-        """The longest time a row can be held for coalescing (``SyncEngine.holds`` times its cap);
-        ``drain`` waits that long for held rows to fall due."""
+        self.hold_seconds = hold_seconds
         self.clock = clock
         self.owner = owner or f"worker-{uuid.uuid4().hex[:8]}"
-        self._wake = asyncio.Event()
+        self._wake = wakeup or asyncio.Event()
         self._paused_until: dict[System, datetime] = {}
         self.settled = asyncio.Condition()
         """Notified after every ack or final failure, for callers waiting on a delivery."""

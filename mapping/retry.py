@@ -7,36 +7,14 @@ every upstream call in the project backs off the same way.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import random
-import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from mapping.errors import Throttled, UpstreamError
 
 T = TypeVar("T")
-
-
-def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
-    """``Retry-After`` as seconds: delta-seconds or an HTTP date; None when absent or unreadable. Any
-    header mapping (case-insensitive lookup), so every adapter reads it the same way."""
-    if not headers:
-        return None
-    raw = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
-    if raw is None:
-        return None
-    raw = raw.strip()
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 @dataclass(frozen=True)

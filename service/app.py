@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
+from edge.intake import json_error
 from service.runtime import Runtime, describe
 from service.settings import Settings, load_settings
 
@@ -22,20 +23,27 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY = 1024 * 1024
 
 
-def _delegate(attr: str, method: str) -> Handler:
-    """A route whose adapter object exists only once the runtime has started."""
+async def bot_messages(request: web.Request) -> web.StreamResponse:
+    return await request.app[RUNTIME].bot.handle(request)
 
-    async def handler(request: web.Request) -> web.StreamResponse:
-        target = getattr(request.app[RUNTIME], attr)
-        response: web.StreamResponse = await getattr(target, method)(request)
-        return response
 
-    return handler
+async def graph_notifications(request: web.Request) -> web.StreamResponse:
+    return await request.app[RUNTIME].graph_intake.notifications(request)
+
+
+async def graph_lifecycle(request: web.Request) -> web.StreamResponse:
+    return await request.app[RUNTIME].graph_intake.lifecycle(request)
+
+
+async def dataverse_webhook(request: web.Request) -> web.StreamResponse:
+    return await request.app[RUNTIME].dataverse_intake.handle(request)
 
 
 @web.middleware
 async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Adapters answer bad input themselves; this turns what slips through into JSON, never HTML."""
+    """Adapters answer bad input themselves (``edge.intake``); this turns what aiohttp refuses before
+    them (unknown path, wrong method, a body over the limit) into JSON, never HTML. Counted under the
+    route template, never the raw path: a path is caller-chosen (and may carry a key)."""
     try:
         return await handler(request)
     except web.HTTPException as e:
@@ -43,12 +51,17 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
             reason = "too_large" if e.status == 413 else f"http_{e.status}"
             rt = request.app.get(RUNTIME)
             if rt is not None:
-                rt.telemetry.rejected(request.path, reason)
-            return web.json_response({"error": e.reason}, status=e.status)
+                rt.telemetry.rejected(_route_label(request), reason)
+            return json_error(e.status, e.reason)
         raise
     except Exception:
-        log.exception("unhandled error", extra={"fields": {"path": request.path}})
-        return web.json_response({"error": "internal error; the request was not processed, send it again"}, status=503)
+        log.exception("unhandled error", extra={"fields": {"route": _route_label(request)}})
+        return json_error(503, "internal error; the request was not processed, send it again")
+
+
+def _route_label(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -108,10 +121,11 @@ def create_app(
             await rt.close()
 
     app.cleanup_ctx.append(lifecycle)
-    app.router.add_post("/api/messages", _delegate("bot", "handle"))
-    app.router.add_post("/api/graph/notifications", _delegate("graph_intake", "notifications"))
-    app.router.add_post("/api/graph/lifecycle", _delegate("graph_intake", "lifecycle"))
-    app.router.add_post("/api/dataverse/webhook", _delegate("dataverse_intake", "handle"))
+    # The adapters exist once the runtime has started (``lifecycle``), so each route finds its own.
+    app.router.add_post("/api/messages", bot_messages)
+    app.router.add_post("/api/graph/notifications", graph_notifications)
+    app.router.add_post("/api/graph/lifecycle", graph_lifecycle)
+    app.router.add_post("/api/dataverse/webhook", dataverse_webhook)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -1,6 +1,6 @@
 """``presence-sync demo``: a contact-center day on loopback, checked as it goes.
 
-Starts the three emulators and the real service (``emulators.stack.LocalStack``: temporary SQLite
+Starts the three emulators and the real service (``service.stack.LocalStack``: temporary SQLite
 store, webhook registered, agents discovered, Graph subscriptions made), then plays the day. Every
 step acts on an emulator the way the real system would change (routing in Dynamics 365, a person's
 Teams client, an agent typing to the bot, Graph throttling, lost notifications) and then waits for
@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from emulators.dataverse import AVAILABLE, AWAY, BUSY, DND, OFFLINE, TRAINING
-from emulators.stack import LocalStack, StackAgent, agent_ids
 from mapping.outputs import Inputs, no_session, outputs
+from service.stack import LocalStack, StackAgent, agent_ids
 
 NAMES = {
     AVAILABLE: "Available",

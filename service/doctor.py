@@ -31,19 +31,17 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from dataverse.client import DataverseClient
 from mapping.errors import ConfigError, PermanentError, Throttled, UpstreamError
 from mapping.memory import MemoryStore
 from mapping.model import Agent, Presence
 from mapping.ports import Store
-from service.runtime import Runtime
+from service.runtime import Overrides, Runtime, bootstrap
 from service.settings import PREFIX, Settings, is_loopback_url
 
 CHECK_TIMEOUT = 5.0
 """Seconds any one check may take (upstream clients time out at 10 s; doctor wants an answer sooner)."""
 HEALTHZ_TIMEOUT = 3.0
-EXPIRY_MARGIN_MINUTES = 10.0
-"""A subscription expiring sooner than this is a FAIL: the upkeep loop renews well before (and a
-running ``serve`` would have), so being this close means renewal is not happening."""
 MODIFY_API = "CCaaS_ModifyAgentPresence"
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 
@@ -78,16 +76,6 @@ async def run_doctor(settings: Settings, out: Callable[[str], None], *, timeout:
     return await _Doctor(settings, out, timeout).run()
 
 
-class _DoctorRuntime(Runtime):
-    """``Runtime`` as ``serve`` builds it, except the start-up catalogue load: that reads Dataverse with
-    three tries and backoff (half a minute against a hung org) and writes the copy into the store.
-    Doctor reads ``msdyn_presences`` itself, once and bounded, and checks the mapping rules against it
-    without writing anything."""
-
-    async def load_catalogue(self) -> None:
-        return None
-
-
 def _short(message: str) -> str:
     """An adapter message without the outbox's promise to retry: doctor makes one attempt."""
     return message.removesuffix("; will retry")
@@ -101,13 +89,18 @@ class _Doctor:
         self.out = out
         self.timeout = timeout
         self.results: list[Check] = []
-        self.rt: Any = None
+        self._rt: Runtime | None = None
         self.store_ok = False
         self.agent: Agent | None = None
         self.graph_token_ok = False
         self.dataverse_token_ok = False
         self.dataverse_ok = False
         self.presences: list[Presence] = []
+
+    @property
+    def rt(self) -> Runtime:
+        assert self._rt is not None, "the runtime is built before any check that uses it"
+        return self._rt
 
     # ------------------------------------------------------------------ running
 
@@ -120,7 +113,10 @@ class _Doctor:
         )
         try:
             # With no usable store, the upstream checks still run on a throw-away in-memory store.
-            self.rt = await _DoctorRuntime.open(self.s, store=store or MemoryStore())
+            # As ``serve`` builds it, except the start-up catalogue load: that reads Dataverse with
+            # three tries and backoff (half a minute against a hung org) and writes the copy into the
+            # store. Doctor reads ``msdyn_presences`` itself, once and bounded, and writes nothing.
+            self._rt = await bootstrap(self.s, overrides=Overrides(store=store or MemoryStore(), load_catalogue=False))
         except ConfigError as e:
             self.report(Check("FAIL", "configuration", str(e), "fix the setting named and run doctor again"))
             return self.finish()
@@ -304,24 +300,16 @@ class _Doctor:
                 "could not verify: no enabled agent with an Entra object id in the directory",
                 "run `presence-sync agents discover` or `presence-sync agents import FILE.csv`",
             )
-        from graph_sync.client import graph_error
-        from graph_sync.teams import READ_PERMISSION
-
-        what = f"reading the Teams presence of {agent.label}"
-        try:
-            presence = await self.rt.teams.graph.users.by_user_id(agent.entra_object_id).presence.get()
-        except Exception as e:
-            err = graph_error(e, what=what, permission=READ_PERMISSION)
-            return self._graph_failure(name, err)
-        shown = f"{getattr(presence, 'availability', None)}/{getattr(presence, 'activity', None)}"
-        health = await self.rt.teams.health()
-        write = health.get("write") or {}
-        if write.get("ok") is False:
+        check = await self.rt.teams.check_read(agent)
+        if check.error is not None:
+            return self._graph_failure(name, check.error)
+        shown = check.shown
+        if check.refused_write is not None:
             return Check(
                 "WARN",
                 name,
                 f"read {agent.label}: {shown}; but the last Teams write was refused "
-                f"({write.get('at', '?')}): {write.get('error', '')}",
+                f"({check.refused_write.at}): {check.refused_write.error}",
                 GRAPH_PERMISSION_STEP + " (the next successful write clears this note)",
             )
         return Check(
@@ -360,6 +348,12 @@ class _Doctor:
 
     # ------------------------------------------------------------------ 5. Dataverse
 
+    @property
+    def dv(self) -> DataverseClient:
+        """The Dataverse client, in checks that ran ``_dataverse_skip`` first."""
+        assert self.rt.dataverse is not None, "checked by _dataverse_skip"
+        return self.rt.dataverse
+
     def _dataverse_skip(self, name: str) -> Check | None:
         if self.rt.dataverse is None:
             return Check("SKIP", name, f"{PREFIX}DATAVERSE_URL unset (Dataverse side off)")
@@ -373,14 +367,14 @@ class _Doctor:
         if skip is not None:
             return skip
         try:
-            self.presences = await self.rt.dataverse.list_presences()
+            self.presences = await self.dv.list_presences()
         except UpstreamError as e:
             return self._dataverse_failure(name, e)
         self.dataverse_ok = True
         return Check(
             "PASS",
             name,
-            f"{self.rt.dataverse.base_url} answered: {len(self.presences)} active presence(s) in msdyn_presences",
+            f"{self.dv.base_url} answered: {len(self.presences)} active presence(s) in msdyn_presences",
         )
 
     def _dataverse_failure(self, name: str, e: UpstreamError) -> Check:
@@ -439,7 +433,7 @@ class _Doctor:
                 "run `presence-sync agents discover`",
             )
         try:
-            info = await self.rt.dataverse.get_presence(agent)
+            info = await self.dv.get_presence(agent)
         except UpstreamError as e:
             return self._dataverse_failure(name, e)
         names = {p.presence_id: p.name for p in self.presences}
@@ -455,32 +449,18 @@ class _Doctor:
             return skip
         if not self.dataverse_ok:
             return Check("SKIP", name, "Dataverse not reachable (see above)")
-        dv = self.rt.dataverse
-        literal = f"'{MODIFY_API}'"
         try:
-            rows = await dv.query(
-                "customapis",
-                select="customapiid,uniquename",
-                filter=f"uniquename eq {literal}",
-                what=f"looking up {MODIFY_API} in customapis",
-            )
-        except PermanentError as e:
-            if e.status in (400, 403, 404):  # the table is not readable here (an emulator, or no read privilege)
-                return Check(
-                    "WARN",
-                    name,
-                    f"could not verify: customapis not readable ({e.status}); doctor never "
-                    "calls this API, as a call would change an agent's presence",
-                )
+            lookup = await self.dv.custom_api_defined(MODIFY_API)
+        except UpstreamError as e:
             return self._dataverse_failure(name, e)
-        if not rows:
-            rows = await dv.query(
-                "sdkmessages",
-                select="sdkmessageid,name",
-                filter=f"name eq {literal}",
-                what=f"looking up the {MODIFY_API} sdkmessage",
+        if lookup.unreadable is not None:
+            return Check(
+                "WARN",
+                name,
+                f"could not verify: customapis not readable ({lookup.unreadable}); doctor never "
+                "calls this API, as a call would change an agent's presence",
             )
-        if not rows:
+        if not lookup.defined:
             return Check(
                 "FAIL",
                 name,
@@ -513,7 +493,7 @@ class _Doctor:
         url = self.s.public("/api/dataverse/webhook")
         lines: list[str] = []
         result = await register_webhook(
-            self.rt.dataverse, url=url, key=self.s.dataverse_webhook_key, dry_run=True, progress=lines.append
+            self.dv, url=url, key=self.s.dataverse_webhook_key, dry_run=True, progress=lines.append
         )
         if result.changed:
             changes = "[dry run] would "
@@ -562,9 +542,8 @@ class _Doctor:
                 "no subscriber account signed in (presence subscriptions need a delegated token)",
                 "run `presence-sync graph login`",
             )
-        rows = await self.rt.subscriptions.status()
-        subs = [r for r in rows if r.get("subscription") not in (None, "-")]
-        if not subs:
+        health = await self.rt.subscriptions.health()
+        if not health.active:
             return Check(
                 "FAIL",
                 name,
@@ -572,27 +551,17 @@ class _Doctor:
                 "start `presence-sync serve` (it creates them within a minute) "
                 "or run `presence-sync graph subscriptions --sync`",
             )
-        from graph_sync.subscriptions import KIND
-
-        wanted = self.rt.subscriptions.notification_url
-        records = await self.rt.store.list_docs(KIND)
-        elsewhere = {
-            account: rec.get("notification_url")
-            for account, rec in records.items()
-            if rec.get("subscription_id") and rec.get("notification_url") != wanted
-        }
-        if elsewhere:
-            shown = "; ".join(f"{a}: delivers to {u}" for a, u in sorted(elsewhere.items()))
+        if health.misdirected:
+            shown = "; ".join(f"{a}: delivers to {u}" for a, u in sorted(health.misdirected.items()))
             return Check(
                 "FAIL",
                 name,
-                f"{shown}, not {wanted} ({PREFIX}PUBLIC_URL)",
+                f"{shown}, not {self.rt.subscriptions.notification_url} ({PREFIX}PUBLIC_URL)",
                 "a running `presence-sync serve` recreates them at its next upkeep (within a minute); "
                 "or run `presence-sync graph subscriptions --sync`",
             )
-        bad = [r for r in rows if r.get("account") != "(polling)" and _subscription_problem(r)]
-        if bad:
-            shown = "; ".join(f"{r['account']}: {_subscription_problem(r)}" for r in bad)
+        if health.problems:
+            shown = "; ".join(f"{account}: {why}" for account, why in health.problems.items())
             return Check(
                 "FAIL",
                 name,
@@ -600,15 +569,14 @@ class _Doctor:
                 "check that `presence-sync serve` is running (it renews them), "
                 "then `presence-sync graph subscriptions --sync`",
             )
-        soonest = min(float(r["minutes_left"]) for r in subs)
-        covered = sum(int(r["ids"]) for r in subs)
-        detail = f"{len(subs)} active, {covered} agent(s) covered, next expiry in {soonest:.0f} min"
-        polled = [r for r in rows if r.get("account") == "(polling)"]
-        if polled:
+        soonest = min(s.minutes_left for s in health.active if s.minutes_left is not None)
+        covered = sum(s.ids for s in health.active)
+        detail = f"{len(health.active)} active, {covered} agent(s) covered, next expiry in {soonest:.0f} min"
+        if health.polled:
             return Check(
                 "WARN",
                 name,
-                f"{detail}; {polled[0]['ids']} agent(s) not covered (polled instead)",
+                f"{detail}; {health.polled} agent(s) not covered (polled instead)",
                 "sign in more subscriber accounts with `presence-sync graph login` (650 agents each)",
             )
         return Check("PASS", name, detail)
@@ -653,19 +621,6 @@ class _Doctor:
                 f"put the service behind TLS and set {PREFIX}PUBLIC_URL to its https URL",
             )
         return Check("PASS", name, f"GET {url}: ok")
-
-
-def _subscription_problem(row: dict[str, Any]) -> str:
-    """Why a ``SubscriptionManager.status`` row is not healthy ('' when it is)."""
-    health = str(row.get("health", ""))
-    if health != "ok" and health != "renewing":
-        return health
-    left = row.get("minutes_left")
-    if not isinstance(left, int | float):
-        return "no expiry recorded"
-    if left < EXPIRY_MARGIN_MINUTES:
-        return f"expires in {left:g} min (renewal is not happening)"
-    return ""
 
 
 def _missing_sqlite_file(database: str | None) -> Path | None:

@@ -9,19 +9,28 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from bot.teams import BotIntake
+from dataverse.client import DataverseClient
+from dataverse.webhook import DataverseIntake
+from graph_sync.accounts import SubscriberAccounts
+from graph_sync.crypto import Decryptor
+from graph_sync.notifications import GraphIntake
+from graph_sync.subscriptions import SubscriptionManager
+from graph_sync.teams import TeamsPresenceClient
 from mapping.bridge import Bridge, default_limiters
 from mapping.catalogue import Catalogue
-from mapping.engine import HOLD_CAP_FACTOR, SyncEngine
 from mapping.errors import ConfigError, UpstreamError
 from mapping.model import OOB_PRESENCE_IDS, BasePresence, Presence, System
-from mapping.outbox import OutboxWorker
-from mapping.ports import PresenceReader, PresenceWriter, Store
+from mapping.ports import PresenceReader, PresenceWriter, Store, TokenProvider
 from mapping.reconcile import ReconcileSummary, reconcile
+from mapping.retry import RetryPolicy
 from mapping.translation import load_rules
 from service.auth import token_provider
 from service.metrics import PrometheusTelemetry
@@ -44,143 +53,59 @@ async def open_configured_store(settings: Settings) -> Store:
     return await open_store(settings.database_url, secret_key=settings.secret_key)
 
 
-class Runtime:
-    """Everything one running instance owns. Build with ``await Runtime.open(settings)``."""
+@dataclass(frozen=True)
+class Overrides:
+    """What tests, benches and ``doctor`` change in the assembly; everything else comes from
+    ``Settings``. ``store``: an open store to use instead of ``DATABASE_URL`` (closed with the
+    runtime). ``load_catalogue``: False skips reading ``msdyn_presences`` at start-up (doctor reads it
+    itself, once and bounded, and writes nothing)."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    store: Store | None = None
+    load_catalogue: bool = True
+
+
+class Runtime:
+    """Everything one running instance owns, built complete by ``bootstrap`` (``Runtime.open``)."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        telemetry: PrometheusTelemetry,
+        owner: str,
+        tokens: TokenProvider,
+        bridge: Bridge,
+        readers: Mapping[System, PresenceReader],
+        dataverse: DataverseClient | None,
+        dataverse_intake: DataverseIntake,
+        teams: TeamsPresenceClient,
+        accounts: SubscriberAccounts,
+        subscriptions: SubscriptionManager | None,
+        graph_intake: GraphIntake,
+        bot: BotIntake,
+    ) -> None:
         self.settings = settings
         self.store = store
-        self.telemetry = PrometheusTelemetry()
-        self.owner = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
-        self.writers: dict[System, PresenceWriter] = {}
-        self.readers: dict[System, PresenceReader] = {}
-        rules = load_rules(settings.mapping_file)
-        catalogue = Catalogue()
-        self.outbox = OutboxWorker(
-            store,
-            self.writers,
-            telemetry=self.telemetry,
-            limiters=default_limiters(),
-            owner=self.owner,
-        )
-        self.writers = self.outbox.writers  # adapters are added after the worker is built
-        self.outbox.policy = self.outbox.policy.__class__(max_attempts=settings.outbox_max_attempts)
-        holds = {System.TEAMS: settings.teams_write_hold_seconds}
-        engine = SyncEngine(
-            store, catalogue, rules, telemetry=self.telemetry, on_enqueued=self.outbox.wake, holds=holds
-        )
-        self.outbox.hold_seconds = max(holds.values()) * HOLD_CAP_FACTOR
-        self.outbox.listeners.append(engine)
-        self.bridge = Bridge(
-            store,
-            catalogue,
-            rules,
-            engine,
-            self.outbox,
-            self.telemetry,
-            limiters=self.outbox.limiters,
-            retry=self.outbox.policy,
-        )
-        self.tokens = token_provider(settings)
-        self.dataverse: Any = None
-        self.dataverse_intake: Any = None
-        self.teams: Any = None
-        self.accounts: Any = None
-        self.subscriptions: Any = None
-        self.graph_intake: Any = None
-        self.bot: Any = None
+        self.telemetry = telemetry
+        self.owner = owner
+        self.tokens = tokens
+        self.bridge = bridge
+        self.outbox = bridge.outbox
+        self.readers = readers
+        self.dataverse = dataverse
+        self.dataverse_intake = dataverse_intake
+        self.teams = teams
+        self.accounts = accounts
+        self.subscriptions = subscriptions
+        self.graph_intake = graph_intake
+        self.bot = bot
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
     async def open(cls, settings: Settings, *, store: Store | None = None) -> Runtime:
-        store = store or await open_configured_store(settings)
-        try:
-            rt = cls(settings, store)
-            rt._build_adapters()
-            await rt.load_catalogue()
-        except BaseException:
-            await store.close()
-            raise
-        return rt
-
-    def _build_adapters(self) -> None:
-        """Dataverse side (Dynamics 365 port, webhook intake), Graph side (Teams port, subscriber
-        accounts, subscriptions, notification intake) and the bot.
-
-        With no ``DATAVERSE_URL`` the webhook intake still records changes (agents in the directory),
-        and Dynamics commands wait in the outbox, visible in `presence-sync outbox list`."""
-        s = self.settings
-        from dataverse.client import DataverseClient
-        from dataverse.webhook import DataverseIntake
-
-        if s.dataverse_enabled:
-            self.dataverse = DataverseClient(s.dataverse_url, self.tokens)
-            self.writers[System.DYNAMICS] = self.dataverse
-            self.readers[System.DYNAMICS] = self.dataverse
-        self.dataverse_intake = DataverseIntake(self.bridge, webhook_key=s.dataverse_webhook_key, client=self.dataverse)
-        from graph_sync.accounts import SubscriberAccounts
-        from graph_sync.crypto import Decryptor
-        from graph_sync.notifications import GraphIntake
-        from graph_sync.subscriptions import SubscriptionManager
-        from graph_sync.teams import TeamsPresenceClient
-
-        self.teams = TeamsPresenceClient(
-            s.graph_url,
-            self.tokens,
-            session_id=s.client_id or "presence-sync",
-            mode=s.graph_presence_mode,
-            expiration_minutes=s.graph_session_expiration_minutes,
-            store=self.store,
-            limiter=self.bridge.limiters[System.TEAMS],
-            retry=self.bridge.retry,
-        )
-        self.writers[System.TEAMS] = self.teams
-        self.readers[System.TEAMS] = self.teams
-        self.accounts = SubscriberAccounts(
-            self.store,
-            tenant_id=s.tenant_id,
-            client_id=s.client_id,
-            static_tokens=s.subscriber_tokens if s.auth_mode == "static" else None,
-        )
-        cert_pem = Path(s.graph_encryption_cert_path).read_bytes() if s.graph_encryption_cert_path else None
-        decryptor = Decryptor(cert_pem, Path(s.graph_encryption_key_path).read_bytes()) if cert_pem else None
-        if s.public_url and s.graph_client_state:
-            self.subscriptions = SubscriptionManager(
-                self.bridge,
-                s.graph_url,
-                self.accounts,
-                notification_url=s.public("/api/graph/notifications"),
-                lifecycle_url=s.public("/api/graph/lifecycle"),
-                client_state=s.graph_client_state,
-                encryption_cert_pem=cert_pem,
-                encryption_cert_id=decryptor.certificate_id if decryptor else None,
-                owner=self.owner,
-                reader=self.teams,
-            )
-            self.dataverse_intake.on_agent_added = self.subscriptions.directory_changed
-        self.graph_intake = GraphIntake(
-            self.bridge,
-            client_state=s.graph_client_state,
-            client_id=s.client_id,
-            jwks_url=s.jwks_url,
-            decryptor=decryptor,
-            reader=self.teams,
-            subscriptions=self.subscriptions,
-            tenant_id=s.tenant_id or None,
-        )
-        self.bridge.engine.reads = self.graph_intake
-        from bot.teams import BotIntake
-
-        self.bot = BotIntake(
-            self.bridge,
-            self.readers,
-            app_id=s.bot_app_id,
-            app_password=s.bot_app_password,
-            app_type=s.bot_app_type,
-            tenant_id=s.bot_tenant_id,
-        )
-        self.outbox.listeners.append(self.bot.listener)
+        return await bootstrap(settings, overrides=Overrides(store=store))
 
     async def load_catalogue(self) -> None:
         """The live ``msdyn_presences`` when Dataverse answers (kept in the store for the next start),
@@ -278,6 +203,121 @@ class Runtime:
                 with contextlib.suppress(Exception):
                     await close()
         await self.store.close()
+
+
+async def bootstrap(settings: Settings, *, overrides: Overrides = Overrides()) -> Runtime:
+    """The one composition root: every object built complete, in dependency order, from ``settings``
+    (``serve``, ``demo``, every CLI command, the tests and the benches all come through here).
+
+    With no ``DATAVERSE_URL`` the webhook intake still records changes (agents in the directory), and
+    Dynamics commands wait in the outbox, visible in `presence-sync outbox list`."""
+    store = overrides.store or await open_configured_store(settings)
+    try:
+        rt = _assemble(settings, store)
+        if overrides.load_catalogue:
+            await rt.load_catalogue()
+    except BaseException:
+        await store.close()
+        raise
+    return rt
+
+
+def _assemble(settings: Settings, store: Store) -> Runtime:
+    s = settings
+    telemetry = PrometheusTelemetry()
+    owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tokens = token_provider(s)
+    retry = RetryPolicy(max_attempts=s.outbox_max_attempts)
+    limiters = default_limiters()
+    dataverse = DataverseClient(s.dataverse_url, tokens) if s.dataverse_enabled else None
+    teams = TeamsPresenceClient(
+        s.graph_url,
+        tokens,
+        session_id=s.client_id or "presence-sync",
+        mode=s.graph_presence_mode,
+        expiration_minutes=s.graph_session_expiration_minutes,
+        store=store,
+        limiter=limiters[System.TEAMS],
+        retry=retry,
+    )
+    ports: dict[System, PresenceWriter] = {System.TEAMS: teams}
+    readers: dict[System, PresenceReader] = {System.TEAMS: teams}
+    if dataverse is not None:
+        ports[System.DYNAMICS] = dataverse
+        readers[System.DYNAMICS] = dataverse
+    bridge = Bridge.assemble(
+        store,
+        Catalogue(),
+        load_rules(s.mapping_file),
+        ports,
+        telemetry=telemetry,
+        limiters=limiters,
+        retry=retry,
+        holds={System.TEAMS: s.teams_write_hold_seconds},
+        owner=owner,
+    )
+    accounts = SubscriberAccounts(
+        store,
+        tenant_id=s.tenant_id,
+        client_id=s.client_id,
+        static_tokens=s.subscriber_tokens if s.auth_mode == "static" else None,
+    )
+    cert_pem = Path(s.graph_encryption_cert_path).read_bytes() if s.graph_encryption_cert_path else None
+    decryptor = Decryptor(cert_pem, Path(s.graph_encryption_key_path).read_bytes()) if cert_pem else None
+    subscriptions = None
+    if s.public_url and s.graph_client_state:
+        subscriptions = SubscriptionManager(
+            bridge,
+            s.graph_url,
+            accounts,
+            notification_url=s.public("/api/graph/notifications"),
+            lifecycle_url=s.public("/api/graph/lifecycle"),
+            client_state=s.graph_client_state,
+            encryption_cert_pem=cert_pem,
+            encryption_cert_id=decryptor.certificate_id if decryptor else None,
+            owner=owner,
+            reader=teams,
+        )
+    dataverse_intake = DataverseIntake(
+        bridge,
+        webhook_key=s.dataverse_webhook_key,
+        client=dataverse,
+        on_agent_added=subscriptions.directory_changed if subscriptions is not None else None,
+    )
+    graph_intake = GraphIntake(
+        bridge,
+        client_state=s.graph_client_state,
+        client_id=s.client_id,
+        jwks_url=s.jwks_url,
+        decryptor=decryptor,
+        reader=teams,
+        subscriptions=subscriptions,
+        tenant_id=s.tenant_id or None,
+    )
+    bot = BotIntake(
+        bridge,
+        readers,
+        app_id=s.bot_app_id,
+        app_password=s.bot_app_password,
+        app_type=s.bot_app_type,
+        tenant_id=s.bot_tenant_id,
+    )
+    return Runtime(
+        settings=s,
+        store=store,
+        telemetry=telemetry,
+        owner=owner,
+        tokens=tokens,
+        bridge=bridge,
+        readers=readers,
+        dataverse=dataverse,
+        dataverse_intake=dataverse_intake,
+        teams=teams,
+        accounts=accounts,
+        subscriptions=subscriptions,
+        graph_intake=graph_intake,
+        bot=bot,
+    )
 
 
 def describe(settings: Settings) -> str:

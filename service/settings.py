@@ -13,8 +13,8 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from edge.upstream import is_loopback_url
 from mapping.errors import ConfigError
-from mapping.hosts import is_loopback_url
 
 PREFIX = "PRESENCE_SYNC_"
 MICROSOFT_JWKS_URL = "https://login.microsoftonline.com/common/discovery/v2.0/keys"

@@ -26,9 +26,14 @@ import aiohttp
 from aiohttp import web
 from cryptography.fernet import Fernet
 
+from dataverse.discovery import discover_agents
+from dataverse.registration import register_webhook
 from emulators.connector import BotConnectorEmulator, SentActivity, teams_message
 from emulators.dataverse import DataverseEmulator
 from emulators.graph import GraphEmulator
+from service.app import create_app
+from service.runtime import Runtime
+from service.settings import Settings
 
 TOKEN = "local-stack-app-token"
 SUBSCRIBER_TOKEN = "local-stack-subscriber-token"
@@ -101,12 +106,6 @@ class LocalStack:
         return str(self.settings.public_url)
 
     async def start(self) -> None:
-        from dataverse.discovery import discover_agents
-        from dataverse.registration import register_webhook
-        from service.app import create_app
-        from service.runtime import Runtime
-        from service.settings import Settings
-
         started = time.monotonic()
         await self.dataverse.start()
         await self.graph.start()

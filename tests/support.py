@@ -9,11 +9,9 @@ from typing import Any
 
 from mapping.bridge import Bridge
 from mapping.catalogue import Catalogue
-from mapping.engine import SyncEngine
 from mapping.errors import UpstreamError
 from mapping.memory import MemoryStore
 from mapping.model import OOB_PRESENCE_IDS, Agent, BasePresence, Presence, PresenceObserved, System
-from mapping.outbox import OutboxWorker
 from mapping.ports import PresenceWriter, ReadRequests, Store
 from mapping.retry import RetryPolicy
 from mapping.translation import Rules
@@ -81,10 +79,12 @@ def make_bridge(
     catalogue = Catalogue(presences)
     rules = rules or Rules()
     writers = writers or {s: RecordingWriter(s) for s in System}
-    outbox = OutboxWorker(store, writers, policy=policy or RetryPolicy(jitter=False), clock=clock, limiters={})
-    engine = SyncEngine(store, catalogue, rules, clock=clock, on_enqueued=outbox.wake, reads=reads)
-    outbox.listeners.insert(0, engine)
-    return Bridge(store, catalogue, rules, engine, outbox, limiters={}, clock=clock)
+    bridge = Bridge.assemble(
+        store, catalogue, rules, writers, retry=policy or RetryPolicy(jitter=False), clock=clock, limiters={}
+    )
+    if reads is not None:
+        bridge.serve_reads(System.TEAMS, reads)
+    return bridge
 
 
 def ev(

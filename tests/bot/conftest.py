@@ -161,7 +161,6 @@ async def make_harness() -> AsyncIterator[MakeHarness]:
             tenant_id=tenant_id,
             settle_seconds=settle_seconds,
         )
-        bridge.outbox.listeners.append(intake.listener)
         stop = asyncio.Event()
         worker = asyncio.create_task(bridge.outbox.run(stop))
         await intake.start()

@@ -162,6 +162,7 @@ def test_the_card_is_adaptive_card_1_5_with_one_submit_button_per_settable_prese
         assert parse_value(b["data"]).presence_id == b["data"]["presence_id"]
 
 
+@pytest.mark.slow
 async def test_read_failure_after_a_change_falls_back_to_what_the_system_accepted() -> None:
     clock = FakeClock()
     writers = {s: RecordingWriter(s) for s in System}
@@ -182,6 +183,7 @@ async def test_read_failure_after_a_change_falls_back_to_what_the_system_accepte
     assert "Teams shows **Busy (in a call)**." in reply.text
 
 
+@pytest.mark.slow
 async def test_a_read_that_disagrees_after_delivery_is_reported_not_hidden() -> None:
     clock = FakeClock()
     writers = {s: RecordingWriter(s) for s in System}
@@ -225,6 +227,7 @@ async def test_a_rules_target_missing_from_the_catalogue_is_reported_not_guessed
     assert await bridge.store.outbox_row(ALICE.dynamics_user_id, System.DYNAMICS) is None
 
 
+@pytest.mark.slow
 async def test_an_exact_custom_name_wins_over_its_keywords() -> None:
     lunch = Presence("9e3f0c1a-0000-4000-8000-00000000aa03", "Away - Lunch", B.AWAY)
     bridge = make_bridge(presences=[*PRESENCES, lunch])

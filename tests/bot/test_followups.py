@@ -8,6 +8,8 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
+import pytest
+
 from bot.commands import PendingChange
 from bot.followups import CONVERSATION_KIND, FOLLOWUP_KIND, FollowUps, followup_key
 from mapping.errors import PermanentError, RetryableError, Throttled
@@ -15,6 +17,8 @@ from mapping.model import OutboxStatus, System
 from mapping.retry import RetryPolicy
 from tests.bot.conftest import Harness, MakeHarness
 from tests.support import ALICE, AWAY, BUSY, RecordingWriter
+
+pytestmark = pytest.mark.slow
 
 THROTTLED = Throttled("Dataverse throttled the presence change for Alice (429); retry after 30 s", retry_after=30)
 DOWN = RetryableError("Dataverse answered 503 Service Unavailable for Alice's presence change")

@@ -16,11 +16,11 @@ from aiohttp import web
 
 from dataverse.client import READ_BATCH, DataverseClient, check_dataverse_url
 from dataverse.registration import register_webhook
+from edge.upstream import retry_after_seconds
 from emulators.dataverse import AVAILABLE, AWAY, BUSY, DND, LUNCH, OFFLINE, RETIRED, TRAINING, DataverseEmulator
 from emulators.serving import serve_app
 from mapping.errors import ConfigError, PermanentError, RetryableError, Throttled, UpstreamError
 from mapping.model import Agent, BasePresence, OutboxStatus, SetPresence, System
-from mapping.retry import retry_after_seconds
 from tests.dataverse.conftest import KEY, TOKEN, Served
 from tests.support import ALICE, BOB, FakeClock, RecordingWriter, StaticTokens, make_bridge
 
@@ -120,6 +120,7 @@ async def test_503_with_retry_after_is_throttling(emu: DataverseEmulator, client
     assert isinstance(e, Throttled) and e.retry_after == 3.0 and e.status == 503
 
 
+@pytest.mark.slow
 async def test_timeout_is_retryable(emu: DataverseEmulator, tokens: StaticTokens) -> None:
     emu.add_agent(ALICE.dynamics_user_id, ALICE.entra_object_id, "Alice Agent")
     emu.latency(2.0)

@@ -76,7 +76,6 @@ def test_update_seed_as_is() -> None:
     assert change.agent_id == UPDATE_AGENT
     assert change.presence_id == BUSY == "efdeb843-c07a-e811-8162-000d3aa11f50"
     assert change.row_version == 5948260
-    assert change.order_version == 5948260
     assert change.presence_modified_on == AT
     assert change.presence_modified_by == "AGENT"
     assert change.operation_created_on == datetime(2024, 8, 2, 7, 0, 39, tzinfo=UTC)
@@ -94,7 +93,6 @@ def test_create_seed_as_is() -> None:
     assert change.row_version is None
     # The target's own value (second precision), not the parent's 1721816904678.
     assert change.presence_modified_on == datetime(2024, 7, 24, 10, 28, 24, tzinfo=UTC)
-    assert change.order_version == 1721816904000
     assert change.presence_modified_by == "SYSTEM"
     assert change.operation_created_on == datetime(2024, 7, 24, 10, 28, 25, 786000, tzinfo=UTC)
     assert change.is_presence_change
@@ -357,18 +355,12 @@ def test_agent_missing_everywhere_is_refused() -> None:
     )
 
 
-def test_missing_row_version_and_date_leave_no_order_version() -> None:
+def test_missing_row_version_and_date_are_none_not_guessed() -> None:
     ctx = update_only()
     target(ctx)["RowVersion"] = None
     drop_attr(target(ctx), "msdyn_presencemodifiedon")
     change = parse_context(ctx)
-    assert (change.row_version, change.presence_modified_on, change.order_version) == (None, None, None)
-
-
-def test_order_version_falls_back_to_modified_on() -> None:
-    ctx = update_only()
-    target(ctx)["RowVersion"] = None
-    assert parse_context(ctx).order_version == MS
+    assert (change.row_version, change.presence_modified_on) == (None, None)
 
 
 def test_status_id_from_the_attribute_or_primary_entity_id() -> None:

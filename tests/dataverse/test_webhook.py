@@ -380,6 +380,7 @@ async def test_create_for_a_user_dataverse_does_not_know_ends_up_unknown(
     assert [u["id"] for u in await bridge.store.list_unknown()] == [BOB.dynamics_user_id]
 
 
+@pytest.mark.slow
 async def test_create_whose_lookup_fails_is_kept_and_retried(
     emu: DataverseEmulator, served: Served, bridge: Bridge, http: aiohttp.ClientSession
 ) -> None:

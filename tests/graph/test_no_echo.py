@@ -39,6 +39,7 @@ async def settle(rig: Rig) -> None:
     await rig.intake.wait_idle()
 
 
+@pytest.mark.slow
 async def test_the_bridges_own_write_notified_back_changes_nothing_in_dynamics(loop_rig: Rig) -> None:
     rig = loop_rig
     # A customer conversation: Dynamics 365 says Busy; the bridge makes Teams show Busy/InACall.

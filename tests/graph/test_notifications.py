@@ -309,6 +309,7 @@ async def test_past_the_ack_budget_the_rest_is_deferred_to_reads(
         await close_rig(rig, runner)
 
 
+@pytest.mark.slow
 async def test_the_budget_spent_observing_defers_the_rest_to_reads(
     emu: Any,
     clock: FakeClock,

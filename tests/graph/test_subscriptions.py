@@ -8,11 +8,14 @@ import asyncio
 from datetime import timedelta
 
 import aiohttp
+import pytest
 
 from graph_sync.subscriptions import KIND, LEADERSHIP, assign, presence_resource
 from mapping.model import PresenceObserved, System
 from tests.graph.conftest import CLIENT_STATE, SUBSCRIBER_TOKENS, Rig, agents, entra
 from tests.support import AVAILABLE, BUSY
+
+pytestmark = pytest.mark.slow
 
 
 async def seed(rig: Rig, count: int = 1400) -> None:

@@ -162,6 +162,7 @@ async def test_404_and_400_carry_graphs_message(teams: TeamsPresenceClient) -> N
     assert e.value.status == 404 and "Ghost Agent" in e.value.message
 
 
+@pytest.mark.slow
 async def test_timeout_and_refused_connection_are_retryable(emu: GraphEmulator) -> None:
     emu.add_user(ALICE.entra_object_id)
     slow = TeamsPresenceClient(emu.url, StaticTokens(APP_TOKEN), session_id=CLIENT_ID, store=MemoryStore(), timeout=0.2)

@@ -9,7 +9,7 @@ from mapping.api import CoreApi
 from mapping.errors import PermanentError
 from mapping.model import OutboxStatus, System
 from mapping.rules import Result
-from tests.support import ALICE, AVAILABLE, DND, RecordingWriter, ev, make_bridge
+from tests.support import ALICE, AVAILABLE, BOB, DND, RecordingWriter, ev, make_bridge
 
 D, T = System.DYNAMICS, System.TEAMS
 
@@ -77,3 +77,26 @@ async def test_last_known_and_delivery_expose_no_more_than_they_name():
     await b.outbox.drain()
     row = await b.delivery(ALICE.dynamics_user_id, T)
     assert row is not None and (row.status, row.value) == (OutboxStatus.DELIVERED, "DoNotDisturb/Presenting")
+
+
+async def test_a_new_agent_is_added_once_and_an_existing_one_kept_as_it_is():
+    from dataclasses import replace
+
+    b = make_bridge()
+    added = await b.add_agent(ALICE)
+    assert (added.agent, added.outcome, added.problem) == (ALICE, "added", None)
+    renamed = replace(ALICE, display_name="Alice from a later Create")
+    kept = await b.add_agent(renamed)
+    assert (kept.agent, kept.outcome) == (ALICE, "kept")  # discovery or a CSV had it: left as it is
+
+
+async def test_an_agent_whose_entra_id_belongs_to_another_is_refused_with_who_has_it():
+    from dataclasses import replace
+
+    b = make_bridge()
+    await b.add_agent(ALICE)
+    clash = replace(BOB, entra_object_id=ALICE.entra_object_id)
+    refused = await b.add_agent(clash)
+    assert refused.agent is None and refused.outcome == "refused"
+    assert refused.problem == f"its Entra object id {ALICE.entra_object_id} already belongs to agent {ALICE.label}"
+    assert await b.store.get_agent(BOB.dynamics_user_id) is None

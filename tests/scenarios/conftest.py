@@ -1,5 +1,5 @@
 """Scenario tests across real HTTP: the Dataverse, Graph and Bot Connector emulators and the real
-service (``emulators.stack.LocalStack``), changed the way the real systems change and read back
+service (``service.stack.LocalStack``), changed the way the real systems change and read back
 the way a person would look at them.
 
 Everything here is bounded: every test runs inside ``bounded(seconds)``, the stack starts within
@@ -23,8 +23,8 @@ import pytest
 
 from emulators.dataverse import AVAILABLE
 from emulators.graph import AVAILABILITY_RANK
-from emulators.stack import LocalStack, StackAgent, agent_ids
 from mapping.model import CLEAR
+from service.stack import LocalStack, StackAgent, agent_ids
 
 START_SECONDS = 90.0
 """Start-up does migrations, discovery, subscriptions with their validation handshake and a first

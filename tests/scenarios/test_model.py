@@ -1,6 +1,6 @@
 """Random scripts checked against the reference model (``tests/reference_model.py``) at every step,
 across real HTTP: the Dataverse, Graph and Bot Connector emulators and the real service
-(``emulators.stack.LocalStack``).
+(``service.stack.LocalStack``).
 
 What is checked. For each seed, a script of genuine changes for eight agents: an agent picks a
 presence in Dynamics 365 (``AGENT``), routing sets one (``SYSTEM``), an agent sends the bot a
@@ -37,9 +37,11 @@ from dataclasses import dataclass, field
 import pytest
 
 from emulators.dataverse import AVAILABLE, AWAY, BUSY, DND, LUNCH, OFFLINE, TRAINING
-from emulators.stack import LocalStack, StackAgent
+from service.stack import LocalStack, StackAgent
 from tests.reference_model import BASES, Truth, aggregate
 from tests.scenarios.conftest import START_SECONDS, bounded, dyn, make_agents, own, settle, teams
+
+pytestmark = pytest.mark.slow
 
 SEEDS = (1, 2, 3, 4, 5)
 AGENTS = 8

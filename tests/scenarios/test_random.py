@@ -40,8 +40,10 @@ import random
 import time
 from dataclasses import dataclass
 
+import pytest
+
 from emulators.dataverse import AVAILABLE, AWAY, BUSY, DND, LUNCH, OFFLINE, TRAINING
-from emulators.stack import LocalStack, StackAgent
+from service.stack import LocalStack, StackAgent
 from tests import reference_model as ref
 from tests.reference_model import BASES, Truth
 from tests.scenarios.conftest import (
@@ -62,6 +64,8 @@ from tests.scenarios.conftest import (
     upstream_writes,
     webhook_answers,
 )
+
+pytestmark = pytest.mark.slow
 
 DEFAULT_SEED = 20240801
 SEED = int(os.environ.get("SCENARIO_SEED", DEFAULT_SEED))

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from emulators.dataverse import AVAILABLE, AWAY, BUSY, DND, LUNCH, OFFLINE, TRAINING
-from emulators.stack import TOKEN, LocalStack, StackAgent, agent_ids
 from mapping.model import OutboxStatus, System
+from service.stack import TOKEN, LocalStack, StackAgent, agent_ids
 from tests.scenarios.conftest import (
     bounded,
     dyn,
@@ -37,6 +39,8 @@ from tests.scenarios.conftest import (
     teams,
     teams_reads,
 )
+
+pytestmark = pytest.mark.slow
 
 SEED_UPDATE = Path(__file__).parents[1] / "dataverse" / "data" / "update-presence.json"
 

@@ -91,6 +91,7 @@ async def test_validation_handshake_and_bad_input(stack):
     assert r.status == 400 and "error" in await r.json()
 
 
+@pytest.mark.slow
 async def test_dynamics_change_reaches_teams_and_teams_call_queues_dynamics(stack):
     graph, rt, _ = stack
     report = await rt.subscriptions.sync()
@@ -157,6 +158,7 @@ async def test_reconcile_repairs_a_lost_notification(stack):
     assert (again.repaired, again.in_sync) == (0, 2)
 
 
+@pytest.mark.slow
 async def test_bot_command_through_the_service_changes_dynamics_and_teams(stack):
     """An agent types `dnd` to the bot served by the real app: Dynamics DND is queued (the Dataverse
     adapter lands with issue 4), Teams shows DoNotDisturb, and the reply reaches the connector."""

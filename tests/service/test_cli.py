@@ -11,6 +11,8 @@ import pytest
 
 from tests.support import ALICE, BOB
 
+pytestmark = pytest.mark.slow
+
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("PRESENCE_SYNC_")}

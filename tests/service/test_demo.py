@@ -9,6 +9,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 
 def test_demo_plays_the_day_and_exits_0_within_60_seconds(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRESENCE_SYNC_")}

@@ -22,11 +22,13 @@ from dataverse.registration import register_webhook
 from emulators.dataverse import DataverseEmulator
 from emulators.graph import GraphEmulator
 from service.app import create_app
-from service.doctor import Check, _subscription_problem, run_doctor
+from service.doctor import Check, run_doctor
 from service.runtime import Runtime
 from service.settings import Settings, load_settings
 from service.store.migrate import script_directory
 from tests.support import ALICE, AVAILABLE
+
+pytestmark = pytest.mark.slow
 
 TOKEN = "static-test-token"
 SUB_TOKEN = "subscriber-test-token"
@@ -395,14 +397,6 @@ async def test_half_configured_entra_app_is_one_fail_line(stack: Stack) -> None:
     assert code == 1
     assert lines[2].startswith("FAIL  configuration: ") and "PRESENCE_SYNC_TENANT_ID" in lines[2], lines
     assert lines[-1].startswith("doctor: ") and len(lines) == 4
-
-
-def test_subscription_rows_expiring_soon_or_unhealthy_are_problems() -> None:
-    ok = {"account": "a", "subscription": "s", "ids": 1, "minutes_left": 45.0, "health": "ok"}
-    assert _subscription_problem(ok) == ""
-    assert "expires in 9" in _subscription_problem({**ok, "minutes_left": 9.0})
-    assert _subscription_problem({**ok, "health": "error: Forbidden"}) == "error: Forbidden"
-    assert _subscription_problem({**ok, "minutes_left": "-"}) == "no expiry recorded"
 
 
 def test_check_line_format() -> None:

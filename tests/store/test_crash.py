@@ -7,12 +7,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+import pytest
+
 from mapping.model import Agent, OutboxStatus, SetPresence, System
 from mapping.outbox import OutboxWorker
 from mapping.ports import Store
 from mapping.retry import RetryPolicy
 from service.store import SqlStore
 from tests.support import ALICE, FakeClock, RecordingWriter
+
+pytestmark = pytest.mark.slow
 
 TEAMS = System.TEAMS
 LEASE = 30.0

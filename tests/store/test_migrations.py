@@ -10,6 +10,7 @@ import time
 from asyncio.subprocess import PIPE
 from collections.abc import Awaitable, Callable
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -21,6 +22,8 @@ from service.store import SqlStore, migration_status, upgrade
 from service.store.migrate import alembic_config, describe, head_revision
 from service.store.schema import metadata
 from tests.support import AVAILABLE, BUSY
+
+pytestmark = pytest.mark.slow
 
 OpenSql = Callable[..., Awaitable[SqlStore]]
 

@@ -25,7 +25,7 @@ from mapping.retry import RetryPolicy
 from service.store import SqlStore
 from service.store.leader import lock_key
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 OpenSql = Callable[..., Awaitable[SqlStore]]
 AGENTS = [

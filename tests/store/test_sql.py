@@ -184,6 +184,7 @@ async def test_naive_datetimes_are_refused(sql_url: str, open_sql: OpenSql) -> N
 # Concurrency ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.parametrize("known", [False, True], ids=["new-agent", "saved-agent"])
 async def test_load_state_locks_the_agent_until_commit(pg_url: str, open_sql: OpenSql, known: bool) -> None:

@@ -1,0 +1,50 @@
+"""Reading an intake request's body: bounded in size, of a JSON content type, valid JSON (nesting
+that exhausts the parser is junk, refused like any other). Every route refuses junk the same way."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection
+from typing import Any
+
+from aiohttp import web
+
+from edge.intake import Rejected
+
+JSON_TYPES = frozenset({"application/json", "text/json"})
+
+
+async def read_json(
+    request: web.Request,
+    *,
+    max_body: int,
+    what: str,
+    types: Collection[str] = JSON_TYPES,
+    type_required: bool = True,
+) -> Any:
+    """The body as JSON. ``what`` names the expected document in refusals ("a RemoteExecutionContext
+    JSON object"). ``type_required``: False accepts a request without a Content-Type header (Graph
+    sends one, but its validation POST may not); a wrong one is always refused."""
+    if request.content_length is not None and request.content_length > max_body:
+        raise Rejected(413, "too_large", f"body of {request.content_length} bytes exceeds {max_body}")
+    has_type = "Content-Type" in request.headers
+    ctype = request.content_type
+    if (has_type or type_required) and not (has_type and (ctype in types or ctype.endswith("+json"))):
+        shown = ctype if has_type else "none"
+        raise Rejected(415, "unsupported_media_type", f"content type {shown!r}; expected application/json")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):  # chunked uploads carry no length
+        size += len(chunk)
+        if size > max_body:
+            raise Rejected(413, "too_large", f"body exceeds {max_body} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise Rejected(400, "malformed", f"empty body; expected {what}")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise Rejected(400, "malformed", f"body is not JSON: {e}") from None
+    except RecursionError:  # [[[[...: junk, not a failure of ours, so not a 503 that invites a resend
+        raise Rejected(400, "malformed", "body is not a usable JSON document: nested too deeply") from None

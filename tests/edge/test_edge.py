@@ -1,0 +1,99 @@
+"""The shared HTTP edge: every intake route reads bodies and answers refusals and failures the one way
+(``edge.body``, ``edge.intake``)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from edge.body import read_json
+from edge.intake import Rejected, answer
+from edge.upstream import is_loopback, retry_after_seconds, upstream_base_url
+from mapping.errors import ConfigError
+from tests.support import RecordingTelemetry
+
+
+@pytest.fixture
+async def client():
+    telemetry = RecordingTelemetry()
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        async def handle() -> web.StreamResponse:
+            body: Any = await read_json(request, max_body=1024, what="a JSON object")
+            if body == {"boom": True}:
+                raise RuntimeError("a bug")
+            return web.json_response({"got": body})
+
+        return await answer("test_route", telemetry, handle, unavailable="try again later")
+
+    app = web.Application()
+    app.router.add_post("/r", echo)
+    async with TestClient(TestServer(app)) as c:
+        c.telemetry = telemetry  # type: ignore[attr-defined]
+        yield c
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "status", "reason"),
+    [
+        (b'{"a": 1}', "application/json", 200, None),
+        (b'{"a": 1}', "application/vnd.x+json", 200, None),
+        (b'{"a": 1}', "text/plain", 415, "unsupported_media_type"),
+        (b"", "application/json", 400, "malformed"),
+        (b"{not json", "application/json", 400, "malformed"),
+        (b"\xff\xfe", "application/json", 400, "malformed"),
+        (b"[" * 100_000 + b"]" * 100_000, "application/json", 413, "too_large"),
+        (b"x" * 2000, "application/json", 413, "too_large"),
+    ],
+)
+async def test_bodies_are_read_or_refused_with_a_reason(client, body, ctype, status, reason):
+    r = await client.post("/r", data=body, headers={"Content-Type": ctype})
+    assert r.status == status
+    answer_ = await r.json()
+    if reason is None:
+        assert answer_ == {"got": {"a": 1}}
+    else:
+        assert answer_["error"]
+        assert ("test_route", reason) in client.telemetry.rejections
+
+
+async def test_json_nested_too_deeply_for_the_parser_is_refused_not_a_failure():
+    telemetry = RecordingTelemetry()
+
+    async def deep(request: web.Request) -> web.StreamResponse:
+        async def handle() -> web.StreamResponse:
+            return web.json_response({"got": await read_json(request, max_body=1 << 20, what="x")})
+
+        return await answer("deep", telemetry, handle, unavailable="later")
+
+    app = web.Application(client_max_size=2 << 20)
+    app.router.add_post("/d", deep)
+    async with TestClient(TestServer(app)) as c:
+        r = await c.post("/d", data=b"[" * 200_000 + b"]" * 200_000, headers={"Content-Type": "application/json"})
+        assert r.status == 400
+        assert ("deep", "malformed") in telemetry.rejections
+
+
+async def test_an_unexpected_failure_is_a_503_with_the_senders_next_step(client):
+    r = await client.post("/r", json={"boom": True})
+    assert r.status == 503 and await r.json() == {"error": "try again later"}
+    assert ("test_route", "internal") in client.telemetry.rejections
+
+
+def test_rejected_carries_status_reason_and_a_safe_message():
+    r = Rejected(401, "unauthenticated", "wrong webhook key")
+    assert (r.status, r.reason, r.message) == (401, "unauthenticated", "wrong webhook key")
+
+
+def test_upstream_policy():
+    assert is_loopback("127.0.0.5") and is_loopback("::ffff:127.0.0.1") and is_loopback("localhost")
+    assert not is_loopback("10.0.0.1") and not is_loopback(None)
+    assert upstream_base_url("http://127.0.0.1:8080/", name="X") == "http://127.0.0.1:8080"
+    with pytest.raises(ConfigError, match=re.escape("X 'http://example.com' must be https")):
+        upstream_base_url("http://example.com", name="X")
+    assert retry_after_seconds({"retry-after": "7"}) == 7.0
+    assert retry_after_seconds({"Retry-After": "never"}) is None
