@@ -99,9 +99,9 @@ class TeamsPresence:
 class PresenceObserved:
     """A presence seen in one system, as an adapter hands it to the core.
 
-    ``version`` orders events of one agent and system: Dataverse ``RowVersion`` when known, else the
-    source timestamp in epoch milliseconds; ``None`` means the adapter cannot order it, and the core
-    falls back to ``observed_at``. ``modified_by`` is Dataverse's ``msdyn_presencemodifiedby``
+    ``version`` orders events of one agent and system: Dataverse's ``RowVersion`` (webhook) or
+    ``versionnumber`` (reads), the same counter; ``None`` when there is none (a Create, every Graph
+    event), and the core falls back to ``observed_at`` (the ordering contract, ``docs/DESIGN.md``). ``modified_by`` is Dataverse's ``msdyn_presencemodifiedby``
     (``AGENT``/``SYSTEM``) when known. ``source`` says which intake saw it (``webhook``,
     ``notification``, ``reconcile``, ``bot``...), for logs and metrics only. ``current`` is True when
     the adapter read what the system shows at ``observed_at`` (a GET), not an event it was sent: only
