@@ -153,6 +153,9 @@ class SyncEngine:
             assert agent is not None
             self._after(agent, source, event, done)
             outcomes.append(Outcome(done.result, agent, done.commands, done.detail))
+            if done.read and self.reads is not None:  # after the commit: the read sees what was saved
+                for system in done.read:
+                    await self.reads.request_read(system, agent.dynamics_user_id, "a replaced session's value")
         return outcomes
 
     @staticmethod

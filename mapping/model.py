@@ -101,7 +101,8 @@ class PresenceObserved:
 
     ``version`` orders events of one agent and system: Dataverse's ``RowVersion`` (webhook) or
     ``versionnumber`` (reads), the same counter; ``None`` when there is none (a Create, every Graph
-    event), and the core falls back to ``observed_at`` (the ordering contract, ``docs/DESIGN.md``). ``modified_by`` is Dataverse's ``msdyn_presencemodifiedby``
+    event), and the core falls back to ``observed_at`` (the ordering contract, ``docs/DESIGN.md``).
+    ``modified_by`` is Dataverse's ``msdyn_presencemodifiedby``
     (``AGENT``/``SYSTEM``) when known. ``source`` says which intake saw it (``webhook``,
     ``notification``, ``reconcile``, ``bot``...), for logs and metrics only. ``current`` is True when
     the adapter read what the system shows at ``observed_at`` (a GET), not an event it was sent: only

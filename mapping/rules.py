@@ -19,6 +19,7 @@ An observation goes through three steps:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -144,7 +145,10 @@ def decide(
             )
         echo = _observe_dynamics(s, event, now, unsent)
     else:
-        echo = _observe_teams(s, event, rules, unsent)
+        echo, read = _observe_teams(s, event, rules, unsent)
+        if read:
+            decision = _converge(s, rules, catalogue, now, f"{event.system} {event.value}", Result.ECHO)
+            return dataclasses.replace(decision, read=(System.TEAMS,))
     return _converge(s, rules, catalogue, now, f"{event.system} {event.value}", Result.ECHO if echo else None)
 
 
@@ -340,8 +344,9 @@ def _teams_holds(s: AgentSyncState) -> set[str]:
     return {v for v in (s.session_delivered, *s.session_unacked) if v is not None and v != CLEAR}
 
 
-def _observe_teams(s: AgentSyncState, ev: PresenceObserved, rules: Rules, unsent: str | None) -> bool:
-    """Updates Q from a Teams report; True when it was the bridge's own session showing."""
+def _observe_teams(s: AgentSyncState, ev: PresenceObserved, rules: Rules, unsent: str | None) -> tuple[bool, bool]:
+    """Updates Q from a Teams report. Returns whether it was the bridge's own session showing, and
+    whether Teams must be read now to tell (a read made after the bridge's newer session landed)."""
     previous, seen_before = s.teams_seen.value, s.teams_seen.at
     _see(s.teams_seen, ev)
     if previous != ev.value and ev.since is not None and ev.since < ev.observed_at:
@@ -362,16 +367,22 @@ def _observe_teams(s: AgentSyncState, ev: PresenceObserved, rules: Rules, unsent
             # Another session (or a clear) is on its way: once it lands, what this one hid is read.
             s.read_after_landing = True
         s.session_replaced = []
-        return True
+        return True, False
     read_after_landing = ev.current and s.session_landed_at is not None and ev.observed_at >= s.session_landed_at
     if ev.value in s.session_replaced and not read_after_landing:
-        return True  # an older session of ours, shown before the newer one landed
+        # An older session of ours, shown before the newer one landed; or the person's own state of
+        # the same value (the old session may never have shown: the person's own state outranked it,
+        # and Graph notifies nothing then). Only a read made after the newer session landed tells.
+        if s.session_unacked:
+            s.read_after_landing = True
+            return True, False
+        return True, not ev.current
     if s.own_teams != ev.value:
         # Since when Teams has shown it: a value Teams showed already (our session, now gone, over
         # the same own state) has been showing since then, not since we learned whose it is.
         s.own_teams, s.own_teams_since = ev.value, s.teams_seen.since or ev.observed_at
     s.session_replaced = []
-    return False
+    return False, False
 
 
 def _check_session_in_force(s: AgentSyncState, shown: str) -> None:

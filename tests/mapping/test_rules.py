@@ -793,3 +793,39 @@ async def test_rule3_a_session_whose_attempt_failed_is_not_an_older_session_stil
     assert teams.calls == [(ALICE.dynamics_user_id, CLEAR)]
     out = await b.engine.observe(ev(ALICE, T, "DoNotDisturb/Presenting", b.clock.advance(1)))
     assert writes(out) == [(D, DND)]  # the person's own Do not disturb asks Busy DND
+
+
+async def test_rule3_a_replaced_sessions_value_notified_after_the_replacement_landed_is_read():
+    """From the stateful sweeps (after the last fixes): a bot command's Away/Away session is written
+    under the person's own Available (Teams keeps showing Available: nothing is notified); while the
+    command's Dynamics write is in flight, the agent's own Available arrives, so the session is
+    cleared, and the clear lands. Later the person goes Away in Teams: the notification carries the
+    replaced session's value. It may be the old session still showing, or the person's own state: a
+    read made now, after the clear landed, tells, and the Away it finds stops routing."""
+    reads = ReadRecorder()
+
+    class AgentActsDuringTheWrite(RecordingWriter):
+        async def apply(self, agent, value):
+            await super().apply(agent, value)
+            if len(self.calls) == 1:  # Dataverse answers the agent's own change's webhook first
+                await bridge.engine.observe(ev(ALICE, D, AVAILABLE, bridge.clock.advance(0.1), 2, "AGENT"))
+
+    bridge = make_bridge(writers={D: AgentActsDuringTheWrite(D), T: RecordingWriter(T)}, reads=reads)
+    await bridge.store.upsert_agents([ALICE])
+    await bridge.engine.observe(ev(ALICE, D, AVAILABLE, bridge.clock(), 1))
+    await bridge.engine.observe(ev(ALICE, T, "Available/Available", bridge.clock()))
+    await settle(bridge)
+    bridge.clock.advance(1.3)
+    await bridge.engine.command(ALICE, AWAY)
+    await settle(bridge)
+    for value in calls(bridge, D):  # the echoes of our writes
+        await bridge.engine.observe(
+            ev(ALICE, D, value[1], bridge.clock.advance(0.1), 3 + calls(bridge, D).index(value), "AGENT")
+        )
+    await settle(bridge)
+    assert calls(bridge, T)[-1] == (ALICE.dynamics_user_id, CLEAR)
+    reads.asked.clear()
+    await bridge.engine.observe(ev(ALICE, T, "Away/Away", bridge.clock.advance(1.2)))
+    assert reads.asked == [(T, ALICE.dynamics_user_id)]
+    found = await bridge.engine.observe(read_now(ALICE, "Away/Away", bridge.clock.advance(0.1)))
+    assert writes(found) == [(D, AWAY)]
