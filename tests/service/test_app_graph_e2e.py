@@ -182,3 +182,35 @@ async def test_bot_command_through_the_service_changes_dynamics_and_teams(stack)
         assert await until(lambda: _shows(graph, ALICE, ("DoNotDisturb", "Presenting")))
         r = await http.post("/api/messages", data=b"{broken", headers={"Content-Type": "application/json"})
         assert r.status == 400
+
+
+async def test_junk_paths_add_no_metric_series_and_a_key_in_a_path_is_never_a_label(stack):
+    """Metric labels are route templates: a caller-chosen path (even one carrying the webhook key)
+    never becomes a series, however many junk paths are tried."""
+    _, _, http = stack
+    await http.get("/junk/first")  # the one series junk may add: (unmatched, http_404)
+    before = await (await http.get("/metrics")).text()
+    for i in range(200):
+        r = await http.get(f"/junk/{i}/x")
+        assert r.status == 404 and "error" in await r.json()
+    r = await http.post("/api/dataverse/webhook/the-secret-webhook-key-123", json={})
+    assert r.status == 404
+    text = await (await http.get("/metrics")).text()
+    assert "the-secret-webhook-key-123" not in text and "/junk/" not in text
+
+    def rejected_series(metrics: str) -> set[str]:
+        return {
+            line.rsplit(" ", 1)[0] for line in metrics.splitlines() if line.startswith("presence_sync_rejected_total{")
+        }
+
+    assert rejected_series(text) == rejected_series(before)  # counts went up, no series was added
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/graph/notifications", "/api/graph/lifecycle", "/api/messages", "/api/dataverse/webhook"]
+)
+async def test_deeply_nested_json_is_bad_input_on_every_route(stack, path):
+    _, _, http = stack
+    body = b"[" * 100_000 + b"]" * 100_000
+    r = await http.post(path, data=body, headers={"Content-Type": "application/json"})
+    assert r.status in (400, 401), (r.status, await r.text())  # refused, never a 5xx
