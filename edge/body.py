@@ -43,8 +43,16 @@ async def read_json(
     if not raw.strip():
         raise Rejected(400, "malformed", f"empty body; expected {what}")
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as e:
         raise Rejected(400, "malformed", f"body is not JSON: {e}") from None
     except RecursionError:  # [[[[...: junk, not a failure of ours, so not a 503 that invites a resend
         raise Rejected(400, "malformed", "body is not a usable JSON document: nested too deeply") from None
+    if b"\\u" in raw:
+        # JSON may escape a lone surrogate (\ud800): valid JSON, but not text. Let in, it fails later
+        # wherever the string is encoded (a log line, the store), far from the request: refused here.
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise Rejected(400, "malformed", "body holds invalid Unicode (an unpaired surrogate escape)") from None
+    return body

@@ -46,6 +46,8 @@ async def client():
         (b"", "application/json", 400, "malformed"),
         (b"{not json", "application/json", 400, "malformed"),
         (b"\xff\xfe", "application/json", 400, "malformed"),
+        (b'{"a": "\\ud800"}', "application/json", 400, "malformed"),  # a lone surrogate: not text
+        (b'{"\\udc00": 1}', "application/json", 400, "malformed"),
         (b"[" * 100_000 + b"]" * 100_000, "application/json", 413, "too_large"),
         (b"x" * 2000, "application/json", 413, "too_large"),
     ],
@@ -82,6 +84,12 @@ async def test_an_unexpected_failure_is_a_503_with_the_senders_next_step(client)
     r = await client.post("/r", json={"boom": True})
     assert r.status == 503 and await r.json() == {"error": "try again later"}
     assert ("test_route", "internal") in client.telemetry.rejections
+
+
+async def test_escaped_non_ascii_text_is_still_read(client):
+    body = b'{"a": "caf\\u00e9 \\ud83d\\ude00"}'  # escaped, and a surrogate pair: fine
+    r = await client.post("/r", data=body, headers={"Content-Type": "application/json"})
+    assert r.status == 200 and await r.json() == {"got": {"a": "caf\u00e9 \U0001f600"}}
 
 
 def test_rejected_carries_status_reason_and_a_safe_message():

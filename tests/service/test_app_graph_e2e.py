@@ -214,3 +214,19 @@ async def test_deeply_nested_json_is_bad_input_on_every_route(stack, path):
     body = b"[" * 100_000 + b"]" * 100_000
     r = await http.post(path, data=body, headers={"Content-Type": "application/json"})
     assert r.status in (400, 401), (r.status, await r.text())  # refused, never a 5xx
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"value": [{"clientState": "\\ud800", "subscriptionId": "s", "resource": "x"}]}',
+        b'{"value": [{"clientState": "client-state-secret", "subscriptionId": "s",'
+        b' "resource": "communications/presences(\'\\udfff\')", "resourceData": {"id": "\\udfff"}}]}',
+    ],
+)
+async def test_a_lone_surrogate_is_bad_input_and_later_notifications_still_work(stack, body):
+    _, _, http = stack
+    r = await http.post("/api/graph/notifications", data=body, headers={"Content-Type": "application/json"})
+    assert r.status == 400, await r.text()
+    r = await http.post("/api/graph/notifications", json={"value": []})
+    assert r.status == 202
