@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from mapping.redact import redact
+
 
 class UpstreamError(Exception):
     """Base of what a port may raise while delivering. ``message`` is safe to log (no secrets)."""
@@ -10,6 +12,7 @@ class UpstreamError(Exception):
     retryable = True
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
+        message = redact(message)  # built from upstream text, which may echo our credentials
         super().__init__(message)
         self.message = message
         self.status = status

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from mapping.errors import ConfigError, UpstreamError
 from mapping.model import OutboxStatus
+from mapping.redact import redact
 from service import logs
 from service.settings import Settings, load_settings
 
@@ -219,7 +220,7 @@ async def cmd_outbox_list(settings: Settings, args: argparse.Namespace) -> int:
         nxt = r.next_attempt_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if r.next_attempt_at else "-"
         say(
             f"{r.id:>6} {r.status.value:<10} {r.system.value:<9} {r.agent_id:<37} {r.attempts:>5} {nxt:<20} "
-            f"{r.value}{'  ! ' + r.last_error if r.last_error else ''}"
+            f"{r.value}{'  ! ' + redact(r.last_error) if r.last_error else ''}"
         )
     say(" ".join(f"{k}={v}" for k, v in counts.items()))
     return 0

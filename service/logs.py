@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
 
-_SECRETISH = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9\-._~+/]+=*")
-
-
-def _scrub(text: str) -> str:
-    return _SECRETISH.sub(r"\1***", text)
+from mapping.redact import redact, redact_value
 
 
 class JsonFormatter(logging.Formatter):
@@ -23,14 +18,14 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": _scrub(record.getMessage()),
+            "msg": redact(record.getMessage()),
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            doc.update({k: v for k, v in fields.items() if k not in doc})
+            doc.update({k: redact_value(v) for k, v in fields.items() if k not in doc})
         if record.exc_info:
-            doc["exc"] = _scrub(self.formatException(record.exc_info))
-        return json.dumps(doc, default=str)
+            doc["exc"] = redact(self.formatException(record.exc_info))
+        return json.dumps(doc, default=lambda o: redact(str(o)))
 
 
 class ReadableFormatter(logging.Formatter):
@@ -43,7 +38,7 @@ class ReadableFormatter(logging.Formatter):
         line = f"{ts} {record.levelname:<7} {record.name.removeprefix('presence_sync.')}: {record.getMessage()}{tail}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return _scrub(line)
+        return redact(line)
 
 
 def configure(*, json_lines: bool, level: str = "INFO") -> None:

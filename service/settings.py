@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from edge.upstream import is_loopback_url
 from mapping.errors import ConfigError
+from mapping.redact import remember
 
 PREFIX = "PRESENCE_SYNC_"
 MICROSOFT_JWKS_URL = "https://login.microsoftonline.com/common/discovery/v2.0/keys"
@@ -161,6 +162,18 @@ class Settings(BaseSettings):
             return f"{parts.scheme}://{parts.netloc}/common/discovery/v2.0/keys"
         return MICROSOFT_JWKS_URL
 
+    def secrets(self) -> list[str]:
+        """The configured values no log line, metric, listing or message may show."""
+        return [
+            self.client_secret,
+            self.static_token,
+            *self.subscriber_tokens,
+            self.graph_client_state,
+            self.dataverse_webhook_key,
+            self.bot_app_password,
+            self.secret_key,
+        ]
+
     @property
     def subscriber_tokens(self) -> list[str]:
         tokens = [t.strip() for t in self.static_subscriber_tokens.split(",") if t.strip()]
@@ -182,9 +195,11 @@ class Settings(BaseSettings):
 def load_settings(**overrides: object) -> Settings:
     """Settings from the environment (and ``.env``), with ``overrides`` on top; ConfigError on bad input."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as e:
         raise ConfigError(describe_validation_error(e)) from None
+    remember(settings.secrets())
+    return settings
 
 
 def describe_validation_error(e: ValidationError) -> str:
