@@ -219,6 +219,12 @@ class MemoryStore:
     async def load_states(self, agent_ids: Sequence[str]) -> dict[str, AgentSyncState]:
         return {a: copy.deepcopy(self.d.states[a]) for a in agent_ids if a in self.d.states}
 
+    async def release_leases(self, owner: str, now: datetime) -> int:
+        rows = [r for r in self.d.outbox.values() if r.status is OutboxStatus.IN_FLIGHT and r.lease_owner == owner]
+        for row in rows:
+            row.lease_until = now
+        return len(rows)
+
     async def claim(
         self, systems: Sequence[System], limit: int, lease_seconds: float, owner: str, now: datetime
     ) -> list[Delivery]:

@@ -156,6 +156,12 @@ class Store(AgentDirectory, AdapterRecords, Protocol):
         (agent, system) in flight at any time; on PostgreSQL with ``FOR UPDATE SKIP LOCKED``."""
         ...
 
+    async def release_leases(self, owner: str, now: datetime) -> int:
+        """Rows in flight under ``owner``'s leases become claimable at once (their leases end now):
+        a restarted instance takes back what it was delivering when it died, instead of waiting out
+        its own leases. Returns how many."""
+        ...
+
     async def ack(self, delivery: Delivery, now: datetime) -> bool:
         """Marks delivered if the lease is still ours; if a newer generation was enqueued meanwhile,
         the row goes back to pending for it. False if the lease was lost (someone reclaimed)."""

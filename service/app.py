@@ -111,6 +111,7 @@ def create_app(
         app[RUNTIME] = rt
         await rt.start_intakes()
         if background:
+            await rt.take_back_own_rows()
             rt.start_background()
         log.info(
             "service started",

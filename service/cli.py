@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -63,7 +64,9 @@ async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from service.runtime import Runtime
 
     logs.configure(json_lines=True, level=settings.log_level)
-    runtime = await Runtime.open(settings)  # fail fast, with one line, before binding the port
+    # Fail fast, with one line, before binding the port. The lease owner survives a restart (host
+    # and port: two instances on one host cannot share a port), so rows in flight are taken back.
+    runtime = await Runtime.open(settings, owner=f"{socket.gethostname()}:{settings.port}")
     app = create_app(settings, runtime=runtime)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -63,6 +63,10 @@ class Overrides:
 
     store: Store | None = None
     load_catalogue: bool = True
+    owner: str | None = None
+    """The outbox lease owner. ``serve`` passes one that survives a restart (host and port), so that
+    a restarted instance takes back the rows it was delivering at once; by default a fresh one per
+    process (a CLI command beside a running ``serve`` must never take that instance's rows)."""
 
 
 class Runtime:
@@ -105,8 +109,8 @@ class Runtime:
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
-    async def open(cls, settings: Settings, *, store: Store | None = None) -> Runtime:
-        return await bootstrap(settings, overrides=Overrides(store=store))
+    async def open(cls, settings: Settings, *, store: Store | None = None, owner: str | None = None) -> Runtime:
+        return await bootstrap(settings, overrides=Overrides(store=store, owner=owner))
 
     async def load_catalogue(self) -> None:
         """The live ``msdyn_presences`` when Dataverse answers (kept in the store for the next start),
@@ -140,6 +144,16 @@ class Runtime:
             )
         if self.subscriptions is not None:
             self._spawn("subscriptions", self.subscriptions.run(self._stop, 60))
+
+    async def take_back_own_rows(self) -> int:
+        """Rows this instance (same owner) was delivering when it stopped, claimable at once."""
+        released = await self.store.release_leases(self.owner, self.bridge.clock())
+        if released:
+            log.info(
+                "outbox rows taken back after a restart", extra={"fields": {"rows": released, "owner": self.owner}}
+            )
+            self.outbox.wake()
+        return released
 
     async def start_intakes(self) -> None:
         for intake in (self.dataverse_intake, self.graph_intake, self.bot):
@@ -214,7 +228,7 @@ async def bootstrap(settings: Settings, *, overrides: Overrides = Overrides()) -
     Dynamics commands wait in the outbox, visible in `presence-sync outbox list`."""
     store = overrides.store or await open_configured_store(settings)
     try:
-        rt = _assemble(settings, store)
+        rt = _assemble(settings, store, overrides.owner)
         if overrides.load_catalogue:
             await rt.load_catalogue()
     except BaseException:
@@ -223,11 +237,11 @@ async def bootstrap(settings: Settings, *, overrides: Overrides = Overrides()) -
     return rt
 
 
-def _assemble(settings: Settings, store: Store) -> Runtime:
+def _assemble(settings: Settings, store: Store, owner: str | None) -> Runtime:
     s = settings
     remember(s.secrets())  # masked by value in every log line and stored error from now on
     telemetry = PrometheusTelemetry()
-    owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    owner = owner or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tokens = token_provider(s)
     retry = RetryPolicy(max_attempts=s.outbox_max_attempts)
     limiters = default_limiters()

@@ -141,6 +141,17 @@ async def cancel_pending(conn: AsyncConnection, agent_id: str, system: System, n
     return OutboxStatus(was)
 
 
+async def release_leases(conn: AsyncConnection, owner: str, now: datetime) -> int:
+    """``Store.release_leases``: the owner's in-flight rows become claimable now (the lease token
+    stays, so a late ack of the dead process's attempt, if any, is still refused once reclaimed)."""
+    result = await conn.execute(
+        update(outbox)
+        .where(outbox.c.status == IN_FLIGHT, outbox.c.lease_owner == owner)
+        .values(lease_until=now, updated_at=now)
+    )
+    return int(result.rowcount or 0)
+
+
 async def claim(
     conn: AsyncConnection, systems: Sequence[System], limit: int, lease_seconds: float, owner: str, now: datetime
 ) -> list[Delivery]:

@@ -149,6 +149,10 @@ class SqlStore:
         async with self._writing() as conn:
             return await outbox_sql.claim(conn, systems, limit, lease_seconds, owner, now)
 
+    async def release_leases(self, owner: str, now: datetime) -> int:
+        async with self._writing() as conn:
+            return await outbox_sql.release_leases(conn, owner, now)
+
     async def ack(self, delivery: Delivery, now: datetime) -> bool:
         async with self._writing() as conn:
             return await outbox_sql.ack(conn, delivery, now)

@@ -230,3 +230,49 @@ async def test_a_lone_surrogate_is_bad_input_and_later_notifications_still_work(
     assert r.status == 400, await r.text()
     r = await http.post("/api/graph/notifications", json={"value": []})
     assert r.status == 202
+
+
+async def test_a_restarted_service_takes_back_the_rows_it_was_delivering(tmp_path, monkeypatch):
+    """kill -9 during delivery: the row stays in flight under the dead process's 30 s lease. The
+    service started again with the same owner (``serve``: host and port) delivers it at once."""
+    for k in list(__import__("os").environ):
+        if k.startswith("PRESENCE_SYNC_"):
+            monkeypatch.delenv(k)
+    from mapping.model import SetPresence
+
+    graph = GraphEmulator(token="graph-token")
+    await graph.start()
+    graph.add_user(ALICE.entra_object_id, own=("Available", "Available"))
+    port = free_port()
+    settings = load_settings(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'store.db'}",
+        auth_mode="static",
+        static_token="graph-token",
+        graph_url=graph.url,
+        client_id=graph.client_id,
+        port=port,
+        reconcile_interval_seconds=0,
+    )
+    owner = f"test-host:{port}"
+    first = await Runtime.open(settings, owner=owner)
+    await first.store.upsert_agents([ALICE])
+    async with first.store.transaction() as tx:
+        await tx.enqueue(SetPresence(ALICE.dynamics_user_id, System.TEAMS, "Busy/InACall"), first.bridge.clock())
+    [_in_flight] = await first.store.claim([System.TEAMS], 10, 30.0, owner, first.bridge.clock())
+    await first.close()  # the process dies with the attempt in flight (nothing acked)
+
+    rt = await Runtime.open(settings, owner=owner)
+    runner = web.AppRunner(create_app(settings, runtime=rt))
+    await runner.setup()
+    try:
+
+        async def delivered() -> bool:
+            row = await rt.store.outbox_row(ALICE.dynamics_user_id, System.TEAMS)
+            return row is not None and row.status.value == "delivered"
+
+        assert await until(delivered, timeout=10.0), "not delivered: the lease was waited out"
+        assert graph.calls("POST", "setPresence")
+    finally:
+        await runner.cleanup()
+        await rt.close()
+        await graph.stop()

@@ -73,6 +73,23 @@ async def test_dead_workers_claim_is_delivered_after_its_lease(any_store: Store)
     assert await survivor.run_once() == 0
 
 
+async def test_a_restarted_instance_takes_back_its_own_rows_at_once(any_store: Store) -> None:
+    """kill -9 during delivery, then a restart under the same owner (``serve``: host and port): the
+    rows in flight are claimed again at once, not after their lease; another owner's are left alone."""
+    clock = FakeClock()
+    await any_store.upsert_agents([ALICE])
+    await enqueue(any_store, "Busy/InACall", clock)
+    [orphan] = await any_store.claim([TEAMS], 10, LEASE, "host-a:3978", clock())  # ...then killed
+    assert await any_store.release_leases("host-b:3978", clock()) == 0
+    writer = RecordingWriter(TEAMS)
+    restarted = worker(any_store, writer, clock, "host-a:3978")
+    assert await restarted.run_once() == 0  # its lease still holds: nothing is claimed twice
+    assert await any_store.release_leases("host-a:3978", clock()) == 1
+    assert await restarted.run_once() == 1
+    assert writer.calls == [(ALICE.dynamics_user_id, "Busy/InACall")]
+    assert await any_store.ack(orphan, clock()) is False  # the killed attempt's late ack changes nothing
+
+
 async def test_only_the_newest_value_is_delivered_after_a_crash(any_store: Store) -> None:
     clock = FakeClock()
     await any_store.upsert_agents([ALICE])
