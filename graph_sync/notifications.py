@@ -120,10 +120,15 @@ class JwksCache:
         self._fetched = time.monotonic()
 
 
+_GUID = re.compile(r"^[0-9a-f]{8}-(?:[0-9a-f]{4}-){3}[0-9a-f]{12}$")
+ENTRA_V2 = "https://login.microsoftonline.com/"
+
+
 class TokenValidator:
     """Checks Graph's ``validationTokens``: RS256, signed by a key of the JWKS, ``aud`` = our client id,
     ``azp`` (v2) or ``appid`` (v1) = Graph's change-tracking app, inside ``nbf``/``exp`` (with
-    ``leeway`` seconds of clock skew), and ``tid`` = our tenant when one is configured. Tokens already
+    ``leeway`` seconds of clock skew), ``iss`` = the identity platform of the token's own ``tid``, and
+    ``tid`` = our tenant when ``TENANT_ID`` is a GUID (compared as GUIDs, whatever the case). Tokens already
     verified are remembered until they expire: Graph sends the same token on many batches."""
 
     def __init__(
@@ -132,6 +137,10 @@ class TokenValidator:
         self.jwks = jwks
         self.client_id = client_id
         self.tenant_id = tenant_id
+        # ``TENANT_ID`` may be a GUID in any case or a domain name; tokens carry the GUID. A domain
+        # name cannot be compared without a look-up, so then only the issuer's consistency is checked.
+        wanted = (tenant_id or "").strip().lower()
+        self.tenant_guid = wanted if _GUID.match(wanted) else None
         self.leeway = leeway
         self.memory = memory
         self._verified: dict[str, float] = {}
@@ -173,7 +182,11 @@ class TokenValidator:
         azp = claims.get("azp") or claims.get("appid")
         if azp != GRAPH_CHANGE_TRACKING_APP_ID:
             raise ValueError(f"azp {azp!r} is not Microsoft Graph change tracking")
-        if self.tenant_id and claims.get("tid") not in (None, self.tenant_id):
+        tid = str(claims.get("tid") or "").lower()
+        issuer = str(claims.get("iss") or "")
+        if not tid or issuer.rstrip("/").lower() not in {f"https://sts.windows.net/{tid}", f"{ENTRA_V2}{tid}/v2.0"}:
+            raise ValueError(f"issuer {issuer!r} is not the Microsoft identity platform of tenant {tid or '?'}")
+        if self.tenant_guid is not None and tid != self.tenant_guid:
             raise ValueError("issued for another tenant")
         if len(self._verified) >= self.memory:
             now = time.time()
