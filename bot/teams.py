@@ -115,14 +115,18 @@ class BotIntake:
         self.tenant_id = tenant_id.strip().lower()
         self.auth_enabled = bool(self.app_id)
         self.settle_seconds = settle_seconds
-        kind = (app_type or "MultiTenant").strip()
+        kind = (app_type or "SingleTenant").strip()
         if self.auth_enabled:
             if not _GUID.match(self.app_id):
                 raise ConfigError(
                     f"PRESENCE_SYNC_BOT_APP_ID must be the bot's Microsoft app id (a GUID), not {app_id!r}"
                 )
             if kind.lower() in ("singletenant", "userassignedmsi") and not self.tenant_id:
-                raise ConfigError(f"PRESENCE_SYNC_BOT_APP_TYPE={kind} needs PRESENCE_SYNC_BOT_TENANT_ID")
+                raise ConfigError(
+                    f"PRESENCE_SYNC_BOT_APP_TYPE={kind} needs the bot's tenant: set PRESENCE_SYNC_BOT_TENANT_ID "
+                    "(or PRESENCE_SYNC_TENANT_ID, its default), or PRESENCE_SYNC_BOT_APP_TYPE=MultiTenant for an "
+                    "older multi-tenant registration"
+                )
             if kind.lower() in ("singletenant", "multitenant") and not app_password:
                 raise ConfigError(f"PRESENCE_SYNC_BOT_APP_TYPE={kind} needs PRESENCE_SYNC_BOT_APP_PASSWORD")
         else:

@@ -316,7 +316,7 @@ def _assemble(settings: Settings, store: Store, owner: str | None) -> Runtime:
         app_id=s.bot_app_id,
         app_password=s.bot_app_password,
         app_type=s.bot_app_type,
-        tenant_id=s.bot_tenant_id,
+        tenant_id=s.bot_tenant,
     )
     return Runtime(
         settings=s,

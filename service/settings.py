@@ -52,7 +52,9 @@ class Settings(BaseSettings):
 
     bot_app_id: str = ""
     bot_app_password: str = ""
-    bot_app_type: Literal["MultiTenant", "SingleTenant", "UserAssignedMSI"] = "MultiTenant"
+    bot_app_type: Literal["MultiTenant", "SingleTenant", "UserAssignedMSI"] = "SingleTenant"
+    """New Azure Bot resources cannot be multi-tenant (since July 2025); a bot configured as
+    MultiTenant against a single-tenant registration asks the wrong authority and every reply fails."""
     bot_tenant_id: str = ""
 
     mapping_file: str = ""
@@ -173,6 +175,11 @@ class Settings(BaseSettings):
             self.bot_app_password,
             self.secret_key,
         ]
+
+    @property
+    def bot_tenant(self) -> str:
+        """``BOT_TENANT_ID``, else ``TENANT_ID``: the bot is usually registered in the same tenant."""
+        return self.bot_tenant_id.strip() or self.tenant_id.strip()
 
     @property
     def subscriber_tokens(self) -> list[str]:

@@ -147,3 +147,17 @@ def test_dataverse_commands_without_dataverse_url_say_what_to_set(tmp_path: Path
     assert done.returncode == 2 and "needs PRESENCE_SYNC_DATAVERSE_URL" in done.stderr
     done = run_cli("dataverse", "register-webhook", "--dry-run", cwd=tmp_path)
     assert done.returncode == 2 and "needs PRESENCE_SYNC_PUBLIC_URL" in done.stderr
+
+
+def test_the_bot_defaults_to_a_single_tenant_registration_in_the_apps_tenant(tmp_path):
+    """New Azure Bots cannot be multi-tenant: SingleTenant is the default, and BOT_TENANT_ID falls
+    back to TENANT_ID; with neither, one line says what to set."""
+    from service.settings import load_settings
+
+    s = load_settings(_env_file=None, tenant_id="AAAAAAAA-BBBB-CCCC-DDDD-EEEEEEEEEEEE")
+    assert (s.bot_app_type, s.bot_tenant) == ("SingleTenant", "AAAAAAAA-BBBB-CCCC-DDDD-EEEEEEEEEEEE")
+    assert load_settings(_env_file=None, tenant_id="t", bot_tenant_id="b").bot_tenant == "b"
+    env = {"PRESENCE_SYNC_BOT_APP_ID": "00000000-1111-2222-3333-444444444444", "PRESENCE_SYNC_BOT_APP_PASSWORD": "pw"}
+    r = run_cli("doctor", cwd=tmp_path, env=env)
+    assert "PRESENCE_SYNC_BOT_APP_TYPE=SingleTenant needs the bot's tenant" in r.stderr + r.stdout
+    assert "Traceback" not in r.stderr
