@@ -178,10 +178,7 @@ def _retry_pending(state: AgentSyncState, unsent: str | None) -> AgentSyncState:
     s = copy.deepcopy(state)
     mistaken = next(e for e in s.dynamics_recent if e.version == taken[-1].version)
     mistaken.echo = mistaken.in_flight = False
-    if s.own_dynamics_version is None or mistaken.version > s.own_dynamics_version:
-        _genuine(s, mistaken.value, mistaken.by, mistaken.at, mistaken.version)
-    elif mistaken.by == "AGENT" and (s.chose_at is None or mistaken.at > s.chose_at):
-        s.chose_at = mistaken.at  # routing changed P since, but the agent's choice stands
+    _agents_own(s, mistaken)
     s.dynamics_written = unsent
     write = Write(unsent, mistaken.at, above=s.dynamics_seen.version)  # it lands after all seen so far
     s.dynamics_unconfirmed = [*s.dynamics_unconfirmed, write][-MAX_UNCONFIRMED:]
@@ -218,10 +215,7 @@ def _observe_dynamics(s: AgentSyncState, ev: PresenceObserved, now: datetime, un
             DynamicsEvent(e.version, e.value, e.by, e.at, e.version == ev.version or (e.echo and e is not previous))
             for e in s.dynamics_recent
         ]
-        if s.own_dynamics_version is None or previous.version > s.own_dynamics_version:
-            _genuine(s, previous.value, previous.by, previous.at, previous.version)
-        elif s.chose_at is None or previous.at > s.chose_at:
-            s.chose_at = previous.at
+        _agents_own(s, previous)
         return True
     _genuine(s, ev.value, ev.modified_by, ev.observed_at, ev.version)
     return False
@@ -311,10 +305,7 @@ def _late_dynamics(
             _remember(s, ev, echo=True)
             mistaken = taken[-1]
             mistaken.echo = False
-            if s.own_dynamics_version is None or mistaken.version > s.own_dynamics_version:
-                _genuine(s, mistaken.value, mistaken.by, mistaken.at, mistaken.version)
-            elif mistaken.by == "AGENT" and (s.chose_at is None or mistaken.at > s.chose_at):
-                s.chose_at = mistaken.at  # routing changed P since, but the agent's choice stands
+            _agents_own(s, mistaken)
             reason = f"late echo v{ev.version}: v{mistaken.version} {ev.value} was the agent's own change"
             return _converge(s, rules, catalogue, now, reason, Result.ECHO)
     if s.own_dynamics_version is not None and ev.version <= s.own_dynamics_version:
@@ -328,6 +319,15 @@ def _remember(s: AgentSyncState, ev: PresenceObserved, *, echo: bool, in_flight:
     if ev.version is not None:
         event = DynamicsEvent(ev.version, ev.value, ev.modified_by, ev.observed_at, echo, in_flight)
         s.dynamics_recent = sorted([*s.dynamics_recent, event], key=lambda e: e.version)[-MAX_UNCONFIRMED:]
+
+
+def _agents_own(s: AgentSyncState, e: DynamicsEvent) -> None:
+    """An event taken for an echo of ours was the agent's own change, made then: P takes it unless
+    something newer set P since; then the agent's choice still counts from then."""
+    if s.own_dynamics_version is None or e.version > s.own_dynamics_version:
+        _genuine(s, e.value, e.by, e.at, e.version)
+    elif e.by == "AGENT" and (s.chose_at is None or e.at > s.chose_at):
+        s.chose_at = e.at  # routing changed P since, but the agent's choice stands
 
 
 def _genuine(s: AgentSyncState, value: str, by: str | None, at: datetime, version: int | None) -> None:
@@ -533,23 +533,17 @@ def landed(
         for e in s.dynamics_recent
         if e.echo and e.in_flight and e.value != value and (acked_before is None or e.at > acked_before)
     ]
-    changed = bool(mistaken)
+    for m in mistaken:
+        m.echo = m.in_flight = False
     if mistaken:
-        e = mistaken[-1]
-        for m in mistaken:
-            m.echo = m.in_flight = False
-        if s.own_dynamics_version is None or e.version > s.own_dynamics_version:
-            _genuine(s, e.value, e.by, e.at, e.version)
-        elif e.by == "AGENT" and (s.chose_at is None or e.at > s.chose_at):
-            s.chose_at = e.at  # routing changed P since, but the agent's choice stands
+        _agents_own(s, mistaken[-1])
     s.dynamics_seen.value = value  # Dynamics shows it now (its webhook will be consumed)
     if s.own_dynamics == value:
         s.undo_command = None
-    if value == s.dynamics_written and not changed:
-        s.dynamics_written = None
-        return Decision(Result.NO_CHANGE, s, detail=f"dynamics {value} landed")
     if value == s.dynamics_written:
         s.dynamics_written = None
+        if not mistaken:
+            return Decision(Result.NO_CHANGE, s, detail=f"dynamics {value} landed")
     # A write withdrawn too late (it was in flight) or replaced landed, or P was found changed:
     # Dynamics shows it until the difference is written again.
     return _converge(s, rules, catalogue, now, f"dynamics {value} landed", Result.NO_CHANGE)
