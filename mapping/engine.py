@@ -153,10 +153,14 @@ class SyncEngine:
             assert agent is not None
             self._after(agent, source, event, done)
             outcomes.append(Outcome(done.result, agent, done.commands, done.detail))
-            if done.read and self.reads is not None:  # after the commit: the read sees what was saved
-                for system in done.read:
-                    await self.reads.request_read(system, agent.dynamics_user_id, "a replaced session's value")
+            await self._request_reads(agent, done, "a replaced session's value")  # after the commit
         return outcomes
+
+    async def _request_reads(self, agent: Agent, decision: R.Decision, why: str) -> None:
+        """The reads a decision asks for, once it is committed (the read sees what was saved)."""
+        if self.reads is not None:
+            for system in decision.read:
+                await self.reads.request_read(system, agent.dynamics_user_id, why)
 
     @staticmethod
     async def _write_out(
@@ -229,9 +233,7 @@ class SyncEngine:
             "delivery" if outcome == "delivered" else "dead_letter",
             lambda state, now: rule(state, delivery.system, delivery.value, self.rules, self.catalogue, now),
         )
-        if decision.read and self.reads is not None:
-            for system in decision.read:
-                await self.reads.request_read(system, agent.dynamics_user_id, "session landed")
+        await self._request_reads(agent, decision, "session landed")
 
     async def refresh_sessions(self, *, available_every: timedelta, others_every: timedelta) -> int:
         """Re-issues the bridge's Teams session before Graph lets it fade or expire (an Available
