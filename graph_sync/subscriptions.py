@@ -510,12 +510,16 @@ class SubscriptionManager:
 
     async def health(self) -> SubscriptionHealth:
         """doctor's subscription check, from this adapter's own records."""
-        return health_of(await self.status(), await self.records.list_docs(KIND), self.notification_url)
+        records = await self.records.list_docs(KIND)
+        return health_of(await self._rows(records), records, self.notification_url)
 
     async def status(self) -> list[dict[str, Any]]:
         """One row per account (and one for polled agents) for ``graph subscriptions``."""
+        return await self._rows(await self.records.list_docs(KIND))
+
+    async def _rows(self, records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         return status_rows(
-            await self.records.list_docs(KIND),
+            records,
             accounts=[a.name for a in await self.accounts.accounts()],
             health={row["account"]: row for row in await self.accounts.describe()},
             polled=await self.uncovered(),
