@@ -17,7 +17,7 @@ from emulators.graph import GraphEmulator
 from mapping.model import PresenceObserved, System
 from service.app import create_app
 from service.runtime import Runtime
-from service.settings import load_settings
+from service.settings import Settings, load_settings
 from tests.support import ALICE, AVAILABLE, BOB, BUSY
 
 
@@ -36,27 +36,39 @@ async def until(pred, timeout=10.0):
     return False
 
 
-@pytest.fixture
-async def stack(tmp_path, monkeypatch):
+def service_settings(tmp_path, monkeypatch, graph: GraphEmulator, port: int, **extra: object) -> Settings:
+    """The service's settings against the Graph emulator, on an SQLite store, with nothing taken from
+    the developer's own ``PRESENCE_SYNC_*`` environment."""
     for k in list(__import__("os").environ):
         if k.startswith("PRESENCE_SYNC_"):
             monkeypatch.delenv(k)
+    return load_settings(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'store.db'}",
+        auth_mode="static",
+        static_token="graph-token",
+        graph_url=graph.url,
+        client_id=graph.client_id,
+        port=port,
+        reconcile_interval_seconds=0,
+        **extra,
+    )
+
+
+@pytest.fixture
+async def stack(tmp_path, monkeypatch):
     graph = GraphEmulator(token="graph-token", subscriber_tokens={"sub-token": "subscriber@contoso.example"})
     await graph.start()
     for a in (ALICE, BOB):
         graph.add_user(a.entra_object_id, own=("Available", "Available"))
     port = free_port()
-    settings = load_settings(
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'store.db'}",
-        auth_mode="static",
-        static_token="graph-token",
+    settings = service_settings(
+        tmp_path,
+        monkeypatch,
+        graph,
+        port,
         static_subscriber_tokens="sub-token",
-        graph_url=graph.url,
-        client_id=graph.client_id,
         graph_client_state="client-state-secret",
         public_url=f"http://127.0.0.1:{port}",
-        port=port,
-        reconcile_interval_seconds=0,
     )
     rt = await Runtime.open(settings)
     await rt.store.upsert_agents([ALICE, BOB])
@@ -235,24 +247,13 @@ async def test_a_lone_surrogate_is_bad_input_and_later_notifications_still_work(
 async def test_a_restarted_service_takes_back_the_rows_it_was_delivering(tmp_path, monkeypatch):
     """kill -9 during delivery: the row stays in flight under the dead process's 30 s lease. The
     service started again with the same owner (``serve``: host and port) delivers it at once."""
-    for k in list(__import__("os").environ):
-        if k.startswith("PRESENCE_SYNC_"):
-            monkeypatch.delenv(k)
     from mapping.model import SetPresence
 
     graph = GraphEmulator(token="graph-token")
     await graph.start()
     graph.add_user(ALICE.entra_object_id, own=("Available", "Available"))
     port = free_port()
-    settings = load_settings(
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'store.db'}",
-        auth_mode="static",
-        static_token="graph-token",
-        graph_url=graph.url,
-        client_id=graph.client_id,
-        port=port,
-        reconcile_interval_seconds=0,
-    )
+    settings = service_settings(tmp_path, monkeypatch, graph, port)
     owner = f"test-host:{port}"
     first = await Runtime.open(settings, owner=owner)
     await first.store.upsert_agents([ALICE])
