@@ -30,7 +30,6 @@ from mapping.errors import ConfigError, UpstreamError
 from mapping.model import OOB_PRESENCE_IDS, BasePresence, Presence, System
 from mapping.ports import PresenceReader, PresenceWriter, Store, TokenProvider
 from mapping.reconcile import ReconcileSummary, reconcile
-from mapping.redact import remember
 from mapping.retry import RetryPolicy
 from mapping.translation import load_rules
 from service.auth import token_provider
@@ -239,7 +238,6 @@ async def bootstrap(settings: Settings, *, overrides: Overrides = Overrides()) -
 
 def _assemble(settings: Settings, store: Store, owner: str | None) -> Runtime:
     s = settings
-    remember(s.secrets())  # masked by value in every log line and stored error from now on
     telemetry = PrometheusTelemetry()
     owner = owner or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tokens = token_provider(s)

@@ -151,6 +151,9 @@ class Settings(BaseSettings):
             path = getattr(self, name)
             if path and not Path(path).is_file():
                 raise ValueError(f"{PREFIX}{name.upper()}={path}: no such file")
+        # Valid settings, however they were built (environment, CLI, a test's own values): their
+        # secrets are masked by value in every log line and stored error from now on.
+        remember(self.secrets())
         return self
 
     # Derived values: one place, so adapters and doctor agree.
@@ -202,11 +205,9 @@ class Settings(BaseSettings):
 def load_settings(**overrides: object) -> Settings:
     """Settings from the environment (and ``.env``), with ``overrides`` on top; ConfigError on bad input."""
     try:
-        settings = Settings(**overrides)  # type: ignore[arg-type]
+        return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as e:
         raise ConfigError(describe_validation_error(e)) from None
-    remember(settings.secrets())
-    return settings
 
 
 def describe_validation_error(e: ValidationError) -> str:

@@ -43,3 +43,10 @@ def test_log_lines_and_every_field_are_scrubbed():
     assert JWT not in line and json.loads(line)["n"] == 3
     assert JWT not in ReadableFormatter().format(record)
     assert redact_value({"a": [1, "Bearer abc.def"]}) == {"a": [1, f"Bearer {MASK}"]}
+
+
+def test_settings_built_any_way_have_their_secrets_masked():
+    from service.settings import Settings
+
+    Settings(_env_file=None, dataverse_webhook_key="wk-0123456789-abcdef")  # type: ignore[call-arg]
+    assert redact("posted with wk-0123456789-abcdef") == f"posted with {MASK}"
