@@ -25,8 +25,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bot.parsing import Command, Kind, clean_text, keywords, parse, parse_text, parse_value, words
-from bot.readback import Seen, read_both, read_side, seen_line
+from bot.parsing import Command, Kind, keywords, words
+from bot.readback import Seen, read_both, seen_line
 from bot.wording import (
     FRIENDLY,
     SYSTEM_NAMES,
@@ -296,24 +296,3 @@ async def _status(agent: Agent, bridge: CoreApi, readers: Mapping[System, Presen
             parts.append(f"A change of {SYSTEM_NAMES[system]} to {what} is still queued{why}.")
     current = dynamics_label(bridge.catalogue, seen[System.DYNAMICS].value) if seen[System.DYNAMICS].value else None
     return Reply("\n\n".join(parts), presence_card(agent, bridge.catalogue.settable(), current=current))
-
-
-__all__ = [
-    "FRIENDLY",
-    "Command",
-    "Kind",
-    "PendingChange",
-    "Reply",
-    "Seen",
-    "clean_text",
-    "dynamics_label",
-    "handle",
-    "parse",
-    "parse_text",
-    "parse_value",
-    "presence_card",
-    "presence_label",
-    "read_both",
-    "read_side",
-    "teams_label",
-]

@@ -7,19 +7,9 @@ from typing import Any
 
 import pytest
 
-from bot.commands import (
-    Command,
-    Kind,
-    clean_text,
-    dynamics_label,
-    handle,
-    parse,
-    parse_text,
-    parse_value,
-    presence_card,
-    presence_label,
-    teams_label,
-)
+from bot.commands import handle
+from bot.parsing import Command, Kind, clean_text, parse, parse_text, parse_value
+from bot.wording import dynamics_label, presence_card, presence_label, teams_label
 from mapping.catalogue import Catalogue
 from mapping.errors import RetryableError
 from mapping.model import CLEAR, BasePresence, Presence, System

@@ -13,7 +13,6 @@ import jsonschema
 import pytest
 from PIL import Image
 
-from bot.commands import Kind, parse_text
 from bot.package import (
     DEFAULT_WEBSITE_URL,
     MANIFEST_VERSION,
@@ -21,6 +20,7 @@ from bot.package import (
     build_teams_package,
     package_data_dir,
 )
+from bot.parsing import Kind, parse_text
 from mapping.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
