@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -135,6 +135,9 @@ class DataverseClient:
         self.clock = clock
         self._origin = URL(self.base_url).origin()
         self._session: aiohttp.ClientSession | None = None
+        self.agent_status_sink: Callable[[dict[str, str]], Awaitable[None]] | None = None
+        """Given the (msdyn_agentstatusid -> agent systemuserid) pairs of every ``msdyn_agentstatuses``
+        page this client reads (the runtime points it at ``AgentStatusLookup.remember_many``)."""
 
     async def close(self) -> None:
         if self._session is not None:
@@ -237,12 +240,13 @@ class DataverseClient:
             chunk = ids[start : start + READ_BATCH]
             values = ",".join(odata_string(i) for i in chunk)
             params = {
-                "$select": "_msdyn_agentid_value,_msdyn_currentpresenceid_value,msdyn_presencemodifiedon,"
-                "msdyn_presencemodifiedby,versionnumber",
+                "$select": "msdyn_agentstatusid,_msdyn_agentid_value,_msdyn_currentpresenceid_value,"
+                "msdyn_presencemodifiedon,msdyn_presencemodifiedby,versionnumber",
                 "$filter": f"Microsoft.Dynamics.CRM.In(PropertyName='msdyn_agentid',PropertyValues=[{values}])",
             }
             what = f"reading msdyn_agentstatuses of {len(chunk)} agent(s)"
             async for rows in self._pages("msdyn_agentstatuses", params, what=what, page_size=MAX_PAGE):
+                await self._feed(rows)
                 for row in rows:
                     obs = self._observation(row, wanted)
                     if obs is not None:
@@ -350,13 +354,50 @@ class DataverseClient:
             raise
         return _systemuser(row)
 
+    async def agent_of_status(self, agent_status_id: str) -> str | None:
+        """The agent (``systemuserid``) of one ``msdyn_agentstatus`` row; ``None`` when Dataverse says
+        the row does not exist (404) or it has no agent. One call, no retry (the caller's policy)."""
+        try:
+            row = await self.get_json(
+                f"msdyn_agentstatuses({agent_status_id})",
+                what=f"reading the agent of msdyn_agentstatus {agent_status_id}",
+                params={"$select": "_msdyn_agentid_value"},
+            )
+        except PermanentError as e:
+            if e.status == 404:
+                return None
+            raise
+        agent = row.get("_msdyn_agentid_value")
+        return agent.lower() if isinstance(agent, str) and agent else None
+
+    async def _feed(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Hands a page's (agentstatusid -> agent) pairs to ``agent_status_sink``; its failure is logged,
+        never raised: a cache must not fail a read."""
+        if self.agent_status_sink is None:
+            return
+        pairs = {
+            str(r["msdyn_agentstatusid"]).lower(): str(r["_msdyn_agentid_value"]).lower()
+            for r in rows
+            if isinstance(r.get("msdyn_agentstatusid"), str) and isinstance(r.get("_msdyn_agentid_value"), str)
+        }
+        if not pairs:
+            return
+        try:
+            await self.agent_status_sink(pairs)
+        except Exception as e:
+            log.warning(
+                "agent status pairs not kept",
+                extra={"fields": {"rows": len(pairs), "error": f"{type(e).__name__}: {e}"}},
+            )
+
     async def agent_ids(self, page_size: int = MAX_PAGE) -> set[str]:
         """The ``systemuserid`` of every user with an ``msdyn_agentstatus`` row: the contact-center agents."""
-        params = {"$select": "_msdyn_agentid_value"}
+        params = {"$select": "msdyn_agentstatusid,_msdyn_agentid_value"}
         out: set[str] = set()
         async for rows in self._pages(
             "msdyn_agentstatuses", params, what="reading msdyn_agentstatuses", page_size=page_size
         ):
+            await self._feed(rows)
             out.update(str(r["_msdyn_agentid_value"]).lower() for r in rows if r.get("_msdyn_agentid_value"))
         return out
 

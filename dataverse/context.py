@@ -18,6 +18,13 @@ Why the parser looks the way it does:
   ``ParentContext`` chain of the same operation. What changes with the presence
   (``msdyn_presencemodifiedon``/``by``, ``RowVersion``) is looked up the same way but never in a
   pre-image: that holds the row as it was *before* the change.
+- A Target carries only the columns the writer sent, so an Update may hold no ``msdyn_agentid``
+  anywhere. ``presence-sync dataverse register-webhook`` registers a post-image under the alias
+  ``PostImage`` (``dataverse.registration.POST_IMAGE_ALIAS``) with the agent, the presence and its
+  modified by/on, so a registered step always brings the agent. Without one (a step registered by
+  hand) the change still parses, with ``agent_id`` ``None``, and the route looks the agent up by
+  ``agent_status_id`` (``dataverse.agent_lookup``). A Create always carries the agent: without it the
+  body is a ``ContextError``.
 - With no target at all (a step registered without one), a ``msdyn_agentstatus`` post-image stands in
   (never a pre-image: its presence is the old one). Such an image holds the attributes the step's
   image was registered with, changed or not, so for an ``Update`` an image without
@@ -65,7 +72,8 @@ class AgentStatusChange:
     message: Message
     agent_status_id: str
     agent_id: str | None
-    """The agent's ``systemuserid`` (lower case). Always set for a presence change and for a Create."""
+    """The agent's ``systemuserid`` (lower case). Always set for a Create; ``None`` for an Update whose
+    Target, images and parent contexts do not carry it: the route looks it up by ``agent_status_id``."""
     presence_id: str | None
     """``msdyn_currentpresenceid`` (lower case); ``None`` when this is not a presence change."""
     row_version: int | None
@@ -311,7 +319,7 @@ def parse_context(body: Any) -> AgentStatusChange:
 
     presence_id, ignored = _presence(target, message)
     agent_id = _first(sources, "msdyn_agentid", lambda v, w: _reference(v, w, "systemuser"))
-    if agent_id is None and (presence_id is not None or message is Message.CREATE):
+    if agent_id is None and message is Message.CREATE:
         raise ContextError(
             f"no msdyn_agentid in the Target, images or ParentContext of {AGENT_STATUS} {status_id}: "
             "the agent cannot be known (register the step with a post-image holding msdyn_agentid)"

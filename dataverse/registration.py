@@ -34,6 +34,7 @@ ENDPOINT_NAME = "teams-presence-sync"
 TABLE = "msdyn_agentstatus"
 FILTERING_ATTRIBUTES = "msdyn_currentpresenceid"
 MESSAGES = ("Update", "Create")
+POST_IMAGE_ALIAS = "PostImage"
 CONTRACT_WEBHOOK = 8
 AUTH_WEBHOOK_KEY = 4
 MESSAGE_FORMAT_JSON = 2

@@ -28,6 +28,7 @@ one event by ``observed_at`` (the arrival time; webhooks of a synchronous step a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from typing import Any
 
 from aiohttp import web
 
+from dataverse.agent_lookup import AgentStatusLookup
 from dataverse.client import DataverseClient
 from dataverse.context import AgentStatusChange, ContextError, Message, parse_context
 from edge.body import read_json
@@ -77,8 +79,10 @@ class DataverseIntake:
         max_body: int = MAX_BODY,
         poll_interval: float = 30.0,
         on_agent_added: Callable[[], None] | None = None,
+        lookup: AgentStatusLookup | None = None,
     ) -> None:
         self.bridge = bridge
+        self.lookup = lookup  # the agent of an Update whose context does not carry it (agent_lookup)
         self.on_agent_added = on_agent_added
         self.key = webhook_key.encode()
         self.client = client
@@ -155,9 +159,26 @@ class DataverseIntake:
         if change.message is Message.UPDATE and not change.is_presence_change:
             self.bridge.telemetry.event(INTAKE, "not_presence_change")
             return 200, {"status": "ignored", "reason": change.ignored_reason}
-        assert change.agent_id is not None  # the parser guarantees it for Creates and presence changes
+        agent_id = change.agent_id
+        if agent_id is None:  # a partial Target and no post-image: by the row's id
+            agent_id = None if self.lookup is None else await self.lookup.agent_of(change.agent_status_id)
+            if agent_id is None:  # 2xx all the same: a non-2xx would fail the agent's own change
+                self.bridge.telemetry.event(INTAKE, "agent_unresolved")
+                detail = (
+                    f"the context names no msdyn_agentid and msdyn_agentstatus {change.agent_status_id} could "
+                    "not be looked up now; the reconciliation sweep will read it. Run `presence-sync dataverse "
+                    "register-webhook` so the Update step carries the post-image with msdyn_agentid"
+                )
+                log.warning(
+                    "dataverse webhook without an agent",
+                    extra={"fields": {"agent_status": change.agent_status_id, "detail": detail}},
+                )
+                return 202, {"status": "agent_unresolved", "agent_status": change.agent_status_id, "detail": detail}
+            change = dataclasses.replace(change, agent_id=agent_id)
+        elif self.lookup is not None:
+            await self.lookup.remember(change.agent_status_id, agent_id)
         now = self.bridge.clock()
-        agent = await self.bridge.directory.get_agent(change.agent_id)
+        agent = await self.bridge.directory.get_agent(agent_id)
         if agent is None:
             return await self._unknown(change, now)
         if not change.is_presence_change:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.teams import BotIntake
+from dataverse.agent_lookup import AgentStatusLookup
 from dataverse.client import DataverseClient
 from dataverse.webhook import DataverseIntake
 from graph_sync.accounts import SubscriberAccounts
@@ -292,11 +293,15 @@ def _assemble(settings: Settings, store: Store, owner: str | None) -> Runtime:
             owner=owner,
             reader=teams,
         )
+    agent_lookup = AgentStatusLookup(bridge.records, dataverse, retry=retry)
+    if dataverse is not None:
+        dataverse.agent_status_sink = agent_lookup.remember_many  # the sweep's reads fill the cache
     dataverse_intake = DataverseIntake(
         bridge,
         webhook_key=s.dataverse_webhook_key,
         client=dataverse,
         on_agent_added=subscriptions.directory_changed if subscriptions is not None else None,
+        lookup=agent_lookup,
     )
     graph_intake = GraphIntake(
         bridge,

@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from dataverse.client import DataverseClient
+from dataverse.registration import POST_IMAGE_ALIAS
 from dataverse.webhook import PATH, DataverseIntake
 from emulators.dataverse import DataverseEmulator
 from emulators.serving import serve_app
@@ -36,6 +37,76 @@ def seed(name: str) -> dict[str, Any]:
 
 def seed_bytes(name: str) -> bytes:
     return (DATA / f"{name}.json").read_bytes()
+
+
+PARTIAL_COLUMNS = (
+    "modifiedby",
+    "msdyn_isagentloggedin",
+    "msdyn_currentpresenceid",
+    "modifiedon",
+    "modifiedonbehalfby",
+    "msdyn_agentstatusid",
+    "msdyn_presencemodifiedon",
+    "msdyn_presencemodifiedby",
+)
+"""What a writer that sends only the presence columns puts in the Target (and the parent's): no
+``msdyn_agentid``, which the update did not touch."""
+
+
+def partial_update(
+    presence: str,
+    *,
+    status_id: str | None = None,
+    image_agent: str | None = None,
+    row_version: int = 5948260,
+) -> dict[str, Any]:
+    """The update seed as a writer that sends only the changed columns produces it: Target and parent
+    Target without ``msdyn_agentid``, no asynchronous-step image; with ``image_agent``, the post-image
+    ``register-webhook`` registers (``PostImage``: agent, presence, modified by/on)."""
+    ctx = seed("update-presence")
+    levels = [ctx, ctx["ParentContext"]]
+    for level in levels:
+        entity = level["InputParameters"][0]["value"]
+        entity["Attributes"] = [p for p in entity["Attributes"] if p["key"] in PARTIAL_COLUMNS]
+        entity["RowVersion"] = str(row_version)
+        for pair in entity["Attributes"]:
+            if pair["key"] == "msdyn_currentpresenceid":
+                pair["value"]["Id"] = presence
+            elif pair["key"] == "msdyn_agentstatusid" and status_id is not None:
+                pair["value"] = status_id
+        if status_id is not None:
+            entity["Id"] = status_id
+            level["PrimaryEntityId"] = status_id
+    ctx["PostEntityImages"] = []
+    if image_agent is not None:
+        image = {
+            "Attributes": [
+                {"key": "msdyn_agentid", "value": _reference("systemuser", image_agent)},
+                {"key": "msdyn_currentpresenceid", "value": _reference("msdyn_presence", presence)},
+                {"key": "msdyn_presencemodifiedby", "value": "AGENT"},
+                {"key": "msdyn_presencemodifiedon", "value": "/Date(1722582038000)/"},
+            ],
+            "EntityState": None,
+            "FormattedValues": [],
+            "Id": status_id or ctx["PrimaryEntityId"],
+            "KeyAttributes": [],
+            "LogicalName": "msdyn_agentstatus",
+            "RelatedEntities": [],
+            "RowVersion": str(row_version),
+        }
+        ctx["PostEntityImages"] = [{"key": POST_IMAGE_ALIAS, "value": image}]
+    return ctx
+
+
+def _reference(logical: str, ref_id: str) -> dict[str, Any]:
+    return {
+        "__type": "EntityReference:http://schemas.microsoft.com/xrm/2011/Contracts",
+        "Id": ref_id,
+        "KeyAttributes": [],
+        "LogicalName": logical,
+        "Name": None,
+        "RowVersion": None,
+    }
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from dataverse.context import MAX_NESTING, ContextError, Message, parse_context, parse_wcf_date
-from tests.dataverse.conftest import DATA, seed
+from dataverse.registration import POST_IMAGE_ALIAS
+from tests.dataverse.conftest import DATA, partial_update, seed
 from tests.support import BUSY, OFFLINE
 
 SEED_SHA256 = {
@@ -346,13 +347,36 @@ def test_agent_missing_in_the_target_comes_from_the_parent_context() -> None:
     assert parse_context(ctx).agent_id == UPDATE_AGENT
 
 
-def test_agent_missing_everywhere_is_refused() -> None:
+def test_agent_missing_everywhere_leaves_it_to_the_lookup() -> None:
+    """A real Update's Target carries only the columns the writer sent: no agent is no error, the
+    route looks it up by the row's id."""
     ctx = update_only()
     drop_attr(target(ctx), "msdyn_agentid")
-    assert refused(ctx) == (
-        f"no msdyn_agentid in the Target, images or ParentContext of msdyn_agentstatus {UPDATE_STATUS}: the agent "
-        "cannot be known (register the step with a post-image holding msdyn_agentid)"
-    )
+    change = parse_context(ctx)
+    assert (change.agent_id, change.agent_status_id, change.presence_id) == (None, UPDATE_STATUS, BUSY)
+    assert change.is_presence_change
+
+
+def test_partial_target_without_an_image_parses_for_the_lookup() -> None:
+    ctx = partial_update(BUSY)
+    change = parse_context(ctx)
+    assert change.message is Message.UPDATE
+    assert (change.agent_id, change.agent_status_id, change.presence_id) == (None, UPDATE_STATUS, BUSY)
+    assert (change.row_version, change.presence_modified_by, change.presence_modified_on) == (5948260, "AGENT", AT)
+
+
+def test_partial_target_with_the_registered_post_image_gives_the_agent() -> None:
+    ctx = partial_update(BUSY, image_agent=UPDATE_AGENT)
+    assert [p["key"] for p in ctx["PostEntityImages"]] == [POST_IMAGE_ALIAS]
+    change = parse_context(ctx)
+    assert (change.agent_id, change.agent_status_id, change.presence_id) == (UPDATE_AGENT, UPDATE_STATUS, BUSY)
+    assert change.presence_modified_by == "AGENT"
+
+
+def test_a_post_image_of_another_row_does_not_give_the_agent() -> None:
+    ctx = partial_update(BUSY, image_agent=UPDATE_AGENT)
+    ctx["PostEntityImages"][0]["value"]["Id"] = "11111111-1111-1111-1111-111111111111"
+    assert parse_context(ctx).agent_id is None
 
 
 def test_missing_row_version_and_date_are_none_not_guessed() -> None:
@@ -411,7 +435,7 @@ def test_a_parent_about_another_row_is_not_used() -> None:
     ctx = seed("update-presence")
     drop_attr(target(ctx), "msdyn_agentid")
     target(ctx["ParentContext"])["Id"] = "11111111-1111-1111-1111-111111111111"
-    assert "no msdyn_agentid" in refused(ctx)
+    assert parse_context(ctx).agent_id is None
 
 
 def test_nesting_deeper_than_the_limit_is_refused() -> None:
