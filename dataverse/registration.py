@@ -8,15 +8,21 @@ What it makes (DESIGN, reference "The webhook"):
 - two ``sdkmessageprocessingsteps`` bound to it (``eventhandler_serviceendpoint``) on
   ``msdyn_agentstatus``: Update with ``filteringattributes`` = ``msdyn_currentpresenceid`` (only
   presence changes call us) and Create (new agents); both ``mode`` 0 (synchronous), ``stage`` 40
-  (post-operation), server deployment.
+  (post-operation), server deployment;
+- on the Update step, one ``sdkmessageprocessingstepimage``: ``imagetype`` 1 (post),
+  ``messagepropertyname`` ``Target``, ``name`` and ``entityalias`` ``PostImage``, ``attributes``
+  ``msdyn_agentid,msdyn_currentpresenceid,msdyn_presencemodifiedby,msdyn_presencemodifiedon``. An
+  Update's Target holds only the columns the writer sent, which need not include the agent; the image
+  brings it (and the row as the change left it) with every presence change.
 
 The message ids (``sdkmessages`` by name) and the table's message filters (``sdkmessagefilters`` for
 ``msdyn_agentstatus``) are looked up, as the Web API requires ``@odata.bind`` references to them.
 
-Idempotent: the endpoint is found by name (then by URL), steps by their endpoint and message; what
-differs is patched, duplicates of our own steps are removed, nothing else is touched. ``authvalue``
-cannot be read back (Dataverse never returns it), so an existing endpoint always gets the key again.
-``dry_run`` does the same lookups and prints the plan, and writes nothing.
+Idempotent: the endpoint is found by name (then by URL), steps by their endpoint and message, the
+image by its step and alias; what differs is patched, duplicates of our own steps are removed,
+nothing else is touched. ``authvalue`` cannot be read back (Dataverse never returns it), so an
+existing endpoint always gets the key again. ``dry_run`` does the same lookups and prints the plan,
+and writes nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +41,15 @@ TABLE = "msdyn_agentstatus"
 FILTERING_ATTRIBUTES = "msdyn_currentpresenceid"
 MESSAGES = ("Update", "Create")
 POST_IMAGE_ALIAS = "PostImage"
+"""``name`` and ``entityalias`` (the key in ``PostEntityImages``) of the Update step's post-image."""
+POST_IMAGE_ATTRIBUTES = (
+    "msdyn_agentid",
+    "msdyn_currentpresenceid",
+    "msdyn_presencemodifiedby",
+    "msdyn_presencemodifiedon",
+)
+IMAGE_TYPE_POST = 1
+_IMAGE_FIELDS = "sdkmessageprocessingstepimageid,name,entityalias,imagetype,messagepropertyname,attributes"
 CONTRACT_WEBHOOK = 8
 AUTH_WEBHOOK_KEY = 4
 MESSAGE_FORMAT_JSON = 2
@@ -116,6 +131,8 @@ async def register_webhook(
         step_id = await _step(client, message, messages[message], filters[message], endpoint_id, existing, act, dry_run)
         if step_id is not None:
             result.step_ids[message] = step_id
+        if message == "Update":
+            await _post_image(client, step_id, act, dry_run)
     ours = set(messages.values())
     for step in existing:
         if str(step.get("_sdkmessageid_value") or "").lower() not in ours:
@@ -271,11 +288,56 @@ async def _step(
     return step_id
 
 
+async def _post_image(client: DataverseClient, step_id: str | None, act: Callable[..., None], dry_run: bool) -> None:
+    """The Update step's post-image (``POST_IMAGE_ALIAS``): a Target holds only the columns the writer
+    sent, and this image brings the agent with every presence change. Created when missing, patched
+    when its columns or type differ, left alone when equal; images under other aliases are not ours."""
+    desired: dict[str, Any] = {
+        "name": POST_IMAGE_ALIAS,
+        "entityalias": POST_IMAGE_ALIAS,
+        "imagetype": IMAGE_TYPE_POST,
+        "messagepropertyname": "Target",
+        "attributes": ",".join(POST_IMAGE_ATTRIBUTES),
+    }
+    shown = f"post-image {POST_IMAGE_ALIAS!r} on the Update step ({desired['attributes']})"
+    found: list[dict[str, Any]] = []
+    if step_id is not None:
+        found = await client.query(
+            "sdkmessageprocessingstepimages",
+            select=_IMAGE_FIELDS,
+            filter=f"_sdkmessageprocessingstepid_value eq {step_id} "
+            f"and entityalias eq {odata_string(POST_IMAGE_ALIAS)}",
+            what="reading the Update step's post-image",
+        )
+    if not found:
+        act(f"create {shown}")
+        if dry_run or step_id is None:
+            return
+        body = {
+            **desired,
+            "description": "Teams presence sync: the agent and presence of every presence change",
+            "sdkmessageprocessingstepid@odata.bind": f"/sdkmessageprocessingsteps({step_id})",
+        }
+        await client.create("sdkmessageprocessingstepimages", body, what="creating the Update step's post-image")
+        return
+    image = found[0]
+    image_id = str(image["sdkmessageprocessingstepimageid"]).lower()
+    diff = _differences(image, {k: v for k, v in desired.items() if k != "name"})
+    if not diff:
+        act(f"{shown} {image_id} is up to date", change=False)
+        return
+    act(f"update post-image {image_id} ({POST_IMAGE_ALIAS}): {', '.join(diff)}")
+    if not dry_run:
+        await client.update(
+            "sdkmessageprocessingstepimages", image_id, desired, what="updating the Update step's post-image"
+        )
+
+
 def _differences(row: Mapping[str, Any], desired: Mapping[str, Any]) -> list[str]:
     out = []
     for name, want in desired.items():
         have = row.get(name)
-        same = _attrs(have) == _attrs(want) if name == "filteringattributes" else have == want
+        same = _attrs(have) == _attrs(want) if name in ("filteringattributes", "attributes") else have == want
         if not same:
             out.append(f"{name} {have!r} -> {want!r}")
     return out

@@ -8,17 +8,22 @@ What it models (the upstream facts are summarised in ``docs/DESIGN.md``; the see
 
 - **Web API** under ``/api/data/v9.2``: ``systemusers``, ``msdyn_presences`` (the five out-of-the-box
   presences, custom "Training" (base Busy DND) and "Lunch" (base Away), and an inactive custom one),
-  ``msdyn_agentstatuses``, ``serviceendpoints``, ``sdkmessageprocessingsteps``, ``sdkmessages``,
+  ``msdyn_agentstatuses``, ``serviceendpoints``, ``sdkmessageprocessingsteps``,
+  ``sdkmessageprocessingstepimages``, ``sdkmessages``,
   ``sdkmessagefilters``, ``customapis`` (the two CCaaS presence APIs, read-only).
   Collections take ``$select`` and ``$filter`` (``eq``/``ne``/``gt``/``ge``/
   ``lt``/``le``, ``and``/``or``/``not``, parentheses, ``Microsoft.Dynamics.CRM.In``), ``$top``, and
   ``Prefer: odata.maxpagesize`` paging with an opaque ``@odata.nextLink``; an unknown property or an
   option the emulator does not implement is a 400, as Dataverse refuses what it cannot do. Rows carry
   ``@odata.etag`` ``W/"<versionnumber>"``; ``versionnumber`` is one database-wide counter, as SQL's
-  rowversion is. Writes (``serviceendpoints``, ``sdkmessageprocessingsteps`` only): POST answers 204
-  with ``OData-EntityId`` (201 and the row with ``Prefer: return=representation``), PATCH with
+  rowversion is. One row by key (``msdyn_agentstatuses(<id>)?$select=...``) or 404. Writes
+  (``serviceendpoints``, ``sdkmessageprocessingsteps``, ``sdkmessageprocessingstepimages`` only):
+  POST answers 204 with ``OData-EntityId`` (201 and the row with ``Prefer: return=representation``), PATCH with
   ``If-Match: *`` updates or 404s (without it, upserts), DELETE; ``@odata.bind`` references are
-  checked. ``serviceendpoint.authvalue`` is write-only, as in Dataverse.
+  checked. ``serviceendpoint.authvalue`` is write-only, as in Dataverse. An image needs its step,
+  ``name``, ``entityalias``, ``imagetype`` 0/1/2 and ``messagepropertyname`` (``Target``; ``Id`` on
+  Create); a Create has no pre-image, a post-image needs a post-operation step, ``attributes`` must be
+  columns of the table; deleting a step deletes its images.
 - **Auth**: a static bearer token (401 with ``WWW-Authenticate`` without it). Calls run as the
   application user, or as the user named by ``MSCRMCallerID`` (impersonation): malformed -> 400,
   unknown -> 404, disabled -> 400, and 403 when the application user lacks
@@ -39,10 +44,16 @@ What it models (the upstream facts are summarised in ``docs/DESIGN.md``; the see
   (``x-ms-dynamics-request-name``...), and a ``RemoteExecutionContext`` in the exact shape of the seed
   payloads (same keys, same order; ``/Date(ms)/`` dates with the ``\\/`` escapes of
   ``DataContractJsonSerializer``; ``RowVersion`` rising; a ``ParentContext`` at stage 30;
-  ``AsynchronousStepPrimaryName`` post-image for asynchronous steps). Emission runs after the change
+  ``AsynchronousStepPrimaryName`` post-image for asynchronous steps). An Update's Target (and the
+  parent's) holds only the columns the update request included, as Dataverse's does: a presence
+  write (the CCaaS API, ``set_presence``) sends the presence columns and the platform adds who and
+  when, so there is no ``msdyn_agentid``; ``set_presence(..., whole_row=True)`` sends every column,
+  as the seed's writer did. ``PostEntityImages`` holds, under each registered post-image's
+  ``entityalias``, the columns it names (all when it names none) of the row as the change left it,
+  and nothing for a step without an image. Emission runs after the change
   is committed, in order, on a background task; every result is recorded in ``emissions``.
 - **Control API** for tests and the demo: ``add_agent``, ``add_user``, ``set_presence`` (the agent or
-  routing changed it: emits), ``presence_of``, ``agent_status``, ``calls``, ``emissions``,
+  routing changed it: emits), ``presence_of``, ``agent_status``, ``images_of``, ``calls``, ``emissions``,
   ``fail_next(n, status, retry_after=None, path=None)``, ``latency(seconds)``, ``wait_emissions()``,
   ``start()`` / ``stop()`` and ``url``.
 
@@ -50,7 +61,7 @@ Not modelled: the rest of the Web API (``$expand``, ``$orderby``, ``$count``, ``
 FetchXML, ``$metadata``, alternate keys, ``CallerObjectId`` impersonation, annotations), writes to the
 data tables through the API (their rows change through the control API and the CCaaS API only),
 security roles (any agent may set any active presence, ``msdyn_canuserset`` included), the 20-minute
-execution-time limit, plug-in step images (``sdkmessageprocessingstepimages``), the rollback of an
+execution-time limit, pre-images in contexts, the rollback of an
 operation whose synchronous step fails (emission happens after the commit, its result is recorded
 only), Dataverse's retries of failed asynchronous webhooks, the 256 KB context trimming
 (``x-ms-dynamics-msg-size-exceeded``), and port restrictions on endpoint URLs (loopback is allowed).
@@ -203,6 +214,7 @@ def _tables() -> dict[str, _Table]:
         "name description mode stage rank supporteddeployment filteringattributes statecode statuscode "
         "asyncautodelete configuration"
     )
+    image_cols = "name description entityalias imagetype messagepropertyname attributes"
     return {
         x.entity_set: x
         for x in [
@@ -244,6 +256,16 @@ def _tables() -> dict[str, _Table]:
                     "sdkmessageid": ("_sdkmessageid_value", "sdkmessages"),
                     "sdkmessagefilterid": ("_sdkmessagefilterid_value", "sdkmessagefilters"),
                     "eventhandler_serviceendpoint": ("_eventhandler_value", "serviceendpoints"),
+                },
+            ),
+            t(
+                "sdkmessageprocessingstepimages",
+                "sdkmessageprocessingstepimage",
+                "sdkmessageprocessingstepimageid",
+                image_cols + " _sdkmessageprocessingstepid_value",
+                writable=frozenset(image_cols.split()),
+                binds={
+                    "sdkmessageprocessingstepid": ("_sdkmessageprocessingstepid_value", "sdkmessageprocessingsteps")
                 },
             ),
             t("sdkmessages", "sdkmessage", "sdkmessageid", "name"),
@@ -630,9 +652,13 @@ class DataverseEmulator:
         self._emit("Create", status_id, user=SYSTEM_USER_ID, initiating=SYSTEM_USER_ID, user_agent="", on_behalf=None)
         return status_id
 
-    def set_presence(self, agent: str, presence_id: str, modified_by: str = "AGENT") -> None:
+    def set_presence(
+        self, agent: str, presence_id: str, modified_by: str = "AGENT", *, whole_row: bool = False
+    ) -> None:
         """The agent (in their UI) or routing (``SYSTEM``) changed the presence: the assignment engine
-        writes it, as in the seed payload, and the Update webhook is emitted."""
+        writes it and the Update webhook is emitted. The Target carries the columns the write sent: by
+        default only the presence columns (no ``msdyn_agentid``); ``whole_row`` sends every column as
+        the seed payload's writer did."""
         row = self._status_row(agent)
         if row is None:
             raise KeyError(f"{agent} has no msdyn_agentstatus row (use add_agent)")
@@ -644,6 +670,7 @@ class DataverseEmulator:
             initiating=ENGINE_USER_ID,
             user_agent=ENGINE_AGENT,
             on_behalf=None,
+            whole_row=whole_row,
         )
 
     def presence_of(self, agent: str) -> str | None:
@@ -962,6 +989,10 @@ class DataverseEmulator:
                 "The object you tried to delete is associated with another object and cannot be deleted.",
             )
         del table.rows[row_id]
+        if table.entity_set == "sdkmessageprocessingsteps":  # a step's images go with it (parental)
+            images = self.tables["sdkmessageprocessingstepimages"].rows
+            for image_id in [k for k, r in images.items() if r.get("_sdkmessageprocessingstepid_value") == row_id]:
+                del images[image_id]
         return web.Response(status=204)
 
     def _validate(self, table: _Table, row: Mapping[str, Any], values: Mapping[str, Any], *, creating: bool) -> None:
@@ -989,6 +1020,31 @@ class DataverseEmulator:
             flt = self.tables["sdkmessagefilters"].rows.get(str(row.get("_sdkmessagefilterid_value")))
             if flt is not None and flt["_sdkmessageid_value"] != row["_sdkmessageid_value"]:
                 raise bad("The SdkMessageFilter does not belong to the step's SdkMessage.")
+        elif table.entity_set == "sdkmessageprocessingstepimages":
+            self._validate_image(row, bad)
+
+    def _validate_image(self, row: Mapping[str, Any], bad: Callable[[str], ApiError]) -> None:
+        """What the platform checks of an entity image: its step, the message's property, a type the
+        step's stage and message can give, and columns the table has."""
+        for required in ("name", "entityalias", "messagepropertyname", "_sdkmessageprocessingstepid_value"):
+            if row.get(required) in (None, ""):
+                raise bad(f"{required.strip('_').removesuffix('_value')} is required.")
+        if row.get("imagetype") not in (0, 1, 2):
+            raise bad(f"Invalid imagetype {row.get('imagetype')!r}: use 0 (PreImage), 1 (PostImage) or 2 (Both).")
+        step = self.tables["sdkmessageprocessingsteps"].rows[str(row["_sdkmessageprocessingstepid_value"])]
+        message = self.tables["sdkmessages"].rows.get(str(step.get("_sdkmessageid_value")), {}).get("name")
+        prop = {"Create": "Id"}.get(str(message), "Target")
+        if row["messagepropertyname"] != prop:
+            raise bad(f"The messagepropertyname of an image on a {message} step must be '{prop}'.")
+        if message == "Create" and row["imagetype"] in (0, 2):
+            raise bad("A Create step has no pre-image: the row does not exist before the operation.")
+        if row["imagetype"] in (1, 2) and step.get("stage") != 40:
+            raise bad("A post-image is available to post-operation (stage 40) steps only.")
+        flt = self.tables["sdkmessagefilters"].rows.get(str(step.get("_sdkmessagefilterid_value")), {})
+        if flt.get("primaryobjecttypecode") == AGENT_STATUS:
+            unknown = [a for a in _columns(row.get("attributes")) if a not in _IMAGE_COLUMNS]
+            if unknown:
+                raise bad(f"The attributes {', '.join(unknown)} do not exist on {AGENT_STATUS}.")
 
     # ------------------------------------------------------------------------------------ CCaaS APIs
 
@@ -1111,16 +1167,53 @@ class DataverseEmulator:
                 out.append((step, endpoint))
         return sorted(out, key=lambda se: (se[0].get("stage", 40), se[0].get("rank", 1)))
 
+    def images_of(self, step_id: str) -> list[dict[str, Any]]:
+        """The ``sdkmessageprocessingstepimages`` registered on a step."""
+        return [
+            dict(r)
+            for r in self.tables["sdkmessageprocessingstepimages"].rows.values()
+            if r.get("_sdkmessageprocessingstepid_value") == step_id
+        ]
+
+    def _post_images(self, step: Mapping[str, Any], row: Mapping[str, Any]) -> list[tuple[str, Any]]:
+        """The step's registered post-images of the row as the change left it: the columns each asks
+        for (all when it names none) that have a value, under its ``entityalias``."""
+        out: list[tuple[str, Any]] = []
+        for image in self.images_of(str(step.get("sdkmessageprocessingstepid"))):
+            if image.get("imagetype") not in (1, 2):
+                continue
+            names = _columns(image.get("attributes")) or sorted(_IMAGE_COLUMNS)
+            values = [(n, _image_value(row, n)) for n in names]
+            attrs = [(n, v) for n, v in values if v is not None]
+            out.append(
+                (str(image["entityalias"]), _entity(row, attrs, row_version=str(row["versionnumber"]), typed=False))
+            )
+        return out
+
     def _emit(
-        self, message: str, status_id: str, *, user: str, initiating: str, user_agent: str, on_behalf: str | None
+        self,
+        message: str,
+        status_id: str,
+        *,
+        user: str,
+        initiating: str,
+        user_agent: str,
+        on_behalf: str | None,
+        whole_row: bool = False,
     ) -> None:
         row = self.tables["msdyn_agentstatuses"].rows[status_id]
         for step, endpoint in self._steps_for(message):
             ids = {"correlation": str(uuid.uuid4()), "operation": str(uuid.uuid4()), "request": str(uuid.uuid4())}
-            build = _update_context if message == "Update" else _create_context
-            ctx = build(
-                self, row, step, ids, user=user, initiating=initiating, user_agent=user_agent, on_behalf=on_behalf
-            )
+            who: dict[str, Any] = {
+                "user": user,
+                "initiating": initiating,
+                "user_agent": user_agent,
+                "on_behalf": on_behalf,
+            }
+            if message == "Update":
+                ctx = _update_context(self, row, step, ids, whole_row=whole_row, **who)
+            else:
+                ctx = _create_context(self, row, step, ids, **who)
             url, headers = _target(endpoint)
             headers.update(
                 {
@@ -1159,6 +1252,58 @@ class DataverseEmulator:
                     "webhook not accepted",
                     extra={"fields": {"url": emission.url, "status": emission.status, "error": emission.error}},
                 )
+
+
+_PRESENCE_WRITE = frozenset(
+    {
+        "modifiedby",
+        "msdyn_isagentloggedin",
+        "msdyn_currentpresenceid",
+        "modifiedon",
+        "modifiedonbehalfby",
+        "msdyn_agentstatusid",
+        "msdyn_presencemodifiedon",
+        "msdyn_presencemodifiedby",
+    }
+)
+"""The Target of a presence write (the CCaaS API, or the engine without ``whole_row``)."""
+_IMAGE_COLUMNS = frozenset(
+    {
+        "msdyn_agentstatusid",
+        "msdyn_agentid",
+        "msdyn_currentpresenceid",
+        "msdyn_presencemodifiedon",
+        "msdyn_presencemodifiedby",
+        "msdyn_isagentloggedin",
+        "msdyn_availableunitscapacity",
+        "msdyn_capacitymodifiedon",
+        "msdyn_isblockedbysomeprofile",
+        "createdon",
+        "modifiedon",
+        "statecode",
+    }
+)
+"""The ``msdyn_agentstatus`` columns an entity image can hold (logical names)."""
+
+
+def _columns(value: Any) -> list[str]:
+    """An image's ``attributes``: comma-separated logical names; empty means every column."""
+    return [a.strip().lower() for a in str(value or "").split(",") if a.strip()]
+
+
+def _image_value(row: Mapping[str, Any], name: str) -> Any:
+    """One column of the row as a context carries it (references, ``/Date(ms)/``, option sets)."""
+    if name == "msdyn_agentid":
+        return _ref("systemuser", row.get("_msdyn_agentid_value"))
+    if name == "msdyn_currentpresenceid":
+        return _ref("msdyn_presence", row.get("_msdyn_currentpresenceid_value"))
+    if name == "statecode":
+        return None if row.get("statecode") is None else {"__type": f"OptionSetValue:{NS}", "Value": row["statecode"]}
+    value = row.get(name)
+    if name in ("msdyn_presencemodifiedon", "msdyn_capacitymodifiedon", "createdon", "modifiedon") and value:
+        when = datetime.strptime(str(value), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        return _date(int(when.timestamp() * 1000))
+    return value
 
 
 def _skiptoken(offset: int, last_id: str) -> str:
@@ -1316,10 +1461,17 @@ def _update_context(
     initiating: str,
     user_agent: str,
     on_behalf: str | None,
+    whole_row: bool = False,
 ) -> dict[str, Any]:
     ms = int(row["_ms"])
     sec = ms // 1000 * 1000  # Dataverse stores datetimes to the second
     version = str(row["versionnumber"])
+
+    def sent(attributes: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        """A Target holds the columns the update request included: a presence write sends the
+        presence columns, and the platform adds who and when (and the row's key)."""
+        return attributes if whole_row else [(k, v) for k, v in attributes if k in _PRESENCE_WRITE]
+
     presence = _ref("msdyn_presence", row["_msdyn_currentpresenceid_value"])
     agent = _ref("systemuser", row["_msdyn_agentid_value"])
     capacity_ms = int(
@@ -1334,36 +1486,40 @@ def _update_context(
     }
     target = _entity(
         row,
-        [
-            ("modifiedby", _ref("systemuser", user)),
-            ("msdyn_isagentloggedin", bool(row["msdyn_isagentloggedin"])),
-            ("msdyn_currentpresenceid", presence),
-            ("modifiedon", _date(sec + 1000)),
-            ("modifiedonbehalfby", _ref("systemuser", on_behalf)),
-            ("msdyn_availableunitscapacity", row["msdyn_availableunitscapacity"]),
-            ("msdyn_agentstatusid", row["msdyn_agentstatusid"]),
-            ("msdyn_capacitymodifiedon", _date(capacity_ms)),
-            ("msdyn_presencemodifiedon", _date(sec)),
-            ("msdyn_isblockedbysomeprofile", bool(row["msdyn_isblockedbysomeprofile"])),
-            ("msdyn_presencemodifiedby", row["msdyn_presencemodifiedby"]),
-            ("msdyn_agentid", agent),
-            ("timezoneruleversionnumber", 4),
-        ],
+        sent(
+            [
+                ("modifiedby", _ref("systemuser", user)),
+                ("msdyn_isagentloggedin", bool(row["msdyn_isagentloggedin"])),
+                ("msdyn_currentpresenceid", presence),
+                ("modifiedon", _date(sec + 1000)),
+                ("modifiedonbehalfby", _ref("systemuser", on_behalf)),
+                ("msdyn_availableunitscapacity", row["msdyn_availableunitscapacity"]),
+                ("msdyn_agentstatusid", row["msdyn_agentstatusid"]),
+                ("msdyn_capacitymodifiedon", _date(capacity_ms)),
+                ("msdyn_presencemodifiedon", _date(sec)),
+                ("msdyn_isblockedbysomeprofile", bool(row["msdyn_isblockedbysomeprofile"])),
+                ("msdyn_presencemodifiedby", row["msdyn_presencemodifiedby"]),
+                ("msdyn_agentid", agent),
+                ("timezoneruleversionnumber", 4),
+            ]
+        ),
         row_version=version,
     )
     parent_target = _entity(
         row,
-        [
-            ("msdyn_agentstatusid", row["msdyn_agentstatusid"]),
-            ("msdyn_availableunitscapacity", row["msdyn_availableunitscapacity"]),
-            ("msdyn_currentpresenceid", presence),
-            ("msdyn_capacitymodifiedon", _date(capacity_ms)),
-            ("msdyn_presencemodifiedby", row["msdyn_presencemodifiedby"]),
-            ("msdyn_presencemodifiedon", _date(sec)),
-            ("msdyn_isblockedbysomeprofile", bool(row["msdyn_isblockedbysomeprofile"])),
-            ("msdyn_isagentloggedin", bool(row["msdyn_isagentloggedin"])),
-            ("msdyn_agentid", agent),
-        ],
+        sent(
+            [
+                ("msdyn_agentstatusid", row["msdyn_agentstatusid"]),
+                ("msdyn_availableunitscapacity", row["msdyn_availableunitscapacity"]),
+                ("msdyn_currentpresenceid", presence),
+                ("msdyn_capacitymodifiedon", _date(capacity_ms)),
+                ("msdyn_presencemodifiedby", row["msdyn_presencemodifiedby"]),
+                ("msdyn_presencemodifiedon", _date(sec)),
+                ("msdyn_isblockedbysomeprofile", bool(row["msdyn_isblockedbysomeprofile"])),
+                ("msdyn_isagentloggedin", bool(row["msdyn_isagentloggedin"])),
+                ("msdyn_agentid", agent),
+            ]
+        ),
         row_version=version,
     )
     owning = _owning(step, None)
@@ -1390,6 +1546,7 @@ def _update_context(
                 _entity(row, [("msdyn_agentstatusid", row["msdyn_agentstatusid"])], row_version=None, typed=False),
             )
         ]
+    images += emu._post_images(step, row)
     return _context(
         emu,
         row,
@@ -1515,7 +1672,7 @@ def _create_context(
         created_on=_date(ms + 1108),
         output=[("id", row["msdyn_agentstatusid"])],
         owning=_owning(step, step.get("name")),
-        images=[],
+        images=emu._post_images(step, row),
         shared=shared,
         **common,
     )

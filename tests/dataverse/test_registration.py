@@ -8,10 +8,16 @@ import pytest
 
 from dataverse.client import DataverseClient
 from dataverse.discovery import DISABLED, ENTRA_TAKEN, NO_ENTRA, discover_agents
-from dataverse.registration import ENDPOINT_NAME, RegistrationResult, check_webhook_url, register_webhook
+from dataverse.registration import (
+    ENDPOINT_NAME,
+    POST_IMAGE_ALIAS,
+    RegistrationResult,
+    check_webhook_url,
+    register_webhook,
+)
 from emulators.dataverse import AVAILABLE, BUSY, DataverseEmulator
 from mapping.bridge import Bridge
-from mapping.errors import ConfigError
+from mapping.errors import ConfigError, PermanentError
 from mapping.model import Agent, System
 from tests.dataverse.conftest import KEY, Served, seed
 from tests.support import ALICE, BOB
@@ -21,6 +27,8 @@ DAVE = Agent("d0d0d0d0-0000-4000-8000-00000000d001", "0a1b2c3d-0000-4000-8000-00
 EVE = Agent("e0e0e0e0-0000-4000-8000-00000000e001", ALICE.entra_object_id, "Eve Sameid")
 URL = "https://presence.contoso.example/api/dataverse/webhook"
 WRITES = ("POST", "PATCH", "DELETE")
+IMAGE_ATTRIBUTES = "msdyn_agentid,msdyn_currentpresenceid,msdyn_presencemodifiedby,msdyn_presencemodifiedon"
+IMAGE_LINE = f"post-image {POST_IMAGE_ALIAS!r} on the Update step ({IMAGE_ATTRIBUTES})"
 
 
 async def register(
@@ -89,6 +97,7 @@ async def test_dry_run_writes_nothing_and_lists_the_plan(emu: DataverseEmulator,
         f"[dry run] would create serviceendpoint {ENDPOINT_NAME!r} (webhook, WebhookKey) -> {URL}",
         f"[dry run] would create step '{ENDPOINT_NAME}: Update of msdyn_agentstatus' (synchronous, post-operation, "
         "filtering msdyn_currentpresenceid)",
+        f"[dry run] would create {IMAGE_LINE}",
         f"[dry run] would create step '{ENDPOINT_NAME}: Create of msdyn_agentstatus' (synchronous, post-operation)",
     ]
     assert str(result).startswith("dry run: nothing changed; the plan above would change the registration")
@@ -166,6 +175,88 @@ async def test_bad_url_or_key_is_refused_before_any_call(emu: DataverseEmulator,
     check_webhook_url("http://127.0.0.1:3978/api/dataverse/webhook")  # the loopback emulator
 
 
+async def test_the_update_step_gets_the_post_image_once(emu: DataverseEmulator, client: DataverseClient) -> None:
+    first, lines = await register(client)
+    assert f"create {IMAGE_LINE}" in lines
+    (image,) = emu.images_of(first.step_ids["Update"])
+    assert (
+        image["name"],
+        image["entityalias"],
+        image["imagetype"],
+        image["messagepropertyname"],
+        image["attributes"],
+    ) == (POST_IMAGE_ALIAS, POST_IMAGE_ALIAS, 1, "Target", IMAGE_ATTRIBUTES)
+    assert emu.images_of(first.step_ids["Create"]) == []
+    before = len(writes(emu))
+    second, lines = await register(client)
+    assert not second.changed
+    assert f"{IMAGE_LINE} {image['sdkmessageprocessingstepimageid']} is up to date" in lines
+    assert not [w for w in writes(emu)[before:] if "images" in w[1]]  # an equal image is left alone
+    assert len(emu.images_of(first.step_ids["Update"])) == 1
+
+
+async def test_a_differing_post_image_is_updated_in_place(emu: DataverseEmulator, client: DataverseClient) -> None:
+    first, _ = await register(client)
+    (image,) = emu.images_of(first.step_ids["Update"])
+    image_id = image["sdkmessageprocessingstepimageid"]
+    await client.update(
+        "sdkmessageprocessingstepimages", image_id, {"attributes": "msdyn_currentpresenceid"}, what="test"
+    )
+    dry, lines = await register(client, dry_run=True)
+    assert dry.changed
+    assert any(
+        line.startswith(f"[dry run] would update post-image {image_id} ({POST_IMAGE_ALIAS}): attributes ")
+        for line in lines
+    )
+    assert emu.images_of(first.step_ids["Update"])[0]["attributes"] == "msdyn_currentpresenceid"
+    second, lines = await register(client)
+    assert second.changed
+    (again,) = emu.images_of(first.step_ids["Update"])
+    assert (again["sdkmessageprocessingstepimageid"], again["attributes"]) == (image_id, IMAGE_ATTRIBUTES)
+    # The same columns in another order and case are equal: nothing to do.
+    await client.update(
+        "sdkmessageprocessingstepimages",
+        image_id,
+        {"attributes": "msdyn_presencemodifiedon, MSDYN_AGENTID,msdyn_currentpresenceid,msdyn_presencemodifiedby"},
+        what="test",
+    )
+    third, _ = await register(client)
+    assert not third.changed
+
+
+async def test_a_missing_post_image_is_added_to_an_existing_step(
+    emu: DataverseEmulator, client: DataverseClient
+) -> None:
+    first, _ = await register(client)
+    (image,) = emu.images_of(first.step_ids["Update"])
+    await client.delete("sdkmessageprocessingstepimages", image["sdkmessageprocessingstepimageid"], what="test")
+    dry, lines = await register(client, dry_run=True)
+    assert dry.changed and f"[dry run] would create {IMAGE_LINE}" in lines
+    assert emu.images_of(first.step_ids["Update"]) == []
+    second, _ = await register(client)
+    assert second.changed and second.step_ids == first.step_ids
+    assert [i["attributes"] for i in emu.images_of(first.step_ids["Update"])] == [IMAGE_ATTRIBUTES]
+
+
+async def test_the_emulator_refuses_an_image_the_platform_would_refuse(
+    emu: DataverseEmulator, client: DataverseClient
+) -> None:
+    first, _ = await register(client)
+    bind = {"sdkmessageprocessingstepid@odata.bind": f"/sdkmessageprocessingsteps({first.step_ids['Create']})"}
+    base = {"name": "x", "entityalias": "x", "imagetype": 1, "messagepropertyname": "Id", **bind}
+    for body, reason in [
+        ({**base, "imagetype": 0}, "no pre-image"),
+        ({**base, "messagepropertyname": "Target"}, "must be 'Id'"),
+        ({**base, "attributes": "msdyn_nosuchcolumn"}, "msdyn_nosuchcolumn do not exist"),
+        ({**base, "imagetype": 7}, "Invalid imagetype"),
+    ]:
+        with pytest.raises(PermanentError, match=reason):
+            await client.create("sdkmessageprocessingstepimages", body, what="test")
+    await client.create("sdkmessageprocessingstepimages", base, what="test")  # a post-image of a Create is fine
+    await client.delete("sdkmessageprocessingsteps", first.step_ids["Create"], what="test")
+    assert emu.images_of(first.step_ids["Create"]) == []  # a step's images go with it
+
+
 # ---------------------------------------------------------------------------------------------- the full loop
 
 
@@ -182,7 +273,7 @@ async def test_full_loop_emulator_to_intake_to_store(
         ALICE.dynamics_user_id, ALICE.entra_object_id, "Alice Agent", True
     )
 
-    emu.set_presence(ALICE.dynamics_user_id, BUSY)
+    emu.set_presence(ALICE.dynamics_user_id, BUSY, whole_row=True)  # the seed's writer sends every column
     created_too, updated = await emu.wait_emissions()
     assert created_too is created
     assert (updated.message, updated.status, updated.error) == ("Update", 200, None), updated.response
