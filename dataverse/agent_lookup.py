@@ -130,6 +130,12 @@ class AgentStatusLookup:
                 extra={"fields": {"agent_status": status, "error": e.message}},
             )
             return None
+        except Exception as e:  # whatever went wrong, the webhook must still answer 2xx
+            log.warning(
+                "agent of an msdyn_agentstatus not read",
+                extra={"fields": {"agent_status": status, "error": f"{type(e).__name__}: {e}"}},
+            )
+            return None
         if agent is None:
             log.warning("msdyn_agentstatus does not exist in Dataverse", extra={"fields": {"agent_status": status}})
             return None

@@ -141,3 +141,11 @@ async def test_a_failing_sink_does_not_fail_the_read(
     client.agent_status_sink = broken
     (seen,) = await client.read([ALICE])
     assert seen.agent_id == ALICE.dynamics_user_id
+
+
+async def test_an_unexpected_failure_of_the_read_is_none_too(bridge: Bridge) -> None:
+    class Broken:
+        async def agent_of_status(self, agent_status_id: str) -> str | None:
+            raise ValueError("not JSON")
+
+    assert await AgentStatusLookup(bridge.records, Broken(), retry=FAST).agent_of(MISSING) is None
