@@ -49,6 +49,8 @@ from emulators.serving import serve_app
 DEFAULT_TENANT = "7f3e2b1a-4c5d-4e6f-8a9b-0c1d2e3f4a5b"
 DEFAULT_DOMAIN = "contoso.onmicrosoft.com"
 PUBLIC_HOST = "https://login.microsoftonline.com"
+BOT_FRAMEWORK_DOMAIN = "botframework.com"
+BOT_FRAMEWORK_TENANT = "d6d49420-f39b-4df7-a1dc-d59a935871db"
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 _RESERVED_SCOPES = {"openid", "profile", "offline_access", "email"}
@@ -180,6 +182,8 @@ class EntraEmulator:
     public_host: str = PUBLIC_HOST
     user: User = field(default_factory=lambda: User("subscriber@contoso.onmicrosoft.com", str(uuid.uuid4())))
     expires_in: int = 3600
+    other_tenants: dict[str, str] = field(default_factory=lambda: {BOT_FRAMEWORK_DOMAIN: BOT_FRAMEWORK_TENANT})
+    """Further tenants by domain -> GUID: by default the Bot Framework's, which a MultiTenant bot asks."""
     apps: dict[str, RegisteredApp] = field(default_factory=dict)
     refuse_consent: bool = False
     """The user declines consent at the authorize step (AADSTS65004 sent back to the redirect URI)."""
@@ -208,8 +212,9 @@ class EntraEmulator:
         public_client_flows: bool = False,
         tenant_id: str | None = None,
     ) -> RegisteredApp:
+        tenant = self._tenant(tenant_id) if tenant_id else self.tenant_id
         app = RegisteredApp(
-            client_id, tenant_id or self.tenant_id, secret, certificate, tuple(redirect_uris), public_client_flows
+            client_id, tenant or str(tenant_id), secret, certificate, tuple(redirect_uris), public_client_flows
         )
         self.apps[client_id] = app
         return app
@@ -251,6 +256,9 @@ class EntraEmulator:
         lowered = name.lower()
         if lowered in (self.tenant_id.lower(), self.domain.lower()):
             return self.tenant_id
+        for domain, guid in self.other_tenants.items():
+            if lowered in (domain.lower(), guid.lower()):
+                return guid
         if any(lowered == app.tenant_id.lower() for app in self.apps.values()):
             return lowered
         return None
