@@ -428,7 +428,7 @@ class EntraEmulator:
             }
         )
 
-    def _client_auth(self, app: RegisteredApp, form: dict[str, str], token_url: str) -> str | web.Response:
+    def _client_auth(self, app: RegisteredApp, form: dict[str, str]) -> str | web.Response:
         """``secret``, ``assertion`` or ``none``; or the error a wrong credential gets."""
         if form.get("client_secret"):
             if app.secret is None or not secrets.compare_digest(form["client_secret"], app.secret):
@@ -443,6 +443,8 @@ class EntraEmulator:
             except jwt.PyJWTError:
                 return self._error(700027, 401)
             if claims.get("iss") != app.client_id or claims.get("sub") != app.client_id:
+                return self._error(700027, 401)
+            if claims.get("aud") != f"{self._base(app.tenant_id)}/oauth2/v2.0/token":  # the token endpoint
                 return self._error(700027, 401)
             return "assertion"
         return "none"
@@ -462,7 +464,7 @@ class EntraEmulator:
         app = self.apps.get(client_id)
         if app is None or app.tenant_id != tenant:
             return self._error(700016, client_id=client_id, tenant=tenant)
-        auth = self._client_auth(app, form, str(request.url))
+        auth = self._client_auth(app, form)
         if isinstance(auth, web.Response):
             return auth
         grant = form.get("grant_type", "")

@@ -233,7 +233,7 @@ class WebLogin:
             raise LoginRefused(502, f"the identity platform refused tenant {self.tenant_id!r}: {e}", "entra") from None
         except Exception as e:
             raise LoginRefused(
-                502, f"cannot reach the identity platform ({type(e).__name__}); try the link again later", "entra"
+                502, f"cannot reach the identity platform ({type(e).__name__}); {AGAIN}", "entra"
             ) from None
         key = digest(str(flow["state"]))
         for old, doc in (await self.store.list_docs(FLOW_KIND)).items():

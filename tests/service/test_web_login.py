@@ -220,6 +220,19 @@ async def test_replayed_ticket_and_replayed_callback_are_refused(stack: Stack) -
     assert 'presence_sync_rejected_total{reason="state",route="/auth/graph/callback"} 1.0' in metrics
 
 
+async def test_two_callbacks_racing_for_one_state_redeem_it_once(stack: Stack) -> None:
+    ticket = await issue_ticket(stack.rt.store)
+    async with await stack.login_redirect(ticket) as resp:
+        callback = await stack.authorize(resp.headers["Location"])
+
+    async def hit() -> int:
+        async with stack.http.get(callback, allow_redirects=False) as resp:
+            return resp.status
+
+    assert sorted(await asyncio.gather(hit(), hit(), hit())) == [200, 400, 400]
+    assert stack.entra.grants().count("authorization_code") == 1
+
+
 async def test_missing_and_expired_tickets_are_403(stack: Stack) -> None:
     async with stack.http.get(f"{stack.base}{LOGIN_PATH}", allow_redirects=False) as resp:
         assert resp.status == 403 and "graph login --web" in await resp.text()
