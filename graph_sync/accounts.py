@@ -5,11 +5,14 @@ per app, each covering at most 650 users; so covering N agents takes ceil(N / 65
 (DESIGN, upstream-apis.md). ``presence-sync graph login`` signs one in (``graph_sync.login``); this
 module hands out a ``TokenProvider`` per account:
 
-- **entra**: MSAL ``PublicClientApplication`` over the account's ``SerializableTokenCache``. The
-  cache (refresh token included) lives encrypted in the store (``put_secret("graph.account.<name>")``);
-  the account list is docs kind ``graph.account``. ``acquire_token_silent`` refreshes with the refresh
-  token when the access token is near expiry, and a changed cache is written back at once, so a
-  rotated refresh token is never lost to a restart.
+- **entra**: an MSAL application over the account's ``SerializableTokenCache``. The cache (refresh
+  token included) lives encrypted in the store (``put_secret("graph.account.<name>")``); the account
+  list is docs kind ``graph.account``. ``acquire_token_silent`` refreshes with the refresh token when
+  the access token is near expiry, and a changed cache is written back at once, so a rotated refresh
+  token is never lost to a restart. The application is the kind that signed the account in (the
+  doc's ``flow``): a ``PublicClientApplication`` for device code, a ``ConfidentialClientApplication``
+  with the app's certificate or secret for ``graph login --web``, because Entra redeems a refresh
+  token issued to a confidential client only with that client's credential (AADSTS7000218 otherwise).
 - **static** (emulators): each configured bearer token is one account, ``static-1``, ``static-2``...
 
 MSAL is synchronous (``requests``); its calls run in a worker thread so the event loop never waits
@@ -20,12 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msal
 
+from graph_sync.entra_errors import explain_entra_error
 from mapping.clock import Clock, utcnow
 from mapping.errors import ConfigError, PermanentError, RetryableError
 from mapping.ports import AdapterRecords, TokenProvider
@@ -39,10 +45,35 @@ DELEGATED_SCOPES = ("https://graph.microsoft.com/Presence.Read.All",)
 """What a subscriber account consents to: reading presence is all a presence subscription needs."""
 _REFRESH_MARGIN = 300.0
 _SIGN_IN_AGAIN = ("invalid_grant", "interaction_required", "consent_required", "login_required")
+DEVICE_CODE_FLOW = "device_code"
+AUTH_CODE_FLOW = "auth_code"
+"""The ``flow`` an account doc records: which client type signed it in, so it refreshes with the same."""
 
 
 def secret_name(username: str) -> str:
     return SECRET_PREFIX + username
+
+
+def app_credential(cert_path: str, secret: str) -> str | dict[str, str] | None:
+    """The app's own credential as MSAL takes it: the certificate (``CLIENT_CERT_PATH``, one PEM file
+    with the private key and the certificate, from which MSAL derives the thumbprint), else the
+    ``CLIENT_SECRET``; None when neither is configured."""
+    if cert_path:
+        try:
+            pem = Path(cert_path).read_text()
+        except OSError as e:
+            raise ConfigError(f"PRESENCE_SYNC_CLIENT_CERT_PATH={cert_path}: cannot read it ({e.strerror})") from None
+        key = re.search(
+            r"-----BEGIN (?:RSA |EC |ENCRYPTED )?PRIVATE KEY-----.+?-----END [A-Z ]*PRIVATE KEY-----", pem, re.S
+        )
+        cert = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.S)
+        if key is None or cert is None:
+            raise ConfigError(
+                f"PRESENCE_SYNC_CLIENT_CERT_PATH={cert_path}: expected one PEM file holding both the private key "
+                "and the certificate"
+            )
+        return {"private_key": key.group(0), "public_certificate": cert.group(0)}
+    return secret or None
 
 
 @dataclass(frozen=True)
@@ -54,6 +85,7 @@ class AccountInfo:
     home_account_id: str = ""
     tenant_id: str = ""
     signed_in_at: str = ""
+    flow: str = DEVICE_CODE_FLOW
 
     def __str__(self) -> str:
         tenant = f" (tenant {self.tenant_id})" if self.tenant_id else ""
@@ -80,7 +112,7 @@ class AccountTokens:
         self.owner = owner
         self.name = name
         self._lock = asyncio.Lock()
-        self._app: msal.PublicClientApplication | None = None
+        self._app: msal.ClientApplication | None = None
         self._cache: msal.SerializableTokenCache | None = None
         self._token: tuple[str, float] | None = None
 
@@ -100,9 +132,11 @@ class AccountTokens:
                 self._app = None
                 return await self._acquire()
 
-    async def _load(self) -> msal.PublicClientApplication:
+    async def _load(self) -> msal.ClientApplication:
         if self._app is not None:
             return self._app
+        doc = await self.owner.store.get_doc(ACCOUNT_KIND, self.name) or {}
+        flow = str(doc.get("flow") or DEVICE_CODE_FLOW)
         blob = await self.owner.store.get_secret(secret_name(self.name))
         if not blob:
             raise PermanentError(
@@ -118,7 +152,11 @@ class AccountTokens:
                 "run `presence-sync graph login` again"
             ) from None
         self._cache = cache
-        self._app = await asyncio.to_thread(self.owner.msal_app, cache)
+        try:
+            self._app = await asyncio.to_thread(self.owner.msal_app, cache, flow)
+        except ConfigError as e:
+            await self.owner.note(self.name, error=str(e))
+            raise PermanentError(f"subscriber account {self.name}: {e}") from None
         return self._app
 
     async def _acquire(self) -> str:
@@ -148,12 +186,17 @@ class AccountTokens:
                     f"subscriber account {self.name} must sign in again ({code}: {desc}); "
                     "run `presence-sync graph login`"
                 )
+            advice = explain_entra_error(desc)
+            if advice:  # the app registration or its credential, not the account: retrying cannot help
+                raise PermanentError(
+                    f"subscriber account {self.name}: token refresh refused ({code}: {desc}) -> {advice}"
+                )
             raise RetryableError(f"subscriber account {self.name}: token refresh failed ({code}: {desc})")
         expires_in = float(result.get("expires_in") or 3600)
         self._token = (str(result["access_token"]), time.time() + expires_in)
         return self._token[0]
 
-    def _silent(self, app: msal.PublicClientApplication) -> dict[str, Any] | None:
+    def _silent(self, app: msal.ClientApplication) -> dict[str, Any] | None:
         accounts = app.get_accounts(username=self.name)
         if not accounts:
             return None
@@ -178,8 +221,10 @@ class SubscriberAccounts:
         http_client: Any = None,
         scopes: tuple[str, ...] = DELEGATED_SCOPES,
         clock: Clock = utcnow,
+        client_credential: str | dict[str, str] | None = None,
     ) -> None:
         self.store = store
+        self.client_credential = client_credential
         self.tenant_id = tenant_id
         self.client_id = client_id
         self.static_tokens = list(static_tokens) if static_tokens is not None else None
@@ -193,9 +238,23 @@ class SubscriberAccounts:
     def static(self) -> bool:
         return self.static_tokens is not None
 
-    def msal_app(self, cache: msal.SerializableTokenCache) -> msal.PublicClientApplication:
+    def msal_app(self, cache: msal.SerializableTokenCache, flow: str = DEVICE_CODE_FLOW) -> msal.ClientApplication:
+        """The client type that signed the account in (see the module doc)."""
         if not self.tenant_id or not self.client_id:
             raise ConfigError("subscriber accounts need PRESENCE_SYNC_TENANT_ID and PRESENCE_SYNC_CLIENT_ID")
+        if flow == AUTH_CODE_FLOW:
+            if not self.client_credential:
+                raise ConfigError(
+                    "signed in with `graph login --web`, so its tokens are refreshed with the app's own "
+                    "credential: set PRESENCE_SYNC_CLIENT_CERT_PATH or PRESENCE_SYNC_CLIENT_SECRET"
+                )
+            return msal.ConfidentialClientApplication(
+                self.client_id,
+                client_credential=self.client_credential,
+                authority=f"{self.authority_host}/{self.tenant_id}",
+                token_cache=cache,
+                http_client=self.http_client,
+            )
         return msal.PublicClientApplication(
             self.client_id,
             authority=f"{self.authority_host}/{self.tenant_id}",
@@ -215,6 +274,7 @@ class SubscriberAccounts:
                 str(d.get("home_account_id", "")),
                 str(d.get("tenant_id", "")),
                 str(d.get("signed_in_at", "")),
+                str(d.get("flow") or DEVICE_CODE_FLOW),
             )
             for name, d in sorted(docs.items())
             if not d.get("removed")
@@ -251,6 +311,7 @@ class SubscriberAccounts:
             {
                 "account": name,
                 "kind": "delegated",
+                "flow": d.get("flow") or DEVICE_CODE_FLOW,
                 "signed_in": d.get("signed_in_at", ""),
                 "last_refresh": d.get("last_refresh") or "-",
                 "health": f"error: {d['error']}" if d.get("error") else "ok",

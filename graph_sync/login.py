@@ -1,4 +1,6 @@
 """``presence-sync graph login``: sign in one subscriber account with the MSAL device-code flow.
+(``graph login --web``, the authorization-code sign-in through the running service, is
+``graph_sync.web_login``; both store the account with ``save_account``.)
 
 Device code because the service runs headless: the admin opens the printed URL on any device, types
 the code, and completes whatever the tenant asks (MFA, conditional access) in a real browser; no
@@ -23,12 +25,14 @@ from graph_sync.accounts import (
     ACCOUNT_KIND,
     DEFAULT_AUTHORITY_HOST,
     DELEGATED_SCOPES,
+    DEVICE_CODE_FLOW,
     AccountInfo,
     secret_name,
 )
+from graph_sync.entra_errors import explain_entra_error
 from mapping.clock import utcnow
 from mapping.errors import ConfigError, PermanentError, RetryableError
-from mapping.ports import Store
+from mapping.ports import AdapterRecords, Store
 
 _PENDING = ("authorization_pending", "slow_down")
 
@@ -63,8 +67,10 @@ async def device_code_login(
     except Exception as e:
         raise RetryableError(f"graph login: cannot reach the identity platform ({type(e).__name__}: {e})") from None
     if "user_code" not in flow:
+        desc = str(flow.get("error_description", ""))
+        advice = explain_entra_error(desc)
         raise PermanentError(
-            f"graph login: device code not issued ({flow.get('error')}: {flow.get('error_description', '')})"
+            f"graph login: device code not issued ({flow.get('error')}: {desc})" + (f" -> {advice}" if advice else "")
         )
     out(str(flow.get("message") or f"Open {flow['verification_uri']} and enter the code {flow['user_code']}"))
     out(f"  URL:  {flow['verification_uri']}")
@@ -85,7 +91,24 @@ async def device_code_login(
         await sleep(interval)
     if "access_token" not in result:
         desc = str(result.get("error_description", "")).splitlines()[0] if result.get("error_description") else ""
-        raise PermanentError(f"graph login failed: {error}: {desc}")
+        advice = explain_entra_error(desc)
+        raise PermanentError(f"graph login failed: {error}: {desc}" + (f" -> {advice}" if advice else ""))
+    return await save_account(store, app, cache, result, scopes=scopes, flow=DEVICE_CODE_FLOW, tenant_id=tenant_id)
+
+
+async def save_account(
+    store: AdapterRecords,
+    app: msal.ClientApplication,
+    cache: msal.SerializableTokenCache,
+    result: dict[str, Any],
+    *,
+    scopes: tuple[str, ...],
+    flow: str,
+    tenant_id: str,
+) -> AccountInfo:
+    """Stores a signed-in account the one way every sign-in does: its MSAL cache encrypted under
+    ``graph.account.<username>``, its listing in docs kind ``graph.account``, with the ``flow`` that
+    signed it in (``SubscriberAccounts`` refreshes it with the same client type)."""
     claims = result.get("id_token_claims") or {}
     accounts = app.get_accounts()
     username = str(claims.get("preferred_username") or (accounts[0]["username"] if accounts else ""))
@@ -106,6 +129,7 @@ async def device_code_login(
             "last_refresh": now,
             "error": None,
             "scopes": list(scopes),
+            "flow": flow,
         },
     )
-    return AccountInfo(username, "delegated", home, tenant, now)
+    return AccountInfo(username, "delegated", home, tenant, now, flow)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from edge.intake import json_error
+from graph_sync.web_login import CALLBACK_PATH, LOGIN_PATH, WebLogin
 from service.runtime import Runtime, describe
 from service.settings import Settings, load_settings
 
@@ -37,6 +38,19 @@ async def graph_lifecycle(request: web.Request) -> web.StreamResponse:
 
 async def dataverse_webhook(request: web.Request) -> web.StreamResponse:
     return await request.app[RUNTIME].dataverse_intake.handle(request)
+
+
+async def graph_web_login(request: web.Request) -> web.StreamResponse:
+    return await _web_login(request).login(request)
+
+
+async def graph_web_callback(request: web.Request) -> web.StreamResponse:
+    return await _web_login(request).callback(request)
+
+
+def _web_login(request: web.Request) -> WebLogin:
+    rt = request.app[RUNTIME]
+    return rt.web_login or WebLogin(rt.store, tenant_id="", client_id="", client_credential=None, redirect_uri=None)
 
 
 @web.middleware
@@ -127,6 +141,8 @@ def create_app(
     app.router.add_post("/api/graph/notifications", graph_notifications)
     app.router.add_post("/api/graph/lifecycle", graph_lifecycle)
     app.router.add_post("/api/dataverse/webhook", dataverse_webhook)
+    app.router.add_get(LOGIN_PATH, graph_web_login)  # `graph login --web` (graph_sync.web_login)
+    app.router.add_get(CALLBACK_PATH, graph_web_callback)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

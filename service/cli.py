@@ -271,6 +271,8 @@ async def cmd_graph_login(settings: Settings, args: argparse.Namespace) -> int:
             "graph login signs in a real account; with AUTH_MODE=static the subscriber accounts are "
             "PRESENCE_SYNC_STATIC_SUBSCRIBER_TOKENS"
         )
+    if args.web:
+        return await _graph_login_web(settings)
     if not settings.tenant_id or not settings.client_id:
         return fail("graph login needs PRESENCE_SYNC_TENANT_ID and PRESENCE_SYNC_CLIENT_ID")
     store = await _store(settings)
@@ -279,6 +281,58 @@ async def cmd_graph_login(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         await store.close()
     say(f"signed in {info}")
+    return 0
+
+
+WEB_LOGIN_WAIT = 25 * 60.0
+"""How long ``graph login --web`` waits: the link's 15 minutes plus the 10 a started sign-in may take."""
+
+
+async def _graph_login_web(settings: Settings) -> int:
+    """Prints the one-time link to the running service's ``/auth/graph/login`` and waits (bounded,
+    Ctrl+C stops waiting) until the service reports the sign-in's outcome through the shared store."""
+    from graph_sync.web_login import LOGIN_PATH, TICKET_TTL, issue_ticket, wait_for_sign_in
+
+    missing = [
+        name
+        for name, value in (
+            ("PRESENCE_SYNC_PUBLIC_URL (the service's URL; Entra redirects the browser to it)", settings.public_url),
+            ("PRESENCE_SYNC_TENANT_ID", settings.tenant_id),
+            ("PRESENCE_SYNC_CLIENT_ID", settings.client_id),
+            (
+                "PRESENCE_SYNC_CLIENT_CERT_PATH or PRESENCE_SYNC_CLIENT_SECRET",
+                settings.client_cert_path or settings.client_secret,
+            ),
+        )
+        if not value
+    ]
+    if missing:
+        return fail(f"graph login --web needs {', '.join(missing)}")
+    store = await _store(settings)
+    try:
+        ticket = await issue_ticket(store)
+        say(
+            "Open this link in a browser and sign in with the subscriber account (it works once, for "
+            f"{TICKET_TTL.seconds // 60} minutes; `presence-sync serve` must be running at PRESENCE_SYNC_PUBLIC_URL):"
+        )
+        say(f"  {settings.public(LOGIN_PATH)}?ticket={ticket}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WEB_LOGIN_WAIT
+        result = None
+        while result is None and loop.time() < deadline:
+            left = deadline - loop.time()
+            progress(
+                f"waiting for the sign-in to complete in the browser ({left / 60:.0f} min left; Ctrl+C stops waiting)"
+            )
+            result = await wait_for_sign_in(store, ticket, timeout=min(60.0, left))
+    finally:
+        await store.close()
+    if result is None:
+        return fail("no sign-in completed in time; run `presence-sync graph login --web` again for a new link", 1)
+    if result.get("error"):
+        return fail(f"graph login --web: {result['error']}", 1)
+    tenant = f" (tenant {result['tenant_id']})" if result.get("tenant_id") else ""
+    say(f"signed in {result.get('username')}{tenant}; `presence-sync graph subscriptions` lists its subscriptions")
     return 0
 
 
@@ -372,7 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     graph = add("graph", None, "Microsoft Graph subscriber accounts and subscriptions")  # type: ignore[arg-type]
     gsub = graph.add_subparsers(dest="graph_command", required=True, parser_class=OneLineParser)
-    add("login", cmd_graph_login, "sign in a subscriber account (device code)", gsub)
+    gl = add("login", cmd_graph_login, "sign in a subscriber account (device code; --web: through the service)", gsub)
+    gl.add_argument(
+        "--web",
+        action="store_true",
+        help="print a one-time link to the running service's sign-in page (authorization code with the app's "
+        "own certificate or secret; no public client flow, no device code)",
+    )
     gs = add("subscriptions", cmd_graph_subscriptions, "list accounts, subscriptions and expiry", gsub)
     gs.add_argument("--sync", action="store_true", help="create/renew subscriptions now")
 

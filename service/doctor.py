@@ -32,10 +32,13 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from dataverse.client import DataverseClient
+from graph_sync.accounts import DEFAULT_AUTHORITY_HOST
+from graph_sync.entra_errors import explain_entra_error
 from mapping.errors import ConfigError, PermanentError, Throttled, UpstreamError
 from mapping.memory import MemoryStore
 from mapping.model import Agent, Presence
 from mapping.ports import Store
+from mapping.redact import redact
 from service.runtime import Overrides, Runtime, bootstrap
 from service.settings import PREFIX, Settings, is_loopback_url
 
@@ -44,6 +47,8 @@ CHECK_TIMEOUT = 5.0
 HEALTHZ_TIMEOUT = 3.0
 MODIFY_API = "CCaaS_ModifyAgentPresence"
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
+BOT_SCOPE = "https://api.botframework.com/.default"
+BOT_MULTI_TENANT = "botframework.com"
 
 GRAPH_PERMISSION_STEP = (
     "grant application permission Presence.ReadWrite.All (Microsoft Graph) to the app registration "
@@ -69,11 +74,15 @@ class Check:
         return f"{text} -> {self.advice}" if self.advice else text
 
 
-async def run_doctor(settings: Settings, out: Callable[[str], None], *, timeout: float = CHECK_TIMEOUT) -> int:
+async def run_doctor(
+    settings: Settings, out: Callable[[str], None], *, timeout: float = CHECK_TIMEOUT, identity_http: Any = None
+) -> int:
     """Runs every check in order, printing each line through ``out`` as it completes; returns the exit
     code (1 if any check failed, else 0). Settings are already loaded and valid: a bad setting exits 2
-    in the CLI before doctor runs. ``timeout``: seconds per check."""
-    return await _Doctor(settings, out, timeout).run()
+    in the CLI before doctor runs. ``timeout``: seconds per check. ``identity_http``: MSAL's
+    ``http_client`` for what doctor asks Entra itself (tenant look-up, bot token); tests pass the
+    Entra emulator's."""
+    return await _Doctor(settings, out, timeout, identity_http).run()
 
 
 def _short(message: str) -> str:
@@ -84,8 +93,11 @@ def _short(message: str) -> str:
 class _Doctor:
     """The checks, in order, and what earlier ones found that later ones depend on."""
 
-    def __init__(self, settings: Settings, out: Callable[[str], None], timeout: float) -> None:
+    def __init__(
+        self, settings: Settings, out: Callable[[str], None], timeout: float, identity_http: Any = None
+    ) -> None:
         self.s = settings
+        self.identity_http = identity_http
         self.out = out
         self.timeout = timeout
         self.results: list[Check] = []
@@ -116,7 +128,8 @@ class _Doctor:
             # As ``serve`` builds it, except the start-up catalogue load: that reads Dataverse with
             # three tries and backoff (half a minute against a hung org) and writes the copy into the
             # store. Doctor reads ``msdyn_presences`` itself, once and bounded, and writes nothing.
-            self._rt = await bootstrap(self.s, overrides=Overrides(store=store or MemoryStore(), load_catalogue=False))
+            overrides = Overrides(store=store or MemoryStore(), load_catalogue=False, identity_http=self.identity_http)
+            self._rt = await bootstrap(self.s, overrides=overrides)
         except ConfigError as e:
             self.report(Check("FAIL", "configuration", str(e), "fix the setting named and run doctor again"))
             return self.finish()
@@ -127,8 +140,10 @@ class _Doctor:
         return self.finish()
 
     async def run_checks(self) -> None:
+        await self.checked("tenant", self.tenant, "")
         await self.checked("graph token", self.graph_token, "Entra did not answer: check outbound network")
         await self.checked("dataverse token", self.dataverse_token, "Entra did not answer: check outbound network")
+        await self.checked("bot token", self.bot_token, "Entra did not answer: check outbound network")
         await self.checked("graph presence", self.graph_presence, f"Graph did not answer: check {PREFIX}GRAPH_URL")
         dv_hang = f"Dataverse did not answer: check {PREFIX}DATAVERSE_URL and that the environment is up"
         await self.checked("dataverse", self.dataverse_reachable, dv_hang)
@@ -159,6 +174,11 @@ class _Doctor:
         return value
 
     def report(self, check: Check) -> None:
+        if check.status in ("FAIL", "WARN") and not check.advice:
+            # An Entra error met anywhere (AADSTS7000218, AADSTS700016): say exactly what to change.
+            advice = explain_entra_error(check.detail)
+            if advice:
+                check = Check(check.status, check.name, check.detail, advice)
         self.results.append(check)
         self.out(check.line())
 
@@ -272,7 +292,8 @@ class _Doctor:
                 "FAIL",
                 name,
                 e.message,
-                f"check {PREFIX}TENANT_ID, {PREFIX}CLIENT_ID and "
+                explain_entra_error(e.message)
+                or f"check {PREFIX}TENANT_ID, {PREFIX}CLIENT_ID and "
                 f"{PREFIX}CLIENT_CERT_PATH (or {PREFIX}CLIENT_SECRET), and that the certificate is "
                 "uploaded to the app registration (Entra admin center > App registrations > "
                 "Certificates & secrets)",
@@ -280,6 +301,67 @@ class _Doctor:
         if not token:
             return Check("FAIL", name, f"Entra returned an empty token for {scope}")
         return Check("PASS", name, f"acquired an app token for {scope} (client credentials)")
+
+    async def tenant(self) -> Check:
+        """What ``TENANT_ID`` resolved to at start-up (a domain name is looked up once): Graph's
+        validationTokens are compared with that GUID."""
+        name = "tenant"
+        if self.s.auth_mode == "static":
+            return Check("SKIP", name, "AUTH_MODE=static (emulators): no tenant look-up")
+        resolved = self.rt.tenant
+        if not self.s.tenant_id or resolved is None:
+            return Check("SKIP", name, f"{PREFIX}TENANT_ID unset (see the token checks)")
+        if resolved.guid is None:
+            return Check(
+                "WARN",
+                name,
+                resolved.line(),
+                explain_entra_error(resolved.problem or "")
+                or f"set {PREFIX}TENANT_ID to the tenant GUID or its domain (e.g. contoso.onmicrosoft.com; Entra "
+                "admin center > Overview > Tenant ID) and check outbound access to login.microsoftonline.com; until "
+                "then Graph validationTokens are checked for a consistent issuer only, not for this tenant",
+            )
+        return Check("PASS", name, resolved.line())
+
+    async def bot_token(self) -> Check:
+        """Client credentials for the bot's own app (what the Bot Framework SDK does before every reply):
+        a wrong app type or tenant shows here, before the first reply fails."""
+        name = "bot token"
+        s = self.s
+        if not s.bot_app_id:
+            return Check("SKIP", name, f"{PREFIX}BOT_APP_ID unset: the bot runs without authentication (loopback only)")
+        if s.bot_app_type == "UserAssignedMSI":
+            return Check("SKIP", name, "BOT_APP_TYPE=UserAssignedMSI: the token comes from the Azure host's identity")
+        if not s.bot_app_password:
+            return Check("FAIL", name, f"{PREFIX}BOT_APP_PASSWORD unset", "set it to the bot app's client secret")
+        tenant = s.bot_tenant if s.bot_app_type == "SingleTenant" else BOT_MULTI_TENANT
+        if not tenant:
+            return Check(
+                "FAIL",
+                name,
+                "BOT_APP_TYPE=SingleTenant needs a tenant",
+                f"set {PREFIX}BOT_TENANT_ID (or {PREFIX}TENANT_ID)",
+            )
+        bot_advice = (
+            f"{PREFIX}BOT_APP_ID must be the Azure Bot's Microsoft App ID, registered in tenant {tenant}: check "
+            f"{PREFIX}BOT_TENANT_ID and {PREFIX}BOT_APP_TYPE (new Azure Bots are SingleTenant; MultiTenant asks "
+            "the botframework.com tenant, which does not know a single-tenant app)"
+        )
+        authority = f"{DEFAULT_AUTHORITY_HOST}/{tenant}"
+        result = await asyncio.to_thread(
+            _client_credentials, s.bot_app_id, s.bot_app_password, authority, self.identity_http
+        )
+        if "access_token" in result:
+            return Check("PASS", name, f"acquired a token for {BOT_SCOPE} from {authority} ({s.bot_app_type})")
+        desc = str(result.get("error_description") or result.get("error") or "no token").split(" Trace ID:")[0].strip()
+        detail = redact(f"{authority} refused the bot's credentials: {desc}")
+        if "AADSTS700016" in desc or "AADSTS90002" in desc:
+            return Check("FAIL", name, detail, bot_advice)
+        if "AADSTS7000215" in desc:
+            return Check(
+                "FAIL", name, detail, f"{PREFIX}BOT_APP_PASSWORD is not a valid client secret of {PREFIX}BOT_APP_ID"
+            )
+        return Check("FAIL", name, detail)
 
     # ------------------------------------------------------------------ 4. Graph permissions
 
@@ -621,6 +703,23 @@ class _Doctor:
                 f"put the service behind TLS and set {PREFIX}PUBLIC_URL to its https URL",
             )
         return Check("PASS", name, f"GET {url}: ok")
+
+
+def _client_credentials(client_id: str, secret: str, authority: str, http_client: Any) -> dict[str, Any]:
+    """One client-credentials request through MSAL (synchronous: run it in a thread). An unknown
+    tenant is MSAL's ValueError at construction: returned as an error like Entra's own."""
+    import msal
+
+    try:
+        app = msal.ConfidentialClientApplication(
+            client_id, client_credential=secret, authority=authority, http_client=http_client, timeout=CHECK_TIMEOUT
+        )
+        result: dict[str, Any] = app.acquire_token_for_client([BOT_SCOPE])
+    except ValueError as e:
+        return {"error": "invalid_tenant", "error_description": f"AADSTS90002: {str(e).splitlines()[0]}"}
+    except Exception as e:
+        return {"error": "unreachable", "error_description": f"cannot reach Entra ({type(e).__name__})"}
+    return result
 
 
 def _missing_sqlite_file(database: str | None) -> Path | None:

@@ -20,11 +20,13 @@ from bot.teams import BotIntake
 from dataverse.agent_lookup import AgentStatusLookup
 from dataverse.client import DataverseClient
 from dataverse.webhook import DataverseIntake
-from graph_sync.accounts import SubscriberAccounts
+from graph_sync.accounts import SubscriberAccounts, app_credential
 from graph_sync.crypto import Decryptor
 from graph_sync.notifications import GraphIntake
 from graph_sync.subscriptions import SubscriptionManager
 from graph_sync.teams import TeamsPresenceClient
+from graph_sync.tenant import TenantResolution, as_guid, resolve_tenant
+from graph_sync.web_login import CALLBACK_PATH, WebLogin
 from mapping.bridge import Bridge, default_limiters
 from mapping.catalogue import Catalogue
 from mapping.errors import ConfigError, UpstreamError
@@ -67,6 +69,9 @@ class Overrides:
     """The outbox lease owner. ``serve`` passes one that survives a restart (host and port), so that
     a restarted instance takes back the rows it was delivering at once; by default a fresh one per
     process (a CLI command beside a running ``serve`` must never take that instance's rows)."""
+    identity_http: Any = None
+    """A ``requests``-like client for everything said to Entra through MSAL and the tenant look-up
+    (MSAL's ``http_client``); tests hand in the Entra emulator's. None: MSAL's own."""
 
 
 class Runtime:
@@ -89,6 +94,8 @@ class Runtime:
         subscriptions: SubscriptionManager | None,
         graph_intake: GraphIntake,
         bot: BotIntake,
+        web_login: WebLogin | None = None,
+        tenant: TenantResolution | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -105,6 +112,8 @@ class Runtime:
         self.subscriptions = subscriptions
         self.graph_intake = graph_intake
         self.bot = bot
+        self.web_login = web_login
+        self.tenant = tenant
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -228,7 +237,8 @@ async def bootstrap(settings: Settings, *, overrides: Overrides = Overrides()) -
     Dynamics commands wait in the outbox, visible in `presence-sync outbox list`."""
     store = overrides.store or await open_configured_store(settings)
     try:
-        rt = _assemble(settings, store, overrides.owner)
+        tenant = await resolve_configured_tenant(settings, overrides.identity_http)
+        rt = _assemble(settings, store, overrides.owner, tenant, overrides.identity_http)
         if overrides.load_catalogue:
             await rt.load_catalogue()
     except BaseException:
@@ -237,7 +247,33 @@ async def bootstrap(settings: Settings, *, overrides: Overrides = Overrides()) -
     return rt
 
 
-def _assemble(settings: Settings, store: Store, owner: str | None) -> Runtime:
+async def resolve_configured_tenant(settings: Settings, identity_http: Any = None) -> TenantResolution:
+    """``TENANT_ID`` as a GUID, looked up once when it is a domain name (``graph_sync.tenant``). A
+    failed look-up is a warning, not a stop: Graph's validationTokens are then checked for a
+    consistent issuer only, and ``doctor`` reports the resolution."""
+    configured = settings.tenant_id.strip()
+    if not configured or as_guid(configured) is not None:
+        return await resolve_tenant(configured)
+    if settings.auth_mode == "static":  # emulators: never a look-up on the internet
+        return TenantResolution(configured, None, "not looked up with AUTH_MODE=static")
+    tenant = await resolve_tenant(configured, http_client=identity_http)
+    if tenant.guid is None:
+        log.warning(
+            "tenant not resolved; validationTokens are checked for a consistent issuer only",
+            extra={"fields": {"tenant": configured, "problem": tenant.problem}},
+        )
+    else:
+        log.info("tenant resolved", extra={"fields": {"tenant": configured, "guid": tenant.guid}})
+    return tenant
+
+
+def _assemble(
+    settings: Settings,
+    store: Store,
+    owner: str | None,
+    tenant: TenantResolution | None = None,
+    identity_http: Any = None,
+) -> Runtime:
     s = settings
     telemetry = PrometheusTelemetry()
     owner = owner or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -271,11 +307,23 @@ def _assemble(settings: Settings, store: Store, owner: str | None) -> Runtime:
         holds={System.TEAMS: s.teams_write_hold_seconds},
         owner=owner,
     )
+    credential = app_credential(s.client_cert_path, s.client_secret) if s.auth_mode == "entra" else None
     accounts = SubscriberAccounts(
         store,
         tenant_id=s.tenant_id,
         client_id=s.client_id,
         static_tokens=s.subscriber_tokens if s.auth_mode == "static" else None,
+        http_client=identity_http,
+        client_credential=credential,
+    )
+    web_login = WebLogin(
+        store,
+        tenant_id=s.tenant_id if s.auth_mode == "entra" else "",
+        client_id=s.client_id,
+        client_credential=credential,
+        redirect_uri=s.public(CALLBACK_PATH) if s.public_url else None,
+        http_client=identity_http,
+        telemetry=telemetry,
     )
     cert_pem = Path(s.graph_encryption_cert_path).read_bytes() if s.graph_encryption_cert_path else None
     decryptor = Decryptor(cert_pem, Path(s.graph_encryption_key_path).read_bytes()) if cert_pem else None
@@ -311,7 +359,7 @@ def _assemble(settings: Settings, store: Store, owner: str | None) -> Runtime:
         decryptor=decryptor,
         reader=teams,
         subscriptions=subscriptions,
-        tenant_id=s.tenant_id or None,
+        tenant_id=tenant.guid if tenant is not None else (s.tenant_id or None),
     )
     bot = BotIntake(
         bridge,
@@ -336,6 +384,8 @@ def _assemble(settings: Settings, store: Store, owner: str | None) -> Runtime:
         subscriptions=subscriptions,
         graph_intake=graph_intake,
         bot=bot,
+        web_login=web_login,
+        tenant=tenant,
     )
 
 
