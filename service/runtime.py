@@ -248,7 +248,6 @@ def _assemble(settings: Settings, store: Store, owner: str | None) -> Runtime:
         s.graph_url,
         tokens,
         session_id=s.client_id or "presence-sync",
-        mode=s.graph_presence_mode,
         expiration_minutes=s.graph_session_expiration_minutes,
         store=store,
         limiter=limiters[System.TEAMS],
