@@ -144,7 +144,7 @@ class SubscriptionManager:
         self._create_http = make_http_client(graph_url, timeout=create_timeout)
         self._clients: dict[str, GraphServiceClient] = {}
         self._create_clients: dict[str, GraphServiceClient] = {}
-        self._discovered = False
+        self._discovered: set[str] = set()  # accounts listed at start-up (see ``_discover``)
         self.reader: PresenceReader = reader or TeamsPresenceClient(
             graph_url,
             _AnyAccountTokens(accounts),
@@ -201,9 +201,7 @@ class SubscriptionManager:
         wanted = sorted({a.entra_object_id.strip().lower() for a in agents if a.entra_object_id.strip()})
         accounts = [a.name for a in await self.accounts.accounts()]
         records = await self.records.list_docs(KIND)
-        unknown: dict[str, list[Subscription]] = {}
-        if not self._discovered:
-            unknown = await self._discover(accounts, records)
+        unknown = await self._discover([a for a in accounts if a not in self._discovered], records)
         current = {
             name: list(r.get("ids", [])) for name, r in records.items() if name in accounts and r.get("subscription_id")
         }
@@ -464,17 +462,16 @@ class SubscriptionManager:
         plan keeps the unknown one's users on that account and ``_create`` adopts it. Accounts that
         cannot be listed now are tried again at the next ``sync``."""
         unknown: dict[str, list[Subscription]] = {}
-        complete = True
         for account in accounts:
             try:
                 listing = await self._list(account)
             except (UpstreamError, ConfigError) as e:
-                complete = False
                 log.info(
                     "could not list subscriptions at start-up",
                     extra={"fields": {"account": account, "error": str(e)}},
                 )
                 continue
+            self._discovered.add(account)
             rec = records.get(account)
             known = rec.get("subscription_id") if rec else None
             ours = [
@@ -487,7 +484,6 @@ class SubscriptionManager:
             unknown[account] = ours
             if rec is not None and known and known not in {sub.id for sub in listing}:
                 records[account] = {**rec, "subscription_id": None}
-        self._discovered = complete
         return unknown
 
     async def _drop_unknown(self, account: str, sub: Subscription) -> None:

@@ -444,3 +444,17 @@ async def test_listing_follows_next_link(rig: Rig) -> None:
     assert sorted(s.id for s in listed if s.id) == sorted(made) and len(listed) == 3
     assert all(s.client_state is None for s in listed)  # Graph never lists it
     assert len([c for c in rig.emu.calls("GET") if c.path == "/v1.0/subscriptions"]) >= 3
+
+
+async def test_an_account_that_cannot_be_listed_at_start_up_is_listed_at_the_next_sync(rig: Rig) -> None:
+    await seed(rig, 700)
+    rig.emu.fail_next(1, status=503, retry_after=None, paths="/subscriptions", method="GET")
+    first = await rig.manager.sync()
+    assert (first.created, first.failed) == (2, 0), str(first)  # creation lists again before it posts
+    gets = len(rig.emu.calls("GET", "/subscriptions"))
+    again = await rig.manager.sync()
+    assert again.unchanged == 2
+    listed = rig.emu.calls("GET", "/subscriptions")[gets:]
+    assert [c.account for c in listed] == ["subscriber-1@contoso.example"]  # only the one not yet listed
+    assert len(rig.emu.calls("GET", "/subscriptions")) == gets + 1
+    assert (await rig.manager.sync()).unchanged == 2 and len(rig.emu.calls("GET", "/subscriptions")) == gets + 1
