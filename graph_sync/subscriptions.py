@@ -15,6 +15,11 @@ it is created again. Lifecycle events (``graph_sync.notifications``) are first n
 subscription's record (``record_lifecycle``) and then acted on (``on_lifecycle``); a note left by a
 crash is acted on by the next ``sync``.
 
+Creation waits ``SUBSCRIPTION_CREATE_TIMEOUT`` (Graph validates both URLs before it answers) and
+never duplicates: the account's subscriptions are listed first and one that is exactly what we would
+create is *adopted* (a creation whose answer was lost, a record lost with a crash); at start-up each
+account's unknown subscriptions for our notification URL are adopted or deleted (``_discover``).
+
 State: docs kind ``graph.subscription`` keyed by account; the uncovered ids in ``graph.coverage``.
 Only the leader (``store.try_lead("graph.subscriptions")``) runs the upkeep loop.
 """
