@@ -32,6 +32,10 @@ What it models (facts: ``docs/DESIGN.md`` and Graph's public documentation):
   at most 650 ids, at most 60 minutes, ``changeType`` ``updated``; the notification URL (and the
   lifecycle URL) must pass the ``validationToken`` handshake (200, ``text/plain``, the token, within
   10 s) before 201; PATCH renews, DELETE removes, expiry makes them vanish (404 afterwards).
+  A creation completes even when its client gave up waiting (``validation_delay`` makes Graph slow
+  to validate): the subscription exists and the next create gets 409. ``GET /subscriptions`` lists,
+  for a delegated token, this app's subscriptions for the signed-in user only (all of the app's for
+  the app token), paged with ``@odata.nextLink``, ``clientState`` withheld (null) as Graph does.
 - **Notifications**: every change of a user's *aggregated* presence, whatever caused it (the bridge's
   own ``setPresence`` included: that echo is what the bridge must recognise), is posted to each
   covering subscription, batched per subscription, on background tasks. Basic subscriptions get
@@ -65,6 +69,7 @@ and any check that ``sessionId`` equals the calling app's id.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import heapq
 import itertools
@@ -406,8 +411,11 @@ class _Fault:
     status: int
     retry_after: float | None
     paths: tuple[str, ...] | None
+    method: str | None = None
 
-    def matches(self, path: str) -> bool:
+    def matches(self, path: str, method: str) -> bool:
+        if self.method is not None and method.upper() != self.method:
+            return False
         return self.paths is None or any(p in path for p in self.paths)
 
 
@@ -455,13 +463,15 @@ class GraphEmulator:
         retry_delay: float = 0.2,
         allow_http_loopback: bool = True,
         log_limit: int | None = 100_000,
+        list_page_size: int = 100,
     ) -> None:
         """``subscriber_tokens``: bearer token -> account name of the delegated subscriber accounts
         (default: one account, token ``subscriber-token``). ``token`` is the application's token:
         it reads and writes presence but cannot subscribe. ``presence_rate_limit``: (requests, seconds)
         per app, Graph's 1,500 per 30 s by default; None disables it. ``log_limit``: how many entries
         ``requests`` and ``deliveries`` keep (the newest), so that a benchmark run cannot grow them
-        without bound."""
+        without bound. ``list_page_size``: subscriptions per page of ``GET /subscriptions`` (the rest
+        behind ``@odata.nextLink``)."""
         self.token = token
         self.subscriber_tokens: dict[str, str] = dict(
             subscriber_tokens if subscriber_tokens is not None else {"subscriber-token": "subscriber@contoso.example"}
@@ -479,6 +489,7 @@ class GraphEmulator:
         self.delivery_attempts = delivery_attempts
         self.retry_delay = retry_delay
         self.allow_http_loopback = allow_http_loopback
+        self.list_page_size = max(1, list_page_size)
         self.signing_key = SigningKey()
 
         self._offset = timedelta(0)
@@ -495,6 +506,7 @@ class GraphEmulator:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._faults: list[_Fault] = []
         self._latency = 0.0
+        self._validation_delay = 0.0
         self._throttle_until: datetime | None = None
         self._throttle_retry_after: float | None = None
         self._drop_remaining = 0
@@ -758,16 +770,29 @@ class GraphEmulator:
     # ---------------------------------------------------------------- fault injection (control API)
 
     def fail_next(
-        self, n: int = 1, status: int = 429, retry_after: float | None = 2, paths: Iterable[str] | str | None = None
+        self,
+        n: int = 1,
+        status: int = 429,
+        retry_after: float | None = 2,
+        paths: Iterable[str] | str | None = None,
+        method: str | None = None,
     ) -> None:
-        """The next ``n`` API calls (whose path contains one of ``paths``, if given) fail with
-        ``status`` and a Graph error body; 429 and 503 carry ``Retry-After: retry_after``."""
+        """The next ``n`` API calls (whose path contains one of ``paths``, if given, made with
+        ``method``, if given) fail with ``status`` and a Graph error body; 429 and 503 carry
+        ``Retry-After: retry_after``."""
         chosen = (paths,) if isinstance(paths, str) else (tuple(paths) if paths is not None else None)
-        self._faults.append(_Fault(n, status, retry_after, chosen))
+        self._faults.append(_Fault(n, status, retry_after, chosen, method.upper() if method else None))
 
     def latency(self, seconds: float) -> None:
         """Every API call answers ``seconds`` later (0 to stop)."""
         self._latency = max(0.0, seconds)
+
+    def validation_delay(self, seconds: float) -> None:
+        """Graph takes ``seconds`` before sending each validation request of a ``POST /subscriptions``
+        (0 to stop): with a lifecycle URL, creation answers 2x that later. Graph allows the endpoint
+        10 s per validation, so a real creation may take 20 s; a client that gives up sooner leaves a
+        subscription it never heard of, since the creation goes on without it."""
+        self._validation_delay = max(0.0, seconds)
 
     def throttle_for(self, seconds: float, retry_after: float | None = None) -> None:
         """Every presence call answers 429 for ``seconds`` of emulated time, with ``Retry-After``
@@ -788,6 +813,7 @@ class GraphEmulator:
     def clear_faults(self) -> None:
         self._faults.clear()
         self._latency = 0.0
+        self._validation_delay = 0.0
         self._throttle_until = None
         self._drop_remaining = 0
         self._tamper.clear()
@@ -920,14 +946,16 @@ class GraphEmulator:
                 if not subs:
                     del self._subs_by_user[uid]
 
-    def _subscription_json(self, sub: _Subscription) -> dict[str, Any]:
+    def _subscription_json(self, sub: _Subscription, *, listed: bool = False) -> dict[str, Any]:
+        """``listed``: as ``GET /subscriptions`` shows it, without ``clientState`` (Graph: "the
+        clientState property value is not returned for security purposes")."""
         return {
             "@odata.context": f"{self.url}/$metadata#subscriptions/$entity",
             "id": sub.id,
             "resource": sub.resource,
             "applicationId": self.client_id,
             "changeType": "updated",
-            "clientState": sub.client_state,
+            "clientState": None if listed else sub.client_state,
             "notificationUrl": sub.notification_url,
             "notificationQueryOptions": None,
             "lifecycleNotificationUrl": sub.lifecycle_url,
@@ -1076,6 +1104,8 @@ class GraphEmulator:
     async def _validate_endpoint(self, url: str) -> None:
         """Graph's handshake: POST ``?validationToken=`` (URL-encoded), expect 200 text/plain echo in 10 s."""
         assert self._client is not None
+        if self._validation_delay:
+            await asyncio.sleep(self._validation_delay)
         token = f"Validation: Testing client application reachability for subscription Request-Id: {uuid.uuid4()}"
         separator = "&" if "?" in url else "?"
         target = URL(f"{url}{separator}validationToken={urllib.parse.quote(token, safe='')}", encoded=True)
@@ -1144,9 +1174,9 @@ class GraphEmulator:
             raise GraphError(401, "InvalidAuthenticationToken", "Access token validation failure. Invalid audience.")
         return _Caller(token, is_app, account)
 
-    def _inject_fault(self, path: str) -> None:
+    def _inject_fault(self, path: str, method: str) -> None:
         for fault in self._faults:
-            if fault.remaining > 0 and fault.matches(path):
+            if fault.remaining > 0 and fault.matches(path, method):
                 fault.remaining -= 1
                 self._faults = [f for f in self._faults if f.remaining > 0]
                 headers = {}
@@ -1218,7 +1248,7 @@ class GraphEmulator:
             caller = self._authenticate(request)
             request[_CALLER_KEY] = caller
             request[_JSON_KEY] = body
-            self._inject_fault(request.path)
+            self._inject_fault(request.path, request.method)
             if "/presence" in request.path or request.path.startswith("/v1.0/communications/"):
                 self._check_throttle()
             response = await handler(request)
@@ -1510,18 +1540,51 @@ class GraphEmulator:
                 raise GraphError(400, "InvalidRequest", "encryptionCertificate must carry an RSA public key.")
         if self._live_subscription_of(caller.account) is not None:
             raise _conflict()
+        # As in Graph, a creation whose client gave up (a timeout, a reset connection) still
+        # completes: the subscription exists afterwards and the client never heard of it.
+        task = self._spawn(
+            self._complete_creation(
+                caller.account,
+                body,
+                user_ids,
+                notification_url,
+                lifecycle_url,
+                expires,
+                client_state,
+                rich,
+                certificate,
+                cert_b64,
+                cert_id,
+            )
+        )
+        sub = await asyncio.shield(task)
+        return web.json_response(self._subscription_json(sub), status=201)
+
+    async def _complete_creation(
+        self,
+        account: str,
+        body: dict[str, Any],
+        user_ids: frozenset[str],
+        notification_url: str,
+        lifecycle_url: str | None,
+        expires: datetime,
+        client_state: Any,
+        rich: bool,
+        certificate: x509.Certificate | None,
+        cert_b64: Any,
+        cert_id: Any,
+    ) -> _Subscription:
+        """The validation handshakes and the new subscription, whether or not its client still waits."""
         await self._validate_endpoint(notification_url)
         if lifecycle_url:
             await self._validate_endpoint(lifecycle_url)
-        if self._live_subscription_of(caller.account) is not None:  # another create won the race meanwhile
+        if self._live_subscription_of(account) is not None:  # another create won the race meanwhile
             raise _conflict()
         now = self.now()
         sub = _Subscription(
             id=str(uuid.uuid4()),
-            account=caller.account,
-            creator_id=self._account_ids.setdefault(
-                caller.account, str(uuid.uuid5(uuid.NAMESPACE_URL, caller.account))
-            ),
+            account=account,
+            creator_id=self._account_ids.setdefault(account, str(uuid.uuid5(uuid.NAMESPACE_URL, account))),
             resource=str(body["resource"]),
             user_ids=user_ids,
             notification_url=notification_url,
@@ -1542,18 +1605,31 @@ class GraphEmulator:
             "subscription created",
             extra={"fields": {"subscription": sub.id, "account": sub.account, "ids": len(user_ids), "rich": rich}},
         )
-        return web.json_response(self._subscription_json(sub), status=201)
+        return sub
 
     async def _h_list_subscriptions(self, request: web.Request) -> web.Response:
+        """What Graph lists for the caller: with a delegated token the subscriptions this app made for
+        the signed-in user only, with the app's token all of the app's; ``list_page_size`` a page, the
+        next page behind ``@odata.nextLink`` (an opaque ``$skiptoken``), ``clientState`` withheld."""
         self._purge_subscriptions()
         caller: _Caller = request[_CALLER_KEY]
         subs = [s for s in self._subs.values() if caller.is_app or s.account == caller.account]
-        return web.json_response(
-            {
-                "@odata.context": f"{self.url}/$metadata#subscriptions",
-                "value": [self._subscription_json(s) for s in subs],
-            }
-        )
+        start = 0
+        skip = request.query.get("$skiptoken")
+        if skip is not None:
+            try:
+                start = int(base64.urlsafe_b64decode(skip.encode()).decode())
+            except ValueError:
+                raise GraphError(400, "BadRequest", "The $skiptoken is invalid.") from None
+        page = subs[start : start + self.list_page_size]
+        out: dict[str, Any] = {
+            "@odata.context": f"{self.url}/$metadata#subscriptions",
+            "value": [self._subscription_json(s, listed=True) for s in page],
+        }
+        if start + self.list_page_size < len(subs):
+            token = base64.urlsafe_b64encode(str(start + self.list_page_size).encode()).decode()
+            out["@odata.nextLink"] = f"{self.url}/subscriptions?$skiptoken={urllib.parse.quote(token)}"
+        return web.json_response(out)
 
     async def _h_get_subscription(self, request: web.Request) -> web.Response:
         return web.json_response(self._subscription_json(self._owned_subscription(request)))

@@ -39,6 +39,16 @@ log = logging.getLogger("presence_sync.graph")
 
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 DEFAULT_TIMEOUT = 10.0
+"""Every Graph call but subscription creation: presence reads and writes answer in well under a second."""
+
+VALIDATION_TIME = 10.0
+"""How long Graph lets a notification endpoint take to answer a ``validationToken`` request."""
+
+SUBSCRIPTION_CREATE_TIMEOUT = 2 * VALIDATION_TIME + 10.0
+"""``POST /subscriptions`` answers only after Graph validated the notification URL and then the
+lifecycle URL, up to ``VALIDATION_TIME`` each, so it may take 20 s before Graph's own work; 10 s
+of margin on top. With ``DEFAULT_TIMEOUT`` the client gave up on creations Graph then completed,
+and the subscription existed without the bridge knowing it."""
 
 
 def check_graph_url(graph_url: str) -> str:

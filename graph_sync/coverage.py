@@ -4,10 +4,12 @@ which agents (a sticky split, at most 650 ids each), what a ``sync`` did, and th
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import unquote
 
 from graph_sync.teams import MAX_IDS
 from mapping.model import Agent
@@ -17,6 +19,24 @@ from mapping.ports import AgentDirectory
 def presence_resource(ids: Sequence[str]) -> str:
     """``/communications/presences?$filter=id in ('a','b')``: the bulk presence resource."""
     return "/communications/presences?$filter=id in ({})".format(",".join(f"'{i}'" for i in ids))
+
+
+_SINGLE = re.compile(r"^communications/presences(?:/|\(')(?P<id>[^'/()?]+)'?\)?$")
+_BULK = re.compile(r"^communications/presences\?\$filter=id\s+in\s*\((?P<ids>[^)]*)\)$")
+
+
+def resource_ids(resource: str | None) -> frozenset[str] | None:
+    """The user ids a presence subscription's ``resource`` covers (lower case), as Graph lists it
+    back: what ``presence_resource`` wrote, URL-encoded or not, or the one-user form. None when it is
+    not a presence resource."""
+    text = unquote((resource or "").strip()).replace("+", " ").lstrip("/").strip()
+    single = _SINGLE.match(text)
+    if single:
+        return frozenset({single.group("id").strip().lower()})
+    bulk = _BULK.match(text)
+    if bulk is None:
+        return None
+    return frozenset(p.strip().strip("'\"").strip().lower() for p in bulk.group("ids").split(",") if p.strip())
 
 
 def assign(
@@ -53,6 +73,7 @@ class SyncReport:
     renewed: int = 0
     recreated: int = 0
     updated: int = 0
+    adopted: int = 0
     deleted: int = 0
     unchanged: int = 0
     failed: int = 0
@@ -61,12 +82,12 @@ class SyncReport:
 
     @property
     def subscriptions(self) -> int:
-        return self.created + self.renewed + self.recreated + self.updated + self.unchanged
+        return self.created + self.renewed + self.recreated + self.updated + self.adopted + self.unchanged
 
     def __str__(self) -> str:
         line = (
             f"subscriptions {self.subscriptions} (created {self.created}, renewed {self.renewed}, "
-            f"recreated {self.recreated}, updated {self.updated}, deleted {self.deleted}, "
+            f"recreated {self.recreated}, updated {self.updated}, adopted {self.adopted}, deleted {self.deleted}, "
             f"unchanged {self.unchanged}, failed {self.failed}); agents {self.agents}, "
             f"covered {self.covered}, polled {len(self.uncovered)}"
         )

@@ -15,6 +15,11 @@ it is created again. Lifecycle events (``graph_sync.notifications``) are first n
 subscription's record (``record_lifecycle``) and then acted on (``on_lifecycle``); a note left by a
 crash is acted on by the next ``sync``.
 
+Creation waits ``SUBSCRIPTION_CREATE_TIMEOUT`` (Graph validates both URLs before it answers) and
+never duplicates: the account's subscriptions are listed first and one that is exactly what we would
+create is *adopted* (a creation whose answer was lost, a record lost with a crash); at start-up each
+account's unknown subscriptions for our notification URL are adopted or deleted (``_discover``).
+
 State: docs kind ``graph.subscription`` keyed by account; the uncovered ids in ``graph.coverage``.
 Only the leader (``store.try_lead("graph.subscriptions")``) runs the upkeep loop.
 """
@@ -36,7 +41,13 @@ from msgraph import GraphServiceClient
 from msgraph.generated.models.subscription import Subscription
 
 from graph_sync.accounts import SubscriberAccounts
-from graph_sync.client import DEFAULT_TIMEOUT, graph_error, make_graph_client, make_http_client
+from graph_sync.client import (
+    DEFAULT_TIMEOUT,
+    SUBSCRIPTION_CREATE_TIMEOUT,
+    graph_error,
+    make_graph_client,
+    make_http_client,
+)
 from graph_sync.coverage import (
     SubscriptionHealth,
     SyncReport,
@@ -45,6 +56,7 @@ from graph_sync.coverage import (
     health_of,
     parse_time,
     presence_resource,
+    resource_ids,
     status_rows,
 )
 from graph_sync.teams import MAX_IDS, TeamsPresenceClient
@@ -100,6 +112,7 @@ class SubscriptionManager:
         lifetime: timedelta = timedelta(minutes=55),
         poll_interval: float | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        create_timeout: float = SUBSCRIPTION_CREATE_TIMEOUT,
     ) -> None:
         if not client_state:
             raise ConfigError(
@@ -132,7 +145,11 @@ class SubscriptionManager:
             self.certificate_b64 = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
             self.certificate_id = encryption_cert_id or cert.fingerprint(hashes.SHA1()).hex().upper()
         self._http = make_http_client(graph_url, timeout=timeout)
+        # Creation waits for Graph's two URL validations; every other call keeps ``timeout``.
+        self._create_http = make_http_client(graph_url, timeout=create_timeout)
         self._clients: dict[str, GraphServiceClient] = {}
+        self._create_clients: dict[str, GraphServiceClient] = {}
+        self._discovered: set[str] = set()  # accounts listed at start-up (see ``_discover``)
         self.reader: PresenceReader = reader or TeamsPresenceClient(
             graph_url,
             _AnyAccountTokens(accounts),
@@ -159,12 +176,21 @@ class SubscriptionManager:
 
     async def close(self) -> None:
         await self._http.aclose()
+        await self._create_http.aclose()
 
     def _client(self, account: str) -> GraphServiceClient:
         client = self._clients.get(account)
         if client is None:
             client = self._clients[account] = make_graph_client(
                 self._http, self.graph_url, self.accounts.tokens(account)
+            )
+        return client
+
+    def _create_client(self, account: str) -> GraphServiceClient:
+        client = self._create_clients.get(account)
+        if client is None:
+            client = self._create_clients[account] = make_graph_client(
+                self._create_http, self.graph_url, self.accounts.tokens(account)
             )
         return client
 
@@ -180,11 +206,19 @@ class SubscriptionManager:
         wanted = sorted({a.entra_object_id.strip().lower() for a in agents if a.entra_object_id.strip()})
         accounts = [a.name for a in await self.accounts.accounts()]
         records = await self.records.list_docs(KIND)
+        unknown = await self._discover([a for a in accounts if a not in self._discovered], records)
         current = {
             name: list(r.get("ids", [])) for name, r in records.items() if name in accounts and r.get("subscription_id")
         }
+        for account, subs in unknown.items():
+            if account not in current:  # keep what the unknown one covers there: it can then be adopted
+                current[account] = sorted(resource_ids(subs[0].resource) or ())
         plan, uncovered = assign(wanted, accounts, current)
         report = SyncReport(agents=len(wanted), accounts=len(accounts))
+        for account, subs in unknown.items():
+            if not plan.get(account) or records.get(account, {}).get("subscription_id"):
+                for sub in subs:  # it covers nothing we need (or the account has its own already)
+                    await self._drop_unknown(account, sub)
         for account in accounts:
             target = plan.get(account, [])
             try:
@@ -236,8 +270,7 @@ class SubscriptionManager:
                 return "deleted" if sub_id else None
             return None
         if not sub_id or rec is None:
-            await self._create(account, target)
-            return "created"
+            return await self._create(account, target)
         config_changed = (
             rec.get("notification_url") != self.notification_url
             or rec.get("lifecycle_url") != self.lifecycle_url
@@ -245,18 +278,15 @@ class SubscriptionManager:
         )
         if sorted(rec.get("ids", [])) != target or config_changed:
             await self._delete(account, sub_id)
-            await self._create(account, target)
-            return "updated"
+            return _as(await self._create(account, target), "updated")
         pending = rec.get("pending")
         if pending == "subscriptionRemoved":
             await self._delete(account, sub_id)
-            await self._create(account, target)
-            return "recreated"
+            return _as(await self._create(account, target), "recreated")
         expires = parse_time(rec.get("expires_at"))
         if pending == "reauthorizationRequired" or expires is None or expires - now < self.renew_before:
             if expires is not None and expires <= now:
-                await self._create(account, target)
-                return "recreated"
+                return _as(await self._create(account, target), "recreated")
             return await self._renew(account, target, rec)
         if rec.get("error"):  # an earlier failed attempt; the subscription itself is fine
             await self.records.put_doc(KIND, account, {**rec, "error": None})
@@ -277,8 +307,7 @@ class SubscriptionManager:
                     "subscription gone; creating it again",
                     extra={"fields": {"account": account, "subscription": sub_id}},
                 )
-                await self._create(account, target)
-                return "recreated"
+                return _as(await self._create(account, target), "recreated")
             raise graph_error(
                 e, what=f"renewing subscription {sub_id} of {account}", permission=SUBSCRIBE_PERMISSION
             ) from None
@@ -312,32 +341,61 @@ class SubscriptionManager:
             body.encryption_certificate_id = self.certificate_id
         return body
 
-    async def _create(self, account: str, target: list[str]) -> None:
+    async def _create(self, account: str, target: list[str]) -> str:
+        """Creates ``account``'s subscription for ``target``, unless Graph already holds it: a creation
+        whose answer was lost (a timeout, a reset connection, a 5xx after Graph had made it) or a crash
+        before the record was written left one the bridge never heard of, and a second would be
+        refused (one per account) or, were it accepted, deliver every change twice. So the account's
+        subscriptions are listed first and a match is adopted; one of ours that does not match is
+        deleted. Returns ``created`` or ``adopted``."""
         what = f"creating the presence subscription of {account} ({len(target)} users)"
-        client = self._client(account)
+        listing = await self._list(account)
+        found = self._matching(listing, target)
+        if found is not None:
+            await self._adopt(account, target, found)
+            return "adopted"
+        for sub in listing:
+            if sub.id and _is_presence(sub) and sub.notification_url == self.notification_url:
+                await self._delete(account, sub.id)
+        client = self._create_client(account)
         try:
             try:
                 result = await client.subscriptions.post(self._body(target))
             except APIError as e:
                 if e.response_status_code != 409:
                     raise
-                # The account already holds one (made before our record was lost, or by a previous
-                # configuration): Graph allows one per account and app, so ours replaces it.
+                # The account already holds one: our own lost creation that Graph finished meanwhile
+                # (adopted), or one made by a previous configuration, which ours replaces (Graph allows
+                # one per account and app).
+                found = self._matching(await self._list(account), target)
+                if found is not None:
+                    await self._adopt(account, target, found)
+                    return "adopted"
                 await self._clear_account(account)
                 result = await client.subscriptions.post(self._body(target))
+        except UpstreamError:
+            raise
         except Exception as e:
             raise graph_error(e, what=what, permission=SUBSCRIBE_PERMISSION) from None
         if result is None or not result.id:
             raise graph_error(RuntimeError("Graph returned no subscription id"), what=what)
+        await self._record(account, target, result)
+        log.info(
+            "subscription created",
+            extra={"fields": {"account": account, "subscription": result.id, "ids": len(target), "rich": self.rich}},
+        )
+        return "created"
+
+    async def _record(self, account: str, target: list[str], sub: Subscription, **extra: Any) -> None:
         now = self.bridge.clock()
         await self.records.put_doc(
             KIND,
             account,
             {
                 "account": account,
-                "subscription_id": result.id,
+                "subscription_id": sub.id,
                 "ids": target,
-                "expires_at": _iso(result.expiration_date_time or now + self.lifetime),
+                "expires_at": _iso(sub.expiration_date_time or now + self.lifetime),
                 "created_at": now.isoformat(),
                 "renewed_at": None,
                 "notification_url": self.notification_url,
@@ -346,18 +404,111 @@ class SubscriptionManager:
                 "rich": self.rich,
                 "pending": None,
                 "error": None,
+                **extra,
             },
         )
+
+    async def _adopt(self, account: str, target: list[str], sub: Subscription) -> None:
+        """Records a subscription Graph holds as if this instance had just created it."""
+        await self._record(account, target, sub, adopted_at=self.bridge.clock().isoformat())
         log.info(
-            "subscription created",
-            extra={"fields": {"account": account, "subscription": result.id, "ids": len(target), "rich": self.rich}},
+            "subscription adopted",
+            extra={
+                "fields": {
+                    "account": account,
+                    "subscription": sub.id,
+                    "ids": len(target),
+                    "expires_at": _iso(sub.expiration_date_time) if sub.expiration_date_time else None,
+                }
+            },
+        )
+
+    def _matching(self, listing: Sequence[Subscription], target: Sequence[str]) -> Subscription | None:
+        """The listed subscription that is exactly what ``_body(target)`` asks for. ``clientState`` is
+        not compared: Graph does not return it when listing."""
+        want = frozenset(i.lower() for i in target)
+        for sub in listing:
+            if (
+                sub.id
+                and resource_ids(sub.resource) == want
+                and (sub.change_type or "").lower() == "updated"
+                and sub.notification_url == self.notification_url
+                and (sub.lifecycle_notification_url or None) == (self.lifecycle_url or None)
+                and bool(sub.include_resource_data) == self.rich
+                and (not self.rich or sub.encryption_certificate_id == self.certificate_id)
+            ):
+                return sub
+        return None
+
+    async def _list(self, account: str) -> list[Subscription]:
+        """The subscriptions this app holds for ``account`` (with a delegated token Graph lists only
+        the signed-in user's, made by this app), every page of ``@odata.nextLink``."""
+        builder = self._client(account).subscriptions
+        out: list[Subscription] = []
+        try:
+            page = await builder.get()
+            while page is not None:
+                out.extend(page.value or [])
+                if not page.odata_next_link:
+                    break
+                page = await builder.with_url(page.odata_next_link).get()
+        except Exception as e:
+            raise graph_error(
+                e, what=f"listing the subscriptions of {account}", permission=SUBSCRIBE_PERMISSION
+            ) from None
+        return out
+
+    async def _discover(
+        self, accounts: Sequence[str], records: dict[str, dict[str, Any]]
+    ) -> dict[str, list[Subscription]]:
+        """Start-up: each account's presence subscriptions for our notification URL that the store
+        does not know (a creation whose answer was lost, a record lost with the database). Where one
+        stands and the record's own is not listed, the record is stale and is dropped here, so the
+        plan keeps the unknown one's users on that account and ``_create`` adopts it. Accounts that
+        cannot be listed now are tried again at the next ``sync``."""
+        unknown: dict[str, list[Subscription]] = {}
+        for account in accounts:
+            try:
+                listing = await self._list(account)
+            except (UpstreamError, ConfigError) as e:
+                log.info(
+                    "could not list subscriptions at start-up",
+                    extra={"fields": {"account": account, "error": str(e)}},
+                )
+                continue
+            self._discovered.add(account)
+            rec = records.get(account)
+            known = rec.get("subscription_id") if rec else None
+            ours = [
+                sub
+                for sub in listing
+                if sub.id and _is_presence(sub) and sub.notification_url == self.notification_url and sub.id != known
+            ]
+            if not ours:
+                continue
+            unknown[account] = ours
+            if rec is not None and known and known not in {sub.id for sub in listing}:
+                records[account] = {**rec, "subscription_id": None}
+        return unknown
+
+    async def _drop_unknown(self, account: str, sub: Subscription) -> None:
+        assert sub.id is not None
+        try:
+            await self._delete(account, sub.id)
+        except UpstreamError as e:
+            log.info(
+                "could not delete an unknown subscription",
+                extra={"fields": {"account": account, "subscription": sub.id, "error": e.message}},
+            )
+            return
+        log.info(
+            "unknown subscription deleted",
+            extra={"fields": {"account": account, "subscription": sub.id, "why": "covers nothing this bridge needs"}},
         )
 
     async def _clear_account(self, account: str) -> None:
-        client = self._client(account)
-        listing = await client.subscriptions.get()
-        for sub in listing.value if listing and listing.value else []:
-            if sub.id and (sub.resource or "").lstrip("/").lower().startswith("communications/presences"):
+        for sub in await self._list(account):
+            if sub.id and _is_presence(sub):
                 await self._delete(account, sub.id)
 
     async def _delete(self, account: str, sub_id: str) -> None:
@@ -530,3 +681,12 @@ class SubscriptionManager:
 
 def _iso(value: datetime) -> str:
     return value.isoformat()
+
+
+def _is_presence(sub: Subscription) -> bool:
+    return (sub.resource or "").lstrip("/").lower().startswith("communications/presences")
+
+
+def _as(outcome: str, label: str) -> str:
+    """``label`` for a subscription made anew; ``adopted`` stays ``adopted``, so reports show it."""
+    return outcome if outcome == "adopted" else label

@@ -2,8 +2,9 @@
 
 Writes use the app's *session* (``setPresence`` with ``sessionId`` = the app's client id), so Teams
 aggregates the bridge's state with the person's own clients and the bridge can step back with
-``clearPresence`` (DESIGN rule 2). ``mode="preferred"`` writes the user-preferred presence instead,
-which overrides every session: stronger, but it hides the person's own calls, so it is opt-in.
+``clearPresence`` (DESIGN rule 2). There is no user-preferred mode: Graph shows a preferred presence
+only while the user has at least one presence session, else Offline, and a session the bridge kept
+open for it would show whenever the bridge steps back (``docs/adapters.md``, "Presence mode").
 
 One call per ``apply`` and no retries here: the outbox retries, backs off and honours
 ``Retry-After`` from the typed errors this module raises.
@@ -16,7 +17,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 from kiota_abstractions.request_information import RequestInformation
@@ -29,9 +30,6 @@ from msgraph.generated.users.item.presence.clear_presence.clear_presence_post_re
 )
 from msgraph.generated.users.item.presence.set_presence.set_presence_post_request_body import (
     SetPresencePostRequestBody,
-)
-from msgraph.generated.users.item.presence.set_user_preferred_presence.set_user_preferred_presence_post_request_body import (  # noqa: E501
-    SetUserPreferredPresencePostRequestBody,
 )
 
 from graph_sync.client import DEFAULT_TIMEOUT, graph_error, make_graph_client, make_http_client
@@ -57,17 +55,6 @@ SESSION_PAIRS = frozenset(
     }
 )
 """What ``setPresence`` accepts (Graph answers 400 to anything else)."""
-
-PREFERRED_FOR: dict[str, tuple[str, str]] = {
-    "Available": ("Available", "Available"),
-    "Busy": ("Busy", "Busy"),
-    "DoNotDisturb": ("DoNotDisturb", "DoNotDisturb"),
-    "BeRightBack": ("BeRightBack", "BeRightBack"),
-    "Away": ("Away", "Away"),
-    "Offline": ("Offline", "OffWork"),
-}
-"""The user-preferred pair Graph accepts for each availability: the translation rules speak in
-session pairs (``Busy/InACall``), preferred presence only knows ``Busy/Busy``."""
 
 WRITE_PERMISSION = "Presence.ReadWrite.All (application)"
 READ_PERMISSION = "Presence.Read.All (application)"
@@ -109,7 +96,6 @@ class TeamsPresenceClient:
         tokens: TokenProvider,
         *,
         session_id: str,
-        mode: Literal["session", "preferred"] = "session",
         expiration_minutes: int = 60,
         store: AdapterRecords,
         limiter: UpstreamLimiter | None = None,
@@ -118,14 +104,11 @@ class TeamsPresenceClient:
         timeout: float = DEFAULT_TIMEOUT,
         http: httpx.AsyncClient | None = None,
     ) -> None:
-        if mode not in ("session", "preferred"):
-            raise ConfigError(f"Graph presence mode {mode!r}: use 'session' or 'preferred'")
         if not 5 <= expiration_minutes <= 240:
             raise ConfigError("Graph accepts a presence expiration from 5 to 240 minutes")
         if not session_id.strip():
             raise ConfigError("setPresence needs a sessionId: the app's client id")
         self.session_id = session_id.strip()
-        self.mode = mode
         self.expiration = f"PT{int(expiration_minutes)}M"
         self.store = store
         self.limiter = limiter
@@ -147,44 +130,27 @@ class TeamsPresenceClient:
         """One Graph call making Teams show ``value`` (``Availability/Activity``, or ``CLEAR``)."""
         presence = self.graph.users.by_user_id(agent.entra_object_id).presence
         if value == CLEAR:
-            what = f"{'clearUserPreferredPresence' if self.mode == 'preferred' else 'clearPresence'} for {agent.label}"
             try:
-                if self.mode == "preferred":
-                    await presence.clear_user_preferred_presence.post()
-                else:
-                    await presence.clear_presence.post(ClearPresencePostRequestBody(session_id=self.session_id))
+                await presence.clear_presence.post(ClearPresencePostRequestBody(session_id=self.session_id))
             except Exception as e:
-                raise await self._failed(e, what, WRITE_PERMISSION, "write") from None
+                raise await self._failed(e, f"clearPresence for {agent.label}", WRITE_PERMISSION, "write") from None
             await self._healthy("write")
             return
         state = TeamsPresence.parse(value)
-        if self.mode == "preferred":
-            pair = PREFERRED_FOR.get(state.availability)
-            if pair is None:
-                raise PermanentError(
-                    f"setUserPreferredPresence for {agent.label}: no preferred presence for "
-                    f"{value!r}; use one of {', '.join(sorted(PREFERRED_FOR))} in the mapping rules"
-                )
-            what = f"setUserPreferredPresence {pair[0]}/{pair[1]} for {agent.label}"
-            body = SetUserPreferredPresencePostRequestBody(availability=pair[0], activity=pair[1])
-            # kiota writes a timedelta as str(timedelta) ("1:00:00"), which Graph refuses: ISO 8601 it is.
-            body.additional_data = {"expirationDuration": self.expiration}
-            call = presence.set_user_preferred_presence.post(body)
-        else:
-            if (state.availability, state.activity) not in SESSION_PAIRS:
-                raise PermanentError(
-                    f"setPresence for {agent.label}: Graph does not accept {value!r} for an app session; use one of "
-                    + ", ".join(f"{a}/{b}" for a, b in sorted(SESSION_PAIRS))
-                    + " in the mapping rules"
-                )
-            what = f"setPresence {value} for {agent.label}"
-            body_s = SetPresencePostRequestBody(
-                session_id=self.session_id, availability=state.availability, activity=state.activity
+        if (state.availability, state.activity) not in SESSION_PAIRS:
+            raise PermanentError(
+                f"setPresence for {agent.label}: Graph does not accept {value!r} for an app session; use one of "
+                + ", ".join(f"{a}/{b}" for a, b in sorted(SESSION_PAIRS))
+                + " in the mapping rules"
             )
-            body_s.additional_data = {"expirationDuration": self.expiration}
-            call = presence.set_presence.post(body_s)
+        what = f"setPresence {value} for {agent.label}"
+        body = SetPresencePostRequestBody(
+            session_id=self.session_id, availability=state.availability, activity=state.activity
+        )
+        # kiota writes a timedelta as str(timedelta) ("1:00:00"), which Graph refuses: ISO 8601 it is.
+        body.additional_data = {"expirationDuration": self.expiration}
         try:
-            await call
+            await presence.set_presence.post(body)
         except Exception as e:
             raise await self._failed(e, what, WRITE_PERMISSION, "write") from None
         await self._healthy("write")

@@ -285,7 +285,6 @@ def _assemble(
         s.graph_url,
         tokens,
         session_id=s.client_id or "presence-sync",
-        mode=s.graph_presence_mode,
         expiration_minutes=s.graph_session_expiration_minutes,
         store=store,
         limiter=limiters[System.TEAMS],

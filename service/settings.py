@@ -19,6 +19,12 @@ from mapping.redact import remember
 
 PREFIX = "PRESENCE_SYNC_"
 MICROSOFT_JWKS_URL = "https://login.microsoftonline.com/common/discovery/v2.0/keys"
+PREFERRED_REFUSED = (
+    "preferred is not supported: Graph shows a preferred presence only while the user has a presence "
+    "session (else Offline), and a session the bridge kept for that would show Available or Away "
+    "whenever the bridge steps back; use session (the default)"
+)
+"""Why ``GRAPH_PRESENCE_MODE=preferred`` stops the process (docs/adapters.md, "Presence mode")."""
 
 
 class Settings(BaseSettings):
@@ -80,6 +86,13 @@ class Settings(BaseSettings):
     def _expiration(cls, v: int) -> int:
         if not 5 <= v <= 240:
             raise ValueError("Graph accepts a session expiration from 5 to 240 minutes")
+        return v
+
+    @field_validator("graph_presence_mode")
+    @classmethod
+    def _presence_mode(cls, v: str) -> str:
+        if v == "preferred":
+            raise ValueError(PREFERRED_REFUSED)
         return v
 
     @field_validator("reconcile_interval_seconds")

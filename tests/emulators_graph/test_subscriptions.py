@@ -334,3 +334,62 @@ async def test_added_subscriber_account(emu: GraphEmulator, graph: Graph, receiv
     assert (await graph.subscribe(receiver, token="token-c"))[0] == 401
     emu.add_subscriber("token-c", "subscriber-c@contoso.example")
     assert (await graph.subscribe(receiver, token="token-c"))[0] == 201
+
+
+# ------------------------------------------------------------------ slow validation, listing
+
+
+async def test_slow_validation_delays_each_validation_and_the_creation_outlives_its_client(
+    emu: GraphEmulator, graph: Graph, receiver: Receiver
+) -> None:
+    """Graph validates both URLs before answering; a client that gives up meanwhile does not stop
+    the creation: the subscription exists afterwards, unknown to its client, and a new create is 409."""
+    emu.validation_delay(0.3)
+    body = graph.subscription_body(receiver)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.4):  # past the first validation, before the second
+            await graph.subscribe(receiver)
+    assert emu.subscriptions == []  # still validating the lifecycle URL
+    await emu.wait_idle(timeout=5)
+    assert [path for path, *_ in receiver.validation_requests] == ["/notify", "/lifecycle"]
+    (info,) = emu.subscriptions
+    assert info.account == "subscriber-a@contoso.example" and info.user_ids == {ALICE, BOB}
+    emu.validation_delay(0)
+    status, err = await graph.post("/subscriptions", body, token=SUB_A)
+    assert status == 409, err
+
+
+async def test_listing_as_a_subscriber_shows_only_that_accounts_subscriptions(
+    emu: GraphEmulator, graph: Graph, receiver: Receiver
+) -> None:
+    assert (await graph.subscribe(receiver, [ALICE], token=SUB_A))[0] == 201
+    assert (await graph.subscribe(receiver, [BOB], token=SUB_B))[0] == 201
+    status, page = await graph.get("/subscriptions", token=SUB_A)
+    assert status == 200
+    (only,) = page["value"]
+    assert only["resource"] == "/communications/presences?$filter=id in ('" + ALICE + "')"
+    assert only["clientState"] is None  # Graph does not return clientState when listing
+    assert only["notificationUrl"] == receiver.url("/notify") and "@odata.nextLink" not in page
+    # The app's own token lists every subscription the app made.
+    status, page = await graph.get("/subscriptions", token=APP_TOKEN)
+    assert status == 200 and len(page["value"]) == 2
+
+
+async def test_listing_is_paged_with_next_link(emu: GraphEmulator, graph: Graph, receiver: Receiver) -> None:
+    emu.add_subscriber("token-c", "subscriber-c@contoso.example")
+    for token, uid in ((SUB_A, ALICE), (SUB_B, BOB), ("token-c", CAROL)):
+        assert (await graph.subscribe(receiver, [uid], token=token))[0] == 201
+    emu.list_page_size = 2
+    seen: list[str] = []
+    pages = 0
+    url: str | None = "/subscriptions"
+    while url is not None:
+        status, page = await graph.get(url, token=APP_TOKEN)
+        assert status == 200, page
+        pages += 1
+        seen.extend(s["id"] for s in page["value"])
+        url = page.get("@odata.nextLink")
+        assert url is None or url.startswith(emu.url + "/subscriptions?$skiptoken=")
+    assert pages == 2 and sorted(seen) == sorted(s.id for s in emu.subscriptions) and len(set(seen)) == 3
+    status, err = await graph.get("/subscriptions?$skiptoken=not-a-token", token=APP_TOKEN)
+    assert status == 400, err

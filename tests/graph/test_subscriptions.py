@@ -5,14 +5,28 @@ fallback when accounts run out, conflicts, failures, and leadership."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import timedelta
+from typing import Any
 
 import aiohttp
 import pytest
 
-from graph_sync.subscriptions import KIND, LEADERSHIP, assign, presence_resource
+from emulators.graph import GraphEmulator
+from graph_sync.accounts import SubscriberAccounts
+from graph_sync.client import DEFAULT_TIMEOUT, SUBSCRIPTION_CREATE_TIMEOUT
+from graph_sync.subscriptions import KIND, LEADERSHIP, SubscriptionManager, assign, presence_resource
 from mapping.model import PresenceObserved, System
-from tests.graph.conftest import CLIENT_STATE, SUBSCRIBER_TOKENS, Rig, agents, entra
+from tests.graph.conftest import (
+    APP_TOKEN,
+    CLIENT_ID,
+    CLIENT_STATE,
+    SUBSCRIBER_TOKENS,
+    TENANT_ID,
+    Rig,
+    agents,
+    entra,
+)
 from tests.support import AVAILABLE, BUSY
 
 pytestmark = pytest.mark.slow
@@ -195,7 +209,7 @@ async def test_an_existing_subscription_of_the_account_is_replaced(rig: Rig, htt
 
 async def test_a_failing_account_is_reported_polled_and_healed(rig: Rig) -> None:
     await seed(rig, 700)
-    rig.emu.fail_next(1, status=500, paths="/subscriptions")
+    rig.emu.fail_next(1, status=500, paths="/subscriptions", method="POST")
     report = await rig.manager.sync()
     assert report.failed == 1 and report.created == 1 and len(report.uncovered) == 650
     assert "500" in report.errors[0]
@@ -274,3 +288,173 @@ async def test_status_rows_for_the_cli(rig: Rig) -> None:
     assert rows[2]["subscription"] == "-" and rows[2]["health"] == "no subscription"
     rig.bridge.clock.advance(45 * 60)  # type: ignore[attr-defined]
     assert (await rig.manager.status())[0]["health"] == "renewing"
+
+
+# ------------------------------------------------------------------ slow validation, lost answers, adoption
+
+
+def manager_like(rig: Rig, accounts: SubscriberAccounts | None = None, **kw: Any) -> SubscriptionManager:
+    """Another manager on the rig's store, accounts and routes (a restarted instance, or one with
+    other timeouts)."""
+    return SubscriptionManager(
+        rig.bridge,
+        rig.emu.url,
+        accounts or rig.accounts,
+        notification_url=rig.notify_url,
+        lifecycle_url=rig.lifecycle_url,
+        client_state=CLIENT_STATE,
+        encryption_cert_pem=None,
+        encryption_cert_id=None,
+        owner="test-instance",
+        reader=rig.teams,
+        **kw,
+    )
+
+
+def test_the_creation_timeout_outlasts_two_validations() -> None:
+    """Graph validates the notification URL, then the lifecycle URL, allowing each 10 s (as the
+    emulator does); creation must wait longer than both, other calls keep the usual timeout."""
+    assert SUBSCRIPTION_CREATE_TIMEOUT > 2 * GraphEmulator().validation_timeout == 2 * 10.0
+    assert DEFAULT_TIMEOUT <= 10.0 < SUBSCRIPTION_CREATE_TIMEOUT
+
+
+async def test_the_manager_uses_the_creation_timeout_for_creation_only(rig: Rig) -> None:
+    manager = manager_like(rig)
+    try:
+        assert manager._create_http.timeout.read == SUBSCRIPTION_CREATE_TIMEOUT
+        assert manager._http.timeout.read == DEFAULT_TIMEOUT
+    finally:
+        await manager.close()
+
+
+async def test_a_creation_slowed_by_graphs_validation_succeeds(rig: Rig) -> None:
+    """Scaled down 10:1: Graph takes 0.9 s before each of the two validations (9 s in a tenant), the
+    other calls time out after 1 s (10 s), creation after 3 s (the production constant's ratio)."""
+    await seed(rig, 5)
+    rig.emu.validation_delay(0.9)
+    manager = manager_like(rig, timeout=1.0, create_timeout=SUBSCRIPTION_CREATE_TIMEOUT / 10)
+    try:
+        report = await manager.sync()
+    finally:
+        await manager.close()
+    assert (report.created, report.failed, report.adopted) == (1, 0, 0), str(report)
+    (sub,) = rig.emu.subscriptions
+    assert len(rig.emu.validations) == 2 and all(v.ok for v in rig.emu.validations)
+    assert (await rig.bridge.store.get_doc(KIND, "static-1"))["subscription_id"] == sub.id  # type: ignore[index]
+
+
+async def test_a_creation_whose_answer_was_lost_is_adopted_not_duplicated(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    await seed(rig, 5)
+    rig.emu.validation_delay(0.4)  # creation takes 0.8 s; this client gives up after 0.5 s
+    manager = manager_like(rig, create_timeout=0.5)
+    try:
+        lost = await manager.sync()
+        assert lost.failed == 1 and "did not answer in time" in lost.errors[0], str(lost)
+        await rig.emu.wait_idle()
+        (made,) = rig.emu.subscriptions  # Graph finished the creation without its client
+        assert (await rig.bridge.store.get_doc(KIND, "static-1") or {}).get("subscription_id") is None
+        caplog.set_level(logging.INFO, logger="presence_sync.graph")
+        report = await manager.sync()
+    finally:
+        await manager.close()
+    assert (report.adopted, report.created, report.failed, report.uncovered) == (1, 0, 0, []), str(report)
+    assert [s.id for s in rig.emu.subscriptions] == [made.id]
+    assert len(rig.emu.calls("POST", "/subscriptions")) == 1
+    assert rig.emu.calls("DELETE", "/subscriptions/") == []
+    rec = await rig.bridge.store.get_doc(KIND, "static-1")
+    assert rec is not None and rec["subscription_id"] == made.id and rec["ids"] == [entra(i) for i in range(1, 6)]
+    assert rec["expires_at"] == made.expires_at.isoformat() and rec["error"] is None
+    (line,) = [r for r in caplog.records if r.getMessage() == "subscription adopted"]
+    assert line.fields["subscription"] == made.id and line.fields["account"] == "static-1"  # type: ignore[attr-defined]
+    # and the adopted subscription is renewed like a created one
+    rig.bridge.clock.advance(41 * 60)  # type: ignore[attr-defined]
+    assert (await rig.manager.sync()).renewed == 1
+
+
+async def test_start_up_adopts_an_unknown_matching_subscription_and_deletes_useless_ones(
+    rig: Rig, http: aiohttp.ClientSession
+) -> None:
+    await seed(rig, 5)
+    assert (await rig.manager.sync()).created == 1
+    (kept,) = rig.emu.subscriptions
+    # The store lost its records (a crash before writing one, a restored database) ...
+    await rig.bridge.store.delete_doc(KIND, "static-1")
+    # ... and account 2 holds one of ours that covers nobody this bridge now serves.
+    body = {
+        "changeType": "updated",
+        "notificationUrl": rig.notify_url,
+        "lifecycleNotificationUrl": rig.lifecycle_url,
+        "resource": presence_resource([entra(999)]),
+        "expirationDateTime": (rig.emu.now() + timedelta(minutes=30)).isoformat(),
+        "clientState": CLIENT_STATE,
+    }
+    async with http.post(
+        f"{rig.emu.url}/subscriptions", json=body, headers={"Authorization": f"Bearer {SUBSCRIBER_TOKENS[1]}"}
+    ) as resp:
+        assert resp.status == 201
+        useless = (await resp.json())["id"]
+    posts = len(rig.emu.calls("POST", "/subscriptions"))
+    restarted = manager_like(rig)
+    try:
+        report = await restarted.sync()
+    finally:
+        await restarted.close()
+    assert (report.adopted, report.created, report.failed) == (1, 0, 0), str(report)
+    assert [s.id for s in rig.emu.subscriptions] == [kept.id]
+    assert len(rig.emu.calls("POST", "/subscriptions")) == posts  # nothing created again
+    assert [c.path for c in rig.emu.calls("DELETE", "/subscriptions/")] == [f"/v1.0/subscriptions/{useless}"]
+    rec = await rig.bridge.store.get_doc(KIND, "static-1")
+    assert rec is not None and rec["subscription_id"] == kept.id and len(rec["ids"]) == 5
+
+
+async def test_an_adopted_match_must_be_exactly_what_we_would_create(rig: Rig) -> None:
+    """A subscription for other users, or without our lifecycle URL, is not adopted: it is replaced."""
+    await seed(rig, 5)
+    assert (await rig.manager.sync()).created == 1
+    (first,) = rig.emu.subscriptions
+    await rig.bridge.store.delete_doc(KIND, "static-1")
+    await rig.bridge.store.upsert_agents(agents(1, start=6))
+    rig.emu.add_user(entra(6))
+    restarted = manager_like(rig)
+    try:
+        report = await restarted.sync()
+    finally:
+        await restarted.close()
+    assert (report.adopted, report.created) == (0, 1), str(report)
+    (sub,) = rig.emu.subscriptions
+    assert sub.id != first.id and len(sub.user_ids) == 6
+
+
+async def test_listing_follows_next_link(rig: Rig) -> None:
+    await seed(rig)
+    await rig.manager.sync()
+    made = {s.id for s in rig.emu.subscriptions}
+    rig.emu.list_page_size = 1
+    # With the app's token Graph lists every subscription of the app: three pages here.
+    app_accounts = SubscriberAccounts(
+        rig.bridge.store, tenant_id=TENANT_ID, client_id=CLIENT_ID, static_tokens=[APP_TOKEN]
+    )
+    manager = manager_like(rig, accounts=app_accounts)
+    try:
+        listed = await manager._list("static-1")
+    finally:
+        await manager.close()
+    assert sorted(s.id for s in listed if s.id) == sorted(made) and len(listed) == 3
+    assert all(s.client_state is None for s in listed)  # Graph never lists it
+    assert len([c for c in rig.emu.calls("GET") if c.path == "/v1.0/subscriptions"]) >= 3
+
+
+async def test_an_account_that_cannot_be_listed_at_start_up_is_listed_at_the_next_sync(rig: Rig) -> None:
+    await seed(rig, 700)
+    rig.emu.fail_next(1, status=503, retry_after=None, paths="/subscriptions", method="GET")
+    first = await rig.manager.sync()
+    assert (first.created, first.failed) == (2, 0), str(first)  # creation lists again before it posts
+    gets = len(rig.emu.calls("GET", "/subscriptions"))
+    again = await rig.manager.sync()
+    assert again.unchanged == 2
+    listed = rig.emu.calls("GET", "/subscriptions")[gets:]
+    assert [c.account for c in listed] == ["subscriber-1@contoso.example"]  # only the one not yet listed
+    assert len(rig.emu.calls("GET", "/subscriptions")) == gets + 1
+    assert (await rig.manager.sync()).unchanged == 2 and len(rig.emu.calls("GET", "/subscriptions")) == gets + 1

@@ -3,8 +3,10 @@ error each Graph failure becomes (the outbox decides retry/wait/dead-letter from
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +15,8 @@ from graph_sync.teams import TeamsPresenceClient
 from mapping.errors import ConfigError, PermanentError, RetryableError, Throttled
 from mapping.memory import MemoryStore
 from mapping.model import CLEAR, Agent, System
+from service import cli
+from service.settings import load_settings
 from tests.graph.conftest import APP_TOKEN, CLIENT_ID, agents, entra
 from tests.support import FakeClock, StaticTokens
 
@@ -56,30 +60,45 @@ async def test_clear_ends_the_session(teams: TeamsPresenceClient, emu: GraphEmul
     assert emu.presence_of(ALICE.entra_object_id) == ("Available", "Available")  # her own client again
 
 
-async def test_preferred_mode_uses_the_matching_preferred_pair(emu: GraphEmulator, clock: FakeClock) -> None:
-    emu.add_user(ALICE.entra_object_id)
-    client = TeamsPresenceClient(
-        emu.url,
-        StaticTokens(APP_TOKEN),
-        session_id=CLIENT_ID,
-        store=MemoryStore(),
-        mode="preferred",
-        expiration_minutes=30,
-    )
+def test_preferred_mode_refuses_to_start_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Graph shows a preferred presence only while the user has a presence session; the session the
+    bridge would keep for it shows whenever the bridge steps back (see the emulator test below), so
+    the service refuses the mode and says what to use."""
+    for name in [k for k in os.environ if k.startswith("PRESENCE_SYNC_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.setenv("PRESENCE_SYNC_GRAPH_PRESENCE_MODE", "preferred")
+    assert cli.main(["serve"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert "PRESENCE_SYNC_GRAPH_PRESENCE_MODE" in err and "presence session" in err and "use session" in err
+    with pytest.raises(ConfigError, match="use session"):
+        load_settings(graph_presence_mode="preferred")
+    assert load_settings(graph_presence_mode="session").graph_presence_mode == "session"
+
+
+async def test_a_kept_session_for_preferred_presence_would_break_rule_2(emu: GraphEmulator) -> None:
+    """Why preferred mode is refused, on the emulator's aggregation: without a session a preferred
+    presence shows Offline; an Available session of the app would make it show, but once the bridge
+    steps back (clears the preferred presence, as for Available or Offline agents) that session
+    outranks the person's own Away, and shows an agent who is offline as Available."""
+    bob = entra(2)
+    emu.add_user(bob, own=("Offline", "Offline"))
+    emu.set_user_preferred(bob, "Busy", "Busy")
+    assert emu.presence_of(bob) == ("Offline", "Offline")  # no session: the preferred presence does not show
+    emu.add_user(ALICE.entra_object_id, own=("Away", "Away"))
+    teams = TeamsPresenceClient(emu.url, StaticTokens(APP_TOKEN), session_id=CLIENT_ID, store=MemoryStore())
     try:
-        await client.apply(ALICE, "Busy/InACall")
-        (call,) = emu.calls("POST", "setUserPreferredPresence")
-        assert call.body == {"availability": "Busy", "activity": "Busy", "expirationDuration": "PT30M"}
-        assert emu.presence_of(ALICE.entra_object_id) == ("Busy", "Busy")
-        await client.apply(ALICE, "DoNotDisturb/Presenting")
-        assert emu.preferred_of(ALICE.entra_object_id) == ("DoNotDisturb", "DoNotDisturb")
-        await client.apply(ALICE, CLEAR)
-        assert len(emu.calls("POST", "clearUserPreferredPresence")) == 1
-        assert emu.preferred_of(ALICE.entra_object_id) is None
-        with pytest.raises(PermanentError, match="no preferred presence"):
-            await client.apply(ALICE, "PresenceUnknown/PresenceUnknown")
+        for agent in (ALICE, Agent("97c90b02-0000-4000-8000-000000000002", bob, "Bob Agent")):
+            await teams.apply(agent, "Available/Available")  # the session preferred mode would need
+        assert emu.presence_of(bob) == ("Busy", "Busy")  # it makes the preferred presence show ...
+        emu.clear_user_preferred(bob)
+        assert emu.presence_of(bob) == ("Available", "Available")  # ... and then an offline agent shows Available
+        assert emu.presence_of(ALICE.entra_object_id) == ("Available", "Available")  # hiding her own Away
     finally:
-        await client.close()
+        await teams.close()
 
 
 async def test_pair_graph_refuses_is_permanent_without_a_call(teams: TeamsPresenceClient, emu: GraphEmulator) -> None:
