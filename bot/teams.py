@@ -17,9 +17,9 @@ Checks, in order, each answered with JSON ``{"error": ...}`` and counted as
    request path with a timeout and cached, so no caller can stall the event loop with forged tokens.
 2. Body: 413 over ``MAX_BODY``; 415 when not JSON; 400 when not a JSON object or no activity ``type``.
 3. Activity: 400 for a message without ``from``, ``conversation`` or ``serviceUrl`` (nothing can be
-   answered); 403 ``wrong_tenant`` when ``BOT_TENANT_ID`` is set and the activity is from another
-   tenant. Activity types the bot has no use for (typing, reactions, invokes...) are ignored: 200,
-   no reply (with an app id, only after the token was accepted).
+   answered) or whose ``from.aadObjectId`` is not a GUID; 403 ``wrong_tenant`` when ``BOT_TENANT_ID``
+   is set and the activity is from another tenant. Activity types the bot has no use for (typing,
+   reactions, invokes...) are ignored: 200, no reply (with an app id, only after the token was accepted).
 
 The sender is ``activity.from.aadObjectId`` only (the Bot Connector vouches for it); nothing typed can
 name another person. Unknown users are recorded by ``engine.agent_for`` and told their object id.
@@ -275,6 +275,11 @@ class BotIntake:
             return activity
         if activity.from_property is None or not activity.from_property.id:
             raise Rejected(400, "malformed", "activity has no from")
+        aad = activity.from_property.aad_object_id
+        if aad and (not isinstance(aad, str) or not _GUID.match(aad.strip())):
+            # Teams sends the sender's Entra object id, a GUID; anything else names nobody, and an id
+            # the store cannot hold (NUL, 200 characters) must not fail the request as a 503.
+            raise Rejected(400, "malformed", "from.aadObjectId is not a Microsoft Entra object id (a GUID)")
         if activity.conversation is None or not activity.conversation.id:
             raise Rejected(400, "malformed", "activity has no conversation")
         if not activity.service_url:
