@@ -15,6 +15,10 @@ Bot Connector never holds up an outbox worker. A periodic ``sweep`` catches what
 instance left behind: outcomes recorded but not sent, and rows that settled where no listener saw it.
 
 The sending goes through ``ProactiveSender`` so that this module stays free of Bot Framework types.
+
+One bad document never stops the book: a follow-up that cannot be understood (no agent, an unknown
+system, a generation that is not a number) is taken out and handed to ``on_poison`` (``edge.poison``);
+one whose check fails otherwise (the store) is left for the next sweep while the others go on.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any, Protocol
 
 from bot.commands import PendingChange
 from bot.wording import SYSTEM_NAMES, value_label
+from edge.poison import PoisonHook, encode_item, hand_off, log_poison
 from mapping.api import CoreApi
 from mapping.model import CLEAR, Delivery, OutboxStatus, System
 
@@ -34,6 +39,9 @@ log = logging.getLogger("presence_sync.bot")
 
 FOLLOWUP_KIND = "bot.followup"
 CONVERSATION_KIND = "bot.conversation"
+ROUTE = "bot_followups"
+"""The follow-up book, as a route label for its poison items."""
+_OUTCOMES = (None, "delivered", "dead")
 MAX_SEND_ATTEMPTS = 5
 """A follow-up the Bot Connector refuses this often is dropped (logged): the agent may have removed
 the app, and retrying forever would only grow the store."""
@@ -49,6 +57,27 @@ def followup_key(agent_id: str, system: System) -> str:
     return f"{agent_id}:{system.value}"
 
 
+def malformed(doc: Any) -> str | None:
+    """Why a stored follow-up cannot be acted on, or None when it can."""
+    if not isinstance(doc, Mapping):
+        return "not a JSON object"
+    if not isinstance(doc.get("agent_id"), str) or not doc["agent_id"]:
+        return "no agent_id"
+    if doc.get("system") not in {s.value for s in System}:
+        return f"unknown system {ascii(doc.get('system'))[:40]}"
+    generation = doc.get("generation")
+    if not isinstance(generation, int) or isinstance(generation, bool):
+        return "generation is not a number"
+    if doc.get("outcome") not in _OUTCOMES:
+        return f"unknown outcome {ascii(doc.get('outcome'))[:40]}"
+    if not isinstance(doc.get("send_attempts", 0), int):
+        return "send_attempts is not a number"
+    for name in ("value", "label", "error", "landed_value"):
+        if doc.get(name) is not None and not isinstance(doc[name], str):
+            return f"{name} is not text"
+    return None
+
+
 async def remember_conversation(bridge: CoreApi, agent_id: str, reference: Mapping[str, Any]) -> None:
     """Stores the agent's conversation reference; skips the write when nothing changed (most messages)."""
     ref = dict(reference)
@@ -60,8 +89,16 @@ class FollowUps:
     """The durable follow-up book (see the module docstring). ``sender`` may be set after construction
     (the SDK module creates its adapter first); without one, outcomes are recorded and sent later."""
 
-    def __init__(self, bridge: CoreApi, sender: ProactiveSender | None = None, *, sweep_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        bridge: CoreApi,
+        sender: ProactiveSender | None = None,
+        *,
+        sweep_seconds: float = 30.0,
+        on_poison: PoisonHook | None = None,
+    ) -> None:
         self.bridge = bridge
+        self.on_poison = log_poison(bridge.telemetry) if on_poison is None else on_poison
         self.sender = sender
         self.sweep_seconds = sweep_seconds
         self._locks: dict[str, asyncio.Lock] = {}
@@ -94,7 +131,9 @@ class FollowUps:
         """DeliveryListener: called by the outbox after a row is delivered or dead."""
         key = followup_key(delivery.agent_id, delivery.system)
         doc = await self.bridge.records.get_doc(FOLLOWUP_KIND, key)
-        if doc is None or doc.get("outcome") or delivery.generation < int(doc.get("generation", 0)):
+        if doc is None or await self._poisoned(key, doc):
+            return
+        if doc.get("outcome") or delivery.generation < int(doc["generation"]):
             return
         await self._record(key, doc, outcome, delivery.value, error)
 
@@ -126,8 +165,8 @@ class FollowUps:
         async with lock:
             store = self.bridge.records
             doc = await store.get_doc(FOLLOWUP_KIND, key)
-            if doc is None or not doc.get("outcome"):
-                return  # sent already (another task), or replaced by a newer promise
+            if doc is None or await self._poisoned(key, doc) or not doc.get("outcome"):
+                return  # sent already (another task), replaced by a newer promise, or unusable
             if self.sender is None:
                 return  # recorded; the sweep sends it once a sender exists
             reference = await store.get_doc(CONVERSATION_KIND, doc["agent_id"])
@@ -194,12 +233,33 @@ class FollowUps:
         settled unseen (another instance delivered them). Returns how many follow-ups it started."""
         started = 0
         for key, doc in (await self.bridge.records.list_docs(FOLLOWUP_KIND)).items():
+            if await self._poisoned(key, doc):
+                continue
             if doc.get("outcome"):
                 self._spawn(key)
                 started += 1
-            elif await self._check_row(key, doc):
-                started += 1
+                continue
+            try:
+                if await self._check_row(key, doc):
+                    started += 1
+            except Exception:  # this one only (the store, most likely): the next sweep tries it again
+                log.exception("follow-up not checked; will try again", extra={"fields": {"followup": key}})
         return started
+
+    async def _poisoned(self, key: str, doc: Any) -> bool:
+        """True (and the document taken out, handed to ``on_poison``) when it cannot be acted on."""
+        problem = malformed(doc)
+        if problem is None:
+            return False
+        await hand_off(
+            self.on_poison,
+            ROUTE,
+            "malformed_followup",
+            encode_item({"key": key, "doc": doc}),
+            f"follow-up {ascii(key)[:80]} cannot be sent: {problem}; removed, the others go on",
+        )
+        await self.bridge.records.delete_doc(FOLLOWUP_KIND, key)
+        return True
 
     async def drain(self, timeout: float = 5.0) -> None:
         """Waits for the sends under way (tests, shutdown)."""

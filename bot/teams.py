@@ -13,12 +13,13 @@ Checks, in order, each answered with JSON ``{"error": ...}`` and counted as
    (401 ``unauthenticated`` for others), and replies may only go to a loopback ``serviceUrl``
    (400 ``service_url``): an unauthenticated bot must not be made to post anywhere on a caller's behalf.
    With an app id, a request without ``Authorization`` is refused at once (401) and the SDK validates
-   the Bot Connector JWT (401 when it fails).
+   the Bot Connector JWT (401 when it fails), with signing keys from ``bot.keys``: fetched off the
+   request path with a timeout and cached, so no caller can stall the event loop with forged tokens.
 2. Body: 413 over ``MAX_BODY``; 415 when not JSON; 400 when not a JSON object or no activity ``type``.
 3. Activity: 400 for a message without ``from``, ``conversation`` or ``serviceUrl`` (nothing can be
-   answered); 403 ``wrong_tenant`` when ``BOT_TENANT_ID`` is set and the activity is from another
-   tenant. Activity types the bot has no use for (typing, reactions, invokes...) are ignored: 200,
-   no reply (with an app id, only after the token was accepted).
+   answered) or whose ``from.aadObjectId`` is not a GUID; 403 ``wrong_tenant`` when ``BOT_TENANT_ID``
+   is set and the activity is from another tenant. Activity types the bot has no use for (typing,
+   reactions, invokes...) are ignored: 200, no reply (with an app id, only after the token was accepted).
 
 The sender is ``activity.from.aadObjectId`` only (the Bot Connector vouches for it); nothing typed can
 name another person. Unknown users are recorded by ``engine.agent_for`` and told their object id.
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlparse
@@ -38,13 +39,17 @@ from aiohttp import web
 from botbuilder.core import TurnContext
 from botbuilder.integration.aiohttp import CloudAdapter, ConfigurationBotFrameworkAuthentication
 from botbuilder.schema import Activity, ActivityTypes, Attachment, ConversationReference
-from botframework.connector.auth import AuthenticateRequestResult
+from botframework.connector.auth import AuthenticateRequestResult, jwt_token_extractor
+from botframework.connector.auth.authentication_constants import AuthenticationConstants
+from botframework.connector.auth.government_constants import GovernmentConstants
 
 from bot.commands import SETTLE_SECONDS, Reply, handle
 from bot.followups import FollowUps, remember_conversation
+from bot.keys import OpenIdKeys
 from bot.parsing import Kind, parse
 from edge.body import read_json
 from edge.intake import Rejected, answer
+from edge.poison import PoisonHook
 from edge.upstream import is_loopback
 from mapping.api import CoreApi
 from mapping.errors import ConfigError
@@ -64,6 +69,46 @@ _HANDLED = frozenset(
     t.value for t in (ActivityTypes.message, ActivityTypes.conversation_update, ActivityTypes.installation_update)
 )
 _NO_TYPING = (Kind.HELP, Kind.EMPTY, Kind.PRESENCES, Kind.INVALID)
+
+
+METADATA_URLS = (
+    AuthenticationConstants.TO_BOT_FROM_CHANNEL_OPENID_METADATA_URL,
+    AuthenticationConstants.TO_BOT_FROM_EMULATOR_OPENID_METADATA_URL,
+    GovernmentConstants.TO_BOT_FROM_CHANNEL_OPENID_METADATA_URL,
+    GovernmentConstants.TO_BOT_FROM_EMULATOR_OPENID_METADATA_URL,
+)
+"""Every metadata document botbuilder may ask for (channel and emulator tokens, public and US Gov)."""
+
+
+def bot_keys(source: str | None = None, *, timeout: float = 5.0, wait: float | None = None) -> list[OpenIdKeys]:
+    """One ``OpenIdKeys`` per metadata URL botbuilder knows; ``source`` fetches all of them from one
+    place instead (a loopback OpenID server in tests)."""
+    return [OpenIdKeys(url, source=source, timeout=timeout, wait=wait) for url in METADATA_URLS]
+
+
+def _any_url(url: str) -> OpenIdKeys:
+    """Stands in for botbuilder's ``_OpenIdMetadata`` class for a URL not installed by name."""
+    return OpenIdKeys(url)
+
+
+def install_keys(keys: Iterable[OpenIdKeys]) -> None:
+    """Puts ``keys`` in botbuilder's per-URL metadata cache, and makes any other URL it may build a
+    cache for use ``OpenIdKeys`` too: no path of botbuilder's validation fetches with ``requests``."""
+    jwt_token_extractor._OpenIdMetadata = _any_url
+    cache = jwt_token_extractor.JwtTokenExtractor.metadataCache
+    for url, current in list(cache.items()):
+        if not isinstance(current, OpenIdKeys):
+            cache[url] = OpenIdKeys(url)
+    for k in keys:
+        cache[k.url] = k
+
+
+def uninstall_keys(keys: Iterable[OpenIdKeys]) -> None:
+    """Takes ``keys`` out of botbuilder's cache again (another intake may have installed its own)."""
+    cache = jwt_token_extractor.JwtTokenExtractor.metadataCache
+    for k in keys:
+        if cache.get(k.url) is k:
+            del cache[k.url]
 
 
 def _tenant_of(body: Mapping[str, Any]) -> str | None:
@@ -96,7 +141,12 @@ class _SdkSender:
 
 class BotIntake:
     """The bot's inbound route and its proactive side (follow-ups, registered with the core when
-    built). ``service`` calls ``start``/``stop`` with the runtime."""
+    built). ``service`` calls ``start``/``stop`` with the runtime.
+
+    ``keys``: the Bot Connector's signing keys (``bot.keys``; default: Microsoft's metadata URLs).
+    ``warm_keys``: fetch them in the background at ``start`` so the first request finds them (the
+    service does; tests that must not leave loopback do not). ``on_poison``: where unusable follow-up
+    documents go (``edge.poison``)."""
 
     def __init__(
         self,
@@ -108,6 +158,9 @@ class BotIntake:
         app_type: str,
         tenant_id: str,
         settle_seconds: float = SETTLE_SECONDS,
+        keys: list[OpenIdKeys] | None = None,
+        warm_keys: bool = False,
+        on_poison: PoisonHook | None = None,
     ) -> None:
         self.bridge = bridge
         self.readers = readers
@@ -135,14 +188,24 @@ class BotIntake:
             APP_ID=self.app_id, APP_PASSWORD=app_password, APP_TYPE=kind, APP_TENANTID=self.tenant_id or None
         )
         self.adapter = CloudAdapter(ConfigurationBotFrameworkAuthentication(config))
-        self.followups = FollowUps(bridge, _SdkSender(self))
+        self.keys = bot_keys() if keys is None else keys
+        self.warm_keys = warm_keys
+        install_keys(self.keys)  # no I/O: botbuilder asks these for keys instead of fetching with requests
+        self.followups = FollowUps(bridge, _SdkSender(self), on_poison=on_poison)
         bridge.on_delivery(self.followups)  # follow-ups for changes a reply called queued
 
     async def start(self) -> None:
+        install_keys(self.keys)
+        if self.auth_enabled and self.warm_keys:
+            for k in self.keys:
+                k.refresh()  # in the background; a failure is logged and backed off
         await self.followups.start()
 
     async def stop(self) -> None:
         await self.followups.stop()
+        for k in self.keys:
+            await k.close()
+        uninstall_keys(self.keys)
 
     # ------------------------------------------------------------------ the route
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -180,8 +243,9 @@ class BotIntake:
 
     async def _authenticate(self, activity: Activity, auth_header: str) -> AuthenticateRequestResult:
         """The SDK's check of the Bot Connector JWT (anonymous without an app id). A token it cannot
-        accept is a 401 whatever the SDK raised (PermissionError, or a JWT decoding error); not being
-        able to fetch Microsoft's signing keys is ours to retry (503), not the caller's fault."""
+        accept is a 401 whatever the SDK raised (PermissionError, or a JWT decoding error), and so is a
+        token whose signing key is not known (yet): ``bot.keys`` never lets a request wait on the key
+        server for longer than its bounded wait, so no caller can hold the service up."""
         try:
             result: AuthenticateRequestResult = await self.adapter.bot_framework_authentication.authenticate_request(
                 activity, auth_header
@@ -211,6 +275,11 @@ class BotIntake:
             return activity
         if activity.from_property is None or not activity.from_property.id:
             raise Rejected(400, "malformed", "activity has no from")
+        aad = activity.from_property.aad_object_id
+        if aad and (not isinstance(aad, str) or not _GUID.match(aad.strip())):
+            # Teams sends the sender's Entra object id, a GUID; anything else names nobody, and an id
+            # the store cannot hold (NUL, 200 characters) must not fail the request as a 503.
+            raise Rejected(400, "malformed", "from.aadObjectId is not a Microsoft Entra object id (a GUID)")
         if activity.conversation is None or not activity.conversation.id:
             raise Rejected(400, "malformed", "activity has no conversation")
         if not activity.service_url:

@@ -43,13 +43,13 @@ from aiohttp import web
 
 from edge.body import read_json
 from edge.intake import Rejected, answer
-from graph_sync.coverage import agents_for
+from edge.poison import PoisonHook, encode_item, hand_off, log_poison
 from graph_sync.crypto import DecryptionError, Decryptor
 from graph_sync.subscriptions import SubscriptionManager
 from graph_sync.teams import MAX_IDS
 from mapping.api import CoreApi
 from mapping.engine import BATCH
-from mapping.model import PresenceObserved, System
+from mapping.model import Agent, PresenceObserved, System
 from mapping.ports import PresenceReader
 from mapping.rounds import Rounds
 
@@ -61,7 +61,14 @@ MAX_BODY = 1024 * 1024
 PENDING_KIND = "graph.pending_read"
 ROUTE = "graph_notifications"
 LIFECYCLE_ROUTE = "graph_lifecycle"
+PENDING_ROUTE = "graph_pending_reads"
+"""The pending-read queue, as a route label for its poison items."""
 INTAKE = "graph_notification"
+MAX_ID = 128
+"""Longest user or subscription id taken in: the store keeps unknown ids in a 128-character column
+(Entra object ids and subscription ids are 36-character GUIDs)."""
+PROBE_ID = "00000000-0000-0000-0000-000000000000"
+"""Looked up when every lookup of a round failed: if this one works, the ids are to blame, not the store."""
 _FILTER_IDS = re.compile(r"'([^']+)'")
 
 
@@ -196,6 +203,27 @@ class TokenValidator:
         self._verified[token] = float(claims["exp"])
 
 
+def usable_id(value: Any) -> str | None:
+    """``value`` as an id the bridge can look up and store (stripped, lower case), or None: not a
+    string, empty, longer than ``MAX_ID``, or holding control characters or invalid Unicode (a lone
+    surrogate). Such an id names no user; let in, it fails every round that touches it."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip().lower()
+    if not text or len(text) > MAX_ID or not text.isprintable():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return text
+
+
+def _shown(value: Any) -> str:
+    """An id for a log line or an error: ASCII-escaped and cut short."""
+    return ascii(value[:40] if isinstance(value, str) else value)
+
+
 def _handshake(request: web.Request) -> web.Response | None:
     token = request.query.get("validationToken")
     if token is None:
@@ -208,9 +236,11 @@ def ids_from_resource(resource: Any) -> list[str]:
     if not isinstance(resource, str):
         return []
     if "$filter" in resource:
-        return [m.lower() for m in _FILTER_IDS.findall(resource)]
+        found = [usable_id(m) for m in _FILTER_IDS.findall(resource)]
+        return [u for u in found if u is not None]
     match = re.search(r"presences(?:\('([^']+)'\)|/([^/?]+))", resource)
-    return [(match.group(1) or match.group(2)).lower()] if match else []
+    one = usable_id(match.group(1) or match.group(2)) if match else None
+    return [one] if one is not None else []
 
 
 class GraphIntake:
@@ -218,7 +248,8 @@ class GraphIntake:
 
     ``ack_budget``: seconds a request may spend observing before the rest of its batch is deferred
     to pending reads (Graph's deadline is 3 s). ``read_interval``: how often the batcher looks for
-    pending reads when nothing wakes it."""
+    pending reads when nothing wakes it. ``on_poison``: where items that fail for a reason of their
+    own go (``edge.poison``; default: logged and counted), once taken out of their queue."""
 
     def __init__(
         self,
@@ -234,8 +265,10 @@ class GraphIntake:
         max_body: int = MAX_BODY,
         ack_budget: float = 1.5,
         read_interval: float = 2.0,
+        on_poison: PoisonHook | None = None,
     ) -> None:
         self.bridge = bridge
+        self.on_poison = log_poison(bridge.telemetry) if on_poison is None else on_poison
         self.client_state = client_state.encode()
         self.decryptor = decryptor
         self.reader = reader
@@ -354,17 +387,19 @@ class GraphIntake:
         accepted = 0
         to_read: list[str] = []
         observed: list[tuple[str, PresenceObserved]] = []
+        lifecycle: list[Mapping[str, Any]] = []
+        rich_ok = 0
+        rich_failed: list[tuple[str, Exception]] = []
         for item in body["value"]:
             if not self._client_state_ok(item):
                 self.bridge.telemetry.rejected(ROUTE, "client_state")
                 log.warning(
                     "notification with a wrong clientState dropped",
-                    extra={"fields": {"subscription": item.get("subscriptionId")}},
+                    extra={"fields": {"subscription": _shown(item.get("subscriptionId"))}},
                 )
                 continue
             if "lifecycleEvent" in item:  # a subscription without a lifecycle URL gets them here
-                to_read.extend(await self._lifecycle_item(item))
-                accepted += 1
+                lifecycle.append(item)
                 continue
             user_id = _user_id(item)
             if user_id is None:
@@ -374,27 +409,68 @@ class GraphIntake:
             if "encryptedContent" not in item or time.monotonic() - started > self.ack_budget:
                 to_read.append(user_id)  # basic, or past the budget: read it after answering
                 continue
-            rich = await self._rich_item(item, user_id)
+            try:
+                rich = await self._rich_item(item, user_id)
+            except Exception as e:
+                rich_failed.append((user_id, e))
+                continue
+            rich_ok += 1
             if rich is False:
                 to_read.append(user_id)
             elif isinstance(rich, PresenceObserved):
                 observed.append((user_id, rich))
+        if rich_failed and not rich_ok:
+            raise rich_failed[0][1]  # nothing went through: the store, not the items (503, Graph resends)
+        for user_id, error in rich_failed:  # these items only: their users are read instead
+            self._item_failed(ROUTE, user_id, error)
+            to_read.append(user_id)
+        accepted_lifecycle, reads = await self._lifecycle_items(ROUTE, lifecycle)
+        accepted += accepted_lifecycle
+        to_read.extend(reads)
         to_read.extend(await self._observe_within_budget(observed, started))
         await self._queue_reads(to_read, "notification")
         return web.json_response({"accepted": accepted}, status=202)
+
+    def _item_failed(self, route: str, user_id: str, error: Exception) -> None:
+        self.bridge.telemetry.rejected(route, "item_failed")
+        log.warning(
+            "notification item not applied; reading the user instead",
+            extra={"fields": {"user": _shown(user_id), "error": f"{type(error).__name__}: {error}"}},
+        )
 
     async def _observe_within_budget(
         self, observed: Sequence[tuple[str, PresenceObserved]], started: float
     ) -> list[str]:
         """Observes the decrypted items in their order, one transaction per ``BATCH`` (Graph batches
         notifications under load, exactly when a commit per item would eat the budget). Returns the
-        users left when the ack budget is spent: they are read after answering instead."""
+        users left when the ack budget is spent, and those whose observation failed on its own: they
+        are read after answering instead."""
+        left: list[str] = []
         for start in range(0, len(observed), BATCH):
             if time.monotonic() - started > self.ack_budget:
-                return [user_id for user_id, _ in observed[start:]]
-            chunk = [obs for _, obs in observed[start : start + BATCH]]
-            await self.bridge.observe_many(chunk, intake=INTAKE)
-        return []
+                return left + [user_id for user_id, _ in observed[start:]]
+            part = observed[start : start + BATCH]
+            try:
+                await self.bridge.observe_many([obs for _, obs in part], intake=INTAKE)
+            except Exception:
+                left.extend(await self._observe_each(part))
+        return left
+
+    async def _observe_each(self, part: Sequence[tuple[str, PresenceObserved]]) -> list[str]:
+        """A chunk whose one transaction failed, observed item by item, so that one bad observation
+        does not cost the others; those that fail again are read instead (returned). When every one
+        fails it is the store: raised, for a 503."""
+        failed: list[tuple[str, Exception]] = []
+        for user_id, obs in part:
+            try:
+                await self.bridge.observe(obs, intake=INTAKE)
+            except Exception as e:
+                failed.append((user_id, e))
+        if failed and len(failed) == len(part):
+            raise failed[0][1]
+        for user_id, error in failed:
+            self._item_failed(ROUTE, user_id, error)
+        return [user_id for user_id, _ in failed]
 
     async def _rich_item(self, item: Mapping[str, Any], user_id: str) -> PresenceObserved | bool:
         """Decrypts one rich item into the observation to apply; True when there is nothing to apply
@@ -431,19 +507,50 @@ class GraphIntake:
     async def _lifecycle(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
         await self._check_tokens(body)
-        accepted = 0
-        to_read: list[str] = []
+        items: list[Mapping[str, Any]] = []
         for item in body["value"]:
             if not self._client_state_ok(item):
                 self.bridge.telemetry.rejected(LIFECYCLE_ROUTE, "client_state")
                 continue
-            if not isinstance(item.get("lifecycleEvent"), str) or not isinstance(item.get("subscriptionId"), str):
-                self.bridge.telemetry.rejected(LIFECYCLE_ROUTE, "malformed_item")
-                continue
-            to_read.extend(await self._lifecycle_item(item))
-            accepted += 1
+            items.append(item)
+        accepted, to_read = await self._lifecycle_items(LIFECYCLE_ROUTE, items)
         await self._queue_reads(to_read, "missed")
         return web.json_response({"accepted": accepted}, status=202)
+
+    async def _lifecycle_items(self, route: str, items: Sequence[Mapping[str, Any]]) -> tuple[int, list[str]]:
+        """Each lifecycle item on its own: one that fails is handed to ``on_poison`` and the others go
+        on; only when every one failed is it the store's failure, raised for a 503 (Graph resends).
+        Returns how many were accepted and the users to read."""
+        accepted = 0
+        to_read: list[str] = []
+        failed: list[tuple[Mapping[str, Any], Exception]] = []
+        for item in items:
+            if (
+                not isinstance(item.get("lifecycleEvent"), str)
+                or len(item["lifecycleEvent"]) > 64
+                or usable_id(item.get("subscriptionId")) is None
+            ):
+                self.bridge.telemetry.rejected(route, "malformed_item")
+                continue
+            try:
+                to_read.extend(await self._lifecycle_item(item))
+            except Exception as e:
+                failed.append((item, e))
+                continue
+            accepted += 1
+        if failed and not accepted:
+            raise failed[0][1]
+        for item, error in failed:
+            await hand_off(
+                self.on_poison,
+                route,
+                "item_failed",
+                encode_item(item),
+                f"lifecycle event {_shown(item.get('lifecycleEvent'))} for subscription "
+                f"{_shown(item.get('subscriptionId'))} failed ({type(error).__name__}: {error}); "
+                "the other items were applied",
+            )
+        return accepted, to_read
 
     async def _lifecycle_item(self, item: Mapping[str, Any]) -> list[str]:
         """Durable part now, Graph calls after the answer (in a task). Returns the users to read
@@ -474,7 +581,7 @@ class GraphIntake:
     async def _queue_reads(self, user_ids: Sequence[str], why: str) -> None:
         """Durably notes users to read: one small document per request, whatever its size (one store
         write, not one per user), under a key of its own, so no request overwrites another's note."""
-        ids = list(dict.fromkeys(u.lower() for u in user_ids))
+        ids = list(dict.fromkeys(u for u in map(usable_id, user_ids) if u is not None))
         if not ids:
             return
         now = self.bridge.clock()
@@ -494,35 +601,98 @@ class GraphIntake:
     async def read_pending(self) -> int:
         """One batcher round: reads every user noted so far (650 per Graph call), observes what Teams
         shows, then removes exactly the notes it covered (notes written meanwhile stay for the next
-        round). A failed read leaves every note in place to be read again. Returns how many users
-        were observed."""
+        round). A failed read (Graph) or a store that is down leaves every note in place to be read
+        again. An item that fails for a reason of its own (a malformed note, an id no lookup can
+        take, an observation that fails while others succeed) is handed to ``on_poison`` and the
+        rest go on: one bad item never stops the queue. Returns how many users were observed."""
         notes = await self.bridge.records.list_docs(PENDING_KIND)
         if not notes:
             return 0
         wanted: dict[str, datetime | None] = {}
-        for note in notes.values():
+        holder: dict[str, str] = {}  # user id -> the (first) note naming it, for poison reports
+        for key, note in notes.items():
+            ids = note.get("ids") if isinstance(note, Mapping) else None
+            if not isinstance(ids, list):
+                await self._poison_note(key, note, "malformed_note", f"pending-read note {key} holds no list of ids")
+                continue
+            bad = [uid for uid in ids if usable_id(uid) is None]
+            if bad:
+                await self._poison_note(
+                    key,
+                    note,
+                    "bad_id",
+                    f"pending-read note {key}: {len(bad)} unusable user id(s), e.g. {_shown(bad[0])} "
+                    f"(not printable text of at most {MAX_ID} characters); the other ids are read",
+                )
             noted = _note_time(note)
-            for uid in note.get("ids", []):
-                if isinstance(uid, str):
-                    known_at = wanted.get(uid.lower())
-                    wanted[uid.lower()] = noted if known_at is None or (noted and noted > known_at) else known_at
-        agents = await agents_for(self.bridge.directory, list(wanted))
-        known = {a.entra_object_id.lower() for a in agents}
-        for uid in wanted:
-            if uid not in known and await self.bridge.agent_for(System.TEAMS, uid) is None:
-                self.bridge.telemetry.event(INTAKE, "unknown_agent")  # recorded for `agents list --unknown`
+            for uid in filter(None, map(usable_id, ids)):
+                holder.setdefault(uid, key)
+                known_at = wanted.get(uid)
+                wanted[uid] = noted if known_at is None or (noted and noted > known_at) else known_at
+        agents = await self._agents_for(list(wanted), holder, notes)
         observed = 0
         entra = {a.dynamics_user_id: a.entra_object_id.lower() for a in agents}
         for start in range(0, len(agents), MAX_IDS):
-            results = await self.reader.read(agents[start : start + MAX_IDS])
+            results = await self.reader.read(agents[start : start + MAX_IDS])  # Graph down: raised, all kept
+            failed: list[tuple[PresenceObserved, Exception]] = []
             for obs in results:  # one short transaction each: acks of new notifications interleave
                 # What is read has shown since the (latest) notification that prompted the read.
                 obs = dataclasses.replace(obs, since=wanted.get(entra.get(obs.agent_id, "")))
-                await self.bridge.observe(obs, intake=INTAKE)
-            observed += len(results)
+                try:
+                    await self.bridge.observe(obs, intake=INTAKE)
+                    observed += 1
+                except Exception as e:
+                    failed.append((obs, e))
+            if failed and not observed:
+                raise failed[0][1]  # nothing went through: the store, not the items
+            for obs, error in failed:
+                uid = entra.get(obs.agent_id, "")
+                await self._poison_note(
+                    holder.get(uid, "?"),
+                    notes.get(holder.get(uid, "")),
+                    "observe_failed",
+                    f"what Teams shows for user {_shown(uid)} could not be applied ({type(error).__name__}: {error})",
+                )
         for key in notes:
             await self.bridge.records.delete_doc(PENDING_KIND, key)
         return observed
+
+    async def _agents_for(self, ids: Sequence[str], holder: Mapping[str, str], notes: Mapping[str, Any]) -> list[Agent]:
+        """The enabled agents of ``ids``, each looked up on its own (one directory listing for many):
+        a lookup failing for one id is that id's poison, unless every lookup failed and a probe of the
+        store fails too (the store is down: raised, every note kept)."""
+        directory = self.bridge.directory
+        listed: dict[str, Agent] | None = None
+        if len(ids) > 50:
+            listed = {a.entra_object_id.lower(): a for a in await directory.list_agents(enabled_only=True)}
+        found: list[Agent] = []
+        failed: dict[str, Exception] = {}
+        for uid in ids:
+            try:
+                agent = listed.get(uid) if listed is not None else await directory.get_agent_by_entra(uid)
+                if agent is not None and agent.enabled:
+                    found.append(agent)
+                elif await self.bridge.agent_for(System.TEAMS, uid) is None:
+                    self.bridge.telemetry.event(INTAKE, "unknown_agent")  # recorded for `agents list --unknown`
+            except Exception as e:
+                failed[uid] = e
+        if failed and len(failed) == len(ids):
+            try:
+                await directory.get_agent_by_entra(PROBE_ID)
+            except Exception:
+                raise next(iter(failed.values())) from None
+        for uid, error in failed.items():
+            await self._poison_note(
+                holder.get(uid, "?"),
+                notes.get(holder.get(uid, "")),
+                "lookup_failed",
+                f"user id {_shown(uid)} could not be looked up ({type(error).__name__}: {error}); "
+                "the other ids are read",
+            )
+        return found
+
+    async def _poison_note(self, key: str, note: Any, reason: str, detail: str) -> None:
+        await hand_off(self.on_poison, PENDING_ROUTE, reason, encode_item({"key": key, "note": note}), detail)
 
 
 def _note_time(note: Mapping[str, Any]) -> datetime | None:
@@ -535,7 +705,7 @@ def _note_time(note: Mapping[str, Any]) -> datetime | None:
 
 def _user_id(item: Mapping[str, Any]) -> str | None:
     data = item.get("resourceData")
-    if isinstance(data, Mapping) and isinstance(data.get("id"), str) and data["id"].strip():
-        return str(data["id"]).strip().lower()
+    if isinstance(data, Mapping) and data.get("id") is not None:
+        return usable_id(data.get("id"))
     ids = ids_from_resource(item.get("resource"))
     return ids[0] if len(ids) == 1 else None

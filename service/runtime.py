@@ -367,6 +367,7 @@ def _assemble(
         app_password=s.bot_app_password,
         app_type=s.bot_app_type,
         tenant_id=s.bot_tenant,
+        warm_keys=True,  # the Bot Connector's signing keys fetched at start, in the background
     )
     return Runtime(
         settings=s,

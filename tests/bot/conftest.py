@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from bot.keys import OpenIdKeys
 from bot.teams import BotIntake
 from emulators.connector import BotConnectorEmulator, SentActivity, teams_message
 from emulators.serving import serve_app
@@ -124,6 +125,10 @@ class Harness:
 MakeHarness = Callable[..., Awaitable[Harness]]
 
 
+async def _ok(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
 @pytest.fixture
 async def make_harness() -> AsyncIterator[MakeHarness]:
     stops: list[Callable[[], Awaitable[None]]] = []
@@ -139,6 +144,7 @@ async def make_harness() -> AsyncIterator[MakeHarness]:
         agents: Sequence[Agent] = (ALICE, BOB),
         app_id: str = "",
         tenant_id: str = "",
+        keys: list[OpenIdKeys] | None = None,
     ) -> Harness:
         clock = FakeClock()
         ws = dict(writers or {s: RecordingWriter(s) for s in System})
@@ -160,6 +166,7 @@ async def make_harness() -> AsyncIterator[MakeHarness]:
             app_type="MultiTenant",
             tenant_id=tenant_id,
             settle_seconds=settle_seconds,
+            keys=keys,
         )
         stop = asyncio.Event()
         worker = asyncio.create_task(bridge.outbox.run(stop))
@@ -168,6 +175,7 @@ async def make_harness() -> AsyncIterator[MakeHarness]:
         await connector.start()
         app = web.Application()
         app.router.add_post("/api/messages", intake.handle)
+        app.router.add_get("/healthz", _ok)
         runner, base = await serve_app(app)
         http = aiohttp.ClientSession()
 

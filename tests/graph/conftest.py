@@ -27,6 +27,7 @@ from graph_sync.subscriptions import SubscriptionManager
 from graph_sync.teams import TeamsPresenceClient
 from mapping.bridge import Bridge
 from mapping.model import Agent, System
+from mapping.ports import Store
 from tests.support import FakeClock, RecordingTelemetry, RecordingWriter, StaticTokens, make_bridge
 
 APP_TOKEN = "app-token"
@@ -152,6 +153,7 @@ async def build_rig(
     accounts: int = 3,
     certificate: Certificate | None = None,
     jwks_url: str | None = None,
+    store: Store | None = None,
     **intake_kw: Any,
 ) -> tuple[Rig, web.AppRunner]:
     holder: dict[str, TeamsPresenceClient] = {}
@@ -162,7 +164,7 @@ async def build_rig(
         async def apply(self, agent: Agent, value: str) -> None:
             await holder["teams"].apply(agent, value)
 
-    bridge = make_bridge(clock=clock, writers={System.TEAMS: LateWriter(), System.DYNAMICS: dynamics})
+    bridge = make_bridge(clock=clock, store=store, writers={System.TEAMS: LateWriter(), System.DYNAMICS: dynamics})
     bridge.telemetry = telemetry
     bridge.engine.telemetry = telemetry
     teams = TeamsPresenceClient(

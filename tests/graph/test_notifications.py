@@ -488,3 +488,209 @@ async def test_without_a_configured_client_state_nothing_is_accepted(
         assert await rig.bridge.store.list_docs(PENDING_KIND) == {}
     finally:
         await close_rig(rig, runner)
+
+
+# ------------------------------------------------------------------ poison items: one bad item never stops a queue
+
+
+class Poisoned(list[tuple[str, str, bytes, str]]):
+    """An ``on_poison`` hook that keeps what it was handed."""
+
+    async def __call__(self, route: str, reason: str, body: bytes, detail: str) -> None:
+        self.append((route, reason, body, detail))
+
+
+def basic_item(uid: str, client_state: str = CLIENT_STATE) -> dict[str, Any]:
+    return {
+        "subscriptionId": "sub-1",
+        "clientState": client_state,
+        "changeType": "updated",
+        "resource": f"communications/presences('{uid}')",
+        "resourceData": {"@odata.type": "#Microsoft.Graph.presence", "id": uid},
+    }
+
+
+@pytest.mark.parametrize(
+    "poison", ["\ud800", "a\x00b", "x" * 300, 42], ids=["lone-surrogate", "nul", "too-long", "not-a-string"]
+)
+async def test_a_poison_id_in_the_pending_reads_is_taken_out_and_the_queue_goes_on(
+    emu: Any,
+    clock: FakeClock,
+    telemetry: RecordingTelemetry,
+    dynamics_writer: RecordingWriter,
+    sql_url: str,
+    open_sql: Any,
+    poison: Any,
+) -> None:
+    store = await open_sql(sql_url)
+    poisoned = Poisoned()
+    rig, runner = await build_rig(emu, clock, telemetry, dynamics_writer, store=store, on_poison=poisoned)
+    try:
+        await rig.intake.stop()  # rounds driven by hand below
+        await known_agents(rig, [ALICE, BOB])
+        emu.add_users([ALICE.entra_object_id, BOB.entra_object_id], own=("Busy", "InACall"))
+        # A note as an earlier version (which let such ids in) left it: the poison beside a real id.
+        old = {"ids": [poison, ALICE.entra_object_id], "why": "notification", "at": clock().isoformat()}
+        await store.put_doc(PENDING_KIND, "00000000T000000-left-by-an-earlier-version", old)
+        await rig.intake._queue_reads([BOB.entra_object_id], "notification")
+        assert await rig.intake.read_pending() == 2
+        assert await dynamics_value(rig, ALICE) == BUSY and await dynamics_value(rig, BOB) == BUSY
+        assert await store.list_docs(PENDING_KIND) == {}
+        ((route, reason, body, detail),) = poisoned
+        assert (route, reason) == ("graph_pending_reads", "bad_id")
+        assert b"left-by-an-earlier-version" in body and "unusable user id" in detail
+        # The rounds after it go on as before.
+        emu.set_user_state(ALICE.entra_object_id, "DoNotDisturb", "Presenting")
+        await rig.intake._queue_reads([ALICE.entra_object_id], "notification")
+        assert await rig.intake.read_pending() == 1
+        assert await dynamics_value(rig, ALICE) == DND
+    finally:
+        await close_rig(rig, runner)
+
+
+async def test_notifications_naming_an_unusable_id_are_refused_alone_and_later_ones_are_read(
+    emu: Any,
+    clock: FakeClock,
+    telemetry: RecordingTelemetry,
+    dynamics_writer: RecordingWriter,
+    sql_url: str,
+    open_sql: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    rig, runner = await build_rig(emu, clock, telemetry, dynamics_writer, store=await open_sql(sql_url))
+    try:
+        await known_agents(rig, [ALICE, BOB])
+        emu.add_users([ALICE.entra_object_id, BOB.entra_object_id], own=("Busy", "InACall"))
+        poison = "0a1b2c3d-" * 40  # valid JSON, correct clientState, an id no store column holds
+        status, answer = await post(
+            http, rig.notify_url, {"value": [basic_item(poison), basic_item(ALICE.entra_object_id)]}
+        )
+        assert status == 202 and answer == {"accepted": 1}
+        assert telemetry.rejections[(ROUTE, "malformed_item")] == 1
+        await rig.intake.wait_idle()
+        assert await dynamics_value(rig, ALICE) == BUSY
+        for _ in range(3):  # and every later notification is read as before
+            status, _ = await post(http, rig.notify_url, {"value": [basic_item(BOB.entra_object_id)]})
+            assert status == 202
+        await rig.intake.wait_idle()
+        assert await dynamics_value(rig, BOB) == BUSY
+        assert await rig.bridge.store.list_docs(PENDING_KIND) == {}
+    finally:
+        await close_rig(rig, runner)
+
+
+async def test_one_failing_item_in_a_rich_batch_of_100_does_not_fail_the_other_99(
+    rich_rig: Rig, certificate: Certificate, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    crowd = agents(100, start=200)
+    await known_agents(rich_rig, crowd)
+    rich_rig.emu.add_users([a.entra_object_id for a in crowd], own=("Busy", "InACall"))
+    bad = crowd[37]
+    real_agent_for = rich_rig.bridge.agent_for
+
+    async def agent_for(system: System, external_id: str) -> Any:
+        if external_id == bad.entra_object_id:
+            raise ValueError("this one item breaks its lookup")
+        return await real_agent_for(system, external_id)
+
+    monkeypatch.setattr(rich_rig.bridge, "agent_for", agent_for)
+    body = {
+        "value": [rich_item(rich_rig, certificate, a, "Busy", "InACall") for a in crowd],
+        "validationTokens": [token(rich_rig)],
+    }
+    status, answer = await post(http, rich_rig.notify_url, body)
+    assert status == 202 and answer == {"accepted": 100}
+    assert rich_rig.telemetry.rejections[(ROUTE, "item_failed")] == 1
+    await rich_rig.intake.wait_idle()  # the failed item's user is read from Graph instead
+    assert [await dynamics_value(rich_rig, a) for a in crowd] == [BUSY] * 100
+
+
+async def test_one_failing_observation_in_a_chunk_does_not_fail_the_chunk(
+    rich_rig: Rig, certificate: Certificate, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await known_agents(rich_rig, [ALICE, BOB])
+    rich_rig.emu.add_users([ALICE.entra_object_id, BOB.entra_object_id], own=("Busy", "InACall"))
+    engine = rich_rig.bridge.engine
+    real_observe, real_many = engine.observe, engine.observe_many
+    refused: list[str] = []
+
+    async def observe(event: PresenceObserved, **kw: Any) -> Any:
+        if event.agent_id == ALICE.dynamics_user_id and event.source == "notification":
+            refused.append(event.agent_id)
+        return await real_observe(event, **kw)
+
+    async def observe_many(events: Any, **kw: Any) -> Any:
+        if any(e.agent_id == ALICE.dynamics_user_id and e.source == "notification" for e in events):
+            raise ValueError("one bad observation fails its transaction")
+        return await real_many(events, **kw)
+
+    monkeypatch.setattr(engine, "observe", observe)
+    monkeypatch.setattr(engine, "observe_many", observe_many)
+    body = {
+        "value": [rich_item(rich_rig, certificate, a, "Busy", "InACall") for a in (ALICE, BOB)],
+        "validationTokens": [token(rich_rig)],
+    }
+    status, _ = await post(http, rich_rig.notify_url, body)
+    assert status == 202 and refused == [ALICE.dynamics_user_id]
+    assert await dynamics_value(rich_rig, BOB) == BUSY
+    await rich_rig.intake.wait_idle()  # Alice is read instead, and that observation goes through
+    assert await dynamics_value(rich_rig, ALICE) == BUSY
+
+
+async def test_one_failing_lifecycle_item_is_handed_off_and_the_others_are_applied(
+    emu: Any,
+    clock: FakeClock,
+    telemetry: RecordingTelemetry,
+    dynamics_writer: RecordingWriter,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    poisoned = Poisoned()
+    rig, runner = await build_rig(emu, clock, telemetry, dynamics_writer, on_poison=poisoned)
+    try:
+        await known_agents(rig, [ALICE, BOB])
+        emu.add_users([ALICE.entra_object_id, BOB.entra_object_id])
+        await rig.manager.sync()
+        (sub,) = emu.subscriptions
+        emu.drop_notifications(1)
+        emu.set_user_state(BOB.entra_object_id, "Busy", "InAConferenceCall")  # lost on the way
+        await emu.wait_idle()
+        real_ids_of = rig.manager.ids_of
+
+        async def ids_of(sub_id: str) -> Any:
+            if sub_id == "7a000000-0000-4000-8000-0000000000bd":
+                raise ValueError("this subscription's record cannot be read")
+            return await real_ids_of(sub_id)
+
+        monkeypatch.setattr(rig.manager, "ids_of", ids_of)
+        items = [
+            {
+                "subscriptionId": "7a000000-0000-4000-8000-0000000000bd",
+                "clientState": CLIENT_STATE,
+                "lifecycleEvent": "missed",
+            },
+            {"subscriptionId": sub.id, "clientState": CLIENT_STATE, "lifecycleEvent": "missed"},
+        ]
+        status, answer = await post(http, rig.lifecycle_url, {"value": items})
+        assert status == 202 and answer == {"accepted": 1}
+        await rig.intake.wait_idle()
+        assert await dynamics_value(rig, BOB) == BUSY
+        ((route, reason, body, detail),) = poisoned
+        assert (route, reason) == ("graph_lifecycle", "item_failed") and b"0000000000bd" in body
+        assert "cannot be read" in detail
+        # Every item failing is the store's failure, not the items': 503, and Graph delivers again.
+        status, _ = await post(http, rig.lifecycle_url, {"value": items[:1]})
+        assert status == 503
+    finally:
+        await close_rig(rig, runner)
+
+
+async def test_the_default_poison_hook_logs_scrubbed_and_counts(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="presence_sync.poison"):
+        await rig.intake.on_poison(
+            "graph_pending_reads", "bad_id", b'{"clientState": "' + CLIENT_STATE.encode() + b'"}', "a detail"
+        )
+    (record,) = [r for r in caplog.records if r.name == "presence_sync.poison"]
+    fields = record.__dict__["fields"]
+    assert fields["reason"] == "bad_id" and CLIENT_STATE not in fields["body"]
+    assert rig.telemetry.rejections[("graph_pending_reads", "poison_item")] == 1
