@@ -1,9 +1,10 @@
-"""Reading an intake request's body: bounded in size, of a JSON content type, valid JSON (nesting
-that exhausts the parser is junk, refused like any other). Every route refuses junk the same way."""
+"""Reading an intake request's body: bounded in size, of a JSON content type, valid JSON, nested no
+deeper than any real document. Every route refuses junk the same way."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Collection
 from typing import Any
 
@@ -12,6 +13,30 @@ from aiohttp import web
 from edge.intake import Rejected
 
 JSON_TYPES = frozenset({"application/json", "text/json"})
+MAX_DEPTH = 128
+"""Deepest nesting read. The deepest real documents (a Dataverse context with its ParentContext chain)
+nest a few dozen levels. Deeper bodies are refused before ``json.loads`` sees them: the parser recurses
+per level, and near the interpreter's recursion limit any finalizer the garbage collector runs there
+fails too, so catching its RecursionError afterwards is not enough."""
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def nested_deeper_than(raw: bytes, limit: int) -> bool:
+    """True when the JSON text ``raw`` opens more than ``limit`` arrays/objects inside each other.
+    A flat scan: strings (where brackets are text) are cut out, then the brackets are counted."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    depth = 0
+    for byte in _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS):
+        if byte in b"[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
 
 
 async def read_json(
@@ -42,6 +67,8 @@ async def read_json(
     raw = b"".join(chunks)
     if not raw.strip():
         raise Rejected(400, "malformed", f"empty body; expected {what}")
+    if nested_deeper_than(raw, MAX_DEPTH):
+        raise Rejected(400, "malformed", f"body is not a usable JSON document: nested deeper than {MAX_DEPTH} levels")
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as e:

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from edge.body import read_json
+from edge.body import MAX_DEPTH, read_json
 from edge.intake import Rejected, answer
 from edge.upstream import is_loopback, retry_after_seconds, upstream_base_url
 from mapping.errors import ConfigError
@@ -78,6 +78,35 @@ async def test_json_nested_too_deeply_for_the_parser_is_refused_not_a_failure():
         r = await c.post("/d", data=b"[" * 200_000 + b"]" * 200_000, headers={"Content-Type": "application/json"})
         assert r.status == 400
         assert ("deep", "malformed") in telemetry.rejections
+
+
+@pytest.mark.parametrize("opener", [b"[", b'{"a":'])
+async def test_nesting_deeper_than_any_real_document_is_refused_before_the_parser_recurses(opener):
+    """Refused by a flat scan, not by catching the parser's RecursionError: the parser recursing to the
+    interpreter's limit runs whatever finalizer the garbage collector picks at that depth, where it fails
+    in turn (seen in the fuzz test as a RecursionError inside pytest's unraisable-exception hook)."""
+    telemetry = RecordingTelemetry()
+
+    async def deep(request: web.Request) -> web.StreamResponse:
+        async def handle() -> web.StreamResponse:
+            return web.json_response({"got": await read_json(request, max_body=1 << 20, what="x")})
+
+        return await answer("deep", telemetry, handle, unavailable="later")
+
+    closer = b"]" if opener == b"[" else b"}"
+    inner = b"[]" if opener == b"[" else b"1"
+    app = web.Application(client_max_size=2 << 20)
+    app.router.add_post("/d", deep)
+    async with TestClient(TestServer(app)) as c:
+        depth = MAX_DEPTH + 1  # far below the parser's own limit, so the parser alone would accept it
+        deep_body = opener * depth + inner + closer * depth
+        r = await c.post("/d", data=deep_body, headers={"Content-Type": "application/json"})
+        assert r.status == 400 and "nested" in (await r.json())["error"]
+        assert ("deep", "malformed") in telemetry.rejections
+        # Brackets inside strings are text, not nesting; nesting up to the limit is read.
+        ok = b'{"s": "' + b"[{" * 5000 + b'\\\\", "t": ' + b"[" * (MAX_DEPTH - 2) + b"]" * (MAX_DEPTH - 2) + b"}"
+        r = await c.post("/d", data=ok, headers={"Content-Type": "application/json"})
+        assert r.status == 200, await r.text()
 
 
 async def test_an_unexpected_failure_is_a_503_with_the_senders_next_step(client):
