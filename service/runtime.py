@@ -241,7 +241,7 @@ def _assemble(settings: Settings, store: Store, owner: str | None) -> Runtime:
     telemetry = PrometheusTelemetry()
     owner = owner or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tokens = token_provider(s)
-    retry = RetryPolicy(max_attempts=s.outbox_max_attempts)
+    retry = RetryPolicy(max_attempts=s.outbox_max_attempts, dead_letter_after_seconds=s.dead_letter_after_hours * 3600)
     limiters = default_limiters()
     dataverse = DataverseClient(s.dataverse_url, tokens) if s.dataverse_enabled else None
     teams = TeamsPresenceClient(

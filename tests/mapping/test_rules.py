@@ -450,7 +450,9 @@ async def test_rule7_dead_letter_after_bounded_tries_and_retry():
     clock = FakeClock()
     writer = RecordingWriter(T, [RetryableError("503")] * 3)
     b = make_bridge(
-        clock=clock, writers={T: writer, D: RecordingWriter(D)}, policy=RetryPolicy(max_attempts=3, jitter=False)
+        clock=clock,
+        writers={T: writer, D: RecordingWriter(D)},
+        policy=RetryPolicy(max_attempts=3, jitter=False, dead_letter_after_seconds=0),
     )
     await b.store.upsert_agents([ALICE])
     await b.engine.observe(ev(ALICE, D, BUSY, clock(), 1))
