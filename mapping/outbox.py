@@ -32,6 +32,10 @@ from mapping.upstream_health import BreakerPolicy, UpstreamHealth
 
 log = logging.getLogger("presence_sync.outbox")
 
+HEARTBEAT_KIND = "outbox.heartbeat"
+HEARTBEAT_MISSES = 3
+"""Heartbeats an owner may miss before its rows in flight are taken over."""
+
 
 class OutboxWorker:
     def __init__(
@@ -110,6 +114,38 @@ class OutboxWorker:
         if batch:
             await asyncio.gather(*(self.deliver(d) for d in batch))
         return len(batch)
+
+    async def heartbeat(self, interval: float) -> int:
+        """Records that this worker is alive, and takes over the rows in flight under any owner whose
+        heartbeat is older than ``HEARTBEAT_MISSES`` intervals (it died: kill -9, a lost host), so
+        they are delivered within seconds instead of after their lease. Returns how many rows.
+
+        The heartbeats are records of the store (kind ``outbox.heartbeat``), shared by every
+        instance. Taking over a live but stalled owner's rows costs at most a duplicate delivery
+        (idempotent): its late ack or failure is refused, the lease token having changed."""
+        now = self.clock()
+        await self.store.put_doc(HEARTBEAT_KIND, self.owner, {"at": now.isoformat()})
+        limit = now - timedelta(seconds=interval * HEARTBEAT_MISSES)
+        taken = 0
+        for owner, doc in (await self.store.list_docs(HEARTBEAT_KIND)).items():
+            if owner == self.owner:
+                continue
+            try:
+                seen = datetime.fromisoformat(str(doc.get("at")))
+            except ValueError:
+                seen = None
+            if seen is not None and seen > limit:
+                continue
+            rows = await self.store.release_leases(owner, now)
+            await self.store.delete_doc(HEARTBEAT_KIND, owner)
+            taken += rows
+            log.warning(
+                "outbox rows of a silent instance taken over",
+                extra={"fields": {"owner": owner, "rows": rows, "last_heartbeat": seen.isoformat() if seen else None}},
+            )
+        if taken:
+            self.wake()
+        return taken
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -136,6 +136,7 @@ class Runtime:
     def start_background(self) -> None:
         s = self.settings
         self._spawn("outbox", self.outbox.run(self._stop))
+        self._spawn("heartbeat", self._every(s.heartbeat_seconds, self._heartbeat, first_delay=0.0))
         self._spawn("session-refresh", self._every(60, self._refresh_sessions))
         if s.reconcile_interval_seconds > 0:
             self._spawn(
@@ -153,6 +154,9 @@ class Runtime:
             )
             self.outbox.wake()
         return released
+
+    async def _heartbeat(self) -> None:
+        await self.outbox.heartbeat(self.settings.heartbeat_seconds)
 
     async def start_intakes(self) -> None:
         for intake in (self.dataverse_intake, self.graph_intake, self.bot):
