@@ -21,6 +21,7 @@ from mapping.retry import RetryPolicy
 from mapping.rules import Result
 from mapping.telemetry import NullTelemetry, Telemetry
 from mapping.translation import Rules
+from mapping.upstream_health import BreakerPolicy
 
 
 def default_limiters() -> dict[System, UpstreamLimiter]:
@@ -76,10 +77,12 @@ class Bridge:
         holds: Mapping[System, float] | None = None,
         clock: Clock = utcnow,
         owner: str | None = None,
+        breaker: BreakerPolicy | None = None,
     ) -> Bridge:
         """The core, complete: the engine decides and enqueues (waking the outbox), the outbox
         delivers through ``writers`` and reports every outcome to the engine, then to whoever
-        registered with ``on_delivery``. ``holds``: see ``SyncEngine``."""
+        registered with ``on_delivery``. ``holds``: see ``SyncEngine``. ``breaker``: when an upstream
+        counts as down and how it is probed (``mapping.upstream_health``)."""
         telemetry = telemetry or NullTelemetry()
         limiters = default_limiters() if limiters is None else limiters
         retry = retry or RetryPolicy()
@@ -100,6 +103,7 @@ class Bridge:
             owner=owner,
             hold_seconds=max(holds.values(), default=0.0) * HOLD_CAP_FACTOR,
             wakeup=wakeup,
+            breaker=breaker,
         )
         return cls(store, catalogue, rules, engine, outbox, telemetry, limiters, retry, clock, relay)
 

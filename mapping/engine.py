@@ -235,6 +235,29 @@ class SyncEngine:
         )
         await self._request_reads(agent, decision, "session landed")
 
+    async def recheck_dead_letters(self, limit: int = 10_000) -> int:
+        """Applies the death of every dead row whose write the state still expects (its report was
+        lost: the process died between the store's ``fail`` and the engine's ``on_outcome``, or the
+        state's transaction failed then). Left alone, the state would count the dead write as on its
+        way, and the sweep would find the agent in sync while the system shows something else. The
+        sweep calls it first. Returns how many were applied."""
+        applied = 0
+        for row in await self.store.list_outbox(OutboxStatus.DEAD, limit):
+            state = (await self.store.load_states([row.agent_id])).get(row.agent_id)
+            if state is None:
+                continue
+            expected = (
+                state.dynamics_written == row.value
+                if row.system is System.DYNAMICS
+                else row.value in state.session_unacked
+            )
+            if not expected:
+                continue
+            delivery = Delivery(row.id, row.agent_id, row.system, row.value, row.generation, row.attempts, "")
+            await self.on_outcome(delivery, "dead", row.last_error)
+            applied += 1
+        return applied
+
     async def refresh_sessions(self, *, available_every: timedelta, others_every: timedelta) -> int:
         """Re-issues the bridge's Teams session before Graph lets it fade or expire (an Available
         session fades to Away after 5 minutes; every session ends at its expiration). Goes through

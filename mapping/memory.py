@@ -44,6 +44,7 @@ class _Row:
     updated_at: datetime
     delivered_generation: int = 0
     held_since: datetime | None = None
+    failing_since: datetime | None = None
 
     def view(self) -> OutboxRow:
         return OutboxRow(
@@ -109,6 +110,13 @@ class MemoryTransaction:
             self.d.next_id += 1
             self.d.outbox[key] = row
             return row.id
+        if row.status is OutboxStatus.DEAD:
+            row.failing_since = None  # a new value after a dead letter is a new run
+        failing = row.failing_since is not None
+        # A failing run (rule 7) keeps its tries and its dead-letter clock for the new value, so a
+        # stream of new values cannot keep a row alive forever. It is due after its hold as any new
+        # value: while the upstream is down the breaker claims nothing of it anyway, and when only
+        # this row failed, the new value may well be the one that lands.
         holding = (
             row.status is OutboxStatus.PENDING
             and row.attempts == 0
@@ -122,8 +130,10 @@ class MemoryTransaction:
                 row.next_attempt_at = due
         else:
             row.next_attempt_at, row.held_since = due, held_since
-        row.value, row.reason, row.generation, row.attempts = command.value, command.reason, row.generation + 1, 0
-        row.last_error, row.updated_at = None, now
+        row.value, row.reason, row.generation = command.value, command.reason, row.generation + 1
+        if not failing:
+            row.attempts, row.last_error = 0, None
+        row.updated_at = now
         if row.status is not OutboxStatus.IN_FLIGHT:
             row.status = OutboxStatus.PENDING
         return row.id
@@ -143,6 +153,7 @@ class MemoryTransaction:
         # nothing is redelivered after it.
         row.lease_owner = row.lease_token = row.lease_until = None
         row.status, row.updated_at, row.last_error = OutboxStatus.DELIVERED, now, "cancelled (already shown)"
+        row.failing_since = None
         return was
 
     async def get_agent(self, dynamics_user_id: str) -> Agent | None:
@@ -219,6 +230,20 @@ class MemoryStore:
     async def load_states(self, agent_ids: Sequence[str]) -> dict[str, AgentSyncState]:
         return {a: copy.deepcopy(self.d.states[a]) for a in agent_ids if a in self.d.states}
 
+    async def redrive(self, system: System, now: datetime) -> int:
+        n = 0
+        for row in self.d.outbox.values():
+            if (
+                row.system is system
+                and row.status is OutboxStatus.PENDING
+                and row.failing_since is not None
+                and row.next_attempt_at is not None
+                and row.next_attempt_at > now
+            ):
+                row.next_attempt_at = now
+                n += 1
+        return n
+
     async def release_leases(self, owner: str, now: datetime) -> int:
         rows = [r for r in self.d.outbox.values() if r.status is OutboxStatus.IN_FLIGHT and r.lease_owner == owner]
         for row in rows:
@@ -250,6 +275,7 @@ class MemoryStore:
                     row.attempts,
                     row.lease_token,
                     row.reason,
+                    row.failing_since,
                 )
             )
         return out
@@ -267,6 +293,7 @@ class MemoryStore:
         row.lease_owner = row.lease_token = row.lease_until = None
         row.updated_at = now
         row.delivered_generation = delivery.generation
+        row.failing_since = None  # the upstream took a value: the run is not failing any more
         if row.generation != delivery.generation:
             row.status, row.attempts, row.next_attempt_at = OutboxStatus.PENDING, 0, now
         else:
@@ -281,8 +308,15 @@ class MemoryStore:
             return OutboxStatus.IN_FLIGHT
         row.lease_owner = row.lease_token = row.lease_until = None
         row.updated_at, row.last_error = now, error
-        if row.generation != delivery.generation:
-            row.status, row.attempts, row.next_attempt_at = OutboxStatus.PENDING, 0, now
+        if row.failing_since is None:
+            row.failing_since = now
+        if row.generation != delivery.generation and next_attempt_at is not None:
+            # A newer value came during the attempt: due now, as any new value (the breaker holds a
+            # down upstream back), but it inherits the failing run's tries and clock.
+            row.status, row.attempts, row.next_attempt_at = OutboxStatus.PENDING, delivery.attempts + 1, now
+        elif row.generation != delivery.generation:
+            # The attempt's error was permanent for its value; the newer value starts afresh.
+            row.status, row.attempts, row.next_attempt_at, row.failing_since = OutboxStatus.PENDING, 0, now, None
         elif next_attempt_at is None:
             row.status, row.attempts, row.next_attempt_at = OutboxStatus.DEAD, delivery.attempts + 1, None
         else:
@@ -304,6 +338,7 @@ class MemoryStore:
         for r in self.d.outbox.values():
             if r.status is OutboxStatus.DEAD and (row_id is None or r.id == row_id):
                 r.status, r.attempts, r.next_attempt_at, r.updated_at = OutboxStatus.PENDING, 0, now, now
+                r.failing_since = None
                 n += 1
         return n
 

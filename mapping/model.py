@@ -145,6 +145,9 @@ class Delivery:
     attempts: int
     lease_token: str
     reason: str = ""
+    failing_since: datetime | None = None
+    """The first failed attempt of the row's current run (None: no attempt of it failed yet): the
+    dead-letter budget runs from here, and a new value for the row does not restart it."""
 
 
 class OutboxStatus(enum.StrEnum):

@@ -4,6 +4,12 @@ Every state change is a store write, so a worker that dies anywhere leaves eithe
 in-flight row whose lease runs out and is claimed again: a command is redelivered, never lost. The
 store keeps one row per (agent, system) and never hands out a second lease on it, so an older value
 cannot be applied after a newer one.
+
+Upstream trouble is judged per upstream, not per row (``mapping.upstream_health``): while a system's
+breaker is open nothing of it is claimed but one probe, a row failing then is due again as soon as
+the breaker lets it (its own backoff and give-up do not apply: the upstream is to blame), and the
+probe that succeeds re-drives every waiting row of that system at once. A row dies only of a
+permanent error, or once it has been failing past the dead-letter budget while its upstream answers.
 """
 
 from __future__ import annotations
@@ -22,8 +28,13 @@ from mapping.ports import DeliveryListener, PresenceWriter, Store
 from mapping.ratelimit import UpstreamLimiter
 from mapping.retry import RetryPolicy
 from mapping.telemetry import NullTelemetry, Telemetry
+from mapping.upstream_health import BreakerPolicy, UpstreamHealth
 
 log = logging.getLogger("presence_sync.outbox")
+
+HEARTBEAT_KIND = "outbox.heartbeat"
+HEARTBEAT_MISSES = 3
+"""Heartbeats an owner may miss before its rows in flight are taken over."""
 
 
 class OutboxWorker:
@@ -43,10 +54,12 @@ class OutboxWorker:
         owner: str | None = None,
         hold_seconds: float = 0.0,
         wakeup: asyncio.Event | None = None,
+        breaker: BreakerPolicy | None = None,
     ) -> None:
         """``hold_seconds``: the longest time a row can be held for coalescing (``SyncEngine.holds``
         times its cap); ``drain`` waits that long for held rows to fall due. ``wakeup``: set by
-        whoever enqueues (the engine), so the worker delivers at once instead of at its next poll."""
+        whoever enqueues (the engine), so the worker delivers at once instead of at its next poll.
+        ``breaker``: when an upstream counts as down and how it is probed (``UpstreamHealth``)."""
         self.store = store
         self.writers = dict(writers)
         self.limiters = dict(limiters or {})
@@ -60,26 +73,79 @@ class OutboxWorker:
         self.clock = clock
         self.owner = owner or f"worker-{uuid.uuid4().hex[:8]}"
         self._wake = wakeup or asyncio.Event()
-        self._paused_until: dict[System, datetime] = {}
+        self.health = UpstreamHealth(
+            breaker, on_change=lambda system, state: self._breaker_changed(system, state), on_probe=self._probed
+        )
         self.settled = asyncio.Condition()
         """Notified after every ack or final failure, for callers waiting on a delivery."""
 
     def wake(self) -> None:
         self._wake.set()
 
-    def _systems(self, now: datetime) -> list[System]:
-        return [s for s in self.writers if self._paused_until.get(s, now) <= now]
+    def _breaker_changed(self, system: str, state: str) -> None:
+        self.telemetry.breaker(system, state)
+        fields = {"system": system, "state": state}
+        at = self.health.next_probe_at(system)
+        if at is not None and state == "open":
+            fields["next_probe_at"] = at.isoformat()
+        log.warning("upstream breaker", extra={"fields": fields})
+
+    def _probed(self, system: str, result: str) -> None:
+        self.telemetry.probe(system, result)
 
     async def run_once(self) -> int:
-        """Claims one batch and delivers it; returns how many rows were attempted."""
+        """Claims one batch and delivers it; returns how many rows were attempted. Systems whose
+        breaker is closed share one claim of ``batch_size``; a system taken as down gets one row when
+        its probe is due, and none otherwise."""
         now = self.clock()
-        systems = self._systems(now)
-        if not systems:
-            return 0
-        batch = await self.store.claim(systems, self.batch_size, self.lease_seconds, self.owner, now)
+        allowed = [s for s in self.writers if self.health.claim_limit(s, now, self.batch_size) > 0]
+        closed = [s for s in allowed if not self.health.is_open(s)]
+        batch = await self.store.claim(closed, self.batch_size, self.lease_seconds, self.owner, now) if closed else []
+        for system in allowed:
+            if system in closed:
+                continue
+            probe = await self.store.claim([system], 1, self.lease_seconds, self.owner, now)
+            if probe:
+                self.health.probing(system, probe[0].agent_id)
+                log.info("probing upstream", extra={"fields": {"system": str(system), "agent": probe[0].agent_id}})
+            else:
+                self.health.probe_unused(system, now)
+            batch.extend(probe)
         if batch:
             await asyncio.gather(*(self.deliver(d) for d in batch))
         return len(batch)
+
+    async def heartbeat(self, interval: float) -> int:
+        """Records that this worker is alive, and takes over the rows in flight under any owner whose
+        heartbeat is older than ``HEARTBEAT_MISSES`` intervals (it died: kill -9, a lost host), so
+        they are delivered within seconds instead of after their lease. Returns how many rows.
+
+        The heartbeats are records of the store (kind ``outbox.heartbeat``), shared by every
+        instance. Taking over a live but stalled owner's rows costs at most a duplicate delivery
+        (idempotent): its late ack or failure is refused, the lease token having changed."""
+        now = self.clock()
+        await self.store.put_doc(HEARTBEAT_KIND, self.owner, {"at": now.isoformat()})
+        limit = now - timedelta(seconds=interval * HEARTBEAT_MISSES)
+        taken = 0
+        for owner, doc in (await self.store.list_docs(HEARTBEAT_KIND)).items():
+            if owner == self.owner:
+                continue
+            try:
+                seen = datetime.fromisoformat(str(doc.get("at")))
+            except ValueError:
+                seen = None
+            if seen is not None and seen > limit:
+                continue
+            rows = await self.store.release_leases(owner, now)
+            await self.store.delete_doc(HEARTBEAT_KIND, owner)
+            taken += rows
+            log.warning(
+                "outbox rows of a silent instance taken over",
+                extra={"fields": {"owner": owner, "rows": rows, "last_heartbeat": seen.isoformat() if seen else None}},
+            )
+        if taken:
+            self.wake()
+        return taken
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -137,6 +203,8 @@ class OutboxWorker:
         else:
             now = self.clock()
             kept = await self.store.ack(d, now)
+            if self.health.succeeded(d.system, d.agent_id):
+                await self._redrive(d.system, now)
             secs = time.monotonic() - started
             self.telemetry.delivery(d.system, "delivered" if kept else "lease_lost", secs)
             log.info(
@@ -155,16 +223,32 @@ class OutboxWorker:
             return
         await self._failed(d, error, time.monotonic() - started)
 
+    async def _redrive(self, system: System, now: datetime) -> None:
+        """The upstream answered again: every row waiting for it is due now (the limiters still pace
+        them), instead of each waiting out its own backoff."""
+        try:
+            rows = await self.store.redrive(system, now)
+        except Exception:  # the store hiccuped: the rows still fall due by their own backoff
+            log.exception("re-drive failed", extra={"fields": {"system": str(system)}})
+            return
+        log.info("upstream back; rows re-driven", extra={"fields": {"system": str(system), "rows": rows}})
+        self.wake()
+
     async def _failed(self, d: Delivery, error: UpstreamError, secs: float) -> None:
         now = self.clock()
         attempt = d.attempts + 1
-        if self.policy.gives_up(attempt, error):
+        self.health.failed(d.system, d.agent_id, error, now)
+        failing_seconds = (now - d.failing_since).total_seconds() if d.failing_since else 0.0
+        if not error.retryable:
+            next_at = None
+        elif self.health.is_open(d.system):
+            # The upstream is down, not this row: it waits for the breaker (due with the next probe,
+            # re-driven once one succeeds), and this failure does not count toward its own give-up.
+            next_at = max(now, self.health.next_probe_at(d.system) or now)
+        elif self.policy.gives_up(attempt, error, failing_seconds):
             next_at = None
         else:
             next_at = now + timedelta(seconds=self.policy.delay(attempt, error))
-        if isinstance(error, Throttled) and error.retry_after:
-            # The whole upstream asked us to wait: stop claiming for it, not just this row.
-            self._paused_until[d.system] = now + timedelta(seconds=error.retry_after)
         status = await self.store.fail(d, error.message, next_at, now)
         result = "dead" if status is OutboxStatus.DEAD else ("throttled" if isinstance(error, Throttled) else "retry")
         self.telemetry.delivery(d.system, result, secs)
@@ -178,6 +262,8 @@ class OutboxWorker:
             "retry_at": next_at.isoformat() if next_at else None,
         }
         if status is OutboxStatus.DEAD:
+            self.telemetry.dead_lettered(d.system)
+            fields["failing_seconds"] = round(failing_seconds, 1)
             log.error("dead letter", extra={"fields": fields})
             await self._settle(d, "dead", error.message)
         else:

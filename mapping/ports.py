@@ -156,6 +156,12 @@ class Store(AgentDirectory, AdapterRecords, Protocol):
         (agent, system) in flight at any time; on PostgreSQL with ``FOR UPDATE SKIP LOCKED``."""
         ...
 
+    async def redrive(self, system: System, now: datetime) -> int:
+        """Every pending row of ``system`` waiting out a retry backoff (a failing run) is due ``now``:
+        the upstream answered again (the breaker closed), so what waited for it goes at once, still
+        through the rate limiters. Rows held for coalescing are left alone. Returns how many."""
+        ...
+
     async def release_leases(self, owner: str, now: datetime) -> int:
         """Rows in flight under ``owner``'s leases become claimable at once (their leases end now):
         a restarted instance takes back what it was delivering when it died, instead of waiting out
@@ -171,7 +177,9 @@ class Store(AgentDirectory, AdapterRecords, Protocol):
         self, delivery: Delivery, error: str, next_attempt_at: datetime | None, now: datetime
     ) -> OutboxStatus:
         """Records a failed attempt: pending again at ``next_attempt_at``, or dead when it is None.
-        A newer generation enqueued meanwhile resets attempts and is retried instead of dying."""
+        The first failure of a run sets the row's ``failing_since`` (the dead-letter budget's start);
+        only a delivery ends the run. A newer generation enqueued meanwhile is due now and inherits the
+        run (its tries and clock), or, when the attempt was to die, starts afresh instead."""
         ...
 
     async def list_outbox(self, status: OutboxStatus | None = None, limit: int = 100) -> list[OutboxRow]: ...

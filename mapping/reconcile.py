@@ -37,8 +37,13 @@ async def reconcile(
     progress: Callable[[str], None] | None = None,
 ) -> ReconcileSummary:
     """Dynamics first: it is the routing truth, and its newer versions decide conflicts. An agent
-    counts as repaired when any observation produced commands, in sync when none did."""
+    counts as repaired when any observation produced commands, in sync when none did. Dead letters
+    whose death the state never heard of are applied first (``SyncEngine.recheck_dead_letters``), so
+    that what the state counts as shown is what the systems were really given."""
     summary = ReconcileSummary(checked=len(agents))
+    lost = await engine.recheck_dead_letters()
+    if lost:
+        log.warning("dead letters whose report was lost, applied", extra={"fields": {"rows": lost}})
     changed: set[str] = set()
     failed: set[str] = set()
     order = [s for s in (System.DYNAMICS, System.TEAMS) if s in readers]

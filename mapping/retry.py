@@ -1,7 +1,10 @@
 """The one retry policy: exponential backoff with full jitter, ``Retry-After`` honoured, bounded tries.
 
 The outbox uses it for deliveries; adapters use ``RetryPolicy.run`` for reads (paging, reconcile), so
-every upstream call in the project backs off the same way.
+every upstream call in the project backs off the same way. A read gives up after ``max_attempts``
+(someone is waiting for it); a delivery only once it has also been failing for
+``dead_letter_after_seconds`` (rule 7: hours of trying, not seconds, because a dead letter is work a
+person must look at, and an upstream outage of minutes must not make any).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ class RetryPolicy:
     max_delay_seconds: float = 300.0
     max_attempts: int = 8
     jitter: bool = True
+    dead_letter_after_seconds: float = 24 * 3600.0
+    """A delivery's retryable failures become a dead letter only this long after the first failed
+    attempt of its run (``PRESENCE_SYNC_DEAD_LETTER_AFTER_HOURS``)."""
 
     def delay(self, attempt: int, error: BaseException | None = None, rng: random.Random | None = None) -> float:
         """Seconds to wait after failed try number ``attempt`` (1-based).
@@ -38,10 +44,15 @@ class RetryPolicy:
             step = max(step, float(error.retry_after))
         return step
 
-    def gives_up(self, attempt: int, error: BaseException) -> bool:
+    def gives_up(self, attempt: int, error: BaseException, failing_seconds: float | None = None) -> bool:
+        """A permanent error gives up at once. Otherwise after ``max_attempts`` tries; for a delivery
+        (``failing_seconds``: how long its run has been failing) only once the dead-letter budget is
+        spent as well, so a burst of quick failures never kills a command."""
         if isinstance(error, UpstreamError) and not error.retryable:
             return True
-        return attempt >= self.max_attempts
+        if attempt < self.max_attempts:
+            return False
+        return failing_seconds is None or failing_seconds >= self.dead_letter_after_seconds
 
     async def run(
         self,

@@ -20,8 +20,20 @@ class Telemetry(Protocol):
         """A timing: ``ack.<route>`` for how long an inbound request took, ``propagation.<system>`` for
         event observed -> command delivered."""
 
+    def breaker(self, system: str, state: str) -> None:
+        """An upstream's breaker changed state (``state``: closed, open, probing; see
+        ``mapping.upstream_health``)."""
+
+    def probe(self, system: str, result: str) -> None:
+        """A probe of a down upstream ended (``result``: success, failure)."""
+
+    def dead_lettered(self, system: str) -> None:
+        """A command became a dead letter (the alert: someone must look at ``outbox list --status dead``)."""
+
 
 class NullTelemetry:
+    """Counts nothing (tests and tools that need no metrics)."""
+
     def event(self, source: str, result: str) -> None:
         pass
 
@@ -32,4 +44,13 @@ class NullTelemetry:
         pass
 
     def latency(self, name: str, seconds: float) -> None:
+        pass
+
+    def breaker(self, system: str, state: str) -> None:
+        pass
+
+    def probe(self, system: str, result: str) -> None:
+        pass
+
+    def dead_lettered(self, system: str) -> None:
         pass

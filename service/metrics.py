@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from mapping.model import System
 from mapping.ports import Store
+from mapping.upstream_health import BREAKER_STATES, BreakerState
+
+SYSTEMS = tuple(s.value for s in System)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -37,6 +41,27 @@ class PrometheusTelemetry:
             registry=r,
         )
         self.outbox = Gauge("presence_sync_outbox_rows", "Outbox rows by status", ["status"], registry=r)
+        self.breakers = Gauge(
+            "presence_sync_upstream_breaker",
+            "1 for the state each upstream's breaker is in (closed, open, probing), else 0",
+            ["system", "state"],
+            registry=r,
+        )
+        for system in SYSTEMS:
+            for state in BREAKER_STATES:
+                self.breakers.labels(system, state).set(1 if state is BreakerState.CLOSED else 0)
+        self.probes = Counter(
+            "presence_sync_upstream_probes_total",
+            "Probes of an upstream taken as down, by result",
+            ["system", "result"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "presence_sync_dead_lettered_total",
+            "Commands that became dead letters (alert on any increase)",
+            ["system"],
+            registry=r,
+        )
         self.dead = Gauge(
             "presence_sync_dead_letters", "Outbox rows that gave up (see `presence-sync outbox list`)", registry=r
         )
@@ -54,6 +79,20 @@ class PrometheusTelemetry:
 
     def latency(self, name: str, seconds: float) -> None:
         self.latencies.labels(name).observe(seconds)
+
+    def breaker(self, system: str, state: str) -> None:
+        if str(system) not in SYSTEMS or state not in BREAKER_STATES:
+            return  # labels are fixed sets
+        for s in BREAKER_STATES:
+            self.breakers.labels(str(system), s).set(1 if s == state else 0)
+
+    def probe(self, system: str, result: str) -> None:
+        if str(system) in SYSTEMS and result in ("success", "failure"):
+            self.probes.labels(str(system), result).inc()
+
+    def dead_lettered(self, system: str) -> None:
+        if str(system) in SYSTEMS:
+            self.dead_letters.labels(str(system)).inc()
 
     @property
     def echoes_suppressed(self) -> float:

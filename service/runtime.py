@@ -146,6 +146,7 @@ class Runtime:
     def start_background(self) -> None:
         s = self.settings
         self._spawn("outbox", self.outbox.run(self._stop))
+        self._spawn("heartbeat", self._every(s.heartbeat_seconds, self._heartbeat, first_delay=0.0))
         self._spawn("session-refresh", self._every(60, self._refresh_sessions))
         if s.reconcile_interval_seconds > 0:
             self._spawn(
@@ -163,6 +164,9 @@ class Runtime:
             )
             self.outbox.wake()
         return released
+
+    async def _heartbeat(self) -> None:
+        await self.outbox.heartbeat(self.settings.heartbeat_seconds)
 
     async def start_intakes(self) -> None:
         for intake in (self.dataverse_intake, self.graph_intake, self.bot):
@@ -278,7 +282,7 @@ def _assemble(
     telemetry = PrometheusTelemetry()
     owner = owner or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tokens = token_provider(s)
-    retry = RetryPolicy(max_attempts=s.outbox_max_attempts)
+    retry = RetryPolicy(max_attempts=s.outbox_max_attempts, dead_letter_after_seconds=s.dead_letter_after_hours * 3600)
     limiters = default_limiters()
     dataverse = DataverseClient(s.dataverse_url, tokens) if s.dataverse_enabled else None
     teams = TeamsPresenceClient(

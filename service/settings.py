@@ -68,6 +68,14 @@ class Settings(BaseSettings):
     secret_key: str = ""
     """Fernet key (urlsafe base64, 32 bytes) for secrets at rest; without it token caches are refused."""
     outbox_max_attempts: int = 8
+    """Tries of an upstream read before it fails; a delivery makes at least this many and dies only
+    once ``dead_letter_after_hours`` have passed since its first failure as well."""
+    dead_letter_after_hours: float = 24.0
+    """How long a command keeps being retried after its first failed attempt before it becomes a dead
+    letter (permanent errors die at once); time while its upstream is down does not kill it."""
+    heartbeat_seconds: float = 2.0
+    """How often this instance records that it is alive; rows leased by an instance silent for three
+    of these are taken over."""
     teams_write_hold_seconds: float = 0.5
     """Quiet time before a Dynamics 365 change is written to Teams: a burst folds into one Graph
     call (Graph allows 1,500 presence writes per 30 s for the whole tenant); a steady stream is
@@ -114,6 +122,20 @@ class Settings(BaseSettings):
     def _attempts(cls, v: int) -> int:
         if not 1 <= v <= 100:
             raise ValueError("expected a number of tries from 1 to 100")
+        return v
+
+    @field_validator("dead_letter_after_hours")
+    @classmethod
+    def _dead_letter(cls, v: float) -> float:
+        if not 0 <= v <= 24 * 30:
+            raise ValueError("expected hours from 0 to 720 (0: die after the tries alone)")
+        return v
+
+    @field_validator("heartbeat_seconds")
+    @classmethod
+    def _heartbeat(cls, v: float) -> float:
+        if not 0.1 <= v <= 60:
+            raise ValueError("expected seconds from 0.1 to 60")
         return v
 
     @field_validator("database_url")

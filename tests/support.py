@@ -130,3 +130,12 @@ class RecordingTelemetry:
 
     def latency(self, name: str, seconds: float) -> None:
         self.latencies.append((name, seconds))
+
+    def breaker(self, system: str, state: str) -> None:
+        pass
+
+    def probe(self, system: str, result: str) -> None:
+        pass
+
+    def dead_lettered(self, system: str) -> None:
+        pass

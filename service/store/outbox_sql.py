@@ -63,6 +63,9 @@ def _enqueue_statement(dialect: str) -> Any:
         outbox.c.next_attempt_at.is_not(None),
         outbox.c.next_attempt_at > now,
     )
+    # A failing run (rule 7) keeps its tries and its dead-letter clock for the new value (see
+    # ``mapping.memory``); a new value after a dead letter starts a new run.
+    failing = and_(outbox.c.failing_since.is_not(None), outbox.c.status != DEAD)
     stmt = upsert(dialect, outbox)
     stmt = stmt.on_conflict_do_update(
         index_elements=[outbox.c.agent_id, outbox.c.system],
@@ -70,8 +73,8 @@ def _enqueue_statement(dialect: str) -> Any:
             "value": stmt.excluded.value,
             "reason": stmt.excluded.reason,
             "generation": outbox.c.generation + 1,
-            "attempts": 0,
-            "last_error": None,
+            "attempts": case((failing, outbox.c.attempts), else_=0),
+            "last_error": case((failing, outbox.c.last_error), else_=null()),
             "updated_at": stmt.excluded.updated_at,
             "next_attempt_at": case(
                 (and_(holding, outbox.c.held_since >= cap), stmt.excluded.next_attempt_at),
@@ -79,6 +82,7 @@ def _enqueue_statement(dialect: str) -> Any:
                 else_=stmt.excluded.next_attempt_at,
             ),
             "held_since": case((holding, outbox.c.held_since), else_=stmt.excluded.held_since),
+            "failing_since": case((failing, outbox.c.failing_since), else_=null()),
             "status": case((outbox.c.status == IN_FLIGHT, IN_FLIGHT), else_=PENDING),
         },
     )
@@ -135,10 +139,31 @@ async def cancel_pending(conn: AsyncConnection, agent_id: str, system: System, n
         update(outbox)
         .where(*where)
         .values(
-            lease_owner=None, lease_token=None, lease_until=None, status=DELIVERED, updated_at=now, last_error=CANCELLED
+            lease_owner=None,
+            lease_token=None,
+            lease_until=None,
+            status=DELIVERED,
+            updated_at=now,
+            last_error=CANCELLED,
+            failing_since=None,
         )
     )
     return OutboxStatus(was)
+
+
+async def redrive(conn: AsyncConnection, system: System, now: datetime) -> int:
+    """``Store.redrive``: every row of ``system`` waiting out a retry backoff is due now."""
+    result = await conn.execute(
+        update(outbox)
+        .where(
+            outbox.c.system == system.value,
+            outbox.c.status == PENDING,
+            outbox.c.failing_since.is_not(None),
+            outbox.c.next_attempt_at > now,
+        )
+        .values(next_attempt_at=now)
+    )
+    return int(result.rowcount or 0)
 
 
 async def release_leases(conn: AsyncConnection, owner: str, now: datetime) -> int:
@@ -190,12 +215,23 @@ async def claim(
             outbox.c.attempts,
             outbox.c.lease_token,
             outbox.c.reason,
+            outbox.c.failing_since,
         )
     )
     rows = (await conn.execute(stmt)).all()
     return sorted(
         (
-            Delivery(r.id, r.agent_id, System(r.system), r.value, r.generation, r.attempts, r.lease_token, r.reason)
+            Delivery(
+                r.id,
+                r.agent_id,
+                System(r.system),
+                r.value,
+                r.generation,
+                r.attempts,
+                r.lease_token,
+                r.reason,
+                r.failing_since,
+            )
             for r in rows
         ),
         key=lambda d: d.id,
@@ -222,6 +258,7 @@ async def ack(conn: AsyncConnection, d: Delivery, now: datetime) -> bool:
             lease_until=None,
             updated_at=now,
             delivered_generation=d.generation,
+            failing_since=None,
             status=case((moved, PENDING), else_=DELIVERED),
             attempts=case((moved, 0), else_=outbox.c.attempts),
             next_attempt_at=case((moved, ts(now)), else_=outbox.c.next_attempt_at),
@@ -238,19 +275,24 @@ async def fail(
     """Pending again at ``next_attempt_at``, dead when it is None; a generation enqueued meanwhile
     is retried at once with fresh attempts instead. IN_FLIGHT when the lease was not ours."""
     moved = outbox.c.generation != d.generation
+    if next_attempt_at is None:  # dead, unless a newer value came: that one starts a new run
+        values: dict[str, Any] = {
+            "status": case((moved, PENDING), else_=DEAD),
+            "attempts": case((moved, 0), else_=d.attempts + 1),
+            "next_attempt_at": case((moved, ts(now)), else_=null()),
+            "failing_since": case((moved, null()), else_=func.coalesce(outbox.c.failing_since, ts(now))),
+        }
+    else:  # a newer value is due now but inherits the failing run's tries and clock (``mapping.memory``)
+        values = {
+            "status": PENDING,
+            "attempts": d.attempts + 1,
+            "next_attempt_at": case((moved, ts(now)), else_=ts(next_attempt_at)),
+            "failing_since": func.coalesce(outbox.c.failing_since, ts(now)),
+        }
     stmt = (
         update(outbox)
         .where(_held(d))
-        .values(
-            lease_owner=None,
-            lease_token=None,
-            lease_until=None,
-            updated_at=now,
-            last_error=error,
-            status=case((moved, PENDING), else_=DEAD if next_attempt_at is None else PENDING),
-            attempts=case((moved, 0), else_=d.attempts + 1),
-            next_attempt_at=case((moved, ts(now)), else_=ts(next_attempt_at)),
-        )
+        .values(lease_owner=None, lease_token=None, lease_until=None, updated_at=now, last_error=error, **values)
         .returning(outbox.c.status)
     )
     status = (await conn.execute(stmt)).scalar_one_or_none()
@@ -275,7 +317,7 @@ async def retry_dead(conn: AsyncConnection, row_id: int | None, now: datetime) -
     stmt = (
         update(outbox)
         .where(outbox.c.status == DEAD)
-        .values(status=PENDING, attempts=0, next_attempt_at=now, updated_at=now)
+        .values(status=PENDING, attempts=0, next_attempt_at=now, updated_at=now, failing_since=None)
         .returning(outbox.c.id)
     )
     if row_id is not None:

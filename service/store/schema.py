@@ -98,6 +98,7 @@ outbox = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Column("held_since", UTCDateTime),  # first change of the run being coalesced (0002)
+    Column("failing_since", UTCDateTime),  # first failed attempt of the current run (0005)
     UniqueConstraint("agent_id", "system"),
 )
 

@@ -149,6 +149,10 @@ class SqlStore:
         async with self._writing() as conn:
             return await outbox_sql.claim(conn, systems, limit, lease_seconds, owner, now)
 
+    async def redrive(self, system: System, now: datetime) -> int:
+        async with self._writing() as conn:
+            return await outbox_sql.redrive(conn, system, now)
+
     async def release_leases(self, owner: str, now: datetime) -> int:
         async with self._writing() as conn:
             return await outbox_sql.release_leases(conn, owner, now)

@@ -94,7 +94,7 @@ async def test_retries_exhausted_count_as_finally_failed(make_harness: MakeHarne
             System.DYNAMICS: RecordingWriter(System.DYNAMICS, [DOWN] * 3),
             System.TEAMS: RecordingWriter(System.TEAMS),
         },
-        policy=RetryPolicy(jitter=False, max_attempts=3),
+        policy=RetryPolicy(jitter=False, max_attempts=3, dead_letter_after_seconds=0),
         settle_seconds=0.3,
     )
     await h.say("away")

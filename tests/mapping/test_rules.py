@@ -450,7 +450,9 @@ async def test_rule7_dead_letter_after_bounded_tries_and_retry():
     clock = FakeClock()
     writer = RecordingWriter(T, [RetryableError("503")] * 3)
     b = make_bridge(
-        clock=clock, writers={T: writer, D: RecordingWriter(D)}, policy=RetryPolicy(max_attempts=3, jitter=False)
+        clock=clock,
+        writers={T: writer, D: RecordingWriter(D)},
+        policy=RetryPolicy(max_attempts=3, jitter=False, dead_letter_after_seconds=0),
     )
     await b.store.upsert_agents([ALICE])
     await b.engine.observe(ev(ALICE, D, BUSY, clock(), 1))
@@ -509,6 +511,41 @@ async def test_rule7_a_dead_override_leaves_no_drift_the_sweep_cannot_repair():
     assert writes(swept) == [(D, BUSY)]  # the same row version, but compared with the outputs: repaired
     await b.outbox.drain()
     assert dynamics.calls == [(ALICE.dynamics_user_id, BUSY)]
+
+
+async def test_rule7_a_dead_letter_whose_report_was_lost_is_repaired_by_the_sweep():
+    """The process dies (or the state's transaction fails) between the store marking the row dead and
+    the engine hearing of it: the state still counts the override as on its way. The sweep applies
+    the death first, so it sees the difference and writes the override again instead of reporting
+    the agent in sync while Dynamics routes customers to someone in a call."""
+    from mapping.reconcile import reconcile
+
+    class Reader:
+        def __init__(self, system, value):
+            self.system, self.value = system, value
+
+        async def read(self, agents):
+            return [
+                replace(ev(a, self.system, self.value, b.clock(), 1 if self.system is D else None), current=True)
+                for a in agents
+            ]
+
+    dynamics = RecordingWriter(D, [PermanentError("0x80040217")])
+    b = make_bridge(writers={T: RecordingWriter(T), D: dynamics})
+    b.outbox.listeners.clear()  # the death is never reported
+    await b.store.upsert_agents([ALICE])
+    await b.engine.observe(ev(ALICE, D, AVAILABLE, b.clock(), 1))
+    await b.engine.observe(ev(ALICE, T, "Busy/InACall", b.clock.advance(60)))
+    await b.outbox.drain()
+    assert [r.system for r in await b.store.list_outbox(OutboxStatus.DEAD)] == [D]
+    assert (await state_of(b)).dynamics_written == BUSY  # the state still expects it
+    b.clock.advance(300)
+    readers = {D: Reader(D, AVAILABLE), T: Reader(T, "Busy/InACall")}
+    summary = await reconcile(b.engine, readers, [ALICE])
+    assert (summary.repaired, summary.in_sync) == (1, 0), summary.line()
+    await b.outbox.drain()
+    assert dynamics.calls == [(ALICE.dynamics_user_id, BUSY)]
+    assert await b.engine.recheck_dead_letters() == 0  # applied once
 
 
 async def test_rule7_newer_value_during_flight_is_delivered_after(b):

@@ -645,7 +645,7 @@ async def test_rule8_reconcile_repairs_lost_notifications_missed_events_dead_let
     ``PRESENCE_SYNC_OUTBOX_MAX_ATTEMPTS`` (2 here): the state records what each system really kept,
     so the sweep sees the difference and writes it again."""
     alice, bob, carol, dave, erin, frank = agents = make_agents(6, AVAILABLE)
-    stack = await make_stack(agents, outbox_max_attempts=2, **NO_HOLD)
+    stack = await make_stack(agents, outbox_max_attempts=2, dead_letter_after_hours=0, **NO_HOLD)
     rt = stack.runtime
     stack.dataverse.set_presence(frank.dynamics_id, BUSY, "SYSTEM")
     await shows(stack, Want(frank, "routing Busy", bridge="Busy/InACall", shown="Busy/InACall"))

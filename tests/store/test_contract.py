@@ -299,14 +299,52 @@ async def test_a_hold_folds_a_burst_into_one_delivery_and_a_stream_is_capped(any
     assert (row.status, row.next_attempt_at) == (OutboxStatus.PENDING, T0 + timedelta(seconds=5.5))
 
 
-async def test_a_new_value_during_a_retry_backoff_is_due_after_its_hold_not_the_backoff(any_store: Store) -> None:
+async def test_a_new_value_during_a_retry_backoff_is_due_after_its_hold_and_keeps_the_failing_run(
+    any_store: Store,
+) -> None:
+    """Due after its hold (the breaker, not the store, holds back a down upstream), but the tries and
+    the dead-letter clock of the failing run stay: a stream of new values cannot reset them."""
     await enqueue(any_store, cmd(ALICE, "a"))
     [d] = await any_store.claim([TEAMS], 10, 30, "w", T0)
+    assert d.failing_since is None
     await any_store.fail(d, "503", T0 + timedelta(minutes=5), T0)
     async with any_store.transaction() as tx:
         await tx.enqueue(cmd(ALICE, "b"), T0 + timedelta(seconds=1), 0.5, 5.0)
     [row] = await any_store.list_outbox()
-    assert (row.value, row.attempts, row.next_attempt_at) == ("b", 0, T0 + timedelta(seconds=1.5))
+    assert (row.value, row.attempts, row.next_attempt_at, row.last_error) == (
+        "b",
+        1,
+        T0 + timedelta(seconds=1.5),
+        "503",
+    )
+    [d] = await any_store.claim([TEAMS], 10, 30, "w", T0 + timedelta(seconds=2))
+    assert (d.value, d.attempts, d.failing_since) == ("b", 1, T0)
+    await any_store.fail(d, "503", T0 + timedelta(seconds=10), T0 + timedelta(seconds=3))
+    [d] = await any_store.claim([TEAMS], 10, 30, "w", T0 + timedelta(seconds=10))
+    assert (d.attempts, d.failing_since) == (2, T0)  # the clock runs from the run's first failure
+    assert await any_store.ack(d, T0 + timedelta(seconds=11)) is True
+    async with any_store.transaction() as tx:
+        await tx.enqueue(cmd(ALICE, "c"), T0 + timedelta(seconds=12))
+    [d] = await any_store.claim([TEAMS], 10, 30, "w", T0 + timedelta(seconds=12))
+    assert (d.attempts, d.failing_since) == (0, None)  # delivered: the next value is a new run
+
+
+async def test_redrive_makes_every_row_waiting_out_a_backoff_due_now(any_store: Store) -> None:
+    """The breaker closed: rows of that system in a retry backoff go at once; rows held for
+    coalescing, rows of the other system and rows already due are left as they are."""
+    await enqueue(any_store, cmd(ALICE, "a"), cmd(BOB, "b"), cmd(ALICE, BUSY, DYN))
+    for d in await any_store.claim([TEAMS, DYN], 10, 30, "w", T0):
+        await any_store.fail(d, "503", T0 + timedelta(minutes=5), T0)
+    async with any_store.transaction() as tx:
+        await tx.enqueue(cmd(CAROL, "c"), T0, 30.0, 300.0)  # held, never attempted
+    now = T0 + timedelta(seconds=1)
+    assert await any_store.claim([TEAMS, DYN], 10, 30, "w", now) == []
+    assert await any_store.redrive(TEAMS, now) == 2
+    assert await any_store.redrive(TEAMS, now) == 0  # already due
+    claimed = await any_store.claim([TEAMS, DYN], 10, 30, "w", now)
+    assert sorted((d.agent_id, d.system) for d in claimed) == sorted(
+        [(ALICE.dynamics_user_id, TEAMS), (BOB.dynamics_user_id, TEAMS)]
+    )
 
 
 async def test_claim_then_ack_delivers(any_store: Store) -> None:
