@@ -68,7 +68,7 @@ async def read_json(
     if not raw.strip():
         raise Rejected(400, "malformed", f"empty body; expected {what}")
     if nested_deeper_than(raw, MAX_DEPTH):
-        raise Rejected(400, "malformed", f"body is not a usable JSON document: nested deeper than {MAX_DEPTH} levels")
+        raise Rejected(400, "malformed", "body is not a usable JSON document: nested too deeply")
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as e:
