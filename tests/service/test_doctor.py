@@ -48,6 +48,7 @@ NAMES = [
     "dataverse webhook",
     "graph subscriptions",
     "public url",
+    "webhook spool",
 ]
 
 
