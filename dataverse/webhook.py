@@ -87,6 +87,8 @@ SWEEP = "left to the sweep: the periodic reconcile reads Dataverse, so nothing e
 REPLAY_BACKOFF = RetryPolicy(base_seconds=0.2, max_delay_seconds=2.0)
 """The replayer tries again soon: a store that answers again should get its spool back within
 seconds (each try waits on the store itself, up to its own busy/connect timeout)."""
+STOP_GRACE = 2.0
+"""Seconds ``stop`` lets store work of spooled requests finish (the spool has those changes anyway)."""
 POISON_AFTER = 3
 """A spooled record whose replay failed this many times in a row is quarantined, if the store takes
 that write: then the store works and the record is what fails, and it must not hold up the rest."""
@@ -183,7 +185,7 @@ class DataverseIntake:
         await self._worker.stop()
         await self._replayer.stop()
         if self._attempts:  # store work of spooled requests still under way: let it end, bounded
-            _, late = await asyncio.wait(self._attempts, timeout=5.0)
+            _, late = await asyncio.wait(self._attempts, timeout=STOP_GRACE)
             for task in late:
                 task.cancel()
         if self.spool is not None:
