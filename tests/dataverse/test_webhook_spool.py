@@ -215,3 +215,32 @@ async def test_a_record_the_store_keeps_refusing_while_it_works_is_quarantined(
     assert json.loads(item.body)["MessageName"] == "Update"
     state = (await bridge.store.load_states([ALICE.dynamics_user_id]))[ALICE.dynamics_user_id]
     assert (state.dynamics_seen.value, state.dynamics_seen.version) == (AWAY, 41)
+
+
+@pytest.mark.postgres
+async def test_postgres_locked_table_spools_then_replays(
+    pg_url: str, open_sql: Any, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """PostgreSQL path: another session holds an exclusive lock on ``agent_state`` (as a long
+    migration or a stuck transaction would); the change is spooled, then replayed once it ends."""
+    import asyncpg
+
+    store = await open_sql(pg_url)
+    bridge = make_bridge(store=store)
+    await store.upsert_agents([ALICE])
+    server, schema = pg_url.replace("postgresql+asyncpg://", "postgresql://").split("?schema=")
+    locker = await asyncpg.connect(server, server_settings={"search_path": schema})
+    served = await spooled_intake(bridge, tmp_path / "spool.bin")
+    try:
+        tx = locker.transaction()
+        await tx.start()
+        await locker.execute("LOCK TABLE agent_state IN ACCESS EXCLUSIVE MODE")
+        status, body = await post(http, served, update(BUSY, row_version=50))
+        assert (status, body["status"]) == (202, "spooled"), body
+        await tx.rollback()
+        await served.intake.wait_idle(timeout=20)
+    finally:
+        await served.close()
+        await locker.close()
+    state = (await store.load_states([ALICE.dynamics_user_id]))[ALICE.dynamics_user_id]
+    assert (state.dynamics_seen.value, state.dynamics_seen.version) == (BUSY, 50)

@@ -83,7 +83,7 @@ async def test_schema_argument_creates_and_uses_the_schema(
             )
         ).scalar_one()
         assert (await conn.execute(text("SELECT current_schema()"))).scalar_one() == name
-    assert tables == 8  # seven tables and alembic_version
+    assert tables == 10  # nine tables and alembic_version
 
 
 async def test_sqlite_file_in_a_missing_directory(tmp_path: Path) -> None:
@@ -102,7 +102,7 @@ async def test_schema_newer_than_the_code_is_refused(sql_url: str, open_sql: Ope
     for migrate in (True, False):
         with pytest.raises(ConfigError, match=r"schema revision 9999, which this version of presence-sync does not"):
             await open_store(sql_url, migrate=migrate)
-    with pytest.raises(ConfigError, match=r"revision 9999, this presence-sync needs 0003; a newer presence-sync"):
+    with pytest.raises(ConfigError, match=r"revision 9999, this presence-sync needs 0004; a newer presence-sync"):
         await store.ping()
 
 
