@@ -232,7 +232,7 @@ class DataverseIntake:
         except TimeoutError:
             return await self._spool(raw, ctype, received, f"the store did not commit within {self.commit_timeout:g} s")
         except Exception as e:  # the store failing (a failover, the disk): the spool keeps the change
-            return await self._spool(raw, ctype, received, f"the store failed: {type(e).__name__}: {e}")
+            return await self._spool(raw, ctype, received, redact(f"the store failed: {type(e).__name__}: {e}"))
         return web.json_response(payload, status=status)
 
     async def _attempt(self, work: Awaitable[tuple[int, dict[str, Any]]]) -> tuple[int, dict[str, Any]]:
