@@ -12,11 +12,19 @@ durable and nothing that waits on another system:
   client with ``bridge.retry``, adds the agent and observes its presence. Notes left by a stopped
   process are processed by the next ``start()``. An Update for an agent still pending refreshes its
   note, so the presence recorded once the agent is added is the latest one.
-- Bad input: 401 (key), 413 (over ``max_body``, by ``Content-Length`` and while reading), 415 (not
-  JSON), 400 (malformed JSON or context, with the parser's reason), 202 for an unknown or disabled
-  agent (counted, logged with the systemuserid). Never a 500: an unexpected failure (the store down)
-  answers 503 with a JSON error, so Dataverse fails the operation instead of the change being lost
-  behind a 2xx.
+- A body the bridge cannot use, with the right key (not JSON, invalid JSON, nested too deeply, not a
+  context, a message, shape or date it does not know, no agent): answered **202** ``quarantined``
+  with the item's id and reason, and kept in the bounded quarantine (``CoreApi.quarantine``,
+  ``presence-sync quarantine list|show|drop``). Nothing else is to be done for it: the periodic
+  reconcile reads Dataverse, so the presence it may have carried is picked up by the sweep.
+  401 (key) and 413 (over ``max_body``) stay refusals: they are not "the right key, up to 1 MiB".
+- The store not committing within ``commit_timeout`` (about a second: an exclusive lock on the
+  SQLite file, PostgreSQL failing over), or failing: the authenticated body is appended to the local
+  spool (``edge.spool``, ``fsync``'d) and answered **202** ``spooled``; a background replayer hands
+  it back through the same path, in order, with its original arrival time, once the store answers.
+  While the spool holds records, new requests go behind them (so an agent's changes keep their
+  order). Only when the spool cannot be written either is the answer 503 (Dataverse retries once).
+  An unknown or disabled agent: 202 (counted, logged with the systemuserid). Never a 500.
 
 Ordering versions (rule 4): the core gets ``RowVersion`` when the context has one and ``None``
 otherwise, *not* the contract's fallback to ``msdyn_presencemodifiedon`` in epoch ms: a Create carries
@@ -31,7 +39,7 @@ import asyncio
 import dataclasses
 import hmac
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -40,12 +48,15 @@ from aiohttp import web
 from dataverse.agent_lookup import AgentStatusLookup
 from dataverse.client import DataverseClient
 from dataverse.context import AgentStatusChange, ContextError, Message, parse_context
-from edge.body import read_json
+from edge.body import JSON_TYPES, JsonError, is_json_type, parse_json, read_body, shown_type
 from edge.intake import Rejected, answer
+from edge.spool import Spool, SpoolRecord, SpoolUnavailable
 from edge.upstream import is_loopback
 from mapping.api import CoreApi
-from mapping.errors import UpstreamError
+from mapping.errors import RetryableError, UpstreamError
 from mapping.model import Agent, PresenceObserved, System
+from mapping.redact import redact
+from mapping.retry import RetryPolicy
 from mapping.rounds import Rounds
 from mapping.rules import Result
 
@@ -58,7 +69,52 @@ PENDING_KIND = "dataverse.pending_agent"
 KEY_HEADER = "x-presence-sync-key"
 KEY_SETTING = "PRESENCE_SYNC_DATAVERSE_WEBHOOK_KEY"
 MAX_BODY = 1024 * 1024
+COMMIT_TIMEOUT = 1.0
 _PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
+WHAT = "a RemoteExecutionContext JSON object"
+
+QUARANTINE_REASONS = (
+    "not_json",  # content type not JSON, or an empty body
+    "invalid_json",  # does not parse (or is not UTF-8, or holds an unpaired surrogate)
+    "too_deep",  # nested past the JSON parser or past MAX_NESTING ParentContexts
+    "not_context",  # JSON, but not a RemoteExecutionContext object
+    "unknown_message",  # a message or entity this route does not handle
+    "bad_date",  # a date that is not a WCF /Date(ms)/
+    "no_agent",  # a presence change or Create whose agent cannot be known
+    "unknown_shape",  # any other field of the wrong shape or type
+    "replay_failed",  # a spooled change the store kept refusing while it took other writes
+)
+"""The quarantine reasons of this route: a fixed set (metric labels), never caller text."""
+SWEEP = "left to the sweep: the periodic reconcile reads Dataverse, so nothing else is to be done"
+REPLAY_BACKOFF = RetryPolicy(base_seconds=0.2, max_delay_seconds=2.0)
+"""The replayer tries again soon: a store that answers again should get its spool back within
+seconds (each try waits on the store itself, up to its own busy/connect timeout)."""
+STOP_GRACE = 2.0
+"""Seconds ``stop`` lets store work of spooled requests finish (the spool has those changes anyway)."""
+POISON_AFTER = 3
+"""A spooled record whose replay failed this many times in a row is quarantined, if the store takes
+that write: then the store works and the record is what fails, and it must not hold up the rest."""
+_JSON_REASONS = {"empty": "not_json", "invalid": "invalid_json", "too_deep": "too_deep", "bad_unicode": "invalid_json"}
+
+
+def quarantine_reason(error: ContextError) -> str:
+    """The fixed reason for a parser refusal (its words stay in the detail)."""
+    text = error.reason
+    if "nested deeper" in text:
+        return "too_deep"
+    if "a date like" in text or "valid UTC offset" in text or "out of range" in text:
+        return "bad_date"
+    if "no msdyn_agentid" in text:
+        return "no_agent"
+    if "is not handled" in text or "this route handles" in text:
+        return "unknown_message"
+    if text.startswith("body is ") or text.startswith("MessageName: "):
+        return "not_context"
+    return "unknown_shape"
+
+
+def _json_type(content_type: str) -> bool:
+    return content_type in JSON_TYPES or content_type.endswith("+json")
 
 
 class DataverseIntake:
@@ -68,7 +124,9 @@ class DataverseIntake:
     loopback callers only. ``client``: for reading new agents' systemusers; ``None`` (Dataverse not
     configured) leaves new agents unknown, reported. ``poll_interval``: how often pending agents are
     looked at when nothing wakes the worker. ``on_agent_added``: called after a Create added an agent
-    (the runtime points it at the subscription upkeep)."""
+    (the runtime points it at the subscription upkeep). ``spool``: where a change goes when the store
+    does not commit within ``commit_timeout`` seconds (``None``: no spool, such a request waits for
+    the store and a failure answers 503)."""
 
     def __init__(
         self,
@@ -80,9 +138,13 @@ class DataverseIntake:
         poll_interval: float = 30.0,
         on_agent_added: Callable[[], None] | None = None,
         lookup: AgentStatusLookup | None = None,
+        spool: Spool | None = None,
+        commit_timeout: float = COMMIT_TIMEOUT,
     ) -> None:
         self.bridge = bridge
         self.lookup = lookup  # the agent of an Update whose context does not carry it (agent_lookup)
+        self.spool = spool
+        self.commit_timeout = commit_timeout
         self.on_agent_added = on_agent_added
         self.key = webhook_key.encode()
         self.client = client
@@ -95,26 +157,57 @@ class DataverseIntake:
             name="dataverse-pending-agents",
         )
         self._busy = False
+        self._replayer = Rounds(
+            self.replay_spool,
+            interval=5.0,
+            retry=REPLAY_BACKOFF,
+            what="spool replay",
+            name="dataverse-spool-replay",
+        )
+        self._attempts: set[asyncio.Task[Any]] = set()
+        self._replay_failures = 0
 
     # ------------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Starts the pending-agent worker; notes left by an earlier process are processed at once."""
+        """Starts the pending-agent worker and the spool replayer; notes and spooled changes left by
+        an earlier process are processed at once (the spool's first: new requests queue behind it)."""
         if not self.key:
             log.warning(f"{KEY_SETTING} is not set: the Dataverse webhook accepts loopback callers only")
+        if self.spool is not None:
+            try:
+                self.spool.open()
+            except SpoolUnavailable as e:
+                log.error(
+                    "webhook spool unavailable: a store outage would be answered 503",
+                    extra={"fields": {"detail": e.reason}},
+                )
+            self._replayer.start(at_once=True)
         self._worker.start(at_once=True)
 
     async def stop(self) -> None:
         await self._worker.stop()
+        await self._replayer.stop()
+        if self._attempts:  # store work of spooled requests still under way: let it end, bounded
+            _, late = await asyncio.wait(self._attempts, timeout=STOP_GRACE)
+            for task in late:
+                task.cancel()
+        if self.spool is not None:
+            await self.spool.close()
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post(PATH, self.handle)]
 
     async def wait_idle(self, timeout: float = 10.0) -> None:
-        """Waits until no new agent is pending (tests, demo)."""
+        """Waits until no new agent is pending and the spool is replayed (tests, demo)."""
         async with asyncio.timeout(timeout):
-            while self._busy or await self.bridge.records.list_docs(PENDING_KIND):
+            while (
+                self._busy
+                or (self.spool is not None and self.spool.records)
+                or await self.bridge.records.list_docs(PENDING_KIND)
+            ):
                 self._worker.wake()
+                self._replayer.wake()
                 await asyncio.sleep(0.02)
 
     # ------------------------------------------------------------------------------------ the route
@@ -130,13 +223,98 @@ class DataverseIntake:
 
     async def _handle(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        body = await read_json(request, max_body=self.max_body, what="a RemoteExecutionContext JSON object")
+        received = self.bridge.clock()
+        raw = await read_body(request, max_body=self.max_body)
+        ctype = request.content_type if is_json_type(request) else shown_type(request)
+        if self.spool is None:
+            status, payload = await self._process(raw, ctype, received)
+            return web.json_response(payload, status=status)
+        if self.spool.records:
+            return await self._spool(raw, ctype, received, "earlier changes are still waiting in the spool")
+        try:
+            status, payload = await self._attempt(self._process(raw, ctype, received))
+        except TimeoutError:
+            return await self._spool(raw, ctype, received, f"the store did not commit within {self.commit_timeout:g} s")
+        except Exception as e:  # the store failing (a failover, the disk): the spool keeps the change
+            return await self._spool(raw, ctype, received, redact(f"the store failed: {type(e).__name__}: {e}"))
+        return web.json_response(payload, status=status)
+
+    async def _attempt(self, work: Awaitable[tuple[int, dict[str, Any]]]) -> tuple[int, dict[str, Any]]:
+        """``work`` (everything this request does with the store: agent lookup, observe, pending-agent
+        note, quarantine) within ``commit_timeout``; ``TimeoutError`` when it takes longer.
+
+        Why a late commit is safe: the work runs as a task of its own behind ``asyncio.shield``, so the
+        timeout never cancels it half-way inside a driver (no connection left in an unknown state); it
+        goes on and may still commit after the request was spooled and answered. The spooled copy is
+        then replayed too, with the same arrival time and ``RowVersion``: rule 4 takes an equal version
+        (or, without one, the same time and value) as a duplicate and an older one as stale, so the
+        second arrival changes nothing and enqueues nothing. At worst a body that was quarantined is
+        kept twice. Tasks still running at ``stop`` get a bounded wait."""
+        task = asyncio.ensure_future(work)
+        self._attempts.add(task)
+        task.add_done_callback(self._attempt_done)
+        return await asyncio.wait_for(asyncio.shield(task), self.commit_timeout)
+
+    def _attempt_done(self, task: asyncio.Task[Any]) -> None:
+        self._attempts.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("store work of a webhook failed", extra={"fields": {"error": repr(task.exception())}})
+
+    async def _spool(self, raw: bytes, ctype: str, received: datetime, why: str) -> web.Response:
+        assert self.spool is not None
+        try:
+            await self.spool.append(SpoolRecord(ROUTE, received, ctype, raw))
+        except SpoolUnavailable as e:
+            log.error(
+                "webhook change not recorded: the store is not answering and the spool cannot be written",
+                extra={"fields": {"why": why, "spool": e.reason}},
+            )
+            raise Rejected(
+                503,
+                "unavailable",
+                "temporarily unable to record the change (the store is not answering and the spool cannot "
+                "be written); nothing was acknowledged, send it again",
+            ) from None
+        self._replayer.wake()
+        self.bridge.telemetry.event(INTAKE, "spooled")
+        log.warning(
+            "webhook change spooled; replayed in order once the store answers",
+            extra={"fields": {"why": why, "records": self.spool.records}},
+        )
+        return web.json_response(
+            {"status": "spooled", "detail": f"{why}: kept in the local spool, replayed in order once it answers"},
+            status=202,
+        )
+
+    async def _process(self, raw: bytes, ctype: str, received: datetime) -> tuple[int, dict[str, Any]]:
+        """One authenticated body, live or replayed from the spool: quarantined when unusable, else
+        accepted. Raises only when the store fails."""
+        if not _json_type(ctype):
+            detail = f"content type {ctype!r}; expected application/json"
+            return await self._quarantine("not_json", raw, detail, received)
+        try:
+            body = parse_json(raw, what=WHAT)
+        except JsonError as e:
+            return await self._quarantine(_JSON_REASONS[e.kind], raw, e.message, received)
         try:
             change = parse_context(body)
         except ContextError as e:
-            raise Rejected(400, "malformed_context", f"not a usable msdyn_agentstatus context: {e.reason}") from None
-        status, payload = await self._accept(change)
-        return web.json_response(payload, status=status)
+            detail = f"not a usable msdyn_agentstatus context: {e.reason}"
+            return await self._quarantine(quarantine_reason(e), raw, detail, received)
+        return await self._accept(change, received, raw)
+
+    async def _quarantine(self, reason: str, raw: bytes, detail: str, at: datetime) -> tuple[int, dict[str, Any]]:
+        # The store scrubs too, but cannot know a key shorter than the scrubber's minimum; masked at
+        # its own length, so the size kept is the size received.
+        body = raw.replace(self.key, b"*" * len(self.key)) if self.key else raw
+        detail = redact(detail)
+        item_id = await self.bridge.quarantine.quarantine(ROUTE, reason, body, detail, at)
+        self.bridge.telemetry.quarantined(ROUTE, reason)
+        log.warning(
+            "webhook body quarantined: " + SWEEP,
+            extra={"fields": {"id": item_id, "reason": reason, "detail": detail, "size": len(raw)}},
+        )
+        return 202, {"status": "quarantined", "id": item_id, "reason": reason, "detail": detail, "next": SWEEP}
 
     def _authorize(self, request: web.Request) -> None:
         if not self.key:
@@ -155,7 +333,9 @@ class DataverseIntake:
 
     # ------------------------------------------------------------------------------------ processing
 
-    async def _accept(self, change: AgentStatusChange) -> tuple[int, dict[str, Any]]:
+    async def _accept(self, change: AgentStatusChange, now: datetime, raw: bytes) -> tuple[int, dict[str, Any]]:
+        """``now``: when the request arrived (a spooled one keeps its original arrival time); ``raw``:
+        the body, kept in the quarantine when the change cannot be used."""
         if change.message is Message.UPDATE and not change.is_presence_change:
             self.bridge.telemetry.event(INTAKE, "not_presence_change")
             return 200, {"status": "ignored", "reason": change.ignored_reason}
@@ -166,18 +346,13 @@ class DataverseIntake:
                 self.bridge.telemetry.event(INTAKE, "agent_unresolved")
                 detail = (
                     f"the context names no msdyn_agentid and msdyn_agentstatus {change.agent_status_id} could "
-                    "not be looked up now; the reconciliation sweep will read it. Run `presence-sync dataverse "
-                    "register-webhook` so the Update step carries the post-image with msdyn_agentid"
+                    "not be looked up now. Run `presence-sync dataverse register-webhook` so the Update step "
+                    "carries the post-image with msdyn_agentid"
                 )
-                log.warning(
-                    "dataverse webhook without an agent",
-                    extra={"fields": {"agent_status": change.agent_status_id, "detail": detail}},
-                )
-                return 202, {"status": "agent_unresolved", "agent_status": change.agent_status_id, "detail": detail}
+                return await self._quarantine("no_agent", raw, detail, now)
             change = dataclasses.replace(change, agent_id=agent_id)
         elif self.lookup is not None:
             await self.lookup.remember(change.agent_status_id, agent_id)
-        now = self.bridge.clock()
         agent = await self.bridge.directory.get_agent(agent_id)
         if agent is None:
             return await self._unknown(change, now)
@@ -224,6 +399,49 @@ class DataverseIntake:
             extra={"fields": {"systemuser": agent_id, "message": str(change.message), "detail": why}},
         )
         return 202, {"status": "unknown_agent", "agent": agent_id, "detail": why}
+
+    # ------------------------------------------------------------------------------------ the spool
+
+    async def replay_spool(self) -> int:
+        """One round of the replayer: the spooled changes, oldest first, through the same path as a
+        live request (no timeout: this is the background, and it waits on the store itself). Stops at
+        the first the store does not take, for the next round (``REPLAY_BACKOFF``)."""
+        if self.spool is None:
+            return 0
+        if self.spool.problem is not None and not self.spool.records:
+            try:
+                self.spool.open()  # the folder may have become writable again
+            except SpoolUnavailable:
+                return 0
+        replayed = await self.spool.replay(self._replay_one)
+        if replayed:
+            log.info("spooled webhook changes replayed", extra={"fields": {"records": replayed}})
+        return replayed
+
+    async def _replay_one(self, record: SpoolRecord) -> None:
+        try:
+            status, payload = await self._process(record.body, record.content_type, record.received_at)
+        except Exception as e:
+            self._replay_failures += 1
+            error = f"{type(e).__name__}: {e}"
+            if self._replay_failures >= POISON_AFTER:
+                detail = f"replaying this spooled change failed {self._replay_failures} times: {error}"
+                try:
+                    await self._quarantine("replay_failed", record.body, detail, record.received_at)
+                except Exception:
+                    pass  # the store is down: keep the record, try again later
+                else:
+                    self._replay_failures = 0
+                    return
+            waiting = self.spool.records if self.spool is not None else 0
+            log.warning(
+                "spool replay waits for the store",
+                extra={"fields": {"error": redact(error), "records": waiting}},
+            )
+            raise RetryableError(f"the store did not take a spooled webhook change: {error}") from e
+        self._replay_failures = 0
+        self.bridge.telemetry.event(INTAKE, "replayed")
+        log.debug("spooled change replayed", extra={"fields": {"status": status, "answer": payload.get("status")}})
 
     # ------------------------------------------------------------------------------------ new agents
 

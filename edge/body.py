@@ -1,12 +1,15 @@
 """Reading an intake request's body: bounded in size, of a JSON content type, valid JSON, nested no
-deeper than any real document. Every route refuses junk the same way."""
+deeper than any real document. Every route refuses junk the same way.
+
+The steps are also offered one by one (``read_body``, ``is_json_type``, ``parse_json``) for a route
+that must keep what it cannot use instead of refusing it (the Dataverse webhook's quarantine)."""
 
 from __future__ import annotations
 
 import json
 import re
 from collections.abc import Collection
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -39,6 +42,66 @@ def nested_deeper_than(raw: bytes, limit: int) -> bool:
     return False
 
 
+JsonProblem = Literal["empty", "invalid", "too_deep", "bad_unicode"]
+
+
+class JsonError(ValueError):
+    """The body is not a usable JSON document; ``kind`` is one of a fixed set (a metric label),
+    ``message`` is safe to send back."""
+
+    def __init__(self, kind: JsonProblem, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+async def read_body(request: web.Request, *, max_body: int) -> bytes:
+    """The raw body, refused with 413 over ``max_body`` (by ``Content-Length`` and while reading:
+    chunked uploads carry no length)."""
+    if request.content_length is not None and request.content_length > max_body:
+        raise Rejected(413, "too_large", f"body of {request.content_length} bytes exceeds {max_body}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > max_body:
+            raise Rejected(413, "too_large", f"body exceeds {max_body} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def is_json_type(request: web.Request, *, types: Collection[str] = JSON_TYPES, type_required: bool = True) -> bool:
+    has_type = "Content-Type" in request.headers
+    ctype = request.content_type
+    return not (has_type or type_required) or (has_type and (ctype in types or ctype.endswith("+json")))
+
+
+def shown_type(request: web.Request) -> str:
+    return request.content_type if "Content-Type" in request.headers else "none"
+
+
+def parse_json(raw: bytes, *, what: str) -> Any:
+    """``raw`` as JSON, or ``JsonError`` saying why not (``what`` names the expected document)."""
+    if not raw.strip():
+        raise JsonError("empty", f"empty body; expected {what}")
+    if nested_deeper_than(raw, MAX_DEPTH):
+        raise JsonError("too_deep", "body is not a usable JSON document: nested too deeply")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise JsonError("invalid", f"body is not JSON: {e}") from None
+    except RecursionError:  # [[[[...: junk, not a failure of ours, so not a 503 that invites a resend
+        raise JsonError("too_deep", "body is not a usable JSON document: nested too deeply") from None
+    if b"\\u" in raw:
+        # JSON may escape a lone surrogate (\ud800): valid JSON, but not text. Let in, it fails later
+        # wherever the string is encoded (a log line, the store), far from the request: refused here.
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise JsonError("bad_unicode", "body holds invalid Unicode (an unpaired surrogate escape)") from None
+    return body
+
+
 async def read_json(
     request: web.Request,
     *,
@@ -52,34 +115,12 @@ async def read_json(
     sends one, but its validation POST may not); a wrong one is always refused."""
     if request.content_length is not None and request.content_length > max_body:
         raise Rejected(413, "too_large", f"body of {request.content_length} bytes exceeds {max_body}")
-    has_type = "Content-Type" in request.headers
-    ctype = request.content_type
-    if (has_type or type_required) and not (has_type and (ctype in types or ctype.endswith("+json"))):
-        shown = ctype if has_type else "none"
-        raise Rejected(415, "unsupported_media_type", f"content type {shown!r}; expected application/json")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_chunked(64 * 1024):  # chunked uploads carry no length
-        size += len(chunk)
-        if size > max_body:
-            raise Rejected(413, "too_large", f"body exceeds {max_body} bytes")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    if not raw.strip():
-        raise Rejected(400, "malformed", f"empty body; expected {what}")
-    if nested_deeper_than(raw, MAX_DEPTH):
-        raise Rejected(400, "malformed", "body is not a usable JSON document: nested too deeply")
+    if not is_json_type(request, types=types, type_required=type_required):
+        raise Rejected(
+            415, "unsupported_media_type", f"content type {shown_type(request)!r}; expected application/json"
+        )
+    raw = await read_body(request, max_body=max_body)
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise Rejected(400, "malformed", f"body is not JSON: {e}") from None
-    except RecursionError:  # [[[[...: junk, not a failure of ours, so not a 503 that invites a resend
-        raise Rejected(400, "malformed", "body is not a usable JSON document: nested too deeply") from None
-    if b"\\u" in raw:
-        # JSON may escape a lone surrogate (\ud800): valid JSON, but not text. Let in, it fails later
-        # wherever the string is encoded (a log line, the store), far from the request: refused here.
-        try:
-            json.dumps(body, ensure_ascii=False).encode()
-        except UnicodeEncodeError:
-            raise Rejected(400, "malformed", "body holds invalid Unicode (an unpaired surrogate escape)") from None
-    return body
+        return parse_json(raw, what=what)
+    except JsonError as e:
+        raise Rejected(400, "malformed", e.message) from None

@@ -15,7 +15,7 @@ from mapping.catalogue import Catalogue
 from mapping.clock import Clock
 from mapping.engine import Outcome
 from mapping.model import Agent, AgentSyncState, OutboxRow, PresenceObserved, System
-from mapping.ports import AdapterRecords, AgentDirectory, DeliveryListener, ReadRequests
+from mapping.ports import AdapterRecords, AgentDirectory, DeliveryListener, Quarantine, ReadRequests
 from mapping.ratelimit import UpstreamLimiter
 from mapping.retry import RetryPolicy
 from mapping.rules import Result
@@ -74,6 +74,10 @@ class CoreApi(Protocol):
     def directory(self) -> AgentDirectory: ...
     @property
     def records(self) -> AdapterRecords: ...
+    @property
+    def quarantine(self) -> Quarantine:
+        """Where an intake keeps a request it could not use but must answer 2xx (bounded, scrubbed)."""
+        ...
 
     async def observe(self, event: PresenceObserved, *, intake: str | None = None) -> Outcome:
         """A presence seen in one system (webhook, notification, read): the sync rules decide."""

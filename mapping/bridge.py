@@ -15,7 +15,15 @@ from mapping.clock import Clock, utcnow
 from mapping.engine import HOLD_CAP_FACTOR, Outcome, SyncEngine
 from mapping.model import Agent, AgentSyncState, Delivery, OutboxRow, OutboxStatus, PresenceObserved, System
 from mapping.outbox import OutboxWorker
-from mapping.ports import AdapterRecords, AgentDirectory, DeliveryListener, PresenceWriter, ReadRequests, Store
+from mapping.ports import (
+    AdapterRecords,
+    AgentDirectory,
+    DeliveryListener,
+    PresenceWriter,
+    Quarantine,
+    ReadRequests,
+    Store,
+)
 from mapping.ratelimit import DATAVERSE_PER_USER, GRAPH_PRESENCE, UpstreamLimiter
 from mapping.retry import RetryPolicy
 from mapping.rules import Result
@@ -121,6 +129,10 @@ class Bridge:
 
     @property
     def records(self) -> AdapterRecords:
+        return self.store
+
+    @property
+    def quarantine(self) -> Quarantine:
         return self.store
 
     async def observe(self, event: PresenceObserved, *, intake: str | None = None) -> Outcome:

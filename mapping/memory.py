@@ -21,9 +21,13 @@ from mapping.model import (
     OutboxRow,
     OutboxStatus,
     Presence,
+    QuarantinedItem,
     SetPresence,
     System,
 )
+from mapping.redact import redact, redact_bytes
+
+QUARANTINE_MAX_ITEMS = 10_000
 
 
 @dataclass
@@ -187,8 +191,14 @@ def _norm(agent: Agent) -> Agent:
 
 
 class MemoryStore:
-    def __init__(self) -> None:
+    def __init__(self, *, quarantine_max_items: int = QUARANTINE_MAX_ITEMS) -> None:
         self.d = _Data()
+        self.quarantine_max_items = quarantine_max_items
+        # Outside ``_Data``: transactions never write it, and copying every kept body per
+        # transaction would cost what the quarantine holds.
+        self._quarantined: dict[int, QuarantinedItem] = {}
+        self._quarantine_next = 1
+        self._quarantine_dropped = 0
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[MemoryTransaction]:
@@ -368,6 +378,33 @@ class MemoryStore:
     async def try_lead(self, name: str, owner: str) -> bool:
         holder = self.d.docs.setdefault(("leader", name), {"owner": owner})
         return bool(holder["owner"] == owner)
+
+    # Quarantine: newest ``quarantine_max_items`` kept, the oldest dropped first (and counted).
+    async def quarantine(self, route: str, reason: str, body: bytes, detail: str, at: datetime) -> int:
+        item_id = self._quarantine_next
+        self._quarantine_next += 1
+        self._quarantined[item_id] = QuarantinedItem(
+            item_id, route, reason, redact(detail), at, len(body), redact_bytes(body)
+        )
+        while len(self._quarantined) > max(1, self.quarantine_max_items):
+            del self._quarantined[next(iter(self._quarantined))]  # ids are inserted in order
+            self._quarantine_dropped += 1
+        return item_id
+
+    async def list_quarantined(self, limit: int = 100) -> list[QuarantinedItem]:
+        return [self._quarantined[i] for i in sorted(self._quarantined, reverse=True)[:limit]]
+
+    async def get_quarantined(self, item_id: int) -> QuarantinedItem | None:
+        return self._quarantined.get(item_id)
+
+    async def drop_quarantined(self, item_id: int) -> bool:
+        return self._quarantined.pop(item_id, None) is not None
+
+    async def quarantine_count(self) -> int:
+        return len(self._quarantined)
+
+    async def quarantine_dropped(self) -> int:
+        return self._quarantine_dropped
 
     async def ping(self) -> None:
         return None

@@ -269,3 +269,20 @@ class AgentSyncState:
     """Read Teams once the pending session write lands: the session being replaced was what Teams
     showed, and the person's own state may be hidden behind it (Graph notifies nothing when the
     aggregate does not change)."""
+
+
+@dataclass(frozen=True)
+class QuarantinedItem:
+    """A request an intake could not use, kept instead of refused (the sender must get a 2xx).
+
+    ``route``: the intake's fixed route name (``dataverse_webhook``). ``reason``: one of the route's
+    small fixed set (a metric label). ``detail``: the parser's words. ``size``: the body's length as
+    received; ``body``: as received, with anything secret masked (``mapping.redact``)."""
+
+    id: int
+    route: str
+    reason: str
+    detail: str
+    received_at: datetime
+    size: int
+    body: bytes

@@ -6,6 +6,7 @@ The core never imports an adapter. ``service`` builds the adapters and hands the
 - ``PresenceReader``: one per system, used by reconciliation to read the truth in batches.
 - ``DeliveryListener``: told when a command finally lands or dies (the bot's follow-ups).
 - ``ReadRequests``: asks an adapter to read an agent's present state (Teams, after a session write).
+- ``Quarantine``: requests an intake could not use, kept (bounded) instead of refused.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from mapping.model import (
     OutboxStatus,
     Presence,
     PresenceObserved,
+    QuarantinedItem,
     SetPresence,
     System,
 )
@@ -136,7 +138,32 @@ class AdapterRecords(Protocol):
         ...
 
 
-class Store(AgentDirectory, AdapterRecords, Protocol):
+class Quarantine(Protocol):
+    """Bodies an intake could not use but had to answer 2xx (the Dataverse webhook's step is
+    synchronous: a refusal fails the agent's own change). Bounded: the store keeps its newest
+    ``quarantine_max_items``, dropping the oldest first and counting what it dropped. Body and detail
+    are stored through the scrubber (``mapping.redact``): no key or token is ever kept."""
+
+    async def quarantine(self, route: str, reason: str, body: bytes, detail: str, at: datetime) -> int:
+        """Keeps one item; returns its id (ids grow: a higher id was quarantined later)."""
+        ...
+
+    async def list_quarantined(self, limit: int = 100) -> list[QuarantinedItem]:
+        """The newest ``limit`` items, newest first."""
+        ...
+
+    async def get_quarantined(self, item_id: int) -> QuarantinedItem | None: ...
+    async def drop_quarantined(self, item_id: int) -> bool:
+        """False when there is no such item."""
+        ...
+
+    async def quarantine_count(self) -> int: ...
+    async def quarantine_dropped(self) -> int:
+        """How many items were dropped for room (oldest first) since the store was created."""
+        ...
+
+
+class Store(AgentDirectory, AdapterRecords, Quarantine, Protocol):
     def transaction(self) -> AbstractAsyncContextManager[Transaction]:
         """Commits on normal exit, rolls back on exception."""
         ...

@@ -62,3 +62,18 @@ def redact_value(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [redact_value(v) for v in value]
     return value
+
+
+_PAIR_KEY = re.compile(r'"([Kk]ey)"(\s*:)')
+_HIDE = "\x00\x01pair\x01"
+
+
+def redact_bytes(data: bytes) -> bytes:
+    """``redact`` over a stored request body that may not be UTF-8: undecodable bytes pass through
+    unchanged (``surrogateescape``), so the body stays what was received, less its secrets.
+
+    One exception to the shapes: the ``"key":`` of a JSON ``{"key": NAME, "value": ...}`` pair (every
+    DataContract collection of a Dataverse context is a list of them) names a field, it is no secret,
+    and masking it would leave a body no one can read."""
+    text = _PAIR_KEY.sub(lambda m: f'"{_HIDE}{m[1]}"{m[2]}', data.decode("utf-8", "surrogateescape"))
+    return redact(text).replace(_HIDE, "").encode("utf-8", "surrogateescape")

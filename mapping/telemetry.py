@@ -13,6 +13,10 @@ class Telemetry(Protocol):
     def rejected(self, route: str, reason: str) -> None:
         """Bad input refused at a route (``reason``: unauthenticated, malformed, too_large...)."""
 
+    def quarantined(self, route: str, reason: str) -> None:
+        """A request kept in the quarantine instead of refused (``reason``: the route's fixed set,
+        never caller text)."""
+
     def delivery(self, system: str, result: str, seconds: float) -> None:
         """One outbox delivery attempt (``result``: delivered, throttled, retry, dead)."""
 
@@ -38,6 +42,9 @@ class NullTelemetry:
         pass
 
     def rejected(self, route: str, reason: str) -> None:
+        pass
+
+    def quarantined(self, route: str, reason: str) -> None:
         pass
 
     def delivery(self, system: str, result: str, seconds: float) -> None:

@@ -99,9 +99,15 @@ async def readyz(request: web.Request) -> web.Response:
     unconfigured = getattr(rt.tokens, "problem", None)
     if unconfigured:
         problems.append(unconfigured)
+    # The webhook's spool: ready while it works (records waiting are fine, they are replayed); not
+    # ready when it cannot be written, since a store outage would then fail agents' changes.
+    spool = rt.spool.status().as_json() if rt.spool is not None else None
+    if rt.spool is not None and rt.spool.problem:
+        problems.append(f"webhook spool unwritable: {rt.spool.problem} (check PRESENCE_SYNC_SPOOL_DIR)")
     if problems:
-        return web.json_response({"status": "not ready", "problems": problems}, status=503)
-    return web.json_response({"status": "ready", "agents": len(await rt.store.list_agents(enabled_only=True))})
+        return web.json_response({"status": "not ready", "problems": problems, "spool": spool}, status=503)
+    agents = len(await rt.store.list_agents(enabled_only=True))
+    return web.json_response({"status": "ready", "agents": agents, "spool": spool})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
+import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -61,12 +61,12 @@ async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from service.app import create_app
-    from service.runtime import Runtime
+    from service.runtime import Runtime, serve_owner
 
     logs.configure(json_lines=True, level=settings.log_level)
     # Fail fast, with one line, before binding the port. The lease owner survives a restart (host
     # and port: two instances on one host cannot share a port), so rows in flight are taken back.
-    runtime = await Runtime.open(settings, owner=f"{socket.gethostname()}:{settings.port}")
+    runtime = await Runtime.open(settings, owner=serve_owner(settings))
     app = create_app(settings, runtime=runtime)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -240,6 +240,67 @@ async def cmd_outbox_retry(settings: Settings, args: argparse.Namespace) -> int:
     if n == 0 and args.id is not None:
         return fail(f"outbox row {args.id} is not a dead letter (see `presence-sync outbox list --status dead`)")
     say(f"{n} dead letter(s) queued again; a running `serve` delivers them")
+    return 0
+
+
+async def cmd_quarantine_list(settings: Settings, args: argparse.Namespace) -> int:
+    if args.limit < 1:
+        return fail("--limit must be at least 1")
+    store = await _store(settings)
+    try:
+        items = await store.list_quarantined(limit=args.limit)
+        held = await store.quarantine_count()
+        dropped = await store.quarantine_dropped()
+    finally:
+        await store.close()
+    say(f"{'id':>6} {'received (UTC)':<19} {'route':<18} {'reason':<16} {'size':>8}  detail")
+    for q in items:
+        received = q.received_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+        say(f"{q.id:>6} {received:<19} {q.route:<18} {q.reason:<16} {q.size:>8}  {redact(q.detail)[:160]}")
+    shown = f"newest {len(items)} of " if held > len(items) else ""
+    say(
+        f"{shown}{held} item(s) held (at most {settings.quarantine_max_items}), {dropped} dropped for room; "
+        "`presence-sync quarantine show ID` shows one"
+    )
+    return 0
+
+
+def _shown_body(body: bytes) -> str:
+    """The body for a person: pretty-printed when it is JSON, else as text (bad bytes escaped)."""
+    try:
+        return json.dumps(json.loads(body), indent=2, ensure_ascii=False)
+    except (ValueError, RecursionError):
+        return body.decode("utf-8", "backslashreplace")
+
+
+async def cmd_quarantine_show(settings: Settings, args: argparse.Namespace) -> int:
+    store = await _store(settings)
+    try:
+        item = await store.get_quarantined(args.id)
+    finally:
+        await store.close()
+    if item is None:
+        return fail(f"quarantine item {args.id} does not exist (see `presence-sync quarantine list`)")
+    say(f"id:       {item.id}")
+    say(f"received: {item.received_at.astimezone(UTC).isoformat()}")
+    say(f"route:    {item.route}")
+    say(f"reason:   {item.reason}")
+    say(f"size:     {item.size} bytes")
+    say(f"detail:   {redact(item.detail)}")
+    say("body:")
+    say(redact(_shown_body(item.body)))
+    return 0
+
+
+async def cmd_quarantine_drop(settings: Settings, args: argparse.Namespace) -> int:
+    store = await _store(settings)
+    try:
+        dropped = await store.drop_quarantined(args.id)
+    finally:
+        await store.close()
+    if not dropped:
+        return fail(f"quarantine item {args.id} does not exist (see `presence-sync quarantine list`)")
+    say(f"dropped quarantine item {args.id}")
     return 0
 
 
@@ -449,6 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
     orr = add("retry", cmd_outbox_retry, "queue a dead letter again (ID, or --all-dead)", osub)
     orr.add_argument("id", nargs="?", type=int)
     orr.add_argument("--all-dead", action="store_true")
+
+    qa = add("quarantine", None, "webhook bodies the bridge could not use, kept instead of refused")  # type: ignore[arg-type]
+    qsub = qa.add_subparsers(dest="quarantine_command", required=True, parser_class=OneLineParser)
+    ql = add("list", cmd_quarantine_list, "list quarantined items, newest first", qsub)
+    ql.add_argument("--limit", type=int, default=100, help="items to show (default 100)")
+    add("show", cmd_quarantine_show, "one item with its body (secrets masked)", qsub).add_argument("id", type=int)
+    add("drop", cmd_quarantine_drop, "drop one item", qsub).add_argument("id", type=int)
 
     db = add("db", None, "the store")  # type: ignore[arg-type]
     dbsub = db.add_subparsers(dest="db_command", required=True, parser_class=OneLineParser)

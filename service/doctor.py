@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +154,7 @@ class _Doctor:
         await self.checked("dataverse webhook", self.webhook, dv_hang)
         await self.checked("graph subscriptions", self.subscriptions, "the store did not answer")
         await self.checked("public url", self.public_url, "")
+        await self.checked("webhook spool", self.spool, "the spool folder did not answer (a hung network mount?)")
 
     async def checked(self, name: str, fn: Callable[[], Awaitable[Check | tuple[Check, Any]]], on_timeout: str) -> Any:
         """Runs one check under the per-check timeout and reports it; any error becomes a FAIL line (doctor
@@ -703,6 +705,38 @@ class _Doctor:
                 f"put the service behind TLS and set {PREFIX}PUBLIC_URL to its https URL",
             )
         return Check("PASS", name, f"GET {url}: ok")
+
+    # ------------------------------------------------------------------ 9. webhook spool
+
+    async def spool(self) -> Check:
+        """The spool ``serve`` uses when the store does not commit in time: its folder writable, and
+        what waits in the files there (read only: replaying is ``serve``'s business)."""
+        from edge.spool import inspect, spool_path
+        from service.runtime import serve_owner, spool_folder
+
+        name = "webhook spool"
+        folder = spool_folder(self.s)
+        probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), folder)
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            return Check(
+                "FAIL",
+                name,
+                f"{folder} is not a writable folder: a store outage would fail agents' changes (503)",
+                f"set {PREFIX}SPOOL_DIR to a writable local folder",
+            )
+        own = spool_path(folder, serve_owner(self.s))
+        files = sorted({own, *folder.glob("webhook-spool-*.bin")}) if folder.exists() else [own]
+        waiting = [st for st in (await asyncio.to_thread(lambda: [inspect(f) for f in files])) if st.records]
+        if not waiting:
+            return Check("PASS", name, f"empty ({folder}, at most {self.s.spool_max_bytes} bytes per instance)")
+        shown = "; ".join(f"{st.path.name}: {st.records} record(s), {st.bytes} bytes" for st in waiting)
+        return Check(
+            "WARN",
+            name,
+            f"{sum(st.records for st in waiting)} record(s) waiting in {folder} ({shown})",
+            "a running `presence-sync serve` replays its own spool as soon as the store answers; "
+            "check the store if this does not shrink",
+        )
 
 
 def _client_credentials(client_id: str, secret: str, authority: str, http_client: Any) -> dict[str, Any]:

@@ -3,6 +3,9 @@ several apps in one test process do not collide)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from mapping.model import System
@@ -10,6 +13,16 @@ from mapping.ports import Store
 from mapping.upstream_health import BREAKER_STATES, BreakerState
 
 SYSTEMS = tuple(s.value for s in System)
+
+
+class SpoolGauge(Protocol):
+    """What ``render`` reads from a spool (``edge.spool.Spool``) at scrape time."""
+
+    @property
+    def records(self) -> int: ...
+    @property
+    def pending_bytes(self) -> int: ...
+
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -65,6 +78,26 @@ class PrometheusTelemetry:
         self.dead = Gauge(
             "presence_sync_dead_letters", "Outbox rows that gave up (see `presence-sync outbox list`)", registry=r
         )
+        self.quarantines = Counter(
+            "presence_sync_quarantined_total",
+            "Requests kept in the quarantine instead of refused, by route and reason",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.quarantine_items = Gauge(
+            "presence_sync_quarantine_items",
+            "Items held in the quarantine (`presence-sync quarantine list`)",
+            registry=r,
+        )
+        self.quarantine_dropped = Gauge(
+            "presence_sync_quarantine_dropped", "Quarantine items dropped for room (oldest first), ever", registry=r
+        )
+        self.spool_records = Gauge(
+            "presence_sync_spool_records", "Webhook changes in the local spool, waiting for the store", registry=r
+        )
+        self.spool_bytes = Gauge("presence_sync_spool_bytes", "Bytes of the spooled changes waiting", registry=r)
+        self.spools: list[Callable[[], SpoolGauge | None]] = []
+        """Where ``render`` finds the spools (the runtime registers the webhook's)."""
 
     # Telemetry port
     def event(self, source: str, result: str) -> None:
@@ -72,6 +105,9 @@ class PrometheusTelemetry:
 
     def rejected(self, route: str, reason: str) -> None:
         self.rejections.labels(route, reason).inc()
+
+    def quarantined(self, route: str, reason: str) -> None:
+        self.quarantines.labels(route, reason).inc()
 
     def delivery(self, system: str, result: str, seconds: float) -> None:
         self.deliveries.labels(str(system), result).inc()
@@ -104,9 +140,15 @@ class PrometheusTelemetry:
         )
 
     async def render(self, store: Store) -> bytes:
-        """Outbox gauges are read from the store at scrape time, so every instance reports the truth."""
+        """Outbox and quarantine gauges are read from the store at scrape time, so every instance
+        reports the truth; the spool gauges are this instance's own spool."""
         counts = await store.outbox_counts()
         for status, n in counts.items():
             self.outbox.labels(status).set(n)
         self.dead.set(counts.get("dead", 0))
+        self.quarantine_items.set(await store.quarantine_count())
+        self.quarantine_dropped.set(await store.quarantine_dropped())
+        spools = [s for s in (get() for get in self.spools) if s is not None]
+        self.spool_records.set(sum(s.records for s in spools))
+        self.spool_bytes.set(sum(s.pending_bytes for s in spools))
         return generate_latest(self.registry)

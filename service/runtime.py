@@ -20,6 +20,7 @@ from bot.teams import BotIntake
 from dataverse.agent_lookup import AgentStatusLookup
 from dataverse.client import DataverseClient
 from dataverse.webhook import DataverseIntake
+from edge.spool import Spool, spool_path
 from graph_sync.accounts import SubscriberAccounts, app_credential
 from graph_sync.crypto import Decryptor
 from graph_sync.notifications import GraphIntake
@@ -53,7 +54,28 @@ OOB_CATALOGUE = [
 async def open_configured_store(settings: Settings) -> Store:
     from service.store.sql import open_store
 
-    return await open_store(settings.database_url, secret_key=settings.secret_key)
+    return await open_store(
+        settings.database_url, secret_key=settings.secret_key, quarantine_max_items=settings.quarantine_max_items
+    )
+
+
+def serve_owner(settings: Settings) -> str:
+    """The owner id of ``serve`` (outbox leases, the spool file): host and port survive a restart,
+    and two instances on one host cannot share a port."""
+    return f"{socket.gethostname()}:{settings.port}"
+
+
+def spool_folder(settings: Settings) -> Path:
+    """``SPOOL_DIR``, else a ``spool`` folder next to the SQLite file, else ``./spool``."""
+    if settings.spool_dir:
+        return Path(settings.spool_dir).expanduser()
+    if settings.is_sqlite:
+        from service.store.connect import parse_url
+
+        folder = parse_url(settings.database_url).sqlite_folder
+        if folder is not None:
+            return folder / "spool"
+    return Path("spool")
 
 
 @dataclass(frozen=True)
@@ -96,8 +118,11 @@ class Runtime:
         bot: BotIntake,
         web_login: WebLogin | None = None,
         tenant: TenantResolution | None = None,
+        spool: Spool | None = None,
     ) -> None:
         self.settings = settings
+        self.spool = spool
+        """This instance's webhook spool (opened when the intakes start)."""
         self.store = store
         self.telemetry = telemetry
         self.owner = owner
@@ -347,12 +372,16 @@ def _assemble(
     agent_lookup = AgentStatusLookup(bridge.records, dataverse, retry=retry)
     if dataverse is not None:
         dataverse.agent_status_sink = agent_lookup.remember_many  # the sweep's reads fill the cache
+    spool = Spool(spool_path(spool_folder(s), owner), max_bytes=s.spool_max_bytes)
+    telemetry.spools.append(lambda: spool)
     dataverse_intake = DataverseIntake(
         bridge,
         webhook_key=s.dataverse_webhook_key,
         client=dataverse,
         on_agent_added=subscriptions.directory_changed if subscriptions is not None else None,
         lookup=agent_lookup,
+        spool=spool,
+        commit_timeout=s.store_commit_timeout_seconds,
     )
     graph_intake = GraphIntake(
         bridge,
@@ -390,6 +419,7 @@ def _assemble(
         bot=bot,
         web_login=web_login,
         tenant=tenant,
+        spool=spool,
     )
 
 

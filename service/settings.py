@@ -82,6 +82,15 @@ class Settings(BaseSettings):
     still written every 10 holds."""
     log_level: str = "INFO"
 
+    quarantine_max_items: int = 10_000
+    """Webhook bodies the bridge could not use, kept for an admin (oldest dropped first beyond it)."""
+    spool_dir: str = ""
+    """Where each instance keeps its webhook spool file; default: a ``spool`` folder next to the
+    SQLite file, or ``./spool`` with PostgreSQL."""
+    spool_max_bytes: int = 64 * 1024 * 1024
+    store_commit_timeout_seconds: float = 1.0
+    """How long a webhook waits for the store before its change goes to the spool."""
+
     @field_validator("port")
     @classmethod
     def _port(cls, v: int) -> int:
@@ -136,6 +145,27 @@ class Settings(BaseSettings):
     def _heartbeat(cls, v: float) -> float:
         if not 0.1 <= v <= 60:
             raise ValueError("expected seconds from 0.1 to 60")
+        return v
+
+    @field_validator("quarantine_max_items")
+    @classmethod
+    def _quarantine_max(cls, v: int) -> int:
+        if not 1 <= v <= 1_000_000:
+            raise ValueError("expected a number of items from 1 to 1000000")
+        return v
+
+    @field_validator("spool_max_bytes")
+    @classmethod
+    def _spool_max(cls, v: int) -> int:
+        if v < 2 * 1024 * 1024:
+            raise ValueError("expected at least 2097152 bytes (2 MiB: one webhook body may be 1 MiB)")
+        return v
+
+    @field_validator("store_commit_timeout_seconds")
+    @classmethod
+    def _commit_timeout(cls, v: float) -> float:
+        if not 0.05 <= v <= 10:
+            raise ValueError("expected seconds from 0.05 to 10 (Dataverse waits for the answer)")
         return v
 
     @field_validator("database_url")

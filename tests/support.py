@@ -117,6 +117,7 @@ class RecordingTelemetry:
     def __init__(self) -> None:
         self.events: Counter[tuple[str, str]] = Counter()
         self.rejections: Counter[tuple[str, str]] = Counter()
+        self.quarantines: Counter[tuple[str, str]] = Counter()
         self.latencies: list[tuple[str, float]] = []
 
     def event(self, source: str, result: str) -> None:
@@ -124,6 +125,9 @@ class RecordingTelemetry:
 
     def rejected(self, route: str, reason: str) -> None:
         self.rejections[(route, reason)] += 1
+
+    def quarantined(self, route: str, reason: str) -> None:
+        self.quarantines[(route, reason)] += 1
 
     def delivery(self, system: str, result: str, seconds: float) -> None:
         pass

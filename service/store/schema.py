@@ -139,3 +139,25 @@ secrets = Table(
     Column("ciphertext", LargeBinary, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
 )
+
+# Bodies an intake could not use and answered 2xx anyway (0004): newest kept, oldest dropped first.
+quarantine = Table(
+    "quarantine",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("route", String(64), nullable=False),
+    Column("reason", String(64), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("received_at", UTCDateTime, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("body", LargeBinary, nullable=False),
+)
+
+# Counters the store keeps for itself (0004: ``quarantine_dropped``), incremented in SQL, so two
+# instances adding at once never lose a count.
+counters = Table(
+    "counters",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)

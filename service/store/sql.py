@@ -23,8 +23,19 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from mapping.clock import utcnow
 from mapping.errors import ConfigError
-from mapping.model import Agent, AgentSyncState, BasePresence, Delivery, OutboxRow, OutboxStatus, Presence, System
-from service.store import directory_sql, outbox_sql, state_sql
+from mapping.memory import QUARANTINE_MAX_ITEMS
+from mapping.model import (
+    Agent,
+    AgentSyncState,
+    BasePresence,
+    Delivery,
+    OutboxRow,
+    OutboxStatus,
+    Presence,
+    QuarantinedItem,
+    System,
+)
+from service.store import directory_sql, outbox_sql, quarantine_sql, state_sql
 from service.store.connect import BEGIN_MODE, ENV, Target, create_engine, describe_connect_error, parse_url
 from service.store.dialect import upsert
 from service.store.leader import Leadership
@@ -46,8 +57,16 @@ __all__ = ["SqlStore", "migration_status", "open_store", "upgrade"]
 class SqlStore:
     """Build it with ``open_store``; the constructor does no I/O and applies no migrations."""
 
-    def __init__(self, engine: AsyncEngine, target: Target, secret_box: SecretBox) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        target: Target,
+        secret_box: SecretBox,
+        *,
+        quarantine_max_items: int = QUARANTINE_MAX_ITEMS,
+    ) -> None:
         self.engine = engine
+        self.quarantine_max_items = quarantine_max_items
         self.target = target
         self._box = secret_box
         self._sqlite = target.is_sqlite
@@ -227,6 +246,31 @@ class SqlStore:
                 )
             )
 
+    # Quarantine ---------------------------------------------------------------------------------
+    async def quarantine(self, route: str, reason: str, body: bytes, detail: str, at: datetime) -> int:
+        async with self._writing() as conn:
+            return await quarantine_sql.add(conn, route, reason, body, detail, at, max(1, self.quarantine_max_items))
+
+    async def list_quarantined(self, limit: int = 100) -> list[QuarantinedItem]:
+        async with self._reading() as conn:
+            return await quarantine_sql.newest(conn, limit)
+
+    async def get_quarantined(self, item_id: int) -> QuarantinedItem | None:
+        async with self._reading() as conn:
+            return await quarantine_sql.get(conn, item_id)
+
+    async def drop_quarantined(self, item_id: int) -> bool:
+        async with self._writing() as conn:
+            return await quarantine_sql.drop(conn, item_id)
+
+    async def quarantine_count(self) -> int:
+        async with self._reading() as conn:
+            return await quarantine_sql.count(conn)
+
+    async def quarantine_dropped(self) -> int:
+        async with self._reading() as conn:
+            return await quarantine_sql.dropped(conn)
+
     # Operations --------------------------------------------------------------------------------
     async def try_lead(self, name: str, owner: str) -> bool:
         return await self._leader.try_lead(name, owner)
@@ -258,14 +302,20 @@ class SqlStore:
 
 
 async def open_store(
-    database_url: str, *, secret_key: str = "", migrate: bool = True, schema: str | None = None
+    database_url: str,
+    *,
+    secret_key: str = "",
+    migrate: bool = True,
+    schema: str | None = None,
+    quarantine_max_items: int = QUARANTINE_MAX_ITEMS,
 ) -> SqlStore:
     """Connects, applies pending migrations (unless ``migrate=False``) and returns the store.
 
     ``schema`` (PostgreSQL; also ``?schema=NAME`` in the URL) keeps every table in that schema,
     creating it when migrating. ``ConfigError`` (one line, naming PRESENCE_SYNC_DATABASE_URL, no
     password) when the URL is bad, the database cannot be reached, or its schema is newer than the
-    code; also when ``secret_key`` is set but malformed."""
+    code; also when ``secret_key`` is set but malformed. ``quarantine_max_items``: the quarantine's
+    bound (``PRESENCE_SYNC_QUARANTINE_MAX_ITEMS``)."""
     target = parse_url(database_url, schema)
     box = SecretBox(secret_key)
     engine = create_engine(target)
@@ -277,4 +327,4 @@ async def open_store(
     except BaseException:
         await engine.dispose()
         raise
-    return SqlStore(engine, target, box)
+    return SqlStore(engine, target, box, quarantine_max_items=quarantine_max_items)

@@ -1,8 +1,8 @@
 """An Update whose Target carries only the columns the writer sent (no ``msdyn_agentid``), end to end
 against the emulators: with the post-image ``register-webhook`` registers the agent comes with the
 change; without it the agent is looked up by the row's id once and then known; when it cannot be
-known the answer is still 2xx (``agent_unresolved``, counted). The last test runs the whole service
-(``LocalStack``: Dataverse and Graph emulators, the real aiohttp app) and looks at Teams."""
+known the answer is still 2xx (quarantined as ``no_agent``, counted as ``agent_unresolved``). The
+last test runs the whole service (``LocalStack``: Dataverse and Graph emulators, the real aiohttp app) and looks at Teams."""
 
 from __future__ import annotations
 
@@ -129,10 +129,12 @@ async def test_an_agent_that_cannot_be_resolved_is_answered_2xx_and_counted(
     emu.set_presence(ALICE.dynamics_user_id, BUSY)
     (sent,) = await emu.wait_emissions()
     assert sent.status == 202, sent.response  # never a non-2xx: it would fail the agent's own change
-    assert '"status": "agent_unresolved"' in sent.response and status_id in sent.response
+    assert '"status": "quarantined"' in sent.response and status_id in sent.response
     assert "register-webhook" in sent.response
     assert telemetry.events[(INTAKE, "agent_unresolved")] == 1
     assert await bridge.store.load_states([ALICE.dynamics_user_id]) == {}
+    (item,) = await bridge.quarantine.list_quarantined()
+    assert item.reason == "no_agent" and status_id in item.detail
 
 
 async def test_without_a_lookup_an_agentless_update_is_unresolved_not_an_error(
@@ -144,7 +146,7 @@ async def test_without_a_lookup_an_agentless_update_is_unresolved_not_an_error(
     await drop_post_image(emu, client, reg.step_ids["Update"])
     emu.set_presence(ALICE.dynamics_user_id, BUSY)
     (sent,) = await emu.wait_emissions()
-    assert sent.status == 202 and '"agent_unresolved"' in sent.response
+    assert sent.status == 202 and '"no_agent"' in sent.response
     assert telemetry.events[(INTAKE, "agent_unresolved")] == 1
 
 

@@ -225,7 +225,9 @@ async def test_deeply_nested_json_is_bad_input_on_every_route(stack, path):
     _, _, http = stack
     body = b"[" * 100_000 + b"]" * 100_000
     r = await http.post(path, data=body, headers={"Content-Type": "application/json"})
-    assert r.status in (400, 401), (r.status, await r.text())  # refused, never a 5xx
+    # refused, never a 5xx; the Dataverse webhook (loopback, no key set) keeps it: quarantined, 202
+    expected = (202,) if path == "/api/dataverse/webhook" else (400, 401)
+    assert r.status in expected, (r.status, await r.text())
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,7 @@ NAMES = [
     "dataverse webhook",
     "graph subscriptions",
     "public url",
+    "webhook spool",
 ]
 
 

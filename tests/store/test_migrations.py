@@ -29,7 +29,7 @@ OpenSql = Callable[..., Awaitable[SqlStore]]
 
 
 async def test_upgrade_is_applied_once_then_a_no_op(sql_url: str, open_sql: OpenSql) -> None:
-    assert await upgrade(sql_url) == ["0001", "0002", "0003", "0005"]
+    assert await upgrade(sql_url) == ["0001", "0002", "0003", "0004", "0005"]
     assert await upgrade(sql_url) == []
     assert describe([]) == f"already at {head_revision()}"
     store = await open_sql(sql_url, migrate=False)
@@ -70,7 +70,7 @@ async def test_downgrade_to_base_and_up_again(sql_url: str, open_sql: OpenSql) -
         await conn.run_sync(down)
     async with store.engine.connect() as conn:
         assert await conn.run_sync(lambda c: inspect(c).get_table_names()) == ["alembic_version"]
-    assert await upgrade(sql_url) == ["0001", "0002", "0003", "0005"]
+    assert await upgrade(sql_url) == ["0001", "0002", "0003", "0004", "0005"]
 
 
 async def test_stores_opened_together_in_one_process_migrate_once(
@@ -79,7 +79,14 @@ async def test_stores_opened_together_in_one_process_migrate_once(
     """Also two different databases at once: Alembic's global context must not be shared."""
     other = sqlite_url.replace("presence-sync.db", "other.db")
     results = await asyncio.wait_for(asyncio.gather(*(upgrade(url) for url in (sql_url, other) * 3)), 30)
-    assert sorted(results) == [[], [], [], [], ["0001", "0002", "0003", "0005"], ["0001", "0002", "0003", "0005"]]
+    assert sorted(results) == [
+        [],
+        [],
+        [],
+        [],
+        ["0001", "0002", "0003", "0004", "0005"],
+        ["0001", "0002", "0003", "0004", "0005"],
+    ]
 
 
 # Each process imports first, then waits for a common start time, so that the migrations really collide.
@@ -100,7 +107,7 @@ async def test_instances_starting_together_migrate_once(sql_url: str) -> None:
     ]
     outputs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), 60)
     assert [p.returncode for p in procs] == [0, 0, 0, 0], [err.decode()[-500:] for _, err in outputs]
-    assert sorted(json.loads(out) for out, _ in outputs) == [[], [], [], ["0001", "0002", "0003", "0005"]]
+    assert sorted(json.loads(out) for out, _ in outputs) == [[], [], [], ["0001", "0002", "0003", "0004", "0005"]]
 
 
 async def test_v1_state_is_converted_and_nothing_else_is_lost(sql_url: str, open_sql: OpenSql) -> None:
@@ -138,7 +145,7 @@ async def test_v1_state_is_converted_and_nothing_else_is_lost(sql_url: str, open
             " updated_at) VALUES ('alice', 'teams', 'Busy/InACall', 'x', 'dead', 3, 0, 8, NULL, NULL, NULL, NULL,"
             f" 'gone', '{t0}', '{t0}')"
         )
-    assert await upgrade(sql_url) == ["0003", "0005"]
+    assert await upgrade(sql_url) == ["0003", "0004", "0005"]
     store = await open_sql(sql_url)
     states = await store.load_states(["alice", "ghost"])
     assert list(states) == ["alice"]

@@ -83,7 +83,7 @@ async def test_schema_argument_creates_and_uses_the_schema(
             )
         ).scalar_one()
         assert (await conn.execute(text("SELECT current_schema()"))).scalar_one() == name
-    assert tables == 8  # seven tables and alembic_version
+    assert tables == 10  # nine tables and alembic_version
 
 
 async def test_sqlite_file_in_a_missing_directory(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from service.store.types import UTCDateTime
 revision = "0005"
 # On the merged main this follows 0004 (quarantine); branch h-outage has no 0004 yet, so it points at
 # 0003 there until the lead merges (see the branch's report).
-down_revision: str | None = "0003"
+down_revision: str | None = "0004"
 branch_labels: tuple[str, ...] | None = None
 depends_on: tuple[str, ...] | None = None
 
