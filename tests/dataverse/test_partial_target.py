@@ -2,7 +2,8 @@
 against the emulators: with the post-image ``register-webhook`` registers the agent comes with the
 change; without it the agent is looked up by the row's id once and then known; when it cannot be
 known the answer is still 2xx (quarantined as ``no_agent``, counted as ``agent_unresolved``). The
-last test runs the whole service (``LocalStack``: Dataverse and Graph emulators, the real aiohttp app) and looks at Teams."""
+last test runs the whole service (``LocalStack``: Dataverse and Graph emulators, the real aiohttp
+app) and looks at Teams."""
 
 from __future__ import annotations
 
