@@ -50,6 +50,7 @@ from dataverse.client import DataverseClient
 from dataverse.context import AgentStatusChange, ContextError, Message, parse_context
 from edge.body import JSON_TYPES, JsonError, is_json_type, parse_json, read_body, shown_type
 from edge.intake import Rejected, answer
+from edge.poison import PoisonHook, encode_item, hand_off, log_poison
 from edge.spool import Spool, SpoolRecord, SpoolUnavailable
 from edge.upstream import is_loopback
 from mapping.api import CoreApi
@@ -66,6 +67,8 @@ ROUTE = "dataverse_webhook"
 INTAKE = "dataverse_webhook"
 PATH = "/api/dataverse/webhook"
 PENDING_KIND = "dataverse.pending_agent"
+PENDING_ROUTE = "dataverse_pending_agents"
+"""The queue's name where a poison note is handed off (a fixed metric label)."""
 KEY_HEADER = "x-presence-sync-key"
 KEY_SETTING = "PRESENCE_SYNC_DATAVERSE_WEBHOOK_KEY"
 MAX_BODY = 1024 * 1024
@@ -139,10 +142,12 @@ class DataverseIntake:
         on_agent_added: Callable[[], None] | None = None,
         lookup: AgentStatusLookup | None = None,
         spool: Spool | None = None,
+        on_poison: PoisonHook | None = None,
         commit_timeout: float = COMMIT_TIMEOUT,
     ) -> None:
         self.bridge = bridge
         self.lookup = lookup  # the agent of an Update whose context does not carry it (agent_lookup)
+        self.on_poison = log_poison(bridge.telemetry) if on_poison is None else on_poison
         self.spool = spool
         self.commit_timeout = commit_timeout
         self.on_agent_added = on_agent_added
@@ -447,13 +452,16 @@ class DataverseIntake:
 
     async def process_pending(self) -> int:
         """One round over the pending new agents; returns how many were settled (added or given up).
-        An upstream failure leaves that note for the next round and is raised after the others ran."""
+        An upstream failure leaves that note for the next round and is raised after the others ran.
+        A note that fails otherwise while the store answers is a poison note (a date or id the store
+        cannot hold): it goes to ``on_poison`` and out of the queue, so it cannot stop the notes after
+        it round after round. With the store not answering, every note stays."""
         self._busy = True
         try:
             notes = await self.bridge.records.list_docs(PENDING_KIND)
             settled = 0
-            failure: UpstreamError | None = None
-            for key in notes:
+            failure: Exception | None = None
+            for key, note in notes.items():
                 try:
                     await self._settle(key)
                     settled += 1
@@ -463,11 +471,30 @@ class DataverseIntake:
                         "new agent not added yet; will try again",
                         extra={"fields": {"systemuser": key, "error": e.message}},
                     )
+                except Exception as e:
+                    if not await self._poisoned(key, note, e):
+                        failure = e
             if failure is not None:
                 raise failure
             return settled
         finally:
             self._busy = False
+
+    async def _poisoned(self, key: str, note: dict[str, Any], error: Exception) -> bool:
+        """True when ``key``'s note was handed off and removed; False when the store is not answering
+        (then the failure was the store's, and the note stays for the next round)."""
+        detail = redact(f"pending-agent note failed: {type(error).__name__}: {error}")
+        try:
+            await self.bridge.records.get_doc(PENDING_KIND, key)  # does the store answer at all?
+        except Exception:
+            log.warning("new agent not added yet: the store is not answering", extra={"fields": {"detail": detail}})
+            return False
+        await hand_off(self.on_poison, PENDING_ROUTE, "note_failed", encode_item({"key": key, "note": note}), detail)
+        try:
+            await self.bridge.records.delete_doc(PENDING_KIND, key)
+        except Exception:
+            return False
+        return True
 
     async def _settle(self, agent_id: str) -> None:
         records = self.bridge.records

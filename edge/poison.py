@@ -8,8 +8,9 @@ cannot hold); an upstream or store outage is not that, and leaves the item queue
 
 The hook gets ``(route, reason, body, detail)``: ``route`` names the queue (a fixed metric label),
 ``reason`` a fixed word, ``body`` the item as stored or received, ``detail`` a sentence for an
-operator. The default logs it (scrubbed) and counts it; the service may point it at a durable
-quarantine instead.
+operator. The default (``log_poison``) logs it (scrubbed) and counts it; the service points every
+queue at ``quarantine_poison``, which also keeps the item in the store's quarantine, where
+``presence-sync quarantine list|show|drop`` finds it next to the webhook bodies that could not be used.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from mapping.api import CoreApi
 from mapping.redact import redact
 from mapping.telemetry import Telemetry
 
@@ -48,6 +50,20 @@ def log_poison(telemetry: Telemetry) -> PoisonHook:
                 }
             },
         )
+
+    return hook
+
+
+def quarantine_poison(bridge: CoreApi) -> PoisonHook:
+    """The service's hook: logged and counted as ``log_poison`` does, then kept in the quarantine
+    (``presence_sync_quarantined_total{route,reason}``). If the store cannot keep it, ``hand_off``
+    logs that; the item has been logged in full already, so an operator still has it."""
+    logged = log_poison(bridge.telemetry)
+
+    async def hook(route: str, reason: str, body: bytes, detail: str) -> None:
+        await logged(route, reason, body, detail)
+        await bridge.quarantine.quarantine(route, reason, body, redact(detail), bridge.clock())
+        bridge.telemetry.quarantined(route, reason)
 
     return hook
 

@@ -20,6 +20,7 @@ from bot.teams import BotIntake
 from dataverse.agent_lookup import AgentStatusLookup
 from dataverse.client import DataverseClient
 from dataverse.webhook import DataverseIntake
+from edge.poison import quarantine_poison
 from edge.spool import Spool, spool_path
 from graph_sync.accounts import SubscriberAccounts, app_credential
 from graph_sync.crypto import Decryptor
@@ -369,6 +370,7 @@ def _assemble(
             owner=owner,
             reader=teams,
         )
+    poison = quarantine_poison(bridge)  # every queue's poison items end in the one quarantine
     agent_lookup = AgentStatusLookup(bridge.records, dataverse, retry=retry)
     if dataverse is not None:
         dataverse.agent_status_sink = agent_lookup.remember_many  # the sweep's reads fill the cache
@@ -380,6 +382,7 @@ def _assemble(
         client=dataverse,
         on_agent_added=subscriptions.directory_changed if subscriptions is not None else None,
         lookup=agent_lookup,
+        on_poison=poison,
         spool=spool,
         commit_timeout=s.store_commit_timeout_seconds,
     )
@@ -392,6 +395,7 @@ def _assemble(
         reader=teams,
         subscriptions=subscriptions,
         tenant_id=tenant.guid if tenant is not None else (s.tenant_id or None),
+        on_poison=poison,
     )
     bot = BotIntake(
         bridge,
@@ -401,6 +405,7 @@ def _assemble(
         app_type=s.bot_app_type,
         tenant_id=s.bot_tenant,
         warm_keys=True,  # the Bot Connector's signing keys fetched at start, in the background
+        on_poison=poison,
     )
     return Runtime(
         settings=s,

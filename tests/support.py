@@ -14,6 +14,7 @@ from mapping.memory import MemoryStore
 from mapping.model import OOB_PRESENCE_IDS, Agent, BasePresence, Presence, PresenceObserved, System
 from mapping.ports import PresenceWriter, ReadRequests, Store
 from mapping.retry import RetryPolicy
+from mapping.telemetry import Telemetry
 from mapping.translation import Rules
 
 AVAILABLE = OOB_PRESENCE_IDS[BasePresence.AVAILABLE]
@@ -73,6 +74,7 @@ def make_bridge(
     policy: RetryPolicy | None = None,
     presences: Sequence[Presence] = PRESENCES,
     reads: ReadRequests | None = None,
+    telemetry: Telemetry | None = None,
 ) -> Bridge:
     store = store or MemoryStore()
     clock = clock or FakeClock()
@@ -80,7 +82,14 @@ def make_bridge(
     rules = rules or Rules()
     writers = writers or {s: RecordingWriter(s) for s in System}
     bridge = Bridge.assemble(
-        store, catalogue, rules, writers, retry=policy or RetryPolicy(jitter=False), clock=clock, limiters={}
+        store,
+        catalogue,
+        rules,
+        writers,
+        retry=policy or RetryPolicy(jitter=False),
+        clock=clock,
+        limiters={},
+        telemetry=telemetry,
     )
     if reads is not None:
         bridge.serve_reads(System.TEAMS, reads)

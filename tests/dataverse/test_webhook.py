@@ -519,3 +519,61 @@ async def test_create_without_a_client_is_unknown_at_once(bridge: Bridge, http: 
     assert status == 202 and body["status"] == "unknown_agent"
     assert "Dataverse is not configured" in body["detail"]
     assert [u["id"] for u in await bridge.store.list_unknown()] == [BOB.dynamics_user_id]
+
+
+async def test_a_poison_pending_note_is_handed_off_and_the_notes_after_it_are_settled(
+    emu: DataverseEmulator, bridge: Bridge, client: DataverseClient
+) -> None:
+    """A note that fails for a reason of its own (here a date nobody can read) used to end every round
+    before the notes after it: notes are read in key order, so the same note failed first for good."""
+    from dataverse.webhook import DataverseIntake
+
+    handed: list[tuple[str, str, bytes, str]] = []
+
+    async def on_poison(route: str, reason: str, body: bytes, detail: str) -> None:
+        handed.append((route, reason, body, detail))
+
+    emu.add_agent(BOB.dynamics_user_id, BOB.entra_object_id, "Bob Agent")
+    poison_key = "00000000-0000-0000-0000-000000000001"  # sorts before Bob's id
+    assert poison_key < BOB.dynamics_user_id
+    emu.add_agent(poison_key, "11111111-1111-1111-1111-111111111111", "Broken Note")
+    await bridge.records.put_doc(
+        PENDING_KIND, poison_key, {"agent_id": poison_key, "presence_id": AVAILABLE, "observed_at": "not a date"}
+    )
+    await bridge.records.put_doc(
+        PENDING_KIND, BOB.dynamics_user_id, {"agent_id": BOB.dynamics_user_id, "presence_id": BUSY}
+    )
+    intake = DataverseIntake(bridge, webhook_key=KEY, client=client, on_poison=on_poison)
+    assert await intake.process_pending() == 1  # Bob settled; before the fix: ValueError, nothing settled
+    assert await bridge.records.list_docs(PENDING_KIND) == {}
+    ((route, reason, body, detail),) = handed
+    assert (route, reason) == ("dataverse_pending_agents", "note_failed")
+    assert poison_key.encode() in body and "ValueError" in detail
+    state = (await bridge.store.load_states([BOB.dynamics_user_id]))[BOB.dynamics_user_id]
+    assert state.dynamics_seen.value == BUSY
+
+
+async def test_a_pending_note_failing_while_the_store_is_down_stays(
+    emu: DataverseEmulator, bridge: Bridge, client: DataverseClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataverse.webhook import DataverseIntake
+
+    handed: list[str] = []
+
+    async def on_poison(route: str, reason: str, body: bytes, detail: str) -> None:
+        handed.append(reason)
+
+    emu.add_agent(BOB.dynamics_user_id, BOB.entra_object_id, "Bob Agent")
+    await bridge.records.put_doc(
+        PENDING_KIND, BOB.dynamics_user_id, {"agent_id": BOB.dynamics_user_id, "presence_id": BUSY}
+    )
+    intake = DataverseIntake(bridge, webhook_key=KEY, client=client, on_poison=on_poison)
+
+    async def store_down(*_: object, **__: object) -> None:
+        raise OSError("disk I/O error")
+
+    monkeypatch.setattr(bridge.records, "get_doc", store_down)
+    with pytest.raises(OSError):
+        await intake.process_pending()
+    monkeypatch.undo()
+    assert handed == [] and list(await bridge.records.list_docs(PENDING_KIND)) == [BOB.dynamics_user_id]

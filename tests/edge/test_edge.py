@@ -134,3 +134,18 @@ def test_upstream_policy():
         upstream_base_url("http://example.com", name="X")
     assert retry_after_seconds({"retry-after": "7"}) == 7.0
     assert retry_after_seconds({"Retry-After": "never"}) is None
+
+
+async def test_the_services_poison_hook_logs_counts_and_keeps_the_item_in_the_quarantine(caplog):
+    from edge.poison import hand_off, quarantine_poison
+    from tests.support import make_bridge
+
+    telemetry = RecordingTelemetry()
+    bridge = make_bridge(telemetry=telemetry)
+    hook = quarantine_poison(bridge)
+    await hand_off(hook, "graph_pending_reads", "bad_id", b'{"key": "\\ud800"}', "an id the store cannot hold")
+    (item,) = await bridge.quarantine.list_quarantined()
+    assert (item.route, item.reason, item.body) == ("graph_pending_reads", "bad_id", b'{"key": "\\ud800"}')
+    assert ("graph_pending_reads", "poison_item") in telemetry.rejections
+    assert ("graph_pending_reads", "bad_id") in telemetry.quarantines
+    assert "poison item taken out of its queue" in caplog.text
