@@ -171,7 +171,7 @@ async def outage_scenario(name: str, args: argparse.Namespace, workdir: Path) ->
         if name == "graph-503":
             stack.graph.clear_faults()
         elif name == "dataverse-503":
-            stack.dataverse._faults.clear()  # the emulator has no clear_faults: the upstream is back
+            stack.dataverse.clear_faults()  # the upstream is back
         last = args.rounds - 1
         if writes_teams:
             want = {a.name: SESSION[DYNAMICS_VALUES[(last + int(a.name[-3:])) % 3]] for a in stack.agents}

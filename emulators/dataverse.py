@@ -686,6 +686,10 @@ class DataverseEmulator:
         with ``status`` and Dataverse's error body; 429/503 carry ``Retry-After`` when given."""
         self._faults.append(_Fault(n, status, retry_after, path))
 
+    def clear_faults(self) -> None:
+        """Drops every injected failure not yet used: the upstream is back (as Graph's emulator)."""
+        self._faults.clear()
+
     def latency(self, seconds: float) -> None:
         """Every Web API request waits this long before it is handled."""
         self._latency = seconds

@@ -42,9 +42,8 @@ def dataverse_writes(stack: LocalStack) -> int:
 
 
 def end_dataverse_outage(stack: LocalStack) -> None:
-    """The Dataverse emulator has ``fail_next`` but no ``clear_faults`` (Graph's has): the rest of the
-    injected failures are dropped here, which is the upstream coming back."""
-    stack.dataverse._faults.clear()
+    """The rest of the injected failures are dropped: the upstream is back."""
+    stack.dataverse.clear_faults()
 
 
 def bound_for(stack: LocalStack, seconds: float) -> int:
