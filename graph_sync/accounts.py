@@ -76,6 +76,27 @@ def app_credential(cert_path: str, secret: str) -> str | dict[str, str] | None:
     return secret or None
 
 
+def confidential_app(
+    client_id: str,
+    credential: str | dict[str, str],
+    *,
+    authority_host: str,
+    tenant_id: str,
+    cache: msal.SerializableTokenCache | None = None,
+    http_client: Any = None,
+) -> msal.ConfidentialClientApplication:
+    """The one MSAL confidential client (the app's own certificate or secret): the web sign-in redeems
+    codes with it, and the accounts it signed in are refreshed with it (a refresh token issued to a
+    confidential client cannot be redeemed by a public one)."""
+    return msal.ConfidentialClientApplication(
+        client_id,
+        client_credential=credential,
+        authority=f"{authority_host}/{tenant_id}",
+        token_cache=cache,
+        http_client=http_client,
+    )
+
+
 @dataclass(frozen=True)
 class AccountInfo:
     """One subscriber account as listed by ``graph subscriptions`` and returned by ``graph login``."""
@@ -248,11 +269,12 @@ class SubscriberAccounts:
                     "signed in with `graph login --web`, so its tokens are refreshed with the app's own "
                     "credential: set PRESENCE_SYNC_CLIENT_CERT_PATH or PRESENCE_SYNC_CLIENT_SECRET"
                 )
-            return msal.ConfidentialClientApplication(
+            return confidential_app(
                 self.client_id,
-                client_credential=self.client_credential,
-                authority=f"{self.authority_host}/{self.tenant_id}",
-                token_cache=cache,
+                self.client_credential,
+                authority_host=self.authority_host,
+                tenant_id=self.tenant_id,
+                cache=cache,
                 http_client=self.http_client,
             )
         return msal.PublicClientApplication(

@@ -41,7 +41,13 @@ from typing import Any
 import msal
 from aiohttp import web
 
-from graph_sync.accounts import AUTH_CODE_FLOW, DEFAULT_AUTHORITY_HOST, DELEGATED_SCOPES, AccountInfo
+from graph_sync.accounts import (
+    AUTH_CODE_FLOW,
+    DEFAULT_AUTHORITY_HOST,
+    DELEGATED_SCOPES,
+    AccountInfo,
+    confidential_app,
+)
 from graph_sync.entra_errors import explain_entra_error
 from graph_sync.login import save_account
 from mapping.clock import Clock, utcnow
@@ -182,11 +188,13 @@ class WebLogin:
         return None
 
     def _app(self, cache: msal.SerializableTokenCache | None = None) -> msal.ConfidentialClientApplication:
-        return msal.ConfidentialClientApplication(
+        assert self.client_credential is not None  # checked by ``problem`` before any flow starts
+        return confidential_app(
             self.client_id,
-            client_credential=self.client_credential,
-            authority=f"{self.authority_host}/{self.tenant_id}",
-            token_cache=cache,
+            self.client_credential,
+            authority_host=self.authority_host,
+            tenant_id=self.tenant_id,
+            cache=cache,
             http_client=self.http_client,
         )
 
