@@ -1,7 +1,7 @@
 """The webhook when the store does not commit in time: the change is spooled (fsync'd) and answered
-202, later requests queue behind it, the spool is replayed in order once the store answers, a new
-intake on the same spool file replays what an earlier process left, a spooled body that is junk ends
-in the quarantine, and only an unwritable spool answers 503."""
+202, requests within a commit timeout of that go straight to it, the spool is replayed in order once
+the store answers, a new intake on the same spool file replays what an earlier process left, a
+spooled body that is junk ends in the quarantine, and only an unwritable spool answers 503."""
 
 from __future__ import annotations
 
@@ -91,7 +91,12 @@ async def test_a_store_that_does_not_commit_gets_the_change_spooled_then_replaye
         assert [status for status, _ in answers] == [202] * 4
         assert all(body["status"] == "spooled" for _, body in answers), answers
         assert "did not commit within 0.2 s" in answers[0][1]["detail"]
-        assert all("earlier changes are still waiting" in b["detail"] for _, b in answers[1:])
+        # Within a commit timeout of the store failing, the next ones go straight to the spool; a
+        # slower client's later request tries the store again and is spooled after its own timeout.
+        assert all(
+            "did not answer the last request in time" in b["detail"] or "did not commit within" in b["detail"]
+            for _, b in answers[1:]
+        )
         assert inspect(tmp_path / "spool.bin").records == 4  # on disk before the answers
         assert await bridge.store.load_states([ALICE.dynamics_user_id]) == {}
         gated.opened.set()  # the store answers again
@@ -99,7 +104,8 @@ async def test_a_store_that_does_not_commit_gets_the_change_spooled_then_replaye
     finally:
         await served.close()
     firsts = list(dict.fromkeys(observed))  # the first request's own attempt also commits: a duplicate
-    assert firsts == [(ALICE.dynamics_user_id, 10), (BOB.dynamics_user_id, 11), (ALICE.dynamics_user_id, 12)]
+    assert [v for a, v in firsts if a == ALICE.dynamics_user_id] == [10, 12]
+    assert [v for a, v in firsts if a == BOB.dynamics_user_id] == [11]
     states = await bridge.store.load_states([ALICE.dynamics_user_id, BOB.dynamics_user_id])
     assert (
         states[ALICE.dynamics_user_id].dynamics_seen.value,
@@ -244,3 +250,33 @@ async def test_postgres_locked_table_spools_then_replays(
         await locker.close()
     state = (await store.load_states([ALICE.dynamics_user_id]))[ALICE.dynamics_user_id]
     assert (state.dynamics_seen.value, state.dynamics_seen.version) == (BUSY, 50)
+
+
+async def test_once_the_store_answers_again_new_changes_do_not_wait_behind_the_spool(
+    bridge: Bridge,
+    gated: Gate,
+    observed: list[tuple[str, int | None]],
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """A spool replayed one change at a time never catches up with arrivals that all go behind it
+    (seen under load: 498 of 500 webhooks spooled after one slow commit). Past one commit timeout, a
+    new change tries the store even while older ones wait, and rule 4 keeps the newest version."""
+    await bridge.store.upsert_agents([ALICE])
+    gated.close()
+    served = await spooled_intake(bridge, tmp_path / "spool.bin")
+    try:
+        status, body = await post(http, served, update(BUSY, row_version=10))
+        assert (status, body["status"]) == (202, "spooled")
+        await served.intake._replayer.stop()  # a replayer that has not caught up yet
+        served.intake._store_suspect_until = 0.0  # one commit timeout has passed
+        gated.opened.set()  # the store answers again
+        status, body = await post(http, served, update(AVAILABLE, row_version=12))
+        assert (status, body["status"]) == (200, "recorded"), body
+        assert served.intake.spool is not None and served.intake.spool.records == 1  # still waiting
+        served.intake._replayer.start(at_once=True)
+        await served.intake.wait_idle()
+    finally:
+        await served.close()
+    state = (await bridge.store.load_states([ALICE.dynamics_user_id]))[ALICE.dynamics_user_id]
+    assert (state.dynamics_seen.value, state.dynamics_seen.version) == (AVAILABLE, 12)  # 10, replayed late, is stale
