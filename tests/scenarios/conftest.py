@@ -208,10 +208,6 @@ def graph_refusals(stack: LocalStack, since: int = 0) -> list[int | None]:
     return [d.status for d in sent if d.status != 202 and (d.status is not None or id(d.body) not in delivered)]
 
 
-def webhook_answers(stack: LocalStack, since: int = 0) -> list[int | None]:
-    return [e.status for e in list(stack.dataverse.emissions)[since:]]
-
-
 async def metrics(stack: LocalStack) -> dict[str, float]:
     """``/metrics`` as ``{'name{labels}': value}`` (labels sorted as Prometheus prints them)."""
     assert stack.http is not None

@@ -62,7 +62,6 @@ from tests.scenarios.conftest import (
     teams,
     translation,
     upstream_writes,
-    webhook_answers,
 )
 
 pytestmark = pytest.mark.slow
@@ -343,7 +342,13 @@ async def test_random_interleaved_events_converge_without_ping_pong_or_lost_upda
     m = await metrics(stack)
     assert metric(m, "presence_sync_dead_letters") == 0, fail("dead letters")
     assert metric(m, "presence_sync_rejected_total") == 0, fail("the service rejected input")
-    bad_webhooks = [s for s in webhook_answers(stack, webhooks0) if s != 200]
+    # 200, or 202 "spooled" when a loaded machine's store did not commit within a second (answered,
+    # fsync'd and replayed: the reference model above saw the outcome). Anything else is wrong.
+    bad_webhooks = [
+        (e.status, (e.response or "")[:120])
+        for e in list(stack.dataverse.emissions)[webhooks0:]
+        if e.status != 200 and not (e.status == 202 and '"spooled"' in (e.response or ""))
+    ]
     bad_notes = graph_refusals(stack, notifications0)
     assert not bad_webhooks and not bad_notes, fail(f"non-2xx answers: webhooks {bad_webhooks}, Graph {bad_notes}")
     print(
