@@ -146,7 +146,8 @@ async def cmd_agents_list(settings: Settings, args: argparse.Namespace) -> int:
             rows = await store.list_unknown()
             say(f"{'system':<9} {'id':<37} {'count':>6}  last seen")
             for r in rows:
-                say(f"{r['system']:<9} {r['id']:<37} {r['count']:>6}  {r.get('last_seen')}")
+                # Ids come from callers: one that happens to hold a secret is masked like any upstream text.
+                say(f"{r['system']:<9} {redact(str(r['id'])):<37} {r['count']:>6}  {r.get('last_seen')}")
             say(f"{len(rows)} unknown id(s)")
             return 0
         agents = await store.list_agents()

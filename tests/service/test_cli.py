@@ -161,3 +161,27 @@ def test_the_bot_defaults_to_a_single_tenant_registration_in_the_apps_tenant(tmp
     r = run_cli("doctor", cwd=tmp_path, env=env)
     assert "PRESENCE_SYNC_BOT_APP_TYPE=SingleTenant needs the bot's tenant" in r.stderr + r.stdout
     assert "Traceback" not in r.stderr
+
+
+def test_unknown_ids_are_listed_with_any_configured_secret_masked(tmp_path, db):
+    """Ids in ``agents list --unknown`` come from callers; one holding a secret must not print it."""
+    import asyncio
+    from datetime import UTC, datetime
+
+    from mapping.model import System
+    from service.store.sql import open_store
+
+    secret = "webhook-key-7f3a9c2e51"
+
+    async def seed() -> None:
+        store = await open_store(db["PRESENCE_SYNC_DATABASE_URL"])
+        try:
+            async with store.transaction() as tx:
+                await tx.record_unknown(System.DYNAMICS, f"x{secret}y", datetime.now(UTC))
+        finally:
+            await store.close()
+
+    asyncio.run(seed())
+    r = run_cli("agents", "list", "--unknown", env={**db, "PRESENCE_SYNC_DATAVERSE_WEBHOOK_KEY": secret}, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "1 unknown id(s)" in r.stdout and secret not in r.stdout
