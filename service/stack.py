@@ -134,6 +134,7 @@ class LocalStack:
             reconcile_interval_seconds=0,
             secret_key=Fernet.generate_key().decode(),
             log_level="WARNING",
+            spool_dir=str(self.workdir / "spool"),  # the stack's own, whatever the store (never ./spool)
         )
         values.update(self.overrides)
         # No environment and no .env: see the module docstring.
