@@ -36,6 +36,7 @@ from aiohttp import web
 from edge.upstream import is_loopback
 from graph_sync.web_login import WebLogin, digest, page
 from mapping.clock import Clock, utcnow
+from mapping.errors import ConfigError
 from mapping.ports import AdapterRecords
 from mapping.redact import redact
 
@@ -155,10 +156,18 @@ class Access:
         if self._key is None:
             async with self._lock:
                 if self._key is None:
-                    stored = await self.store.get_secret(KEY_SECRET)
-                    if not stored:
+                    try:
+                        stored = await self.store.get_secret(KEY_SECRET)
+                        if not stored:
+                            stored = secrets.token_bytes(32)
+                            await self.store.put_secret(KEY_SECRET, stored)
+                    except ConfigError as e:  # no SECRET_KEY: sessions of this process only
+                        log.warning(
+                            "console sessions last only as long as this process and are not shared with other "
+                            "instances",
+                            extra={"fields": {"why": str(e)}},
+                        )
                         stored = secrets.token_bytes(32)
-                        await self.store.put_secret(KEY_SECRET, stored)
                     self._key = stored
         return self._key
 
