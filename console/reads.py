@@ -64,18 +64,21 @@ class FallbackReads:
             agents = [a for a in agents if _matches(a, needle)]
         states = await self.store.load_states([a.dynamics_user_id for a in agents])
 
-        def key(a: Agent) -> tuple[str, str]:
+        def key(a: Agent) -> str | None:
             s = states.get(a.dynamics_user_id)
-            value = {
+            return {
                 "name": a.display_name.lower(),
                 "id": a.dynamics_user_id,
-                "dynamics": (s.dynamics_seen.value if s else None) or "",
-                "teams": (s.teams_seen.value if s else None) or "",
-                "changed": "",
+                "dynamics": s.dynamics_seen.value if s else None,
+                "teams": s.teams_seen.value if s else None,
+                "changed": None,  # the port keeps no save times
             }[sort]
-            return value, a.dynamics_user_id
 
-        agents.sort(key=key, reverse=descending)
+        # As in SQL: ties by id ascending either way (a stable sort), agents without a value last.
+        agents.sort(key=lambda a: a.dynamics_user_id)
+        known = [a for a in agents if key(a) is not None]
+        known.sort(key=lambda a: key(a) or "", reverse=descending)
+        agents = known + [a for a in agents if key(a) is None]
         page = agents[offset : offset + limit]
         return AgentPage(len(agents), [AgentRow(a, states.get(a.dynamics_user_id), None) for a in page])
 

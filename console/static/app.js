@@ -3,7 +3,7 @@
 // which agents changed, and the page re-reads what it shows.
 "use strict";
 
-const state = { q: "", sort: "name", desc: false, offset: 0, limit: 50, total: 0, ids: new Set(),
+const state = { q: "", sort: "name", desc: false, offset: 0, limit: 50, total: 0,
   selected: null, view: "agents", csrf: "" };
 
 const $ = (sel) => document.querySelector(sel);
@@ -53,7 +53,6 @@ async function loadAgents() {
     offset: state.offset, limit: state.limit });
   const data = await api(`/console/api/agents?${params}`);
   state.total = data.total;
-  state.ids = new Set(data.rows.map((r) => r.id));
   const body = $("#agents tbody");
   body.replaceChildren(...data.rows.map((r) => {
     const tr = el("tr", { "data-id": r.id },
@@ -201,12 +200,9 @@ function connect() {
   const es = new EventSource("/console/api/events");
   const badge = $("#live");
   es.addEventListener("hello", () => { badge.textContent = "live"; badge.className = "live on"; });
-  es.addEventListener("agents", (ev) => {
-    const msg = JSON.parse(ev.data);
-    if (state.view === "agents" && (msg.more || msg.ids.some((id) => state.ids.has(id)) || state.sort !== "name" || state.q === "")) {
-      refresh();
-    }
-  });
+  // Any change may move rows in or out of the page shown (a sort by presence, a search), so the page
+  // is read again: one page, whatever the number of agents.
+  es.addEventListener("agents", () => { if (state.view === "agents") refresh(); });
   es.addEventListener("ops", () => { if (state.view === "ops") loadOps().catch(() => {}); });
   es.onerror = () => { badge.textContent = "reconnecting"; badge.className = "live off"; };
 }

@@ -56,7 +56,8 @@ class ConsoleSql:
                 )
             )
         col = _sort_column(sort)
-        order = [col.desc() if descending else col.asc(), agents.c.dynamics_user_id]
+        # Agents the bridge has not seen yet (no state, no value) come last either way, as in console.reads.
+        order = [(col.desc() if descending else col.asc()).nulls_last(), agents.c.dynamics_user_id]
         query = (
             select(
                 agents,
