@@ -46,6 +46,12 @@ class ConsoleReads(Protocol):
         """The latest state save and the agents saved after ``since`` (at most ``limit``)."""
         ...
 
+    async def console_last_teams_report(self, entra_ids: Sequence[str]) -> datetime | None:
+        """The latest Teams observation of any agent among ``entra_ids`` (a subscription's agents):
+        notifications and the sweep's reads alike, so a subscription silent for longer than the
+        sweep's interval shows."""
+        ...
+
 
 def _matches(agent: Agent, needle: str) -> bool:
     return any(needle in v.lower() for v in (agent.display_name, agent.dynamics_user_id, agent.entra_object_id))
@@ -93,6 +99,12 @@ class FallbackReads:
 
     async def console_changed_since(self, since: datetime | None, limit: int) -> tuple[datetime | None, list[str]]:
         return since, []
+
+    async def console_last_teams_report(self, entra_ids: Sequence[str]) -> datetime | None:
+        wanted = {e.lower() for e in entra_ids}
+        ids = [a.dynamics_user_id for a in await self.store.list_agents() if a.entra_object_id in wanted]
+        times = [s.teams_seen.at for s in (await self.store.load_states(ids)).values() if s.teams_seen.at]
+        return max(times) if times else None
 
 
 def reads_for(store: Store) -> ConsoleReads:

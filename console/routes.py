@@ -28,6 +28,7 @@ from console.access import (
 from console.live import Hub
 from console.reads import MAX_PAGE, SORTS, ConsoleReads, reads_for
 from edge.intake import json_error
+from graph_sync.subscriptions import KIND as SUBSCRIPTION_KIND
 from graph_sync.web_login import WebLogin
 from mapping.model import OutboxStatus, System
 
@@ -270,7 +271,13 @@ async def _ops(request: web.Request, c: Console, session: Session) -> web.Stream
     subscriptions: dict[str, Any] = {"configured": rt.subscriptions is not None, "rows": [], "problems": {}}
     if rt.subscriptions is not None:
         try:
-            subscriptions["rows"] = await rt.subscriptions.status()
+            accounts = await rt.subscriptions.status()
+            records = await rt.store.list_docs(SUBSCRIPTION_KIND)
+            for account in accounts:
+                ids = (records.get(str(account.get("account"))) or {}).get("ids") or []
+                last = await c.reads.console_last_teams_report(ids) if ids else None
+                account["last_report_at"] = views.iso(last)
+            subscriptions["rows"] = accounts
             h = await rt.subscriptions.health()
             subscriptions["problems"] = {**h.problems, **{a: f"delivers to {u}" for a, u in h.misdirected.items()}}
             subscriptions["polled"] = h.polled

@@ -8,7 +8,7 @@ the dialect's JSON path operator), so the console shows 50,000 agents at the cos
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, or_, select
@@ -96,6 +96,24 @@ class ConsoleSql:
                     row = to_row(r)
                     out[(row.agent_id, row.system)] = row
         return out
+
+    async def console_last_teams_report(self, entra_ids: Sequence[str]) -> datetime | None:
+        # ISO times in UTC (state_doc) order as strings, so the database takes the max.
+        seen_at = agent_state.c.doc[("teams_seen", "at")].as_string()
+        joined = agents.join(agent_state, agent_state.c.agent_id == agents.c.dynamics_user_id)
+        ids = sorted({e.lower() for e in entra_ids})
+        latest: str | None = None
+        async with self._reading() as conn:
+            for start in range(0, len(ids), _CHUNK):
+                query = (
+                    select(func.max(seen_at))
+                    .select_from(joined)
+                    .where(agents.c.entra_object_id.in_(ids[start : start + _CHUNK]), agent_state.c.saved.is_(True))
+                )
+                found = (await conn.execute(query)).scalar_one()
+                if found and (latest is None or found > latest):
+                    latest = found
+        return datetime.fromisoformat(latest).astimezone(UTC) if latest else None
 
     async def console_changed_since(self, since: datetime | None, limit: int) -> tuple[datetime | None, list[str]]:
         async with self._reading() as conn:

@@ -134,6 +134,9 @@ async def test_a_dead_letter_shows_the_upstream_message_and_its_retry_works(page
     dead = page.locator(f"#dead tbody tr:has-text('{bob.dynamics_id}')")
     await expect(dead).to_have_count(1, timeout=WAIT_MS)
     await expect(dead.locator("td.error")).not_to_be_empty()
+    subscription = page.locator("#subscriptions tbody tr")
+    await expect(subscription).to_have_count(1)
+    await expect(subscription).to_contain_text("ago")  # the last Teams report for its agents
     await page.screenshot(path=str(shots / "operations.png"), full_page=True)
     assert stack.dataverse.presence_of(bob.dynamics_id) != DND
     await dead.locator("button.retry").click()

@@ -95,3 +95,16 @@ async def test_changed_since_names_the_agents_saved_after(sql_url: str, open_sql
     later, ids = await reads.console_changed_since(latest, 10)
     assert later is not None and later > latest
     assert ids == [agents[2].dynamics_user_id]
+
+
+async def test_last_teams_report_of_a_subscriptions_agents(any_store: Store):
+    agents = await fill(any_store)
+    async with any_store.transaction() as tx:
+        s = await tx.load_state(agents[1].dynamics_user_id)
+        s.teams_seen = Seen("Busy/InACall", None, NOW + timedelta(minutes=7), NOW)
+        await tx.save_state(s)
+    reads = reads_for(any_store)
+    ids = [agents[0].entra_object_id, agents[1].entra_object_id.upper(), agents[4].entra_object_id]
+    assert await reads.console_last_teams_report(ids) == NOW + timedelta(minutes=7)
+    assert await reads.console_last_teams_report([agents[0].entra_object_id]) == NOW
+    assert await reads.console_last_teams_report([agents[4].entra_object_id]) is None  # never seen
