@@ -187,7 +187,10 @@ class Access:
             return None
         return session if session.expires > time.time() else None
 
-    async def start_session(self, response: web.StreamResponse, user: str, via: str) -> Session:
+    async def start_session(
+        self, response: web.StreamResponse, user: str, via: str, *, secure: bool | None = None
+    ) -> Session:
+        """``secure`` (default: whether ``PUBLIC_URL`` is https) marks the cookie Secure."""
         session = Session(user, via, secrets.token_urlsafe(16), time.time() + SESSION_HOURS * 3600)
         body = _b64(json.dumps({"u": user, "via": via, "n": session.nonce, "exp": session.expires}).encode())
         sig = _b64(hmac.new(await self.key(), body.encode(), hashlib.sha256).digest())
@@ -198,7 +201,7 @@ class Access:
             path="/console",
             httponly=True,
             samesite="Lax",
-            secure=self.secure_cookie,
+            secure=self.secure_cookie if secure is None else secure,
         )
         log.info("console sign-in", extra={"fields": {"user": user, "via": via}})
         return session
@@ -226,7 +229,9 @@ class Access:
         if _expired(held, self.clock()):
             return page(403, "Sign-in not completed", f"this console link has expired (15 minutes); {LINK_AGAIN}")
         response = web.Response(status=302, headers={"Location": "/console", "Cache-Control": "no-store"})
-        await self.start_session(response, "local (one-time link)", "link")
+        # The link is opened on the machine itself, over plain http to loopback even when PUBLIC_URL
+        # is https: a Secure cookie would not be sent back there.
+        await self.start_session(response, "local (one-time link)", "link", secure=request.secure)
         return response
 
     # ------------------------------------------------------------------ Entra
