@@ -131,20 +131,25 @@ async def run_demo(
             await _play(day, stack)
             await _table(day, stack)
             _summary(day, stack, await stack.runtime.store.outbox_counts())
+            code = _verdict(day)
             if keep_running is not None:
                 await _keep_running(out, stack, keep_running)
         finally:
             await stack.stop()
-        failed = [s for s in day.steps if not s.ok]
-        out("")
-        if failed:
-            out(
-                f"demo FAILED: {len(failed)} of {len(day.steps)} expectation(s) did not hold: "
-                + "; ".join(s.title for s in failed)
-            )
-            return 1
-        out(f"demo passed: {len(day.steps)} expectation(s) held in {time.monotonic() - day.started:.1f} s")
-        return 0
+        return code
+
+
+def _verdict(day: Day) -> int:
+    failed = [s for s in day.steps if not s.ok]
+    day.out("")
+    if failed:
+        day.out(
+            f"demo FAILED: {len(failed)} of {len(day.steps)} expectation(s) did not hold: "
+            + "; ".join(s.title for s in failed)
+        )
+        return 1
+    day.out(f"demo passed: {len(day.steps)} expectation(s) held in {time.monotonic() - day.started:.1f} s")
+    return 0
 
 
 async def _keep_running(out: Callable[[str], None], stack: LocalStack, wait: Callable[[], Awaitable[None]]) -> None:
