@@ -58,31 +58,38 @@ class ConsoleSql:
         col = _sort_column(sort)
         # Agents the bridge has not seen yet (no state, no value) come last either way, as in console.reads.
         order = [(col.desc() if descending else col.asc()).nulls_last(), agents.c.dynamics_user_id]
-        query = (
-            select(
-                agents,
-                agent_state.c.saved,
-                agent_state.c.doc,
-                agent_state.c.updated_at.label("state_updated_at"),
-            )
-            .select_from(joined)
-            .where(*where)
-            .order_by(*order)
-            .offset(offset)
-            .limit(limit)
-        )
+        # Two steps: the page's ids first, from narrow rows (a sort by name or id never touches a state
+        # document), then those agents' rows with their documents: sorting 50,000 rows that carry
+        # their documents costs more than the page itself.
+        page_ids = select(agents.c.dynamics_user_id).where(*where).order_by(*order).offset(offset).limit(limit)
+        if sort in ("dynamics", "teams", "changed"):
+            page_ids = page_ids.select_from(joined)
         count = select(func.count()).select_from(agents).where(*where)
         conn: AsyncConnection
         async with self._reading() as conn:
             total = int((await conn.execute(count)).scalar_one())
-            result = (await conn.execute(query)).all()
+            ids = [r.dynamics_user_id for r in (await conn.execute(page_ids)).all()]
+            result = (
+                await conn.execute(
+                    select(
+                        agents,
+                        agent_state.c.saved,
+                        agent_state.c.doc,
+                        agent_state.c.updated_at.label("state_updated_at"),
+                    )
+                    .select_from(joined)
+                    .where(agents.c.dynamics_user_id.in_(ids))
+                )
+            ).all()
+        by_id = {r.dynamics_user_id: r for r in result}
         rows = [
             AgentRow(
                 to_agent(r),
                 from_doc(r.dynamics_user_id, r.doc) if r.saved else None,
                 r.state_updated_at if r.saved else None,
             )
-            for r in result
+            for i in ids
+            if (r := by_id.get(i)) is not None
         ]
         return AgentPage(total, rows)
 
