@@ -20,9 +20,11 @@ function when(iso) {
   if (!iso) return "–";
   const d = new Date(iso);
   const secs = Math.round((Date.now() - d.getTime()) / 1000);
-  const ago = secs < 60 ? `${Math.max(secs, 0)} s ago` : secs < 3600 ? `${Math.round(secs / 60)} min ago`
-    : secs < 86400 ? `${Math.round(secs / 3600)} h ago` : d.toLocaleDateString();
-  return ago;
+  const span = Math.abs(secs);
+  const text = span < 60 ? `${span} s` : span < 3600 ? `${Math.round(span / 60)} min`
+    : span < 86400 ? `${Math.round(span / 3600)} h` : null;
+  if (text === null) return d.toLocaleString();
+  return secs < -1 ? `in ${text}` : `${text} ago`;
 }
 const timeCell = (iso) => el("td", { title: iso || "" }, when(iso));
 
@@ -57,8 +59,8 @@ async function loadAgents() {
   body.replaceChildren(...data.rows.map((r) => {
     const tr = el("tr", { "data-id": r.id },
       el("td", {}, el("strong", {}, r.name || "?"), el("div", { class: "muted" }, r.id)),
-      el("td", {}, r.dynamics || "–"),
-      el("td", {}, r.teams || "–"),
+      el("td", { title: r.dynamics_at || "" }, el("span", { class: "value" }, r.dynamics || "–"), el("div", { class: "muted" }, r.dynamics_at ? when(r.dynamics_at) : "")),
+      el("td", { title: r.teams_at || "" }, el("span", { class: "value" }, r.teams || "–"), el("div", { class: "muted" }, r.teams_at ? `since ${when(r.teams_at)}` : "")),
       el("td", {}, r.session),
       el("td", { title: r.override_why || "" }, r.override ? el("span", { class: "badge warn" }, "override") : "–"),
       el("td", {}, syncBadge(r)),
@@ -97,6 +99,7 @@ async function loadDetail() {
   const data = await api(`/console/api/agents/${encodeURIComponent(state.selected)}`);
   const a = data.agent;
   $("#detail").hidden = false;
+  $(".split").classList.add("detail-open");
   $("#detail-name").textContent = a.name || a.id;
   $("#detail-ids").textContent = `Dynamics ${a.id} · Entra ${a.entra_id}`;
   const ex = data.explanation;
@@ -240,7 +243,9 @@ async function start() {
   }));
   $("#prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - state.limit); loadAgents(); });
   $("#next").addEventListener("click", () => { state.offset += state.limit; loadAgents(); });
-  $("#close-detail").addEventListener("click", () => { state.selected = null; $("#detail").hidden = true; loadAgents(); });
+  $("#close-detail").addEventListener("click", () => {
+    state.selected = null; $("#detail").hidden = true; $(".split").classList.remove("detail-open"); loadAgents();
+  });
   $("#metric-filter").addEventListener("input", renderMetrics);
   $("#signout").addEventListener("click", async () => { await post("/console/signout"); location.href = "/console/signin"; });
   await loadAgents();
