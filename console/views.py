@@ -85,12 +85,12 @@ def agent_row_json(
     landed = [t for t in (s.dynamics_delivered_at, s.session_landed_at) if t is not None]
     if view.in_sync is None:
         sync = "not seen yet"
-    elif dead:
-        sync = "dead letter"
+    elif view.in_sync:
+        sync = "in sync"  # a dead letter left behind that a later write or the sweep made good is history
     elif pending:
         sync = "writing"
     else:
-        sync = "in sync" if view.in_sync else "out of sync"
+        sync = "dead letter" if dead else "out of sync"
     out.update(
         dynamics=presence_name(catalogue, s.dynamics_seen.value),
         dynamics_at=iso(s.dynamics_seen.at),

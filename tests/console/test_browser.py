@@ -25,7 +25,8 @@ from emulators.dataverse import DND
 from service.stack import LocalStack
 from tests.scenarios.conftest import START_SECONDS, make_agents, settle
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+# End to end (the emulators and the service, like tests/scenarios): CI runs them, the fast lane does not.
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 CHROMIUM = "/usr/bin/chromium"
 WAIT_MS = 15_000
@@ -130,6 +131,7 @@ async def test_a_dead_letter_shows_the_upstream_message_and_its_retry_works(page
     bob = stack.agents[1]
     stack.dataverse.fail_next(1, 400, path="CCaaS_ModifyAgentPresence")
     stack.graph.set_user_state(bob.entra_id, "DoNotDisturb", "Presenting")
+    await expect(row(page, stack, 1)).to_contain_text("dead letter", timeout=WAIT_MS)
     await page.locator("#tab-ops").click()
     dead = page.locator(f"#dead tbody tr:has-text('{bob.dynamics_id}')")
     await expect(dead).to_have_count(1, timeout=WAIT_MS)
