@@ -140,6 +140,14 @@ class User:
     username: str
     object_id: str
     name: str = "Test Subscriber"
+    groups: list[str] = field(default_factory=list)
+    """Group object ids put in the id token's ``groups`` claim (a registration emitting group claims,
+    ``groupMembershipClaims``); none: no claim."""
+    roles: list[str] = field(default_factory=list)
+    """App role values assigned to the user, in the id token's ``roles`` claim; none: no claim."""
+    groups_overage: bool = False
+    """Too many groups for a JWT (more than 200): Entra leaves ``groups`` out and points to Graph with
+    ``_claim_names`` / ``_claim_sources`` instead."""
 
 
 @dataclass
@@ -301,6 +309,15 @@ class EntraEmulator:
         }
         if nonce:
             claims["nonce"] = nonce
+        if self.user.groups_overage:
+            claims["_claim_names"] = {"groups": "src1"}
+            claims["_claim_sources"] = {
+                "src1": {"endpoint": f"https://graph.microsoft.com/v1.0/users/{self.user.object_id}/getMemberObjects"}
+            }
+        elif self.user.groups:
+            claims["groups"] = list(self.user.groups)
+        if self.user.roles:
+            claims["roles"] = list(self.user.roles)
         return self.signing_key.sign(claims)
 
     def _user_tokens(

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
+import console.routes
 from edge.intake import json_error
 from graph_sync.web_login import CALLBACK_PATH, LOGIN_PATH, WebLogin
 from service.runtime import Runtime, describe
@@ -152,4 +153,5 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    console.routes.add_routes(app, RUNTIME)  # the operations console (console/)
     return app

@@ -98,7 +98,41 @@ async def cmd_demo(settings: Settings | None, args: argparse.Namespace) -> int:
         return fail(f"--agents must be at least {MIN_AGENTS} (the scripted day needs Alice, Bob and Carol)")
     if args.speed < 0:
         return fail("--speed must be 0 or more (0: no pauses between steps)")
-    return await run_demo(say, agents=args.agents, speed=args.speed)
+    return await run_demo(
+        say, agents=args.agents, speed=args.speed, keep_running=_forever if args.keep_running else None
+    )
+
+
+async def _forever() -> None:
+    """Until Ctrl+C (which cancels the wait; the demo then stops the emulators and the service)."""
+    await asyncio.Event().wait()
+
+
+async def cmd_console_link(settings: Settings, args: argparse.Namespace) -> int:
+    from console.access import TICKET_TTL, issue_link_ticket
+    from edge.upstream import is_loopback
+
+    host = settings.host.strip("[]")
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    elif not is_loopback(host):
+        return fail(
+            f"the one-time console link works from loopback only, and `serve` listens on {settings.host} only: "
+            "set PRESENCE_SYNC_HOST to 127.0.0.1 or 0.0.0.0, or sign in with Entra "
+            "(PRESENCE_SYNC_CONSOLE_ALLOWED_GROUP_ID / PRESENCE_SYNC_CONSOLE_ALLOWED_ROLE)"
+        )
+    store = await _store(settings)
+    try:
+        ticket = await issue_link_ticket(store)
+    finally:
+        await store.close()
+    netloc = f"[{host}]" if ":" in host else host
+    say(f"http://{netloc}:{settings.port}/console/link?ticket={ticket}")
+    progress(
+        f"open it on this machine within {int(TICKET_TTL.total_seconds() // 60)} minutes; it signs in once "
+        "(the running `serve` must use the same PRESENCE_SYNC_DATABASE_URL)"
+    )
+    return 0
 
 
 async def cmd_doctor(settings: Settings, args: argparse.Namespace) -> int:
@@ -457,6 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--speed", type=float, default=1.0, help="pause scale between steps: 2 = twice as fast, 0 = no pauses"
     )
+    demo.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="after the day, keep the emulators and the service up and print the console link (Ctrl+C stops)",
+    )
 
     agents = add("agents", None, "the agent directory")  # type: ignore[arg-type]
     asub = agents.add_subparsers(dest="agents_command", required=True, parser_class=OneLineParser)
@@ -518,6 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
     ql.add_argument("--limit", type=int, default=100, help="items to show (default 100)")
     add("show", cmd_quarantine_show, "one item with its body (secrets masked)", qsub).add_argument("id", type=int)
     add("drop", cmd_quarantine_drop, "drop one item", qsub).add_argument("id", type=int)
+
+    con = add("console", None, "the operations console (GET /console on the running service)")  # type: ignore[arg-type]
+    consub = con.add_subparsers(dest="console_command", required=True, parser_class=OneLineParser)
+    add("link", cmd_console_link, "print a one-time sign-in link to the console (open it on this machine)", consub)
 
     db = add("db", None, "the store")  # type: ignore[arg-type]
     dbsub = db.add_subparsers(dest="db_command", required=True, parser_class=OneLineParser)

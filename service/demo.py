@@ -107,9 +107,16 @@ def demo_agents(n: int) -> list[StackAgent]:
 
 
 async def run_demo(
-    out: Callable[[str], None], *, agents: int = MIN_AGENTS, speed: float = 1.0, workdir: Path | None = None
+    out: Callable[[str], None],
+    *,
+    agents: int = MIN_AGENTS,
+    speed: float = 1.0,
+    workdir: Path | None = None,
+    keep_running: Callable[[], Awaitable[None]] | None = None,
 ) -> int:
-    """Plays the day; returns the exit code (0: every expectation held)."""
+    """Plays the day; returns the exit code (0: every expectation held). ``keep_running``: after the
+    day, print the console's one-time link and keep everything up until it returns (the CLI's waits
+    for Ctrl+C)."""
     if agents < MIN_AGENTS:
         raise ValueError(f"--agents must be at least {MIN_AGENTS} (the day needs Alice, Bob and Carol)")
     with tempfile.TemporaryDirectory(prefix="presence-sync-demo-") as tmp:
@@ -124,18 +131,35 @@ async def run_demo(
             await _play(day, stack)
             await _table(day, stack)
             _summary(day, stack, await stack.runtime.store.outbox_counts())
+            code = _verdict(day)
+            if keep_running is not None:
+                await _keep_running(out, stack, keep_running)
         finally:
             await stack.stop()
-        failed = [s for s in day.steps if not s.ok]
-        out("")
-        if failed:
-            out(
-                f"demo FAILED: {len(failed)} of {len(day.steps)} expectation(s) did not hold: "
-                + "; ".join(s.title for s in failed)
-            )
-            return 1
-        out(f"demo passed: {len(day.steps)} expectation(s) held in {time.monotonic() - day.started:.1f} s")
-        return 0
+        return code
+
+
+def _verdict(day: Day) -> int:
+    failed = [s for s in day.steps if not s.ok]
+    day.out("")
+    if failed:
+        day.out(
+            f"demo FAILED: {len(failed)} of {len(day.steps)} expectation(s) did not hold: "
+            + "; ".join(s.title for s in failed)
+        )
+        return 1
+    day.out(f"demo passed: {len(day.steps)} expectation(s) held in {time.monotonic() - day.started:.1f} s")
+    return 0
+
+
+async def _keep_running(out: Callable[[str], None], stack: LocalStack, wait: Callable[[], Awaitable[None]]) -> None:
+    from console.access import issue_link_ticket
+
+    ticket = await issue_link_ticket(stack.runtime.store)
+    out("")
+    out(f"console: {stack.base_url}/console/link?ticket={ticket}")
+    out("  (a one-time link for this machine, valid 15 minutes; the emulators and the service stay up: Ctrl+C stops)")
+    await wait()
 
 
 async def _play(day: Day, stack: LocalStack) -> None:

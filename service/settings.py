@@ -91,6 +91,13 @@ class Settings(BaseSettings):
     store_commit_timeout_seconds: float = 1.0
     """How long a webhook waits for the store before its change goes to the spool."""
 
+    console_allowed_group_id: str = ""
+    """Entra group (object id) whose members may sign in to ``/console`` (the id token's ``groups``
+    claim; the app registration must emit group claims)."""
+    console_allowed_role: str = ""
+    """App role (its value) whose holders may sign in to ``/console`` (the id token's ``roles`` claim).
+    With neither set, only the one-time link of ``presence-sync console link`` (on loopback) signs in."""
+
     @field_validator("port")
     @classmethod
     def _port(cls, v: int) -> int:

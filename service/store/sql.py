@@ -37,6 +37,7 @@ from mapping.model import (
 )
 from service.store import directory_sql, outbox_sql, quarantine_sql, state_sql
 from service.store.connect import BEGIN_MODE, ENV, Target, create_engine, describe_connect_error, parse_url
+from service.store.console_sql import ConsoleSql
 from service.store.dialect import upsert
 from service.store.leader import Leadership
 from service.store.migrate import (
@@ -54,7 +55,7 @@ from service.store.tx import SqlTransaction
 __all__ = ["SqlStore", "migration_status", "open_store", "upgrade"]
 
 
-class SqlStore:
+class SqlStore(ConsoleSql):
     """Build it with ``open_store``; the constructor does no I/O and applies no migrations."""
 
     def __init__(
