@@ -98,11 +98,17 @@ def make_agents(n: int) -> list[Agent]:
     ]
 
 
+def agent_status_id(agent: Agent) -> str:
+    """The agent's own ``msdyn_agentstatusid``: derived from its systemuserid, stable per agent."""
+    return "5a" + agent.dynamics_user_id[2:]
+
+
 class Bodies:
     """Seed-shaped Update contexts; every body is a new change (rising RowVersion, next presence)."""
 
     def __init__(self, agents: list[Agent]) -> None:
         self.template = json.loads(SEED.read_bytes())
+        self.status_id = str(self.template["PrimaryEntityId"]).lower()
         self.agents = agents
         self.n = 0
         self.version = 6_000_000
@@ -124,8 +130,12 @@ class Bodies:
                         pair["value"]["Id"] = presence
                     elif pair["key"] == "msdyn_agentid":
                         pair["value"]["Id"] = agent.dynamics_user_id
+            # Each agent has its own msdyn_agentstatus row (one per agent in Dynamics 365 Contact
+            # Center): the seed's row id made per agent, so the route's agent lookup learns each pair
+            # once instead of rewriting one row's mapping on every request.
+            text = json.dumps(ctx, separators=(",", ":")).replace(self.status_id, agent_status_id(agent))
             # DataContractJsonSerializer escapes "/" as "\/", as the seed shows.
-            out.append(json.dumps(ctx, separators=(",", ":")).replace("/", "\\/").encode())
+            out.append(text.replace("/", "\\/").encode())
         return out
 
 
