@@ -284,6 +284,38 @@ async def bench_store(
     return rows
 
 
+GOAL_RATIO = {"sqlite": 0.5, "postgres": 0.3}
+"""Issue 16: webhook intake with 8 in flight at least this fraction of the raw relay's rate."""
+GOAL_P50_MS, GOAL_P99_MS = 3.0, 10.0
+
+
+def goals(rows: list[Row]) -> list[str]:
+    """Each goal's figure beside its baseline from the same run: the webhook's rate over the relay's
+    at every concurrency (the goal at 8 in flight), and the one-at-a-time p50/p99 (the goal's own
+    condition, delivery running, is not this bench's: its outbox workers are stopped)."""
+    out = []
+    by = {(r.store, r.scenario, r.concurrency): r for r in rows}
+    for (store, scenario, conc), row in sorted(by.items()):
+        relay = by.get((store, "relay", conc))
+        if scenario != "webhook" or relay is None:
+            continue
+        mine, floor = row.statuses.get(200, 0) / row.wall, relay.statuses.get(200, 0) / relay.wall
+        ratio = mine / floor if floor else 0.0
+        text = f"goal {store} c={conc}: webhook {mine:.0f}/s beside relay {floor:.0f}/s = {ratio:.3f}x"
+        if conc == 8 and store in GOAL_RATIO:
+            text += f" (goal >= {GOAL_RATIO[store]}x: {'met' if ratio >= GOAL_RATIO[store] else 'not met'})"
+        if conc == 1:
+            p50, p99 = row.pct(row.latencies, 0.5), row.pct(row.latencies, 0.99)
+            met = p50 <= GOAL_P50_MS and p99 <= GOAL_P99_MS
+            text += (
+                f"; one at a time p50 {p50:.2f} ms, p99 {p99:.2f} ms beside relay p50 "
+                f"{relay.pct(relay.latencies, 0.5):.2f} ms (goal p50 <= {GOAL_P50_MS:g}, p99 <= {GOAL_P99_MS:g} "
+                f"with delivery running: {'met' if met else 'not met'} here, outbox stopped)"
+            )
+        out.append(text)
+    return out
+
+
 async def pg_schema(url: str) -> tuple[str | None, str]:
     """Creates a fresh schema; returns (its name or None, a note)."""
     dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
@@ -340,6 +372,9 @@ async def main_async(args: argparse.Namespace) -> int:
     say("")
     say("client-side latency (request sent -> answer read); srv: the route's own ack time (telemetry).")
     say("relay: read + json.loads + 200 on the same bodies, the aiohttp floor; webhook: the full path above.")
+    say("")
+    for line in goals(rows):
+        say(line)
     for note in notes:
         say(note)
     ok = bool(rows) and all(set(r.statuses) == {200} for r in rows)
