@@ -155,7 +155,11 @@ class SyncEngine:
         """Applies observations in their order, up to ``BATCH`` per transaction: one commit for a
         Graph request of many items or a batch of reads instead of one each, which is what the
         store's single writer (SQLite) or round trips (PostgreSQL) make expensive. Same rules, same
-        outcomes as one ``observe`` per event; a failure rolls back only its chunk."""
+        outcomes as one ``observe`` per event; a failure rolls back only its chunk. A single event
+        goes through ``observe``'s group commit (a Graph request of one item, the usual case at low
+        load, then shares a commit with its neighbours' instead of paying one of its own)."""
+        if len(events) == 1:
+            return [await self.observe(events[0], intake=intake)]
         outcomes: list[Outcome] = []
         for start in range(0, len(events), BATCH):
             chunk = events[start : start + BATCH]

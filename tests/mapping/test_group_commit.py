@@ -129,3 +129,15 @@ async def test_a_caller_that_stopped_waiting_is_not_written():
         await gone
     states = await store.load_states([AGENTS[0].dynamics_user_id, AGENTS[1].dynamics_user_id])
     assert list(states) == [AGENTS[0].dynamics_user_id]
+
+
+async def test_single_item_batches_share_the_group_too():
+    """A Graph request of one item (``observe_many`` of one event) joins the group commit."""
+    store = GatedStore()
+    bridge = make_bridge(store=store)
+    await store.upsert_agents(AGENTS)
+    store.transactions = 0
+    calls = [bridge.engine.observe_many([change(a, BUSY, 10)]) for a in AGENTS]
+    outcomes = await asyncio.wait_for(asyncio.gather(*calls), BOUND)
+    assert store.transactions == 1
+    assert [o.result for (o,) in outcomes] == [Result.APPLIED] * len(AGENTS)
