@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -84,7 +85,12 @@ class InlineSqlite:
         try:
             conn, tx = await asyncio.shield(begun)
         except asyncio.CancelledError:
-            begun.add_done_callback(self._end_later)
+            # The BEGIN goes on in the thread and may yet get the lock: roll it back before the
+            # caller lets go of the store's write lock, or the next writer's BEGIN (queued behind it
+            # on the same thread, on another connection) would wait on it until busy_timeout.
+            begun.add_done_callback(self._end_later)  # if this wait is cancelled too
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(begun)
             raise
         try:
             yield InlineConnection(conn)
