@@ -243,6 +243,10 @@ async def bench_store(
         dataverse_webhook_key=KEY,
         reconcile_interval_seconds=0,
         log_level="WARNING",
+        # The longest a change may wait before the spool takes it: on a busy machine a commit over
+        # the default second would send every later request to the spool (behind the first), and
+        # a spooled answer is not this path's figure.
+        store_commit_timeout_seconds=10,
     )
     rt = await Runtime.open(settings, store=store)
     timings = AckTimings(rt.bridge.telemetry)
@@ -328,7 +332,7 @@ async def bench_delivery(
 
     n = min(args.agents, 100)
     people = [StackAgent(f"Agent {i:03d}", *agent_ids(i), OOB_PRESENCE_IDS[BasePresence.AVAILABLE]) for i in range(n)]
-    stack = LocalStack(tmp / "delivery", people)
+    stack = LocalStack(tmp / "delivery", people, overrides={"store_commit_timeout_seconds": 10})
     (tmp / "delivery").mkdir()
     await stack.start()
     loop = asyncio.get_running_loop()
