@@ -192,6 +192,13 @@ class Row:
     latencies: list[float]
     statuses: dict[int, int]
     server: list[float]
+    cpu: float = 0.0
+    """CPU seconds the server process used (all its threads) during the run: on a shared machine a
+    steadier figure of the path's own cost than latency, which includes waiting for a core."""
+
+    @property
+    def cpu_ms(self) -> float:
+        return self.cpu / len(self.latencies) * 1000 if self.latencies else float("nan")
 
     @staticmethod
     def pct(values: list[float], q: float) -> float:
@@ -213,13 +220,13 @@ class Row:
         return (
             f"{self.store:<9} {self.scenario:<8} {self.concurrency:>4} {len(lat):>6} {rate:>8.0f} "
             f"{self.pct(lat, 0.5):7.2f} {self.pct(lat, 0.95):7.2f} {self.pct(lat, 0.99):7.2f} "
-            f"{max(lat) * 1000 if lat else 0:7.2f} {srv} {others:>8}"
+            f"{max(lat) * 1000 if lat else 0:7.2f} {srv} {self.cpu_ms:7.3f} {others:>8}"
         )
 
 
 HEADER = (
     f"{'store':<9} {'route':<8} {'conc':>4} {'reqs':>6} {'req/s':>8} {'p50 ms':>7} {'p95 ms':>7} "
-    f"{'p99 ms':>7} {'max ms':>7} {'srv p50':>7} {'srv p99':>7} {'non-200':>8}"
+    f"{'p99 ms':>7} {'max ms':>7} {'srv p50':>7} {'srv p99':>7} {'cpu ms':>7} {'non-200':>8}"
 )
 
 
@@ -263,12 +270,14 @@ async def bench_store(
 
     async def run(scenario: str, url: str, batch: list[bytes], concurrency: int) -> Row:
         timings.acks.clear()
+        cpu = time.process_time()
         latencies, statuses, wall = await loop.run_in_executor(
             pool, run_client, url, batch, concurrency, max(1.0, deadline - time.monotonic())
         )
+        cpu = time.process_time() - cpu
         server = list(timings.acks) if scenario == "webhook" else []
         say(f"  {name} {scenario} c={concurrency}: {len(latencies)} requests in {wall:.2f} s")
-        return Row(name, scenario, concurrency, wall, latencies, statuses, server)
+        return Row(name, scenario, concurrency, wall, latencies, statuses, server, cpu)
 
     try:
         await run("warm-up", base + PATH, bodies.next(min(100, args.requests)), 4)
@@ -305,7 +314,10 @@ def goals(rows: list[Row]) -> list[str]:
             continue
         mine, floor = row.statuses.get(200, 0) / row.wall, relay.statuses.get(200, 0) / relay.wall
         ratio = mine / floor if floor else 0.0
-        text = f"goal {store} c={conc}: webhook {mine:.0f}/s beside relay {floor:.0f}/s = {ratio:.3f}x"
+        text = (
+            f"goal {store} c={conc}: webhook {mine:.0f}/s beside relay {floor:.0f}/s = {ratio:.3f}x, "
+            f"server CPU {row.cpu_ms:.3f} ms per request beside relay {relay.cpu_ms:.3f} ms"
+        )
         if conc == 8 and store in GOAL_RATIO:
             text += f" (goal >= {GOAL_RATIO[store]}x: {'met' if ratio >= GOAL_RATIO[store] else 'not met'})"
         if conc == 1:
@@ -352,6 +364,7 @@ async def bench_delivery(
                 relay_app.router.add_post(PATH, relay)
                 relay_runner, relay_base = await serve_app(relay_app)
             timings.acks.clear()
+            cpu = time.process_time()
             try:
                 latencies, statuses, wall = await loop.run_in_executor(
                     pool,
@@ -365,8 +378,9 @@ async def bench_delivery(
             finally:
                 if target is None:
                     await relay_runner.cleanup()
+            cpu = time.process_time() - cpu
             server = list(timings.acks) if target else []
-            rows.append(Row("stack", scenario, 1, wall, latencies, statuses, server))
+            rows.append(Row("stack", scenario, 1, wall, latencies, statuses, server, cpu))
             say(f"  stack {scenario} c=1: {len(latencies)} requests in {wall:.2f} s")
         writes = len(stack.graph.calls("POST", "/presence/"))
         say(f"  stack: {writes} presence writes reached the Graph emulator during the run")
@@ -433,6 +447,7 @@ async def main_async(args: argparse.Namespace) -> int:
     say("")
     say("client-side latency (request sent -> answer read); srv: the route's own ack time (telemetry).")
     say("relay: read + json.loads + 200 on the same bodies, the aiohttp floor; webhook: the full path above.")
+    say("cpu ms: the server process's CPU time (every thread, the stack's emulators included) per request.")
     say("")
     for line in goals(rows):
         say(line)
