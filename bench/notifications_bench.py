@@ -203,6 +203,39 @@ async def relay(request: web.Request) -> web.Response:
     return web.Response(status=202)
 
 
+def crypto_relay(decryptor: Decryptor) -> Any:
+    """The rich baseline: the relay plus each item's decryption (RSA-OAEP unwrap of the key, HMAC
+    check, AES decryption), the crypto floor no rich intake can go below."""
+
+    async def handler(request: web.Request) -> web.Response:
+        for item in json.loads(await request.read()).get("value", []):
+            decryptor.decrypt(item["encryptedContent"])
+        return web.Response(status=202)
+
+    return handler
+
+
+GOALS = {"intake rich": ("crypto relay (rich bodies)", 0.5), "intake basic": ("relay (basic bodies)", 0.5)}
+"""Issue 16: each intake's item rate at least this fraction of its baseline's, in the same run."""
+
+
+def goal_lines(rows: list[Row]) -> list[str]:
+    by = {r.scenario: r for r in rows}
+    out = []
+    for name, (base_name, goal) in GOALS.items():
+        mine, base = by.get(name), by.get(base_name)
+        if mine is None or base is None:
+            continue
+        rate = mine.items * mine.statuses.get(202, 0) / mine.wall
+        floor = base.items * base.statuses.get(202, 0) / base.wall
+        ratio = rate / floor if floor else 0.0
+        out.append(
+            f"goal {name}: {rate:.0f} items/s beside {base_name} {floor:.0f} items/s = {ratio:.3f}x "
+            f"(goal >= {goal}x: {'met' if ratio >= goal else 'not met'})"
+        )
+    return out
+
+
 @dataclass
 class Row:
     scenario: str
@@ -306,6 +339,7 @@ async def main_async(args: argparse.Namespace) -> int:
         app_runner, base = await serve_app(app)
         relay_app = web.Application(client_max_size=2 * 1024 * 1024)
         relay_app.router.add_post("/relay", relay)
+        relay_app.router.add_post("/crypto", crypto_relay(decryptor))
         relay_runner, relay_base = await serve_app(relay_app)
         await intake.start()
 
@@ -319,6 +353,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 await scenario(pool, "warm-up", f"{base}/api/graph/notifications", rich[:20], args, timings)
                 for name, url, bodies, timed in (
                     ("relay (rich bodies)", f"{relay_base}/relay", rich, None),
+                    ("crypto relay (rich bodies)", f"{relay_base}/crypto", rich, None),
                     ("intake rich", f"{base}/api/graph/notifications", rich, timings),
                     ("relay (basic bodies)", f"{relay_base}/relay", basic, None),
                     ("intake basic", f"{base}/api/graph/notifications", basic, timings),
@@ -349,6 +384,8 @@ async def main_async(args: argparse.Namespace) -> int:
     say("")
     say("p50/p99/max: client-side, request sent -> 202 read; srv: the route's own ack time (telemetry).")
     say(f"commands enqueued by the rich run (outbox): {counts}; rejections: {timings.rejections or 'none'}")
+    for line in goal_lines(rows):
+        say(line)
     if rows:
         ok = all(set(r.statuses) == {202} for r in rows)
         p99 = max((r.pct(r.latencies, 0.99) for r in rows if r.scenario.startswith("intake")), default=0.0)

@@ -174,6 +174,7 @@ class DataverseIntake:
         self._replay_failures = 0
         self._store_suspect_until = 0.0
         """``time.monotonic()`` until which the store counts as not answering (``_suspect_store``)."""
+        self._known_agents: dict[str, Agent] = {}
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -375,7 +376,7 @@ class DataverseIntake:
             change = dataclasses.replace(change, agent_id=agent_id)
         elif self.lookup is not None:
             await self.lookup.remember(change.agent_status_id, agent_id)
-        agent = await self.bridge.directory.get_agent(agent_id)
+        agent = await self._directory_entry(agent_id)
         if agent is None:
             return await self._unknown(change, now)
         if not change.is_presence_change:
@@ -383,6 +384,19 @@ class DataverseIntake:
         return await self._observe(
             agent, change.presence_id or "", change.row_version, change.presence_modified_by, now
         )
+
+    async def _directory_entry(self, agent_id: str) -> Agent | None:
+        """The agent as the directory had it when first seen here. An agent is never removed from the
+        directory (only disabled, which the engine reads in its own transaction), so a known one is
+        kept in memory and each later change of that agent saves a store round trip; an unknown one
+        is asked again every time (it may be added any moment)."""
+        key = agent_id.strip().lower()
+        agent = self._known_agents.get(key)
+        if agent is None:
+            agent = await self.bridge.directory.get_agent(key)
+            if agent is not None:
+                self._known_agents[key] = agent
+        return agent
 
     async def _observe(
         self, agent: Agent, presence_id: str, version: int | None, modified_by: str | None, at: datetime

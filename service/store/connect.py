@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import Engine, event
+from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -119,7 +120,7 @@ def create_engine(target: Target) -> AsyncEngine:
     """An engine with the dialect's session settings applied on every new connection."""
     if target.is_sqlite:
         engine = create_async_engine(target.url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-        _sqlite_hooks(engine)
+        _sqlite_hooks(engine.sync_engine)
         return engine
     settings = {"application_name": "presence-sync", "TimeZone": "UTC"}
     if target.schema:
@@ -129,6 +130,17 @@ def create_engine(target: Target) -> AsyncEngine:
         pool_pre_ping=True,
         connect_args={"server_settings": settings, "timeout": PG_CONNECT_TIMEOUT_S},
     )
+
+
+def create_inline_engine(target: Target) -> Engine:
+    """SQLite: a sync engine on the same file with the same session settings, for the write
+    transactions of ``service.store.inline`` (used from its thread and the loop's, one at a time)."""
+    engine = create_sync_engine(
+        target.url.set(drivername="sqlite+pysqlite"),
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+    )
+    _sqlite_hooks(engine)
+    return engine
 
 
 def _set_wal(cursor: Any) -> None:
@@ -147,8 +159,8 @@ def _set_wal(cursor: Any) -> None:
             time.sleep(0.05)
 
 
-def _sqlite_hooks(engine: AsyncEngine) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def _sqlite_hooks(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # The sqlite3 module's own transaction handling would BEGIN (DEFERRED) behind our back.
         dbapi_connection.isolation_level = None
@@ -159,7 +171,7 @@ def _sqlite_hooks(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA synchronous=FULL")  # the outbox promise is durability: fsync each commit
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         mode = conn.get_execution_options().get(BEGIN_MODE, "DEFERRED")
         conn.exec_driver_sql(f"BEGIN {mode}")

@@ -16,7 +16,7 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -36,9 +36,18 @@ from mapping.model import (
     System,
 )
 from service.store import directory_sql, outbox_sql, quarantine_sql, state_sql
-from service.store.connect import BEGIN_MODE, ENV, Target, create_engine, describe_connect_error, parse_url
+from service.store.connect import (
+    BEGIN_MODE,
+    ENV,
+    Target,
+    create_engine,
+    create_inline_engine,
+    describe_connect_error,
+    parse_url,
+)
 from service.store.console_sql import ConsoleSql
 from service.store.dialect import upsert
+from service.store.inline import InlineSqlite
 from service.store.leader import Leadership
 from service.store.migrate import (
     check_not_newer,
@@ -72,6 +81,8 @@ class SqlStore(ConsoleSql):
         self._box = secret_box
         self._sqlite = target.is_sqlite
         self._write_lock: asyncio.Lock | None = asyncio.Lock() if self._sqlite else None
+        # SQLite: the engine's transactions without aiosqlite's per-statement thread hops (inline.py).
+        self._inline = InlineSqlite(create_inline_engine(target)) if self._sqlite else None
         self._leader = Leadership(None if self._sqlite else engine, target.schema or "")
         self._closed = False
 
@@ -97,8 +108,13 @@ class SqlStore(ConsoleSql):
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqlTransaction]:
-        async with self._writing() as conn:
-            yield SqlTransaction(conn)
+        if self._inline is None or self._write_lock is None:
+            async with self._writing() as conn:
+                yield SqlTransaction(conn)
+            return
+        async with self._write_lock, self._inline.transaction() as inline:
+            # InlineConnection offers what the statement modules use of an AsyncConnection.
+            yield SqlTransaction(cast(AsyncConnection, inline))
 
     # Directory ---------------------------------------------------------------------------------
     async def get_agent(self, dynamics_user_id: str) -> Agent | None:
@@ -299,6 +315,8 @@ class SqlStore(ConsoleSql):
             return
         self._closed = True
         await self._leader.close()
+        if self._inline is not None:
+            await asyncio.to_thread(self._inline.close)
         await self.engine.dispose()
 
 

@@ -7,7 +7,7 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mapping.clock import utcnow
@@ -15,6 +15,7 @@ from mapping.model import AgentSyncState
 from service.store.dialect import upsert
 from service.store.schema import agent_state
 from service.store.state_doc import from_doc, to_doc
+from service.store.types import UTCDateTime
 
 _CHUNK = 500  # ids per IN (...): far below both dialects' bound-parameter limits
 
@@ -22,21 +23,30 @@ _CHUNK = 500  # ids per IN (...): far below both dialects' bound-parameter limit
 async def load(conn: AsyncConnection, agent_id: str, *, lock: bool) -> AgentSyncState:
     """The agent's state, blank when never saved. ``lock`` (PostgreSQL): make sure the agent has an
     ``agent_state`` row and lock it until commit, so concurrent engines on other instances
-    serialise on the agent instead of overwriting each other's decisions."""
+    serialise on the agent instead of overwriting each other's decisions. Both in one round trip:
+    an upsert whose conflict arm updates the row takes its row lock as ``SELECT ... FOR UPDATE``
+    does, and returns the row as it stands (a placeholder when new)."""
     if lock:
-        placeholder = (
-            upsert(conn.dialect.name, agent_state)
-            .values(agent_id=agent_id, saved=False, updated_at=utcnow())
-            .on_conflict_do_nothing(index_elements=[agent_state.c.agent_id])
-        )
-        await conn.execute(placeholder)
-    query = select(agent_state.c.saved, agent_state.c.doc).where(agent_state.c.agent_id == agent_id)
-    if lock:
-        query = query.with_for_update()
-    head = (await conn.execute(query)).first()
+        head = (await conn.execute(_lock_statement(conn.dialect.name), {"agent_id": agent_id, "now": utcnow()})).first()
+    else:
+        query = select(agent_state.c.saved, agent_state.c.doc).where(agent_state.c.agent_id == agent_id)
+        head = (await conn.execute(query)).first()
     if head is None or not head.saved:
         return AgentSyncState(agent_id)
     return from_doc(agent_id, head.doc)
+
+
+@functools.cache
+def _lock_statement(dialect: str) -> Any:
+    """``load(lock=True)``: insert a placeholder or lock the existing row, returning it. The conflict
+    arm sets only ``agent_id`` to itself, so a saved state is left as it is."""
+    stmt = upsert(dialect, agent_state).values(
+        agent_id=bindparam("agent_id"), saved=False, updated_at=bindparam("now", type_=UTCDateTime())
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[agent_state.c.agent_id], set_={"agent_id": stmt.excluded.agent_id}
+    )
+    return stmt.returning(agent_state.c.saved, agent_state.c.doc)
 
 
 @functools.cache
