@@ -251,6 +251,9 @@ class Runtime:
             if part is not None:
                 with contextlib.suppress(Exception):
                     await part.stop()
+        lookup = getattr(self.dataverse_intake, "lookup", None)
+        if lookup is not None:  # its background writes stop before the store closes
+            await lookup.close()
         for client in (self.subscriptions, self.teams, self.dataverse, self.tokens):
             close = getattr(client, "close", None)
             if close is not None:

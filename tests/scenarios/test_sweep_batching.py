@@ -1,0 +1,133 @@
+"""The sweep in batches, decided in memory first (``mapping.reconcile``), against the sweep one agent
+and one observation at a time through the engine: the same summaries, the same states, the same
+outbox, sweep after sweep, over random agents whose systems drift between sweeps. Seeded."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from mapping.bridge import Bridge
+from mapping.model import Agent, PresenceObserved, System
+from mapping.reconcile import reconcile
+from tests.support import AVAILABLE, AWAY, BUSY, DND, OFFLINE, TRAINING, FakeClock, make_bridge
+
+DYNAMICS_VALUES = [AVAILABLE, BUSY, DND, AWAY, OFFLINE, TRAINING]
+TEAMS_VALUES = [
+    "Available/Available",
+    "Busy/InACall",
+    "Busy/InAMeeting",
+    "DoNotDisturb/Presenting",
+    "Away/Away",
+    "Offline/OffWork",
+]
+
+
+@dataclass
+class World:
+    """What both systems show; readers return it as a sweep would read it."""
+
+    clock: FakeClock
+    dynamics: dict[str, tuple[str, int, str]] = field(default_factory=dict)  # value, version, modified by
+    teams: dict[str, str] = field(default_factory=dict)
+
+    def reader(self, system: System) -> Reader:
+        return Reader(self, system)
+
+
+@dataclass
+class Reader:
+    world: World
+    system: System
+    calls: int = 0
+
+    async def read(self, agents: Sequence[Agent]) -> list[PresenceObserved]:
+        self.calls += 1
+        now = self.world.clock()
+        out = []
+        for a in agents:
+            if self.system is System.DYNAMICS:
+                value, version, by = self.world.dynamics[a.dynamics_user_id]
+                out.append(PresenceObserved(a.dynamics_user_id, System.DYNAMICS, value, now, version, by, "r", True))
+            else:
+                value = self.world.teams[a.dynamics_user_id]
+                out.append(PresenceObserved(a.dynamics_user_id, System.TEAMS, value, now, None, None, "r", True))
+        return out
+
+
+def agents(n: int) -> list[Agent]:
+    return [Agent(f"{i:08x}-0000-4000-8000-00000000d365", f"{i:08x}-0000-4000-8000-0000000e0a1d") for i in range(n)]
+
+
+async def snapshot(bridge: Bridge, everyone: Sequence[Agent]) -> tuple[object, ...]:
+    states = await bridge.store.load_states([a.dynamics_user_id for a in everyone])
+    rows = sorted(
+        (r.agent_id, str(r.system), r.value, str(r.status), r.generation)
+        for r in await bridge.store.list_outbox(None, 100_000)
+    )
+    return tuple(sorted(states.items())), tuple(rows)
+
+
+async def test_batched_sweep_matches_one_by_one() -> None:
+    rng = random.Random(1616)
+    everyone = agents(40)
+    worlds, bridges = [], []
+    for _ in range(2):
+        clock = FakeClock()
+        bridge = make_bridge(clock=clock)
+        await bridge.store.upsert_agents(everyone)
+        worlds.append(World(clock))
+        bridges.append(bridge)
+    versions = {a.dynamics_user_id: 1 for a in everyone}
+    settled = 0
+    for sweep in range(6):
+        # Drift: some agents change in either system between sweeps (the first sweep sees everyone anew).
+        for a in everyone:
+            key = a.dynamics_user_id
+            if sweep == 0 or rng.random() < 0.3:
+                versions[key] += 1
+                dyn = (rng.choice(DYNAMICS_VALUES), versions[key], rng.choice(["AGENT", "SYSTEM"]))
+                for w in worlds:
+                    w.dynamics[key] = dyn
+            if sweep == 0 or rng.random() < 0.3:
+                teams = rng.choice(TEAMS_VALUES)
+                for w in worlds:
+                    w.teams[key] = teams
+        for w in worlds:
+            w.clock.advance(60)
+        batched = await reconcile(bridges[0].engine, {s: worlds[0].reader(s) for s in System}, everyone, batch_size=7)
+        single = await reconcile(
+            bridges[1].engine, {s: worlds[1].reader(s) for s in System}, everyone, batch_size=1, presettle=False
+        )
+        assert batched.line() == single.line(), f"sweep {sweep}"
+        assert await snapshot(bridges[0], everyone) == await snapshot(bridges[1], everyone), f"sweep {sweep}"
+        assert single.settled == 0
+        settled += batched.settled
+    # The in-memory path was taken (Dynamics reads of agents that did not change), not only the engine's.
+    assert settled > 0
+
+
+async def test_a_sweep_of_nothing_new_makes_no_transaction_for_dynamics() -> None:
+    clock = FakeClock()
+    bridge = make_bridge(clock=clock)
+    everyone = agents(30)
+    await bridge.store.upsert_agents(everyone)
+    world = World(clock)
+    for a in everyone:
+        world.dynamics[a.dynamics_user_id] = (AVAILABLE, 5, "AGENT")
+        world.teams[a.dynamics_user_id] = "Available/Available"
+    readers = {s: world.reader(s) for s in System}
+    first = await reconcile(bridge.engine, readers, everyone, batch_size=650)
+    assert first.settled == 0 and readers[System.DYNAMICS].calls == 1 and readers[System.TEAMS].calls == 1
+    before = await snapshot(bridge, everyone)
+    clock.advance(60)  # a Teams read later is news (when Teams was last seen), a Dynamics version is not
+    again = await reconcile(bridge.engine, readers, everyone, batch_size=650)
+    assert again.line() == first.line()
+    assert again.settled == len(everyone)  # every Dynamics read is the version already known
+    states_before, outbox_before = before
+    states_after, outbox_after = await snapshot(bridge, everyone)
+    assert outbox_after == outbox_before
+    # Only what the Teams reads teach (when Teams was last seen) moved.
+    for (_, b), (_, a) in zip(states_before, states_after, strict=True):  # type: ignore[misc]
+        assert b.dynamics_seen == a.dynamics_seen and b.teams_seen.value == a.teams_seen.value
