@@ -170,7 +170,6 @@ class SubscriptionManager:
         self._uncovered: list[str] | None = None
         self.schedule = PollSchedule(poll_interval or 30.0, poll_clock)
         """Each uncovered agent read once per ``poll_interval`` (default 30 s: within the minute)."""
-        self._polled: dict[str, str] = {}  # systemuserid -> the Teams value the last poll observed
         self._by_entra: dict[str, Agent] | None = None  # the enabled agents, as of the last sync
         self._resync = asyncio.Event()
 
@@ -646,9 +645,10 @@ class SubscriptionManager:
 
     async def poll_due(self) -> int:
         """Reads the chunks of uncovered agents the schedule says are due, and observes the agents
-        whose Teams presence changed since their last poll (the first read of an agent always
-        counts). Unchanged values are what a subscription would not notify either; the sweep
-        (rule 8) observes everything. Returns how many observations were made."""
+        whose Teams presence is not what the bridge last saw of it (``teams_seen``; one state query
+        per chunk). The others are what a subscription would not notify either (the sweep, rule 8,
+        observes everything); at 49,350 polled agents they would be 49,350 transactions a period.
+        Returns how many observations were made."""
         self.schedule.set_ids(await self.uncovered())
         made = 0
         for chunk in self.schedule.due():
@@ -656,11 +656,10 @@ class SubscriptionManager:
             if not agents:
                 continue
             observed = await self.reader.read(agents)
-            fresh = [o for o in observed if self._polled.get(o.agent_id) != o.value]
+            known = await self.bridge.last_known_many([o.agent_id for o in observed])
+            fresh = [o for o in observed if (st := known.get(o.agent_id)) is None or st.teams_seen.value != o.value]
             if fresh:
                 await self.bridge.observe_many(fresh, intake="graph_poll")
-            for o in fresh:
-                self._polled[o.agent_id] = o.value
             made += len(fresh)
         return made
 
@@ -678,8 +677,6 @@ class SubscriptionManager:
             return 0
         observed = await self.reader.read(agents)
         await self.bridge.observe_many(observed, intake=intake)
-        for o in observed:
-            self._polled[o.agent_id] = o.value
         return len(observed)
 
     # ------------------------------------------------------------------ background
