@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 from mapping import rules as R
 from mapping.engine import Outcome, SyncEngine
@@ -26,6 +27,16 @@ log = logging.getLogger("presence_sync.reconcile")
 
 BATCH = 650
 """Agents per batch: what one ``getPresencesByUserId`` call takes."""
+WHOLE_AT = 1000
+"""From this many agents on, a reader that can read its whole table in pages (``WholeReader``: the
+Dataverse client) reads it once for the sweep instead of once per batch of ids."""
+
+
+@runtime_checkable
+class WholeReader(Protocol):
+    async def read_all(self, agents: Sequence[Agent]) -> list[PresenceObserved]:
+        """What ``read`` would return for ``agents``, read as a whole table (paged)."""
+        ...
 
 
 @dataclass
@@ -64,10 +75,24 @@ async def reconcile(
     changed: set[str] = set()
     failed: set[str] = set()
     order = [s for s in (System.DYNAMICS, System.TEAMS) if s in readers]
+    whole: dict[System, dict[str, PresenceObserved]] = {}
+    for system in order:
+        reader = readers[system]
+        if len(agents) >= WHOLE_AT and isinstance(reader, WholeReader):
+            try:
+                whole[system] = {o.agent_id: o for o in await reader.read_all(agents)}
+            except UpstreamError as e:  # read batch by batch instead
+                log.warning(
+                    "reconcile whole read failed", extra={"fields": {"system": str(system), "error": e.message}}
+                )
     for start in range(0, len(agents), batch_size):
         chunk = agents[start : start + batch_size]
         observed: list[PresenceObserved] = []
         for system in order:
+            if system in whole:
+                seen = whole[system]
+                observed.extend(o for a in chunk if (o := seen.get(a.dynamics_user_id)) is not None)
+                continue
             try:
                 observed.extend(await readers[system].read(chunk))
             except UpstreamError as e:

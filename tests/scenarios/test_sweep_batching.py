@@ -131,3 +131,35 @@ async def test_a_sweep_of_nothing_new_makes_no_transaction_for_dynamics() -> Non
     # Only what the Teams reads teach (when Teams was last seen) moved.
     for (_, b), (_, a) in zip(states_before, states_after, strict=True):  # type: ignore[misc]
         assert b.dynamics_seen == a.dynamics_seen and b.teams_seen.value == a.teams_seen.value
+
+
+async def test_a_large_sweep_reads_the_dataverse_table_in_pages_with_the_same_result() -> None:
+    from dataverse.client import MAX_PAGE, DataverseClient
+    from emulators.dataverse import DataverseEmulator
+    from tests.support import StaticTokens
+
+    emu = DataverseEmulator(token="t")
+    await emu.start()
+    client = DataverseClient(emu.url, StaticTokens("t"), timeout=5.0)
+    try:
+        everyone = agents(1300)
+        for i, a in enumerate(everyone):
+            emu.add_agent(a.dynamics_user_id, a.entra_object_id, f"Agent {i}", DYNAMICS_VALUES[i % 5], logged_in=True)
+        emu.add_agent("ffffffff-0000-4000-8000-00000000d365", "ffffffff-0000-4000-8000-0000000e0a1d", "Not ours", BUSY)
+        paged = {o.agent_id: (o.value, o.version) for o in await client.read_all(everyone)}
+        queries = len([c for c in emu.calls if "msdyn_agentstatuses" in c.path])
+        assert queries == -(-1301 // MAX_PAGE)  # the whole table, one page here
+        by_ids = {o.agent_id: (o.value, o.version) for o in await client.read(everyone)}
+        assert paged == by_ids and len(paged) == 1300  # the agent outside the directory is left out
+
+        bridge = make_bridge(clock=FakeClock())
+        await bridge.store.upsert_agents(everyone)
+        before = len(emu.calls)
+        summary = await reconcile(bridge.engine, {System.DYNAMICS: client}, everyone)
+        assert summary.checked == 1300 and summary.failed == 0 and not summary.errors
+        assert len([c for c in list(emu.calls)[before:] if "msdyn_agentstatuses" in c.path]) == 1
+        states = await bridge.store.load_states([a.dynamics_user_id for a in everyone])
+        assert {k: st.dynamics_seen.value for k, st in states.items()} == {k: v for k, (v, _) in by_ids.items()}
+    finally:
+        await client.close()
+        await emu.stop()
