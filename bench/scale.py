@@ -16,13 +16,17 @@ What is measured, and against what:
   and its period (goal: each agent read at least once a minute);
 - ``presence-sync serve`` as a process on the SQLite store the run built: seconds until ``/readyz``
   answers ready (goal 10 s) and its resident memory once ready and after its own sweep (goal 300 MB),
-  beside a process that only imports the same modules.
+  beside a process that only imports the same modules;
+- with ``--pg URL``: the burst again on PostgreSQL, served by one ``serve`` process and then by two
+  behind a round-robin proxy (as a load balancer would spread Dataverse's webhooks and Graph's
+  notifications), with the seconds until Teams shows the burst and the CPU each process used.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -38,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiohttp.web
 
 from graph_sync.teams import MAX_IDS
 from mapping.ratelimit import GRAPH_PRESENCE
@@ -45,6 +50,7 @@ from service.demo import demo_agents
 from service.stack import SUBSCRIBER_TOKEN, TOKEN, LocalStack, free_port
 
 BUSY = "efdeb843-c07a-e811-8162-000d3aa11f50"
+ROOT = Path(__file__).resolve().parent.parent
 IDLE_IMPORTS = "import service.app, service.runtime, service.cli, service.store.sql"
 
 
@@ -232,7 +238,7 @@ def serve_process(folder: Path, s: dict[str, Any], agents: int) -> dict[str, Any
         "PRESENCE_SYNC_SECRET_KEY": s["secret_key"],
         "PRESENCE_SYNC_SPOOL_DIR": str(folder / "serve-spool"),
         "PRESENCE_SYNC_LOG_LEVEL": "WARNING",
-        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+        "PYTHONPATH": str(ROOT),
     }
     out: dict[str, Any] = {}
     idle = subprocess.Popen(
@@ -283,9 +289,160 @@ def serve_process(folder: Path, s: dict[str, Any], agents: int) -> dict[str, Any
     return out
 
 
+def _start_serve(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+
 def _get(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=5) as r:  # loopback only
         return bytes(r.read())
+
+
+class RoundRobin:
+    """A loopback load balancer: every request to the next backend in turn."""
+
+    def __init__(self) -> None:
+        self.backends: Callable[[], list[int]] = lambda: []
+        self._next = 0
+        self.port = free_port()
+        self._runner: aiohttp.web.AppRunner | None = None
+        self._http: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        app = aiohttp.web.Application(client_max_size=4 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        self._runner = aiohttp.web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await aiohttp.web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        self._http = aiohttp.ClientSession()
+
+    async def _forward(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        ports = self.backends()
+        if not ports or self._http is None:
+            return aiohttp.web.Response(status=503)
+        port = ports[self._next % len(ports)]
+        self._next += 1
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        async with self._http.request(
+            request.method, f"http://127.0.0.1:{port}{request.path_qs}", headers=headers, data=await request.read()
+        ) as r:
+            body = await r.read()
+            keep = {k: v for k, v in r.headers.items() if k.lower() == "content-type"}
+            return aiohttp.web.Response(status=r.status, body=body, headers=keep)
+
+    async def stop(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def instances_on_pg(args: argparse.Namespace, folder: Path, count: int) -> tuple[float, list[float]]:
+    """The burst on PostgreSQL with ``count`` serve processes sharing one store (a schema of its
+    own, dropped afterwards). Returns the seconds until Teams showed it and each process's CPU."""
+    import asyncpg
+
+    await asyncio.to_thread(folder.mkdir, parents=True)
+    schema = f"ps_scale_{os.getpid()}_{secrets.token_hex(4)}"
+    server = args.pg.replace("postgresql+asyncpg://", "postgresql://")
+    conn = await asyncpg.connect(server)
+    await conn.execute(f'CREATE SCHEMA "{schema}"')
+    await conn.close()
+    proxy = RoundRobin()
+    await proxy.start()
+    key, state = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    stack = LocalStack(
+        folder,
+        demo_agents(args.agents),
+        database_url=f"{args.pg}?schema={schema}",
+        overrides={
+            "public_url": f"http://127.0.0.1:{proxy.port}",
+            "dataverse_webhook_key": key,
+            "graph_client_state": state,
+            "teams_write_hold_seconds": 0.0,
+        },
+        progress=lambda line: say(f"  [pg x{count}] {line.splitlines()[0][:140]}"),
+    )
+    proxy.backends = lambda: [stack.settings.port] if stack.settings is not None else []
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        await stack.start()
+        settings = stack.settings
+        if stack.http is not None:
+            await stack.http.close()
+        if stack._runner is not None:
+            await stack._runner.cleanup()
+        await stack.runtime.close()
+        ports = [free_port() for _ in range(count)]
+        for port in ports:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("PRESENCE_SYNC_")} | {
+                "PRESENCE_SYNC_HOST": "127.0.0.1",
+                "PRESENCE_SYNC_PORT": str(port),
+                "PRESENCE_SYNC_PUBLIC_URL": f"http://127.0.0.1:{proxy.port}",
+                "PRESENCE_SYNC_DATABASE_URL": stack.database_url,
+                "PRESENCE_SYNC_AUTH_MODE": "static",
+                "PRESENCE_SYNC_STATIC_TOKEN": TOKEN,
+                "PRESENCE_SYNC_STATIC_SUBSCRIBER_TOKENS": SUBSCRIBER_TOKEN,
+                "PRESENCE_SYNC_GRAPH_URL": stack.graph.url,
+                "PRESENCE_SYNC_CLIENT_ID": stack.graph.client_id,
+                "PRESENCE_SYNC_GRAPH_CLIENT_STATE": state,
+                "PRESENCE_SYNC_DATAVERSE_URL": stack.dataverse.url,
+                "PRESENCE_SYNC_DATAVERSE_WEBHOOK_KEY": key,
+                "PRESENCE_SYNC_SECRET_KEY": settings.secret_key,
+                "PRESENCE_SYNC_SPOOL_DIR": str(folder / f"spool-{port}"),
+                "PRESENCE_SYNC_RECONCILE_INTERVAL_SECONDS": "0",
+                "PRESENCE_SYNC_TEAMS_WRITE_HOLD_SECONDS": "0",
+                "PRESENCE_SYNC_LOG_LEVEL": "WARNING",
+                "PYTHONPATH": str(ROOT),
+            }
+            procs.append(_start_serve(env, folder / f"serve-{port}.log"))
+        proxy.backends = lambda: ports
+        for port in ports:
+            for _ in range(600):
+                try:
+                    if (
+                        json.loads(await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/readyz"))["status"]
+                        == "ready"
+                    ):
+                        break
+                except (OSError, ValueError, KeyError):
+                    pass
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(3)  # subscription upkeep and the first polls settle
+        cpu0 = [cpu_seconds(p.pid) for p in procs]
+        chosen = random.Random(16).sample(stack.agents, min(args.burst, len(stack.agents)))
+        t0 = time.monotonic()
+        for a in chosen:
+            stack.dataverse.set_presence(a.dynamics_id, BUSY, "SYSTEM")
+        waiting = list(chosen)
+
+        def shown() -> bool:
+            waiting[:] = [a for a in waiting if stack.graph.presence_of(a.entra_id) != ("Busy", "InACall")]
+            return not waiting
+
+        ok = await stack.until(shown, timeout=120, interval=0.1)
+        seconds = time.monotonic() - t0 if ok else float("inf")
+        cpu = [cpu_seconds(p.pid) - c for p, c in zip(procs, cpu0, strict=True)]
+        return seconds, cpu
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for emu in (stack.connector, stack.graph, stack.dataverse):
+            with contextlib.suppress(Exception):
+                await emu.stop()
+        await proxy.stop()
+        conn = await asyncpg.connect(server)
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()
 
 
 def report(args: argparse.Namespace, a: dict[str, Any], s: dict[str, Any] | None) -> None:
@@ -366,12 +523,29 @@ async def main() -> int:
     p.add_argument("--agents", type=int, default=50_000)
     p.add_argument("--burst", type=int, default=1000)
     p.add_argument("--skip-serve", action="store_true", help="leave out the serve process (readiness, memory)")
+    p.add_argument("--pg", metavar="URL", help="also compare one and two instances on this PostgreSQL server")
+    p.add_argument("--pg-only", action="store_true", help="only the PostgreSQL comparison")
     args = p.parse_args()
+    if args.pg_only and not args.pg:
+        print("--pg-only needs --pg URL", file=sys.stderr)
+        return 2
     if args.agents < 3:
         print("--agents must be at least 3", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="presence-sync-scale-") as tmp:
         folder = Path(tmp)
+        if args.pg:
+            runs = [await instances_on_pg(args, folder / f"pg{k}", k) for k in (1, 2)]
+            say("")
+            say(f"PostgreSQL, {args.agents} agents, burst of {args.burst} (reconcile off: the hot path only)")
+            for k, (seconds, cpu) in zip((1, 2), runs, strict=True):
+                shown = f"{seconds:.1f} s" if seconds != float("inf") else "not all shown within 120 s"
+                say(
+                    f"  {k} instance(s): burst shown in {shown}; CPU per process "
+                    + ", ".join(f"{c:.1f} s" for c in cpu)
+                )
+            if args.pg_only:
+                return 0
         a = await in_process(args, folder)
         stack: LocalStack = a.pop("stack")
         try:
