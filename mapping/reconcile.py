@@ -6,11 +6,13 @@ they cost what the engine's transactions cost. So each batch of agents (650, one
 read from both systems, decided first *in memory* against the states loaded in one query, and only
 the observations that change something go through ``SyncEngine.observe_many`` (the rules again,
 under the agent's lock and in a transaction, folding the batch into few commits). An observation
-the rules find a duplicate with nothing to write and the state unchanged is settled without a
-transaction: the engine would have written nothing for it either (``test_sweep_batching``)."""
+the rules find needs nothing written, leaving the state unchanged, is settled without a transaction:
+the engine would have written nothing for it either, but for when Teams was last seen showing an
+unchanged value (``_unchanged``; ``tests/scenarios/test_sweep_batching.py``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -136,13 +138,31 @@ async def _settle_in_memory(
             continue
         decision = R.decide(state, obs, engine.rules, engine.catalogue, now)
         quiet = not (decision.commands or decision.cancel or decision.read)
-        if quiet and decision.result in (Result.DUPLICATE, Result.STALE) and decision.state == state:
+        if quiet and decision.result in SETTLED and _unchanged(decision.state, state):
             engine.telemetry.event("reconcile", decision.result)
             summary.settled += 1
             continue
         dirty.add(obs.agent_id)
         rest.append(obs)
     return rest
+
+
+SETTLED = (Result.DUPLICATE, Result.STALE, Result.NO_CHANGE, Result.ECHO)
+
+
+def _unchanged(new: AgentSyncState, old: AgentSyncState) -> bool:
+    """Whether a decision left the state as it was, but for when Teams was last seen showing the
+    value it still shows. That time orders Teams events (an event received before it is stale);
+    a sweep's read of the value already known does not move it: every Teams read is newer than the
+    last one, so without this the whole second half of every sweep (50,000 reads) would be
+    transactions that change nothing else. An event received before this read but handled after
+    it is then applied instead of found stale; what it says was already shown before this read, and
+    the next notification, poll or sweep brings Teams' newer state."""
+    if new == old:
+        return True
+    if new.teams_seen.value != old.teams_seen.value:
+        return False
+    return dataclasses.replace(new, teams_seen=dataclasses.replace(new.teams_seen, at=old.teams_seen.at)) == old
 
 
 def _needs_outbox(state: AgentSyncState, system: System) -> bool:
