@@ -129,7 +129,9 @@ async def run_demo(
             await _table(day, stack)
             _summary(day, stack, await stack.runtime.store.outbox_counts())
         except Exception as e:  # the demo's contract: a failure is one line, not a traceback
-            what = e.message if isinstance(e, UpstreamError) else (str(e) or type(e).__name__)
+            what = e.message if isinstance(e, UpstreamError) else str(e)
+            if not what and isinstance(e, TimeoutError):
+                what = "the service did not settle in time (webhooks, notifications or the outbox still busy)"
             out(f"demo FAILED at {day.stamp().strip()}: {type(e).__name__}: {what}")
             return 1
         finally:

@@ -47,3 +47,14 @@ async def test_a_failing_set_up_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp
     failed = [line for line in lines if "FAILED" in line]
     assert len(failed) == 1 and "TimeoutError: the store did not answer within 20 s" in failed[0]
     assert not any("Traceback" in line for line in lines)
+
+
+async def test_a_bare_timeout_says_what_did_not_end(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    async def start(self: LocalStack) -> None:
+        raise TimeoutError
+
+    monkeypatch.setattr(LocalStack, "start", start)
+    lines: list[str] = []
+    assert await demo.run_demo(lines.append, agents=5, speed=0, workdir=tmp_path) == 1
+    (failed,) = [line for line in lines if "FAILED" in line]
+    assert "TimeoutError: the service did not settle in time" in failed
