@@ -19,6 +19,7 @@ Concurrent misses for the same row share one read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from typing import Protocol
@@ -60,6 +61,8 @@ class AgentStatusLookup:
         self.attempts = attempts
         self._known: dict[str, str] = {}
         self._reads: dict[str, asyncio.Future[str | None]] = {}
+        self._persisting: list[dict[str, str]] = []
+        self._persister: asyncio.Future[None] | None = None
 
     async def remember(self, agent_status_id: str, agent_id: str) -> None:
         """A pair seen somewhere (a context, a read). Kept durably once per process and row; a store
@@ -78,8 +81,44 @@ class AgentStatusLookup:
             )
 
     async def remember_many(self, pairs: Mapping[str, str]) -> None:
+        """A page of a read: known in memory at once, kept durably in the background. A first sweep of
+        50,000 agents is 50,000 store writes (one each: the records port has no bulk write); done
+        inline they held discovery and the sweep for minutes, while only a restart's first webhooks
+        before its own sweep need them (and a miss then costs one bounded read)."""
+        fresh = {}
         for status, agent in pairs.items():
-            await self.remember(status, agent)
+            s, a = status.lower(), agent.lower()
+            if self._known.get(s) != a:
+                self._known[s] = a
+                fresh[s] = a
+        if fresh:
+            self._persisting.append(fresh)
+            if self._persister is None or self._persister.done():
+                self._persister = asyncio.ensure_future(self._persist())
+
+    async def _persist(self) -> None:
+        while self._persisting:
+            batch = self._persisting.pop(0)
+            for status, agent in batch.items():
+                try:
+                    await self.records.put_doc(KIND, status, {"agent_id": agent})
+                except Exception as e:  # the store down: memory still has it, the next start re-learns it
+                    log.warning(
+                        "agent status mapping kept in memory only",
+                        extra={"fields": {"agent_status": status, "error": f"{type(e).__name__}: {e}"}},
+                    )
+
+    async def close(self) -> None:
+        """Stops keeping pairs durably (at shutdown): what is left is re-learnt by the next sweep."""
+        if self._persister is not None and not self._persister.done():
+            self._persister.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._persister
+
+    async def wait_persisted(self) -> None:
+        """Until what ``remember_many`` learnt is in the store (tests, shutdown)."""
+        while self._persister is not None and not self._persister.done():
+            await asyncio.shield(self._persister)
 
     async def agent_of(self, agent_status_id: str) -> str | None:
         """The agent of the row: memory, then the store, then one bounded read; ``None`` when none of

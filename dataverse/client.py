@@ -253,6 +253,26 @@ class DataverseClient:
                         out.append(obs)
         return out
 
+    async def read_all(self, agents: Sequence[Agent]) -> list[PresenceObserved]:
+        """``read`` for a whole directory: every ``msdyn_agentstatuses`` row in pages of ``MAX_PAGE``
+        (10 pages at 50,000 agents, instead of 500 queries of ``READ_BATCH`` ids), kept for
+        ``agents``. The sweep takes it when it reads everyone (``mapping.reconcile``)."""
+        wanted = {a.dynamics_user_id.lower() for a in agents}
+        params = {
+            "$select": "msdyn_agentstatusid,_msdyn_agentid_value,_msdyn_currentpresenceid_value,"
+            "msdyn_presencemodifiedon,msdyn_presencemodifiedby,versionnumber",
+        }
+        out: list[PresenceObserved] = []
+        async for rows in self._pages(
+            "msdyn_agentstatuses", params, what="reading msdyn_agentstatuses", page_size=MAX_PAGE
+        ):
+            await self._feed(rows)
+            for row in rows:
+                obs = self._observation(row, wanted)
+                if obs is not None:
+                    out.append(obs)
+        return out
+
     def _observation(self, row: Mapping[str, Any], wanted: set[str]) -> PresenceObserved | None:
         agent_id = str(row.get("_msdyn_agentid_value") or "").lower()
         presence = row.get("_msdyn_currentpresenceid_value")

@@ -5,7 +5,7 @@ which agents (a sticky split, at most 650 ids each), what a ``sync`` did, and th
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -231,3 +231,67 @@ def parse_time(value: Any) -> datetime | None:
         return datetime.fromisoformat(value)
     except ValueError:
         return None
+
+
+GRAPH_BUDGET_SHARE = 0.5
+"""The share of Graph's presence budget (1,500 requests per 30 s per tenant, reads and writes alike)
+that polling may plan for; the rest stays for the outbox's writes, which an agent is waiting on."""
+
+
+class PollSchedule:
+    """When to read which uncovered agents, free of Graph calls. The ids are cut into chunks of
+    ``MAX_IDS`` (one ``getPresencesByUserId`` each) and the chunks are spread evenly over ``period``
+    seconds, so every id is read once per period and the reads are a steady trickle, not a burst of
+    76 calls every period that would take the outbox's share of the shared rate limiter at once.
+    ``clock`` is seconds (``time.monotonic``); tests hand in a fake one."""
+
+    def __init__(self, period: float, clock: Callable[[], float]) -> None:
+        if period <= 0:
+            raise ValueError("the polling period must be positive")
+        self.period = period
+        self.clock = clock
+        self._chunks: list[list[str]] = []
+        self._due: list[float] = []
+        self._ids: tuple[str, ...] = ()
+
+    @property
+    def chunks(self) -> int:
+        return len(self._chunks)
+
+    def reads_per(self, seconds: float) -> float:
+        """The Graph requests this schedule makes in ``seconds``."""
+        return len(self._chunks) * seconds / self.period
+
+    def fits(self, budget: int, window: float) -> bool:
+        """Whether the schedule stays inside ``GRAPH_BUDGET_SHARE`` of ``budget`` requests per ``window``."""
+        return self.reads_per(window) <= budget * GRAPH_BUDGET_SHARE
+
+    def set_ids(self, ids: Sequence[str]) -> None:
+        """A new list of uncovered ids (after a ``sync``). Unchanged ids keep their slot; otherwise
+        the new chunks start now, staggered over the period (new agents are read within it)."""
+        ordered = tuple(sorted(dict.fromkeys(i.lower() for i in ids)))
+        if ordered == self._ids:
+            return
+        self._ids = ordered
+        self._chunks = [list(ordered[i : i + MAX_IDS]) for i in range(0, len(ordered), MAX_IDS)]
+        now = self.clock()
+        step = self.period / len(self._chunks) if self._chunks else 0.0
+        self._due = [now + k * step for k in range(len(self._chunks))]
+
+    def due(self) -> list[list[str]]:
+        """The chunks due now; each is next due one period after its slot (not after now, so a late
+        round does not push the whole schedule back)."""
+        now = self.clock()
+        out: list[list[str]] = []
+        for k, at in enumerate(self._due):
+            if at <= now:
+                out.append(self._chunks[k])
+                nxt = at + self.period
+                self._due[k] = nxt if nxt > now else now + self.period
+        return out
+
+    def next_in(self) -> float | None:
+        """Seconds until the next chunk is due (0 when one is due), None with nothing to poll."""
+        if not self._due:
+            return None
+        return max(0.0, min(self._due) - self.clock())

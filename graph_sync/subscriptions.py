@@ -6,7 +6,10 @@ So the directory is cut into chunks of at most 650 Entra ids, one chunk per subs
 (accounts in name order). Assignment is sticky: an id stays in the subscription that already covers
 it, newcomers fill the first account with room; one new agent therefore changes one subscription, not
 every chunk after it. Agents beyond ``accounts x 650`` are reported and *polled* with
-``getPresencesByUserId`` instead (``poll_uncovered``), so nobody silently goes unwatched.
+``getPresencesByUserId`` instead, so nobody silently goes unwatched: the upkeep loop reads them on a
+``coverage.PollSchedule`` (650 a call, spread over ``poll_interval``, through the Graph rate limiter
+the outbox's writes share) and observes what changed since the last read, as a subscription would
+notify; ``poll_uncovered`` reads and observes all of them at once.
 
 A subscription's ``resource`` cannot be changed, and an account can hold only one, so a changed chunk
 is a DELETE then a POST. Renewal is a PATCH of ``expirationDateTime`` when fewer than
@@ -30,7 +33,7 @@ import asyncio
 import base64
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -49,6 +52,7 @@ from graph_sync.client import (
     make_http_client,
 )
 from graph_sync.coverage import (
+    PollSchedule,
     SubscriptionHealth,
     SyncReport,
     agents_for,
@@ -62,8 +66,9 @@ from graph_sync.coverage import (
 from graph_sync.teams import MAX_IDS, TeamsPresenceClient
 from mapping.api import CoreApi
 from mapping.errors import ConfigError, UpstreamError
-from mapping.model import System
+from mapping.model import Agent, System
 from mapping.ports import PresenceReader
+from mapping.ratelimit import GRAPH_PRESENCE
 
 log = logging.getLogger("presence_sync.graph")
 
@@ -111,6 +116,7 @@ class SubscriptionManager:
         renew_before: timedelta = timedelta(minutes=15),
         lifetime: timedelta = timedelta(minutes=55),
         poll_interval: float | None = None,
+        poll_clock: Callable[[], float] = time.monotonic,
         timeout: float = DEFAULT_TIMEOUT,
         create_timeout: float = SUBSCRIPTION_CREATE_TIMEOUT,
     ) -> None:
@@ -162,6 +168,9 @@ class SubscriptionManager:
         )
         self._lock = asyncio.Lock()
         self._uncovered: list[str] | None = None
+        self.schedule = PollSchedule(poll_interval or 30.0, poll_clock)
+        """Each uncovered agent read once per ``poll_interval`` (default 30 s: within the minute)."""
+        self._by_entra: dict[str, Agent] | None = None  # the enabled agents, as of the last sync
         self._resync = asyncio.Event()
 
     def directory_changed(self) -> None:
@@ -203,6 +212,7 @@ class SubscriptionManager:
 
     async def _sync(self) -> SyncReport:
         agents = await self.directory.list_agents(enabled_only=True)
+        self._by_entra = {a.entra_object_id.strip().lower(): a for a in agents if a.entra_object_id.strip()}
         wanted = sorted({a.entra_object_id.strip().lower() for a in agents if a.entra_object_id.strip()})
         accounts = [a.name for a in await self.accounts.accounts()]
         records = await self.records.list_docs(KIND)
@@ -255,6 +265,18 @@ class SubscriptionManager:
                 extra={"fields": {"agents": len(wanted), "accounts": len(accounts), "polled": len(uncovered)}},
             )
         self._uncovered = uncovered
+        self.schedule.set_ids(uncovered)
+        if not self.schedule.fits(GRAPH_PRESENCE.requests, GRAPH_PRESENCE.period_seconds):
+            log.warning(
+                "polling uncovered agents takes more than its share of the Graph budget",
+                extra={
+                    "fields": {
+                        "polled": len(uncovered),
+                        "reads_per_30s": round(self.schedule.reads_per(GRAPH_PRESENCE.period_seconds), 1),
+                        "budget_per_30s": GRAPH_PRESENCE.requests,
+                    }
+                },
+            )
         await self.records.put_doc(
             COVERAGE_KIND, "uncovered", {"ids": uncovered, "at": self.bridge.clock().isoformat()}
         )
@@ -621,38 +643,73 @@ class SubscriptionManager:
             return 0
         return await self.observe_ids(ids, intake="graph_poll")
 
+    async def poll_due(self) -> int:
+        """Reads the chunks of uncovered agents the schedule says are due, and observes the agents
+        whose Teams presence is not what the bridge last saw of it (``teams_seen``; one state query
+        per chunk). The others are what a subscription would not notify either (the sweep, rule 8,
+        observes everything); at 49,350 polled agents they would be 49,350 transactions a period.
+        Returns how many observations were made."""
+        self.schedule.set_ids(await self.uncovered())
+        made = 0
+        for chunk in self.schedule.due():
+            agents = await self._agents_of(chunk)
+            if not agents:
+                continue
+            observed = await self.reader.read(agents)
+            known = await self.bridge.last_known_many([o.agent_id for o in observed])
+            fresh = [o for o in observed if (st := known.get(o.agent_id)) is None or st.teams_seen.value != o.value]
+            if fresh:
+                await self.bridge.observe_many(fresh, intake="graph_poll")
+            made += len(fresh)
+        return made
+
+    async def _agents_of(self, entra_ids: Sequence[str]) -> list[Agent]:
+        """The enabled agents of ``entra_ids`` from the last sync's directory listing (one listing
+        per sync, not one of 50,000 rows per 650-id chunk), else from the directory."""
+        if self._by_entra is None:
+            return await agents_for(self.directory, entra_ids)
+        return [a for e in entra_ids if (a := self._by_entra.get(e.lower())) is not None]
+
     async def observe_ids(self, entra_ids: Sequence[str], *, intake: str) -> int:
         """Reads ``entra_ids`` (batched by the reader) and observes what Teams shows for each."""
         agents = await agents_for(self.directory, entra_ids)
         if not agents:
             return 0
         observed = await self.reader.read(agents)
-        for obs in observed:
-            await self.bridge.observe(obs, intake=intake)
+        await self.bridge.observe_many(observed, intake=intake)
         return len(observed)
 
     # ------------------------------------------------------------------ background
 
     async def run(self, stop: asyncio.Event, interval: float = 60.0) -> None:
         """Upkeep while ``stop`` is not set: ``sync`` every ``interval`` s (and at once after
-        ``directory_changed``) and ``poll_uncovered`` every ``poll_interval`` s (default: the smaller
-        of ``interval`` and 30), only while this instance holds the ``graph.subscriptions`` leadership."""
-        poll_every = self.poll_interval or min(interval, 30.0)
+        ``directory_changed``) and the uncovered agents' reads as ``schedule`` has them due (each
+        agent once per ``poll_interval``, default 30 s), only while this instance holds the
+        ``graph.subscriptions`` leadership."""
         next_sync = 0.0
         while not stop.is_set():
+            leading = False
             try:
                 if await self.records.try_lead(LEADERSHIP, self.owner):
+                    leading = True
                     if time.monotonic() >= next_sync:
                         report = await self.sync()
                         next_sync = time.monotonic() + interval
                         if report.failed or report.warning:
                             log.warning("subscriptions", extra={"fields": {"report": str(report)}})
-                    await self.poll_uncovered()
+                    await self.poll_due()
             except Exception:  # keep the upkeep alive: the next round tries again
                 log.exception("subscription upkeep round failed")
             if not self._resync.is_set():
+                # Not leading: look again in a while (the leader may die); leading: wake for the next
+                # sync or the next chunk due, whichever comes first.
+                wait = min(interval, self.schedule.period)
+                if leading:
+                    wait = min(wait, max(0.0, next_sync - time.monotonic()))
+                    due = self.schedule.next_in()
+                    wait = min(wait, due) if due is not None else wait
                 waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._resync.wait())]
-                await asyncio.wait(waits, timeout=poll_every, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waits, timeout=max(wait, 0.05), return_when=asyncio.FIRST_COMPLETED)
                 for w in waits:
                     w.cancel()
             if self._resync.is_set():

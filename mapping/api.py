@@ -118,3 +118,7 @@ class CoreApi(Protocol):
     async def last_known(self, agent_id: str) -> AgentSyncState | None:
         """What the core last knew of the agent (for a reply when an upstream cannot be read)."""
         ...
+
+    async def last_known_many(self, agent_ids: Sequence[str]) -> dict[str, AgentSyncState]:
+        """``last_known`` of many agents in one query (the poller's 650 a read); unknown ones left out."""
+        ...

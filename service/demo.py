@@ -14,6 +14,7 @@ expectations; ``--agents N`` adds agents beyond the three named ones, who take p
 from __future__ import annotations
 
 import asyncio
+import random
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from emulators.dataverse import AVAILABLE, AWAY, BUSY, DND, OFFLINE, TRAINING
+from mapping.errors import UpstreamError
 from mapping.outputs import Inputs, no_session, outputs
 from service.stack import LocalStack, StackAgent, agent_ids
 
@@ -34,6 +36,8 @@ NAMES = {
     TRAINING: "Training",
 }
 MIN_AGENTS = 3
+RUSH = 1000
+"""Agents in the rush hour at most (a random sample beyond that): issue 16's burst of 1,000 changes."""
 
 
 @dataclass
@@ -134,6 +138,12 @@ async def run_demo(
             code = _verdict(day)
             if keep_running is not None:
                 await _keep_running(out, stack, keep_running)
+        except Exception as e:  # the demo's contract: a failure is one line, not a traceback
+            what = e.message if isinstance(e, UpstreamError) else str(e)
+            if not what and isinstance(e, TimeoutError):
+                what = "the service did not settle in time (webhooks, notifications or the outbox still busy)"
+            out(f"demo FAILED at {day.stamp().strip()}: {type(e).__name__}: {what}")
+            return 1
         finally:
             await stack.stop()
         return code
@@ -361,19 +371,25 @@ async def _play(day: Day, stack: LocalStack) -> None:
     await stack.settle()
 
     if others:
-        day.heading(f"15:00 rush hour: {len(others)} other agent(s) get a conversation at once")
+        rush = others if len(others) <= RUSH else random.Random(16).sample(others, RUSH)
+        day.heading(f"15:00 rush hour: {len(rush)} other agent(s) get a conversation at once")
         await day.pause(0.5)
         t0 = time.monotonic()
-        for a in others:
+        for a in rush:
             set_dyn(a, BUSY, "SYSTEM")
-        ok = await stack.until(lambda: all(teams(a) == ("Busy", "InACall") for a in others), timeout=60)
-        late = [a.name for a in others if teams(a) != ("Busy", "InACall")]
+        waiting = list(rush)
+
+        def all_shown() -> bool:  # the agents already shown are not looked at again
+            waiting[:] = [a for a in waiting if teams(a) != ("Busy", "InACall")]
+            return not waiting
+
+        ok = await stack.until(all_shown, timeout=60, interval=0.1)
         day.check(
-            f"Teams shows all {len(others)} Busy/InACall ({time.monotonic() - t0:.2f} s)",
+            f"Teams shows all {len(rush)} Busy/InACall ({time.monotonic() - t0:.2f} s)",
             ok,
-            f"{len(late)} not yet: {', '.join(late[:5])}",
+            f"{len(waiting)} not yet: {', '.join(a.name for a in waiting[:5])}",
         )
-        await stack.settle(timeout=60)
+        await stack.settle(timeout=120)
 
     day.heading("17:00 end of the day: Alice signs out in Dynamics 365")
     set_dyn(alice, OFFLINE, "AGENT")

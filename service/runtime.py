@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -232,9 +233,28 @@ class Runtime:
         )
 
     async def _reconcile_if_leader(self) -> None:
+        """The sweep, in the background: ``serve`` is ready (store and catalogue) before it runs, and
+        at 50,000 agents it takes a while, so its progress is logged every 10 s."""
         if await self.store.try_lead("reconcile", self.owner):
-            summary = await self.reconcile()
-            log.info("reconcile", extra={"fields": {"summary": summary.line(), "errors": summary.errors[:5]}})
+            started = last = time.monotonic()
+
+            def progress(line: str) -> None:
+                nonlocal last
+                if time.monotonic() - last >= 10:
+                    last = time.monotonic()
+                    log.info("reconcile progress", extra={"fields": {"progress": line}})
+
+            summary = await self.reconcile(progress)
+            log.info(
+                "reconcile",
+                extra={
+                    "fields": {
+                        "summary": summary.line(),
+                        "errors": summary.errors[:5],
+                        "seconds": round(time.monotonic() - started, 1),
+                    }
+                },
+            )
 
     async def reconcile(self, progress: Callable[[str], None] | None = None) -> ReconcileSummary:
         agents = await self.store.list_agents(enabled_only=True)
@@ -251,6 +271,9 @@ class Runtime:
             if part is not None:
                 with contextlib.suppress(Exception):
                     await part.stop()
+        lookup = getattr(self.dataverse_intake, "lookup", None)
+        if lookup is not None:  # its background writes stop before the store closes
+            await lookup.close()
         for client in (self.subscriptions, self.teams, self.dataverse, self.tokens):
             close = getattr(client, "close", None)
             if close is not None:

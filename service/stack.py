@@ -167,11 +167,18 @@ class LocalStack:
         )
         report = await rt.subscriptions.sync()
         self.progress(f"graph subscriptions: {report}")
-        rec = await rt.reconcile()
+        shown = [0.0]
+
+        def sweeping(line: str) -> None:  # at most one line every 5 s: 77 batches at 50,000 agents
+            if time.monotonic() - shown[0] >= 5:
+                shown[0] = time.monotonic()
+                self.progress(f"first reconcile: {line}")
+
+        rec = await rt.reconcile(sweeping)
         self.progress(f"first reconcile: {rec.line()}")
         self.setup_report = {"webhook": str(reg), "discovered": summary.added, "reconcile": rec.line()}
         rt.start_background()
-        await self.settle()
+        await self.settle(timeout=max(20.0, len(self.agents) / 500))
         self.progress(f"ready in {time.monotonic() - started:.2f} s")
 
     async def stop(self) -> None:

@@ -123,6 +123,7 @@ async def test_the_clients_reads_of_agent_statuses_fill_the_cache(
     lookup = lookup_on(bridge, client)
     client.agent_status_sink = lookup.remember_many
     await client.read([ALICE])  # the reconciliation sweep
+    await lookup.wait_persisted()
     assert await bridge.records.list_docs(KIND) == {alice: {"agent_id": ALICE.dynamics_user_id}}
     await client.agent_ids()  # discovery
     assert await lookup.agent_of(bob) == BOB.dynamics_user_id
