@@ -48,8 +48,8 @@ class ConsoleReads(Protocol):
 
     async def console_last_teams_report(self, entra_ids: Sequence[str]) -> datetime | None:
         """The latest Teams observation of any agent among ``entra_ids`` (a subscription's agents):
-        notifications and the sweep's reads alike, so a subscription silent for longer than the
-        sweep's interval shows."""
+        notifications and the sweep's reads alike. (Whether the subscription itself still delivers is
+        its own record, ``graph_sync.notifications.NOTIFIED_KIND``, shown beside it.)"""
         ...
 
 

@@ -28,6 +28,7 @@ from console.access import (
 from console.live import Hub
 from console.reads import MAX_PAGE, SORTS, ConsoleReads, reads_for
 from edge.intake import json_error
+from graph_sync.notifications import NOTIFIED_KIND
 from graph_sync.subscriptions import KIND as SUBSCRIPTION_KIND
 from graph_sync.web_login import WebLogin
 from mapping.model import OutboxStatus, System
@@ -274,9 +275,13 @@ async def _ops(request: web.Request, c: Console, session: Session) -> web.Stream
             accounts = await rt.subscriptions.status()
             records = await rt.store.list_docs(SUBSCRIPTION_KIND)
             for account in accounts:
-                ids = (records.get(str(account.get("account"))) or {}).get("ids") or []
+                record = records.get(str(account.get("account"))) or {}
+                ids = record.get("ids") or []
                 last = await c.reads.console_last_teams_report(ids) if ids else None
                 account["last_report_at"] = views.iso(last)
+                sub_id = record.get("subscription_id")
+                notified = await rt.store.get_doc(NOTIFIED_KIND, str(sub_id)) if sub_id else None
+                account["last_notification_at"] = (notified or {}).get("at")
             subscriptions["rows"] = accounts
             h = await rt.subscriptions.health()
             subscriptions["problems"] = {**h.problems, **{a: f"delivers to {u}" for a, u in h.misdirected.items()}}

@@ -67,6 +67,11 @@ INTAKE = "graph_notification"
 MAX_ID = 128
 """Longest user or subscription id taken in: the store keeps unknown ids in a 128-character column
 (Entra object ids and subscription ids are 36-character GUIDs)."""
+NOTIFIED_KIND = "graph.notified"
+"""Adapter records: when each subscription last delivered a notification (key: subscription id,
+doc ``{"at": iso}``), so the console shows a subscription that went silent while still "active"."""
+NOTIFIED_EVERY = 60.0
+"""Seconds between two writes of one subscription's time (an instance notes it at most this often)."""
 PROBE_ID = "00000000-0000-0000-0000-000000000000"
 """Looked up when every lookup of a round failed: if this one works, the ids are to blame, not the store."""
 _FILTER_IDS = re.compile(r"'([^']+)'")
@@ -285,6 +290,8 @@ class GraphIntake:
             name="graph-pending-reads",
         )
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._notified: dict[str, float] = {}
+        """Subscription id -> ``time.monotonic()`` of its last ``NOTIFIED_KIND`` write."""
         bridge.serve_reads(System.TEAMS, self)
 
     # ------------------------------------------------------------------ lifecycle of the intake
@@ -398,6 +405,7 @@ class GraphIntake:
                     extra={"fields": {"subscription": _shown(item.get("subscriptionId"))}},
                 )
                 continue
+            self._note_notified(item.get("subscriptionId"))
             if "lifecycleEvent" in item:  # a subscription without a lifecycle URL gets them here
                 lifecycle.append(item)
                 continue
@@ -564,6 +572,18 @@ class GraphIntake:
             await self.subscriptions.record_lifecycle(event, sub_id)
             self._spawn(self.subscriptions.on_lifecycle(event, sub_id))
         return []
+
+    def _note_notified(self, subscription_id: Any) -> None:
+        """Records, off the answer's path and at most every ``NOTIFIED_EVERY`` seconds per
+        subscription, that it delivered: Graph's presence subscriptions have gone silent for days while
+        still "active", and a sweep's reads would hide that from anything watching Teams reports."""
+        sub = usable_id(subscription_id)
+        now = time.monotonic()
+        if sub is None or now - self._notified.get(sub, -NOTIFIED_EVERY) < NOTIFIED_EVERY:
+            return
+        self._notified[sub] = now
+        at = self.bridge.clock().isoformat()
+        self._spawn(self.bridge.records.put_doc(NOTIFIED_KIND, sub, {"at": at}))
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         async def guarded() -> None:

@@ -182,7 +182,8 @@ async function loadOps() {
   const subs = ops.subscriptions;
   $("#subscriptions tbody").replaceChildren(...subs.rows.map((r) => el("tr", {},
     el("td", {}, r.account), el("td", {}, r.subscription), el("td", {}, String(r.ids)), el("td", {}, r.expires),
-    el("td", {}, String(r.minutes_left)), timeCell(r.last_report_at), el("td", {}, r.health || ""))));
+    el("td", {}, String(r.minutes_left)), timeCell(r.last_notification_at), timeCell(r.last_report_at),
+    el("td", {}, r.health || ""))));
   const problems = Object.entries(subs.problems || {}).map(([a, why]) => `${a}: ${why}`);
   $("#subscription-problems").textContent = !subs.configured ? "Graph subscriptions are not configured on this service."
     : problems.join("; ");

@@ -139,6 +139,10 @@ async def test_a_dead_letter_shows_the_upstream_message_and_its_retry_works(page
     subscription = page.locator("#subscriptions tbody tr")
     await expect(subscription).to_have_count(1)
     await expect(subscription).to_contain_text("ago")  # the last Teams report for its agents
+    # ... and the subscription's own last notification (Bob's Presenting came by one), which a sweep
+    # cannot fake: a silent subscription shows here.
+    await expect(page.locator("#subscriptions thead th").nth(5)).to_have_text("Last notification")
+    await expect(subscription.locator("td").nth(5)).to_contain_text("ago", timeout=WAIT_MS)
     await page.screenshot(path=str(shots / "operations.png"), full_page=True)
     assert stack.dataverse.presence_of(bob.dynamics_id) != DND
     await dead.locator("button.retry").click()

@@ -694,3 +694,34 @@ async def test_the_default_poison_hook_logs_scrubbed_and_counts(rig: Rig, caplog
     fields = record.__dict__["fields"]
     assert fields["reason"] == "bad_id" and CLIENT_STATE not in fields["body"]
     assert rig.telemetry.rejections[("graph_pending_reads", "poison_item")] == 1
+
+
+async def test_each_subscription_records_when_it_last_notified_at_most_once_a_minute(rig: Rig) -> None:
+    """A subscription can go silent for days while still "active"; the time of its last notification
+    (not of the last Teams report, which sweeps also make) is what shows it."""
+    from graph_sync.notifications import NOTIFIED_KIND
+
+    await known_agents(rig, [ALICE])
+    rig.emu.add_users([ALICE.entra_object_id])
+    await rig.manager.sync()
+    (sub,) = rig.emu.subscriptions
+    records = rig.intake.bridge.records
+    assert await records.get_doc(NOTIFIED_KIND, sub.id) is None
+    rig.emu.set_user_state(ALICE.entra_object_id, "Busy", "InACall")
+    await rig.emu.wait_idle()
+    await rig.intake.wait_idle()
+    first = await records.get_doc(NOTIFIED_KIND, sub.id)
+    assert first is not None and datetime.fromisoformat(first["at"])
+    writes: list[str] = []
+    put_doc = records.put_doc
+
+    async def counting(kind: str, key: str, doc: dict) -> None:
+        if kind == NOTIFIED_KIND:
+            writes.append(key)
+        await put_doc(kind, key, doc)
+
+    rig.intake.bridge.records.put_doc = counting  # type: ignore[method-assign]
+    rig.emu.set_user_state(ALICE.entra_object_id, "Away", "Away")
+    await rig.emu.wait_idle()
+    await rig.intake.wait_idle()
+    assert len(rig.emu.notifications_sent) == 2 and writes == []  # within the minute: not written again
