@@ -28,13 +28,13 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
 
 from edge.upstream import is_loopback
-from graph_sync.web_login import WebLogin, digest, page
+from graph_sync.web_login import WebLogin, digest, expired, issue_ticket, keep_flow, page, take_flow_secret
 from mapping.clock import Clock, utcnow
 from mapping.errors import ConfigError
 from mapping.ports import AdapterRecords
@@ -79,22 +79,9 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def _expired(doc: Mapping[str, Any], now: datetime) -> bool:
-    try:
-        return datetime.fromisoformat(str(doc["expires_at"])) <= now
-    except (KeyError, ValueError):
-        return True
-
-
 async def issue_link_ticket(store: AdapterRecords, *, clock: Clock = utcnow, ttl: timedelta = TICKET_TTL) -> str:
     """A new one-time console ticket; the store keeps only its hash. Expired ones are dropped."""
-    now = clock()
-    for key, doc in (await store.list_docs(TICKET_KIND)).items():
-        if _expired(doc, now):
-            await store.delete_doc(TICKET_KIND, key)
-    ticket = secrets.token_urlsafe(32)
-    await store.put_doc(TICKET_KIND, digest(ticket), {"expires_at": (now + ttl).isoformat()})
-    return ticket
+    return await issue_ticket(store, kind=TICKET_KIND, clock=clock, ttl=ttl)
 
 
 def allowed_by_claims(claims: Mapping[str, Any], *, group: str, role: str) -> tuple[bool, str]:
@@ -226,7 +213,7 @@ class Access:
                     await self.store.delete_doc(TICKET_KIND, digest(ticket))
         if held is None:
             return page(403, "Sign-in not completed", f"this console link is unknown or was already used; {LINK_AGAIN}")
-        if _expired(held, self.clock()):
+        if expired(held, self.clock()):
             return page(403, "Sign-in not completed", f"this console link has expired (15 minutes); {LINK_AGAIN}")
         response = web.Response(status=302, headers={"Location": "/console", "Cache-Control": "no-store"})
         # The link is opened on the machine itself, over plain http to loopback even when PUBLIC_URL
@@ -259,14 +246,7 @@ class Access:
             flow: dict[str, Any] = await asyncio.to_thread(entra._initiate, app)
         except Exception as e:
             return page(502, "Sign-in not available", f"cannot reach the identity platform ({type(e).__name__})")
-        key = digest(str(flow["state"]))
-        now = self.clock()
-        for old, doc in (await self.store.list_docs(FLOW_KIND)).items():
-            if _expired(doc, now):
-                await self.store.delete_doc(FLOW_KIND, old)
-                await self.store.put_secret(FLOW_SECRET_PREFIX + old, b"")
-        await self.store.put_secret(FLOW_SECRET_PREFIX + key, json.dumps(flow).encode())
-        await self.store.put_doc(FLOW_KIND, key, {"expires_at": (now + FLOW_TTL).isoformat()})
+        await keep_flow(self.store, flow, self.clock(), kind=FLOW_KIND, secret_prefix=FLOW_SECRET_PREFIX, ttl=FLOW_TTL)
         return web.Response(status=302, headers={"Location": str(flow["auth_uri"]), "Cache-Control": "no-store"})
 
     async def callback(self, request: web.Request) -> web.StreamResponse:
@@ -277,10 +257,8 @@ class Access:
         state = query.get("state", "")
         key = digest(state)
         held = await self.entra._take(FLOW_KIND, key) if state else None
-        blob = await self.store.get_secret(FLOW_SECRET_PREFIX + key) if held is not None else None
-        if held is not None:
-            await self.store.put_secret(FLOW_SECRET_PREFIX + key, b"")  # the PKCE verifier is not kept
-        if held is None or not blob or _expired(held, self.clock()):
+        blob = await take_flow_secret(self.store, key, secret_prefix=FLOW_SECRET_PREFIX) if held is not None else None
+        if held is None or not blob or expired(held, self.clock()):
             return page(400, "Sign-in not completed", f"this sign-in is unknown, used or too old; {again}")
         if query.get("error"):
             desc = redact(str(query.get("error_description", "")).split(" Trace ID:")[0].strip())

@@ -72,23 +72,55 @@ def digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
-def _expired(doc: Mapping[str, Any], now: datetime) -> bool:
+def expired(doc: Mapping[str, Any], now: datetime) -> bool:
+    """Whether a ticket or flow document is past its ``expires_at`` (or has none it can read)."""
     try:
         return datetime.fromisoformat(str(doc["expires_at"])) <= now
     except (KeyError, ValueError):
         return True
 
 
-async def issue_ticket(store: AdapterRecords, *, clock: Clock = utcnow, ttl: timedelta = TICKET_TTL) -> str:
-    """A new one-time login ticket (the value goes into the link; the store keeps only its hash).
-    Expired tickets are dropped on the way."""
+async def issue_ticket(
+    store: AdapterRecords, *, kind: str = TICKET_KIND, clock: Clock = utcnow, ttl: timedelta = TICKET_TTL
+) -> str:
+    """A new one-time ticket of ``kind`` (the value goes into the link; the store keeps only its
+    hash). Expired tickets are dropped on the way. The console's one-time link uses it too."""
     now = clock()
-    for key, doc in (await store.list_docs(TICKET_KIND)).items():
-        if _expired(doc, now):
-            await store.delete_doc(TICKET_KIND, key)
+    for key, doc in (await store.list_docs(kind)).items():
+        if expired(doc, now):
+            await store.delete_doc(kind, key)
     ticket = secrets.token_urlsafe(32)
-    await store.put_doc(TICKET_KIND, digest(ticket), {"expires_at": (now + ttl).isoformat()})
+    await store.put_doc(kind, digest(ticket), {"expires_at": (now + ttl).isoformat()})
     return ticket
+
+
+async def keep_flow(
+    store: AdapterRecords,
+    flow: Mapping[str, Any],
+    now: datetime,
+    *,
+    kind: str = FLOW_KIND,
+    secret_prefix: str = FLOW_SECRET_PREFIX,
+    ttl: timedelta = FLOW_TTL,
+    **fields: Any,
+) -> None:
+    """Keeps an MSAL auth-code flow (its PKCE verifier inside) encrypted, under the hash of its
+    state, until ``ttl``; expired flows are dropped on the way (their secret emptied: the store has
+    no delete for secrets). ``fields`` go into the flow's document."""
+    for old, doc in (await store.list_docs(kind)).items():
+        if expired(doc, now):
+            await store.delete_doc(kind, old)
+            await store.put_secret(secret_prefix + old, b"")
+    key = digest(str(flow["state"]))
+    await store.put_secret(secret_prefix + key, json.dumps(flow).encode())
+    await store.put_doc(kind, key, {"expires_at": (now + ttl).isoformat(), **fields})
+
+
+async def take_flow_secret(store: AdapterRecords, key: str, *, secret_prefix: str = FLOW_SECRET_PREFIX) -> bytes | None:
+    """The flow kept under ``key``, read once: its secret is emptied (the PKCE verifier is not kept)."""
+    blob = await store.get_secret(secret_prefix + key)
+    await store.put_secret(secret_prefix + key, b"")
+    return blob
 
 
 async def login_result(store: AdapterRecords, ticket: str) -> dict[str, Any] | None:
@@ -232,7 +264,7 @@ class WebLogin:
         now = self.clock()
         if held is None:
             raise LoginRefused(403, f"this sign-in link is unknown or was already used; {AGAIN}", "ticket")
-        if _expired(held, now):
+        if expired(held, now):
             raise LoginRefused(403, f"this sign-in link has expired (links last 15 minutes); {AGAIN}", "ticket_expired")
         try:
             app = await asyncio.to_thread(self._app)
@@ -243,13 +275,7 @@ class WebLogin:
             raise LoginRefused(
                 502, f"cannot reach the identity platform ({type(e).__name__}); {AGAIN}", "entra"
             ) from None
-        key = digest(str(flow["state"]))
-        for old, doc in (await self.store.list_docs(FLOW_KIND)).items():
-            if _expired(doc, now):
-                await self.store.delete_doc(FLOW_KIND, old)
-                await self.store.put_secret(FLOW_SECRET_PREFIX + old, b"")
-        await self.store.put_secret(FLOW_SECRET_PREFIX + key, json.dumps(flow).encode())
-        await self.store.put_doc(FLOW_KIND, key, {"expires_at": (now + FLOW_TTL).isoformat(), "ticket": digest(ticket)})
+        await keep_flow(self.store, flow, now, ticket=digest(ticket))
         return str(flow["auth_uri"])
 
     async def complete(self, query: Mapping[str, str]) -> AccountInfo:
@@ -263,11 +289,10 @@ class WebLogin:
         held = await self._take(FLOW_KIND, key)
         if held is None:
             raise LoginRefused(400, f"this sign-in was already completed, or is unknown; {AGAIN}", "state")
-        blob = await self.store.get_secret(FLOW_SECRET_PREFIX + key)
-        await self.store.put_secret(FLOW_SECRET_PREFIX + key, b"")  # the PKCE verifier is not kept
+        blob = await take_flow_secret(self.store, key)
         ticket_key = str(held.get("ticket", ""))
         try:
-            if _expired(held, self.clock()) or not blob:
+            if expired(held, self.clock()) or not blob:
                 raise LoginRefused(400, f"this sign-in took too long (10 minutes at most); {AGAIN}", "state_expired")
             if query.get("error"):
                 desc = redact(str(query.get("error_description", "")).split(" Trace ID:")[0].strip())
