@@ -362,33 +362,32 @@ class DataverseClient:
 
     async def get_systemuser(self, systemuserid: str) -> SystemUser | None:
         """One ``systemuser``; ``None`` when Dataverse says it does not exist (404)."""
-        try:
-            row = await self.get_json(
-                f"systemusers({systemuserid})",
-                what=f"reading systemuser {systemuserid}",
-                params={"$select": "systemuserid,azureactivedirectoryobjectid,fullname,isdisabled"},
-            )
-        except PermanentError as e:
-            if e.status == 404:
-                return None
-            raise
-        return _systemuser(row)
+        row = await self._get_row(
+            f"systemusers({systemuserid})",
+            what=f"reading systemuser {systemuserid}",
+            params={"$select": "systemuserid,azureactivedirectoryobjectid,fullname,isdisabled"},
+        )
+        return None if row is None else _systemuser(row)
 
     async def agent_of_status(self, agent_status_id: str) -> str | None:
         """The agent (``systemuserid``) of one ``msdyn_agentstatus`` row; ``None`` when Dataverse says
         the row does not exist (404) or it has no agent. One call, no retry (the caller's policy)."""
+        row = await self._get_row(
+            f"msdyn_agentstatuses({agent_status_id})",
+            what=f"reading the agent of msdyn_agentstatus {agent_status_id}",
+            params={"$select": "_msdyn_agentid_value"},
+        )
+        agent = None if row is None else row.get("_msdyn_agentid_value")
+        return agent.lower() if isinstance(agent, str) and agent else None
+
+    async def _get_row(self, path: str, *, what: str, params: Mapping[str, str]) -> dict[str, Any] | None:
+        """One row by its key; ``None`` when Dataverse says it does not exist (404)."""
         try:
-            row = await self.get_json(
-                f"msdyn_agentstatuses({agent_status_id})",
-                what=f"reading the agent of msdyn_agentstatus {agent_status_id}",
-                params={"$select": "_msdyn_agentid_value"},
-            )
+            return await self.get_json(path, what=what, params=params)
         except PermanentError as e:
             if e.status == 404:
                 return None
             raise
-        agent = row.get("_msdyn_agentid_value")
-        return agent.lower() if isinstance(agent, str) and agent else None
 
     async def _feed(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Hands a page's (agentstatusid -> agent) pairs to ``agent_status_sink``; its failure is logged,
