@@ -70,6 +70,23 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+async def route_burst(stack: LocalStack, n: int) -> tuple[float, int]:
+    """Routes ``n`` random agents (seeded) Busy in Dynamics and waits until Teams shows each in a call:
+    the seconds it took (inf when some never showed within 120 s) and how many never showed."""
+    chosen = random.Random(16).sample(stack.agents, min(n, len(stack.agents)))
+    t0 = time.monotonic()
+    for a in chosen:
+        stack.dataverse.set_presence(a.dynamics_id, BUSY, "SYSTEM")
+    waiting = list(chosen)
+
+    def shown() -> bool:
+        waiting[:] = [a for a in waiting if stack.graph.presence_of(a.entra_id) != ("Busy", "InACall")]
+        return not waiting
+
+    ok = await stack.until(shown, timeout=120, interval=0.1)
+    return (time.monotonic() - t0 if ok else float("inf")), len(waiting)
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -173,21 +190,8 @@ async def in_process(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
         # The burst: random agents routed Busy in Dynamics; Teams must show every one.
         await stack.settle(timeout=max(60.0, args.agents / 200))
-        rng = random.Random(16)
-        chosen = rng.sample(stack.agents, min(args.burst, len(stack.agents)))
         mark = len(stack.graph.requests)
-        t0 = time.monotonic()
-        for a in chosen:
-            stack.dataverse.set_presence(a.dynamics_id, BUSY, "SYSTEM")
-        waiting = list(chosen)
-
-        def shown() -> bool:
-            waiting[:] = [a for a in waiting if stack.graph.presence_of(a.entra_id) != ("Busy", "InACall")]
-            return not waiting
-
-        ok = await stack.until(shown, timeout=120, interval=0.1)
-        out["burst_s"] = time.monotonic() - t0 if ok else float("inf")
-        out["burst_missing"] = len(waiting)
+        out["burst_s"], out["burst_missing"] = await route_burst(stack, args.burst)
         burst = list(stack.graph.requests)[mark:]
         out["burst_graph_requests"] = len(burst)
         out["busiest_30s"] = busiest_window([r.at.timestamp() for r in burst], 30.0) if burst else None
@@ -413,18 +417,7 @@ async def instances_on_pg(args: argparse.Namespace, folder: Path, count: int) ->
                 await asyncio.sleep(0.1)
         await asyncio.sleep(3)  # subscription upkeep and the first polls settle
         cpu0 = [cpu_seconds(p.pid) for p in procs]
-        chosen = random.Random(16).sample(stack.agents, min(args.burst, len(stack.agents)))
-        t0 = time.monotonic()
-        for a in chosen:
-            stack.dataverse.set_presence(a.dynamics_id, BUSY, "SYSTEM")
-        waiting = list(chosen)
-
-        def shown() -> bool:
-            waiting[:] = [a for a in waiting if stack.graph.presence_of(a.entra_id) != ("Busy", "InACall")]
-            return not waiting
-
-        ok = await stack.until(shown, timeout=120, interval=0.1)
-        seconds = time.monotonic() - t0 if ok else float("inf")
+        seconds, _ = await route_burst(stack, args.burst)
         cpu = [cpu_seconds(p.pid) - c for p, c in zip(procs, cpu0, strict=True)]
         return seconds, cpu
     finally:
