@@ -112,6 +112,13 @@ class ApiLookup:
     unreadable: int | None = None
 
 
+_STATUS_COLUMNS = (
+    "msdyn_agentstatusid,_msdyn_agentid_value,_msdyn_currentpresenceid_value,"
+    "msdyn_presencemodifiedon,msdyn_presencemodifiedby,versionnumber"
+)
+"""What a presence read selects of each ``msdyn_agentstatus`` row."""
+
+
 class DataverseClient:
     """Web API client for one Dataverse environment; ``PresenceWriter`` and ``PresenceReader`` for
     ``System.DYNAMICS``. ``close()`` closes its HTTP session."""
@@ -240,17 +247,10 @@ class DataverseClient:
             chunk = ids[start : start + READ_BATCH]
             values = ",".join(odata_string(i) for i in chunk)
             params = {
-                "$select": "msdyn_agentstatusid,_msdyn_agentid_value,_msdyn_currentpresenceid_value,"
-                "msdyn_presencemodifiedon,msdyn_presencemodifiedby,versionnumber",
+                "$select": _STATUS_COLUMNS,
                 "$filter": f"Microsoft.Dynamics.CRM.In(PropertyName='msdyn_agentid',PropertyValues=[{values}])",
             }
-            what = f"reading msdyn_agentstatuses of {len(chunk)} agent(s)"
-            async for rows in self._pages("msdyn_agentstatuses", params, what=what, page_size=MAX_PAGE):
-                await self._feed(rows)
-                for row in rows:
-                    obs = self._observation(row, wanted)
-                    if obs is not None:
-                        out.append(obs)
+            out += await self._observations(params, f"reading msdyn_agentstatuses of {len(chunk)} agent(s)", wanted)
         return out
 
     async def read_all(self, agents: Sequence[Agent]) -> list[PresenceObserved]:
@@ -258,14 +258,13 @@ class DataverseClient:
         (10 pages at 50,000 agents, instead of 500 queries of ``READ_BATCH`` ids), kept for
         ``agents``. The sweep takes it when it reads everyone (``mapping.reconcile``)."""
         wanted = {a.dynamics_user_id.lower() for a in agents}
-        params = {
-            "$select": "msdyn_agentstatusid,_msdyn_agentid_value,_msdyn_currentpresenceid_value,"
-            "msdyn_presencemodifiedon,msdyn_presencemodifiedby,versionnumber",
-        }
+        return await self._observations({"$select": _STATUS_COLUMNS}, "reading msdyn_agentstatuses", wanted)
+
+    async def _observations(self, params: Mapping[str, str], what: str, wanted: set[str]) -> list[PresenceObserved]:
+        """The ``msdyn_agentstatuses`` rows of one query, every page, as observations of ``wanted``
+        agents; each page's (row -> agent) pairs go to ``agent_status_sink`` on the way."""
         out: list[PresenceObserved] = []
-        async for rows in self._pages(
-            "msdyn_agentstatuses", params, what="reading msdyn_agentstatuses", page_size=MAX_PAGE
-        ):
+        async for rows in self._pages("msdyn_agentstatuses", params, what=what, page_size=MAX_PAGE):
             await self._feed(rows)
             for row in rows:
                 obs = self._observation(row, wanted)
