@@ -18,7 +18,6 @@ An observation goes through three steps:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import enum
 from collections.abc import Mapping
@@ -36,6 +35,7 @@ from mapping.model import (
     System,
     TeamsPresence,
     Write,
+    clone,
 )
 from mapping.outputs import Outputs, inputs_of, no_session, outputs
 from mapping.translation import AGGREGATION_RANK, Rules
@@ -129,15 +129,15 @@ def decide(
         if verdict is Result.DUPLICATE and event.current:
             # The sweep read what is already known: nothing new, but compare with the outputs anyway
             # (rule 8), so a difference left by a dead letter is written again.
-            repair = _converge(copy.deepcopy(state), rules, catalogue, now, "sweep", Result.DUPLICATE)
+            repair = _converge(clone(state), rules, catalogue, now, "sweep", Result.DUPLICATE)
             if repair.commands:
                 return repair
         if state is not given:
             # Stale or a duplicate, but the outbox showed an attempt failed: what that changed is kept
             # (a STALE or DUPLICATE decision is not saved), and P may have changed with it.
-            return _converge(copy.deepcopy(state), rules, catalogue, now, "failed attempt", Result.NO_CHANGE)
+            return _converge(clone(state), rules, catalogue, now, "failed attempt", Result.NO_CHANGE)
         return Decision(verdict, state, detail=f"{event.system} {event.value} v{event.version}")
-    s = copy.deepcopy(state)
+    s = clone(state)
     if event.system is System.DYNAMICS:
         if event.value not in catalogue:
             return Decision(
@@ -175,7 +175,7 @@ def _retry_pending(state: AgentSyncState, unsent: str | None) -> AgentSyncState:
     taken = [e for e in state.dynamics_recent if e.echo and e.in_flight and e.value == unsent]
     if not taken:
         return state
-    s = copy.deepcopy(state)
+    s = clone(state)
     mistaken = next(e for e in s.dynamics_recent if e.version == taken[-1].version)
     mistaken.echo = mistaken.in_flight = False
     _agents_own(s, mistaken)
@@ -280,7 +280,7 @@ def _late_dynamics(
       higher RowVersion came first (the bridge's write landed over it, and must be undone)."""
     if ev.version is None or any(e.version == ev.version for e in state.dynamics_recent):
         return None
-    s = copy.deepcopy(state)
+    s = clone(state)
     if ev.modified_by != "SYSTEM":
         for i, w in enumerate(s.dynamics_unconfirmed):
             expected_below = w.below is not None and ev.version < w.below
@@ -481,7 +481,7 @@ def command(
 ) -> Decision:
     """An agent's own request (the bot): a choice of P made now, so any Teams override ends until Q
     changes again; Dynamics gets it and Teams follows, both written by us."""
-    s = copy.deepcopy(state)
+    s = clone(state)
     s.undo_command = (s.own_dynamics, s.own_dynamics_by, s.chose_at)
     s.own_dynamics, s.own_dynamics_by, s.own_dynamics_at, s.chose_at = presence.presence_id, source, now, now
     s.own_dynamics_version = s.dynamics_seen.version  # a later genuine change is above it
@@ -494,7 +494,7 @@ def landed(
     """A write of ours was acknowledged: the system holds ``value``. For Teams, read it back when the
     session replaced was what Teams showed; for Dynamics, a write that landed after a newer genuine
     change is repaired by converging."""
-    s = copy.deepcopy(state)
+    s = clone(state)
     read: tuple[System, ...] = ()
     if system is System.TEAMS:
         before = s.session_delivered
@@ -557,7 +557,7 @@ def write_died(
     loop a dead upstream). A bot command whose Dynamics write died did not happen: P is what it was,
     and Teams follows that instead (else Teams would show, say, Do not disturb while Dynamics routes
     customers to the agent)."""
-    s = copy.deepcopy(state)
+    s = clone(state)
     if system is System.TEAMS:
         s.session_unacked = [v for v in s.session_unacked if v != value]
         if s.session_written == value:
@@ -589,7 +589,7 @@ def superseded(state: AgentSyncState, write: SetPresence, now: datetime) -> tupl
     (a write is withdrawn only because Dynamics already shows what it should, so never in practice)."""
     if state.dynamics_seen.value is None:
         return None
-    s = copy.deepcopy(state)
+    s = clone(state)
     shown = state.dynamics_seen.value
     return s, _write_dynamics(s, shown, now, f"{write.reason}: {write.value} in flight, superseded")
 
@@ -603,7 +603,7 @@ def never_sent(state: AgentSyncState, system: System, value: str) -> AgentSyncSt
     """A write replaced in the outbox before it was ever attempted (coalescing, rule 6) or withdrawn
     never reaches the system: Teams cannot be showing it, and Dynamics will not echo it, so a later
     report of that value is the person's own or the agent's own change."""
-    s = copy.deepcopy(state)
+    s = clone(state)
     if system is System.DYNAMICS:
         # The oldest entry not landed: with the same value written again, the newest stays expected.
         s.dynamics_unconfirmed = _drop_unlanded(s.dynamics_unconfirmed, value)
@@ -618,7 +618,7 @@ def refresh(state: AgentSyncState, now: datetime) -> tuple[AgentSyncState, SetPr
     held = state.session_written
     if no_session(held) or held is None or held != state.session_delivered:
         return None
-    s = copy.deepcopy(state)
+    s = clone(state)
     s.session_written_at = now
     return s, SetPresence(s.agent_id, System.TEAMS, held, "session refresh")
 
