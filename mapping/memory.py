@@ -88,6 +88,13 @@ class MemoryTransaction:
     async def save_state(self, state: AgentSyncState) -> None:
         self.d.states[state.agent_id] = copy.deepcopy(state)
 
+    async def load_states(self, agent_ids: Sequence[str]) -> dict[str, AgentSyncState]:
+        return {a: await self.load_state(a) for a in agent_ids}
+
+    async def save_states(self, states: Sequence[AgentSyncState]) -> None:
+        for state in states:
+            await self.save_state(state)
+
     async def enqueue(self, command: SetPresence, now: datetime, hold: float = 0.0, max_hold: float = 0.0) -> int:
         key = (command.agent_id, command.system)
         row = self.d.outbox.get(key)
@@ -162,6 +169,9 @@ class MemoryTransaction:
 
     async def get_agent(self, dynamics_user_id: str) -> Agent | None:
         return self.d.agents.get(dynamics_user_id.lower())
+
+    async def get_agents(self, dynamics_user_ids: Sequence[str]) -> dict[str, Agent]:
+        return {k: a for k in dynamics_user_ids if (a := self.d.agents.get(k.lower())) is not None}
 
     async def upsert_agent(self, agent: Agent) -> str:
         agent = _norm(agent)

@@ -72,6 +72,16 @@ class Transaction(Protocol):
 
     async def save_state(self, state: AgentSyncState) -> None: ...
 
+    async def load_states(self, agent_ids: Sequence[str]) -> dict[str, AgentSyncState]:
+        """``load_state`` of each agent (a blank state if new), in as few statements as the store can:
+        a group of observations then costs one read, not one per agent. PostgreSQL locks the rows in
+        the order given; callers sort the ids so that two groups cannot deadlock."""
+        ...
+
+    async def save_states(self, states: Sequence[AgentSyncState]) -> None:
+        """``save_state`` of each, in one statement (executemany) where the store can."""
+        ...
+
     async def enqueue(self, command: SetPresence, now: datetime, hold: float = 0.0, max_hold: float = 0.0) -> int:
         """Coalescing upsert: one outbox row per (agent, system). A new value replaces the pending
         one and bumps ``generation``; a row in flight keeps its lease and is redelivered with the new
@@ -98,6 +108,11 @@ class Transaction(Protocol):
         ...
 
     async def get_agent(self, dynamics_user_id: str) -> Agent | None: ...
+
+    async def get_agents(self, dynamics_user_ids: Sequence[str]) -> dict[str, Agent]:
+        """The directory entries of these Dynamics ids (lower case, as the directory keeps them) in one
+        read; ids not in the directory are left out."""
+        ...
 
     async def upsert_agent(self, agent: Agent) -> str:
         """Returns ``added``, ``updated`` or ``unchanged``."""

@@ -35,6 +35,16 @@ async def get(conn: AsyncConnection, dynamics_user_id: str) -> Agent | None:
     return to_agent(r) if r is not None else None
 
 
+async def get_many(conn: AsyncConnection, dynamics_user_ids: Sequence[str]) -> dict[str, Agent]:
+    """``get`` for a group of observations: one ``IN (...)`` per 500 ids instead of one query each."""
+    keys = list(dict.fromkeys(k.strip().lower() for k in dynamics_user_ids))
+    out: dict[str, Agent] = {}
+    for start in range(0, len(keys), _CHUNK):
+        rows = await conn.execute(select(agents).where(agents.c.dynamics_user_id.in_(keys[start : start + _CHUNK])))
+        out.update((r.dynamics_user_id, to_agent(r)) for r in rows)
+    return out
+
+
 async def get_by_entra(conn: AsyncConnection, entra_object_id: str) -> Agent | None:
     key = entra_object_id.strip().lower()
     r = (await conn.execute(select(agents).where(agents.c.entra_object_id == key))).first()

@@ -68,6 +68,40 @@ async def save(conn: AsyncConnection, state: AgentSyncState) -> None:
     )
 
 
+async def load_group(conn: AsyncConnection, agent_ids: Sequence[str], *, lock: bool) -> dict[str, AgentSyncState]:
+    """``load`` of each agent, in one statement per ``_CHUNK`` ids: the engine's read of a group of
+    observations. ``lock`` (PostgreSQL) upserts every placeholder at once; its conflict arm locks
+    the existing rows in the order given (callers sort the ids)."""
+    ids = list(dict.fromkeys(agent_ids))
+    if not lock:
+        saved = await load_many(conn, ids)
+        return {a: saved.get(a) or AgentSyncState(a) for a in ids}
+    out: dict[str, AgentSyncState] = {}
+    now = utcnow()
+    for start in range(0, len(ids), _CHUNK):
+        chunk = ids[start : start + _CHUNK]
+        stmt = upsert(conn.dialect.name, agent_state).values(
+            [{"agent_id": a, "saved": False, "updated_at": now} for a in chunk]
+        )
+        locking = stmt.on_conflict_do_update(
+            index_elements=[agent_state.c.agent_id], set_={"agent_id": stmt.excluded.agent_id}
+        ).returning(agent_state.c.agent_id, agent_state.c.saved, agent_state.c.doc)
+        for row in await conn.execute(locking):
+            out[row.agent_id] = from_doc(row.agent_id, row.doc) if row.saved else AgentSyncState(row.agent_id)
+    return {a: out.get(a) or AgentSyncState(a) for a in ids}
+
+
+async def save_many(conn: AsyncConnection, states: Sequence[AgentSyncState]) -> None:
+    """``save`` of each state, as one executemany."""
+    if not states:
+        return
+    now = utcnow()
+    await conn.execute(
+        _save_statement(conn.dialect.name),
+        [{"agent_id": s.agent_id, "saved": True, "doc": to_doc(s), "updated_at": now} for s in states],
+    )
+
+
 async def load_many(conn: AsyncConnection, agent_ids: Sequence[str]) -> dict[str, AgentSyncState]:
     """Saved states only (placeholders left by ``load(lock=True)`` are not states), as the
     in-memory store returns only agents whose state was saved."""

@@ -6,6 +6,7 @@ owns the begin/commit/rollback, so everything written here lands together or not
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -26,6 +27,12 @@ class SqlTransaction:
     async def save_state(self, state: AgentSyncState) -> None:
         await state_sql.save(self.conn, state)
 
+    async def load_states(self, agent_ids: Sequence[str]) -> dict[str, AgentSyncState]:
+        return await state_sql.load_group(self.conn, agent_ids, lock=self._lock_rows)
+
+    async def save_states(self, states: Sequence[AgentSyncState]) -> None:
+        await state_sql.save_many(self.conn, states)
+
     async def enqueue(self, command: SetPresence, now: datetime, hold: float = 0.0, max_hold: float = 0.0) -> int:
         return await outbox_sql.enqueue(self.conn, command, now, hold, max_hold)
 
@@ -37,6 +44,9 @@ class SqlTransaction:
 
     async def get_agent(self, dynamics_user_id: str) -> Agent | None:
         return await directory_sql.get(self.conn, dynamics_user_id)
+
+    async def get_agents(self, dynamics_user_ids: Sequence[str]) -> dict[str, Agent]:
+        return await directory_sql.get_many(self.conn, dynamics_user_ids)
 
     async def upsert_agent(self, agent: Agent) -> str:
         return await directory_sql.upsert_one(self.conn, agent)

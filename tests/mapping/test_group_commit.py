@@ -63,6 +63,10 @@ class _Tx:
             raise ValueError(f"the store cannot hold agent {state.agent_id}'s state")
         await self.inner.save_state(state)
 
+    async def save_states(self, states: Any) -> None:
+        for state in states:
+            await self.save_state(state)
+
 
 async def test_concurrent_observations_share_one_transaction():
     store = GatedStore()
