@@ -48,7 +48,7 @@ from graph_sync.crypto import DecryptionError, Decryptor
 from graph_sync.subscriptions import SubscriptionManager
 from graph_sync.teams import MAX_IDS
 from mapping.api import CoreApi
-from mapping.engine import BATCH
+from mapping.engine import MANY
 from mapping.model import Agent, PresenceObserved, System
 from mapping.ports import PresenceReader
 from mapping.rounds import Rounds
@@ -449,15 +449,15 @@ class GraphIntake:
     async def _observe_within_budget(
         self, observed: Sequence[tuple[str, PresenceObserved]], started: float
     ) -> list[str]:
-        """Observes the decrypted items in their order, one transaction per ``BATCH`` (Graph batches
+        """Observes the decrypted items in their order, one transaction per ``MANY`` (Graph batches
         notifications under load, exactly when a commit per item would eat the budget). Returns the
         users left when the ack budget is spent, and those whose observation failed on its own: they
         are read after answering instead."""
         left: list[str] = []
-        for start in range(0, len(observed), BATCH):
+        for start in range(0, len(observed), MANY):
             if time.monotonic() - started > self.ack_budget:
                 return left + [user_id for user_id, _ in observed[start:]]
-            part = observed[start : start + BATCH]
+            part = observed[start : start + MANY]
             try:
                 await self.bridge.observe_many([obs for _, obs in part], intake=INTAKE)
             except Exception:

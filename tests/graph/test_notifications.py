@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from emulators.graph import encrypt_for_certificate, sign_validation_token
 from graph_sync.notifications import PENDING_KIND, ids_from_resource
-from mapping.engine import BATCH
+from mapping.engine import MANY
 from mapping.model import Agent, PresenceObserved, System
 from tests.graph.conftest import (
     CLIENT_ID,
@@ -322,7 +322,7 @@ async def test_the_budget_spent_observing_defers_the_rest_to_reads(
     rig, runner = await build_rig(emu, clock, telemetry, dynamics_writer, certificate=certificate, ack_budget=0.3)
     try:
         await rig.intake.stop()  # the pending reads are driven by hand below
-        crowd = agents(BATCH + 4, start=100)
+        crowd = agents(MANY + 4, start=100)
         await known_agents(rig, crowd)
         emu.add_users([a.entra_object_id for a in crowd], own=("Busy", "InACall"))
         observe_many = rig.bridge.engine.observe_many
@@ -340,9 +340,9 @@ async def test_the_budget_spent_observing_defers_the_rest_to_reads(
         }
         status, answer = await post(http, rig.notify_url, body)
         assert status == 202 and answer == {"accepted": len(crowd)}
-        assert chunks == [BATCH]  # observed in one transaction; the other 4 deferred, not dropped
+        assert chunks == [MANY]  # observed in one transaction; the other 4 deferred, not dropped
         (note,) = (await rig.bridge.store.list_docs(PENDING_KIND)).values()
-        assert note["ids"] == [a.entra_object_id for a in crowd[BATCH:]]
+        assert note["ids"] == [a.entra_object_id for a in crowd[MANY:]]
         assert await rig.intake.read_pending() == 4
         assert all([await dynamics_value(rig, a) == BUSY for a in crowd])
     finally:

@@ -116,7 +116,7 @@ class CountingStore(MemoryStore):
 
 
 async def test_one_transaction_per_chunk(monkeypatch):
-    monkeypatch.setattr(engine_module, "BATCH", 10)
+    monkeypatch.setattr(engine_module, "MANY", 10)
     store = CountingStore()
     bridge = make_bridge(store=store)
     await store.upsert_agents([ALICE, BOB])
@@ -138,7 +138,7 @@ async def test_one_transaction_per_chunk(monkeypatch):
 
 
 async def test_a_failing_chunk_raises_and_leaves_the_chunks_before_it_committed(monkeypatch):
-    monkeypatch.setattr(engine_module, "BATCH", 2)
+    monkeypatch.setattr(engine_module, "MANY", 2)
     store = CountingStore()
     bridge = make_bridge(store=store)
     await store.upsert_agents([ALICE, BOB])
