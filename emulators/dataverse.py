@@ -485,7 +485,12 @@ class DataverseEmulator:
         webhook_timeout: float = 60.0,
         log_limit: int | None = 100_000,
         row_version_start: int = 5948260,
+        webhook_senders: int = 8,
     ) -> None:
+        """``webhook_senders``: how many webhooks may be on their way at once. Dataverse runs a
+        synchronous step inside the operation that triggered it, and each agent's change is an
+        operation of its own, so the steps of changes to different rows run concurrently; changes
+        of one row run one after the other (the row's lock), which the emulator keeps."""
         self.token = token
         self.org_name = org_name
         self.org_id = "6042beb1-a93a-ef11-8e4b-00224802c699"
@@ -504,7 +509,9 @@ class DataverseEmulator:
         self._windows: dict[str, deque[float]] = {}
         self._in_flight: dict[str, int] = {}
         self._queue: asyncio.Queue[tuple[Emission, str, dict[str, str], bytes]] = asyncio.Queue()
-        self._sender: asyncio.Task[None] | None = None
+        self.webhook_senders = max(1, webhook_senders)
+        self._senders: list[asyncio.Task[None]] = []
+        self._row_locks: dict[str, asyncio.Lock] = {}
         self._client: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._base = ""
@@ -719,16 +726,20 @@ class DataverseEmulator:
             raise RuntimeError("DataverseEmulator already started")
         self._runner, self._base = await serve_app(self.make_app(), host, port)
         self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.webhook_timeout))
-        self._sender = asyncio.create_task(self._send_loop(), name="dataverse-emulator-webhooks")
+        self._senders = [
+            asyncio.create_task(self._send_loop(), name=f"dataverse-emulator-webhooks-{i}")
+            for i in range(self.webhook_senders)
+        ]
         return self.url
 
     async def stop(self) -> None:
         """Stops listening; webhooks not sent yet are dropped."""
-        if self._sender is not None:
-            self._sender.cancel()
+        for sender in self._senders:
+            sender.cancel()
+        for sender in self._senders:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._sender
-            self._sender = None
+                await sender
+        self._senders = []
         while not self._queue.empty():
             self._queue.get_nowait()
             self._queue.task_done()
@@ -1235,21 +1246,27 @@ class DataverseEmulator:
             self._queue.put_nowait((emission, url, headers, raw))
 
     async def _send_loop(self) -> None:
+        """One of ``webhook_senders``. A row's lock is taken right after its emission is dequeued,
+        with no await in between, so a row's emissions are sent in the order they were made."""
         while True:
             emission, url, headers, raw = await self._queue.get()
-            started = time.monotonic()
+            lock = self._row_locks.setdefault(emission.agent_id, asyncio.Lock())
             try:
-                assert self._client is not None
-                async with self._client.post(url, data=raw, headers=headers) as resp:
-                    emission.status = resp.status
-                    emission.response = (await resp.text())[:500]
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                emission.error = f"{type(e).__name__}: {e}"
+                async with lock:
+                    started = time.monotonic()
+                    try:
+                        assert self._client is not None
+                        async with self._client.post(url, data=raw, headers=headers) as resp:
+                            emission.status = resp.status
+                            emission.response = (await resp.text())[:500]
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as e:
+                        emission.error = f"{type(e).__name__}: {e}"
+                    finally:
+                        emission.seconds = time.monotonic() - started
+                        self.emissions.append(emission)
             finally:
-                emission.seconds = time.monotonic() - started
-                self.emissions.append(emission)
                 self._queue.task_done()
             if emission.error or (emission.status or 0) >= 300:
                 log.info(

@@ -3,8 +3,12 @@ emulator -> webhook -> intake -> store once registered, and ``discover_agents`` 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import aiohttp
 import pytest
+from aiohttp import web
 
 from dataverse.client import DataverseClient
 from dataverse.discovery import DISABLED, ENTRA_TAKEN, NO_ENTRA, discover_agents
@@ -16,9 +20,11 @@ from dataverse.registration import (
     register_webhook,
 )
 from emulators.dataverse import AVAILABLE, BUSY, DataverseEmulator
+from emulators.serving import serve_app
 from mapping.bridge import Bridge
 from mapping.errors import ConfigError, PermanentError
 from mapping.model import Agent, System
+from service.stack import agent_ids
 from tests.dataverse.conftest import KEY, Served, seed
 from tests.support import ALICE, BOB
 
@@ -397,3 +403,55 @@ async def test_discover_retries_a_failed_page_from_its_own_link(
     pages = [c for c in org.calls if c.path == "systemusers"]
     assert [c.status for c in pages] == [503, 200, 200, 200]
     assert "$skiptoken" not in pages[1].query and "$skiptoken" in pages[2].query
+
+
+async def test_webhooks_of_different_agents_are_sent_concurrently_and_one_agents_in_order(
+    emu: DataverseEmulator, client: DataverseClient
+) -> None:
+    """Each agent's change is its own Dataverse operation, whose synchronous step runs inside it:
+    changes of different agents reach the endpoint side by side, one agent's one after the other."""
+    inside: list[str] = []
+    most = 0
+    seen: list[tuple[str, str]] = []
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        nonlocal most
+        body = await request.json()
+        entity = body["InputParameters"][0]["value"]
+        status_id = entity["Id"]
+        presence = next(p["value"]["Id"] for p in entity["Attributes"] if p["key"] == "msdyn_currentpresenceid")
+        assert status_id not in inside, "two webhooks of one row were on their way at once"
+        inside.append(status_id)
+        most = max(most, len(inside))
+        if len(inside) >= 3:
+            release.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(release.wait(), 2.0)
+        seen.append((status_id, presence))
+        inside.remove(status_id)
+        return web.json_response({}, status=200)
+
+    app = web.Application()
+    app.router.add_post("/hook", slow)
+    runner, base = await serve_app(app, "127.0.0.1", 0)
+    try:
+        await register(client, url=f"{base}/hook")
+        people = [agent_ids(i) for i in range(3)]
+        for dynamics_id, entra_id in people:
+            emu.add_agent(dynamics_id, entra_id, "Agent", AVAILABLE)
+        await emu.wait_emissions()
+        seen.clear()
+        for presence in (BUSY, AVAILABLE, BUSY):
+            for dynamics_id, _ in people:
+                emu.set_presence(dynamics_id, presence)
+        sent = await emu.wait_emissions(timeout=20)
+        assert all(e.status == 200 for e in sent[-9:])
+        assert most == 3  # three agents' steps ran side by side
+        for dynamics_id, _ in people:
+            status = emu.agent_status(dynamics_id)
+            assert status is not None
+            status_id = status["msdyn_agentstatusid"]
+            assert [p for s, p in seen if s == status_id] == [BUSY, AVAILABLE, BUSY]
+    finally:
+        await runner.cleanup()
