@@ -656,8 +656,8 @@ class SubscriptionManager:
             if not agents:
                 continue
             observed = await self.reader.read(agents)
-            known = await self.bridge.last_known_many([o.agent_id for o in observed])
-            fresh = [o for o in observed if (st := known.get(o.agent_id)) is None or st.teams_seen.value != o.value]
+            known = await self.bridge.teams_seen_many([o.agent_id for o in observed])
+            fresh = [o for o in observed if known.get(o.agent_id) != o.value]
             if fresh:
                 await self.bridge.observe_many(fresh, intake="graph_poll")
             made += len(fresh)

@@ -119,6 +119,7 @@ class CoreApi(Protocol):
         """What the core last knew of the agent (for a reply when an upstream cannot be read)."""
         ...
 
-    async def last_known_many(self, agent_ids: Sequence[str]) -> dict[str, AgentSyncState]:
-        """``last_known`` of many agents in one query (the poller's 650 a read); unknown ones left out."""
+    async def teams_seen_many(self, agent_ids: Sequence[str]) -> dict[str, str | None]:
+        """What the core last saw Teams show for each agent (``teams_seen.value``), in one narrow query
+        (the poller's 650 a read); agents without a saved state left out."""
         ...

@@ -167,8 +167,8 @@ class Bridge:
     async def last_known(self, agent_id: str) -> AgentSyncState | None:
         return (await self.store.load_states([agent_id])).get(agent_id)
 
-    async def last_known_many(self, agent_ids: Sequence[str]) -> dict[str, AgentSyncState]:
-        return await self.store.load_states(agent_ids)
+    async def teams_seen_many(self, agent_ids: Sequence[str]) -> dict[str, str | None]:
+        return await self.store.seen_values(agent_ids, System.TEAMS)
 
     async def change_presence(
         self, agent: Agent, presence_id: str, *, source: str, settle_seconds: float

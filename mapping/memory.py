@@ -171,7 +171,9 @@ class MemoryTransaction:
         return self.d.agents.get(dynamics_user_id.lower())
 
     async def get_agents(self, dynamics_user_ids: Sequence[str]) -> dict[str, Agent]:
-        return {k: a for k in dynamics_user_ids if (a := self.d.agents.get(k.lower())) is not None}
+        return {
+            a.dynamics_user_id: a for k in dynamics_user_ids if (a := self.d.agents.get(k.strip().lower())) is not None
+        }
 
     async def upsert_agent(self, agent: Agent) -> str:
         agent = _norm(agent)
@@ -249,6 +251,10 @@ class MemoryStore:
 
     async def load_states(self, agent_ids: Sequence[str]) -> dict[str, AgentSyncState]:
         return {a: copy.deepcopy(self.d.states[a]) for a in agent_ids if a in self.d.states}
+
+    async def seen_values(self, agent_ids: Sequence[str], system: System) -> dict[str, str | None]:
+        seen = "dynamics_seen" if system is System.DYNAMICS else "teams_seen"
+        return {a: getattr(self.d.states[a], seen).value for a in agent_ids if a in self.d.states}
 
     async def redrive(self, system: System, now: datetime) -> int:
         n = 0

@@ -190,6 +190,12 @@ class Store(AgentDirectory, AdapterRecords, Quarantine, Protocol):
     # Sync state (read-only views; writes go through a Transaction)
     async def load_states(self, agent_ids: Sequence[str]) -> dict[str, AgentSyncState]: ...
 
+    async def seen_values(self, agent_ids: Sequence[str], system: System) -> dict[str, str | None]:
+        """``load_states(...)[id].<system>_seen.value`` without decoding whole states (the poller
+        compares 1,650 agents a second at 50,000 agents: decoding their states was a quarter of a
+        busy instance's CPU)."""
+        ...
+
     # Outbox
     async def claim(
         self, systems: Sequence[System], limit: int, lease_seconds: float, owner: str, now: datetime

@@ -178,6 +178,10 @@ class SqlStore(ConsoleSql):
         async with self._reading() as conn:
             return await state_sql.load_many(conn, agent_ids)
 
+    async def seen_values(self, agent_ids: Sequence[str], system: System) -> dict[str, str | None]:
+        async with self._reading() as conn:
+            return await state_sql.seen_values(conn, agent_ids, system)
+
     # Outbox ------------------------------------------------------------------------------------
     async def claim(
         self, systems: Sequence[System], limit: int, lease_seconds: float, owner: str, now: datetime

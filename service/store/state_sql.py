@@ -11,7 +11,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mapping.clock import utcnow
-from mapping.model import AgentSyncState
+from mapping.model import AgentSyncState, System
 from service.store.dialect import upsert
 from service.store.schema import agent_state
 from service.store.state_doc import from_doc, to_doc
@@ -100,6 +100,20 @@ async def save_many(conn: AsyncConnection, states: Sequence[AgentSyncState]) -> 
         _save_statement(conn.dialect.name),
         [{"agent_id": s.agent_id, "saved": True, "doc": to_doc(s), "updated_at": now} for s in states],
     )
+
+
+async def seen_values(conn: AsyncConnection, agent_ids: Sequence[str], system: System) -> dict[str, str | None]:
+    """One value of each saved state's document, read with the dialect's JSON path operator (the
+    console's sort keys are read the same way)."""
+    column = agent_state.c.doc[("dynamics_seen" if system is System.DYNAMICS else "teams_seen", "value")].as_string()
+    out: dict[str, str | None] = {}
+    ids = list(dict.fromkeys(agent_ids))
+    for start in range(0, len(ids), _CHUNK):
+        query = select(agent_state.c.agent_id, column).where(
+            agent_state.c.agent_id.in_(ids[start : start + _CHUNK]), agent_state.c.saved.is_(True)
+        )
+        out.update((row[0], row[1]) for row in await conn.execute(query))
+    return out
 
 
 async def load_many(conn: AsyncConnection, agent_ids: Sequence[str]) -> dict[str, AgentSyncState]:

@@ -233,6 +233,43 @@ async def test_state_is_overwritten_and_loaded_in_bulk(any_store: Store) -> None
     assert await any_store.load_states([]) == {}
 
 
+async def test_a_groups_states_and_agents_load_and_save_together(any_store: Store) -> None:
+    """The engine's group statements give what the one-by-one ones give: blank states for agents
+    never saved (placeholders included), the directory's entries by lower-case id."""
+    first = full_state(ALICE.dynamics_user_id)
+    await any_store.upsert_agents([ALICE, BOB])
+    async with any_store.transaction() as tx:
+        await tx.save_states([first, AgentSyncState(BOB.dynamics_user_id, own_dynamics=BUSY)])
+        await tx.save_states([])
+        await tx.load_state(CAROL.dynamics_user_id)  # a placeholder on PostgreSQL, never saved
+    ids = sorted([ALICE.dynamics_user_id, BOB.dynamics_user_id, CAROL.dynamics_user_id])
+    async with any_store.transaction() as tx:
+        loaded = await tx.load_states(ids)
+        found = await tx.get_agents([ALICE.dynamics_user_id.upper(), CAROL.dynamics_user_id, BOB.dynamics_user_id])
+        assert await tx.load_states([]) == {} and await tx.get_agents([]) == {}
+    assert loaded == {
+        ALICE.dynamics_user_id: first,
+        BOB.dynamics_user_id: AgentSyncState(BOB.dynamics_user_id, own_dynamics=BUSY),
+        CAROL.dynamics_user_id: AgentSyncState(CAROL.dynamics_user_id),
+    }
+    assert set(found) == {ALICE.dynamics_user_id, BOB.dynamics_user_id}
+    assert found[BOB.dynamics_user_id] == await any_store.get_agent(BOB.dynamics_user_id)
+
+
+async def test_seen_values_are_the_saved_states_values(any_store: Store) -> None:
+    async with any_store.transaction() as tx:
+        await tx.save_state(full_state(ALICE.dynamics_user_id))
+        await tx.save_state(AgentSyncState(BOB.dynamics_user_id))
+        await tx.load_state(CAROL.dynamics_user_id)
+    ids = [ALICE.dynamics_user_id, BOB.dynamics_user_id, CAROL.dynamics_user_id]
+    states = await any_store.load_states(ids)
+    for system in (DYN, TEAMS):
+        seen = "dynamics_seen" if system is DYN else "teams_seen"
+        assert await any_store.seen_values(ids, system) == {a: getattr(st, seen).value for a, st in states.items()}
+    assert (await any_store.seen_values(ids, TEAMS))[BOB.dynamics_user_id] is None
+    assert (await any_store.seen_values(ids, TEAMS))[ALICE.dynamics_user_id] is not None
+
+
 async def test_a_failed_transaction_writes_nothing(any_store: Store) -> None:
     class Boom(Exception):
         pass
