@@ -90,3 +90,91 @@ async def test_a_failing_transaction_keeps_nothing(open_sql, sqlite_url):
     async with store.transaction() as tx:  # and the store takes the next one
         await tx.save_state(AgentSyncState(ALICE.dynamics_user_id))
     assert ALICE.dynamics_user_id in await store.load_states([ALICE.dynamics_user_id])
+
+
+# ------------------------------------------------------------------------------------ group commit
+
+
+def _commits(store) -> list[bool]:
+    """Records each COMMIT (True) or rollback (False) the store's inline engine ends a chain with."""
+    ends: list[bool] = []
+    inner = store._inline._end
+
+    def end(conn, tx, commit):
+        ends.append(commit)
+        return inner(conn, tx, commit)
+
+    store._inline._end = end
+    return ends
+
+
+async def test_writers_queueing_for_the_lock_share_one_commit(open_sql, sqlite_url):
+    store = await open_sql(sqlite_url)
+    agents = [ALICE, BOB]
+    await store.upsert_agents(agents)
+    ends = _commits(store)
+
+    async def write(agent_id: str, value: str) -> None:
+        async with store.transaction() as tx:
+            await tx.save_state(AgentSyncState(agent_id, own_dynamics=value))
+
+    await asyncio.wait_for(
+        asyncio.gather(
+            *(write(a.dynamics_user_id, v) for a in agents for v in ("x", "y")), store.put_doc("k", "1", {})
+        ),
+        BOUND,
+    )
+    # Five writers, each answered after its COMMIT: they joined one chain instead of five.
+    assert ends == [True]
+    states = await store.load_states([a.dynamics_user_id for a in agents])
+    assert {s.own_dynamics for s in states.values()} == {"y"}
+    assert await store.get_doc("k", "1") == {}
+
+
+async def test_a_writer_that_fails_is_rolled_back_alone_and_the_others_commit(open_sql, sqlite_url):
+    store = await open_sql(sqlite_url)
+    await store.upsert_agents([ALICE, BOB])
+    ends = _commits(store)
+
+    async def write(agent_id: str, fail: bool) -> None:
+        async with store.transaction() as tx:
+            await tx.save_state(AgentSyncState(agent_id, own_dynamics="x"))
+            await tx.enqueue(SetPresence(agent_id, System.TEAMS, "Busy/Busy", "test"), T0)
+            if fail:
+                raise RuntimeError(f"engine failed for {agent_id}")
+
+    results = await asyncio.wait_for(
+        asyncio.gather(write(ALICE.dynamics_user_id, False), write(BOB.dynamics_user_id, True), return_exceptions=True),
+        BOUND,
+    )
+    assert results[0] is None and isinstance(results[1], RuntimeError)
+    assert ends == [True]
+    assert list(await store.load_states([ALICE.dynamics_user_id, BOB.dynamics_user_id])) == [ALICE.dynamics_user_id]
+    assert [r.agent_id for r in await store.list_outbox()] == [ALICE.dynamics_user_id]
+
+
+async def test_a_failed_commit_reaches_every_writer_of_its_chain(open_sql, sqlite_url):
+    store = await open_sql(sqlite_url)
+    await store.upsert_agents([ALICE, BOB])
+    inner = store._inline._end
+
+    def end(conn, tx, commit):
+        if commit:
+            inner(conn, tx, False)
+            raise sqlite3.OperationalError("disk I/O error")
+        return inner(conn, tx, commit)
+
+    store._inline._end = end
+
+    async def write(agent_id: str) -> None:
+        async with store.transaction() as tx:
+            await tx.save_state(AgentSyncState(agent_id))
+
+    results = await asyncio.wait_for(
+        asyncio.gather(write(ALICE.dynamics_user_id), write(BOB.dynamics_user_id), return_exceptions=True), BOUND
+    )
+    assert all(isinstance(r, sqlite3.OperationalError) for r in results)
+    store._inline._end = inner
+    assert await store.load_states([ALICE.dynamics_user_id, BOB.dynamics_user_id]) == {}
+    await asyncio.wait_for(write(ALICE.dynamics_user_id), BOUND)  # and the next chain commits
+    assert list(await store.load_states([ALICE.dynamics_user_id])) == [ALICE.dynamics_user_id]
