@@ -35,6 +35,8 @@ LOOKUP_SECONDS = 2.0
 """Deadline of a miss's read: Dataverse waits for the webhook's answer (up to 60 s, but the agent's
 presence change waits with it), so the read must be short."""
 LOOKUP_ATTEMPTS = 2
+PERSIST_CHUNK = 500
+"""Pairs per store transaction when ``remember_many``'s pairs are written."""
 
 
 class AgentStatusReader(Protocol):
@@ -81,10 +83,9 @@ class AgentStatusLookup:
             )
 
     async def remember_many(self, pairs: Mapping[str, str]) -> None:
-        """A page of a read: known in memory at once, kept durably in the background. A first sweep of
-        50,000 agents is 50,000 store writes (one each: the records port has no bulk write); done
-        inline they held discovery and the sweep for minutes, while only a restart's first webhooks
-        before its own sweep need them (and a miss then costs one bounded read)."""
+        """A page of a read: known in memory at once, kept durably in the background (``_persist``):
+        only a restart's first webhooks before its own sweep need them (and a miss then costs one
+        bounded read), so neither discovery nor the sweep waits for these writes."""
         fresh = {}
         for status, agent in pairs.items():
             s, a = status.lower(), agent.lower()
@@ -97,15 +98,19 @@ class AgentStatusLookup:
                 self._persister = asyncio.ensure_future(self._persist())
 
     async def _persist(self) -> None:
+        """Writes what ``remember_many`` learnt, ``PERSIST_CHUNK`` pairs a transaction: one write each
+        was 50,000 write transactions after a first sweep, queueing ahead of the webhooks' commits
+        for the store's one writer (SQLite) for minutes."""
         while self._persisting:
-            batch = self._persisting.pop(0)
-            for status, agent in batch.items():
+            batch = list(self._persisting.pop(0).items())
+            for start in range(0, len(batch), PERSIST_CHUNK):
+                part = batch[start : start + PERSIST_CHUNK]
                 try:
-                    await self.records.put_doc(KIND, status, {"agent_id": agent})
+                    await self.records.put_docs(KIND, {status: {"agent_id": agent} for status, agent in part})
                 except Exception as e:  # the store down: memory still has it, the next start re-learns it
                     log.warning(
-                        "agent status mapping kept in memory only",
-                        extra={"fields": {"agent_status": status, "error": f"{type(e).__name__}: {e}"}},
+                        "agent status mappings kept in memory only",
+                        extra={"fields": {"pairs": len(part), "error": f"{type(e).__name__}: {e}"}},
                     )
 
     async def close(self) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -378,6 +378,10 @@ class MemoryStore:
 
     async def put_doc(self, kind: str, key: str, doc: dict[str, Any]) -> None:
         self.d.docs[(kind, key)] = copy.deepcopy(doc)
+
+    async def put_docs(self, kind: str, items: Mapping[str, dict[str, Any]]) -> None:
+        for key, doc in items.items():
+            await self.put_doc(kind, key, doc)
 
     async def delete_doc(self, kind: str, key: str) -> None:
         self.d.docs.pop((kind, key), None)

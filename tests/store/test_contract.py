@@ -562,6 +562,14 @@ async def test_documents(any_store: Store) -> None:
     assert await any_store.list_docs("nothing") == {}
 
 
+async def test_documents_put_in_bulk(any_store: Store) -> None:
+    await any_store.put_doc("dataverse.agent_status", "s1", {"agent_id": "old"})
+    await any_store.put_docs("dataverse.agent_status", {"s1": {"agent_id": "a1"}, "s2": {"agent_id": "a2"}})
+    await any_store.put_docs("dataverse.agent_status", {})
+    assert await any_store.list_docs("dataverse.agent_status") == {"s1": {"agent_id": "a1"}, "s2": {"agent_id": "a2"}}
+    assert await any_store.list_docs("graph.subscription") == {}
+
+
 async def test_secrets_round_trip(any_store: Store) -> None:
     assert await any_store.get_secret("graph.token_cache") is None
     await any_store.put_secret("graph.token_cache", b'{"refresh": "r-1"}')
