@@ -191,7 +191,13 @@ async def in_process(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         # The burst: random agents routed Busy in Dynamics; Teams must show every one.
         await stack.settle(timeout=max(60.0, args.agents / 200))
         mark = len(stack.graph.requests)
+        sent_before = len(stack.dataverse.emissions)
         out["burst_s"], out["burst_missing"] = await route_burst(stack, args.burst)
+        emitted = list(stack.dataverse.emissions)[sent_before:]
+        answers = sorted(e.seconds for e in emitted)
+        out["burst_webhook_p50"] = answers[len(answers) // 2] if answers else float("nan")
+        out["burst_webhook_p99"] = answers[int(len(answers) * 0.99)] if answers else float("nan")
+        out["burst_spooled"] = sum(1 for e in emitted if '"spooled"' in e.response)
         burst = list(stack.graph.requests)[mark:]
         out["burst_graph_requests"] = len(burst)
         out["busiest_30s"] = busiest_window([r.at.timestamp() for r in burst], 30.0) if burst else None
@@ -469,6 +475,12 @@ def report(args: argparse.Namespace, a: dict[str, Any], s: dict[str, Any] | None
         f"{a['burst_s']:.1f} s ({a['burst_missing']} missing)",
         f"{a['burst_graph_requests']} Graph requests meanwhile",
         a["burst_s"] <= 30,
+    )
+    row(
+        "  Dynamics waits for each webhook's answer",
+        f"p50 {a['burst_webhook_p50'] * 1000:.0f} ms, p99 {a['burst_webhook_p99'] * 1000:.0f} ms",
+        f"{a['burst_spooled']} answered from the spool",
+        None,
     )
     if a.get("busiest_30s") is not None:
         row(
