@@ -7,7 +7,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mapping.clock import utcnow
@@ -40,9 +40,12 @@ async def get_many(conn: AsyncConnection, dynamics_user_ids: Sequence[str]) -> d
     keys = list(dict.fromkeys(k.strip().lower() for k in dynamics_user_ids))
     out: dict[str, Agent] = {}
     for start in range(0, len(keys), _CHUNK):
-        rows = await conn.execute(select(agents).where(agents.c.dynamics_user_id.in_(keys[start : start + _CHUNK])))
+        rows = await conn.execute(_GET_MANY, {"ids": keys[start : start + _CHUNK]})
         out.update((r.dynamics_user_id, to_agent(r)) for r in rows)
     return out
+
+
+_GET_MANY = select(agents).where(agents.c.dynamics_user_id.in_(bindparam("ids", expanding=True)))
 
 
 async def get_by_entra(conn: AsyncConnection, entra_object_id: str) -> Agent | None:

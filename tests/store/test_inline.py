@@ -131,7 +131,8 @@ async def test_writers_queueing_for_the_lock_share_one_commit(open_sql, sqlite_u
     assert await store.get_doc("k", "1") == {}
 
 
-async def test_a_writer_that_fails_is_rolled_back_alone_and_the_others_commit(open_sql, sqlite_url):
+@pytest.mark.parametrize("failing_first", [False, True])
+async def test_a_writer_that_fails_is_rolled_back_alone_and_the_others_commit(open_sql, sqlite_url, failing_first):
     store = await open_sql(sqlite_url)
     await store.upsert_agents([ALICE, BOB])
     ends = _commits(store)
@@ -143,12 +144,14 @@ async def test_a_writer_that_fails_is_rolled_back_alone_and_the_others_commit(op
             if fail:
                 raise RuntimeError(f"engine failed for {agent_id}")
 
-    results = await asyncio.wait_for(
-        asyncio.gather(write(ALICE.dynamics_user_id, False), write(BOB.dynamics_user_id, True), return_exceptions=True),
-        BOUND,
-    )
+    writers = [write(ALICE.dynamics_user_id, False), write(BOB.dynamics_user_id, True)]
+    if failing_first:  # the first writer of a chain has no SAVEPOINT: its failure ends the chain
+        writers.reverse()
+    results = await asyncio.wait_for(asyncio.gather(*writers, return_exceptions=True), BOUND)
+    if failing_first:
+        results.reverse()
     assert results[0] is None and isinstance(results[1], RuntimeError)
-    assert ends == [True]
+    assert ends == ([False, True] if failing_first else [True])
     assert list(await store.load_states([ALICE.dynamics_user_id, BOB.dynamics_user_id])) == [ALICE.dynamics_user_id]
     assert [r.agent_id for r in await store.list_outbox()] == [ALICE.dynamics_user_id]
 
