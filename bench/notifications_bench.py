@@ -6,7 +6,7 @@ a SQLite store (``service.store.open_store``, a temporary file, WAL, as in produ
 - **rich** notifications (``encryptedContent`` + a ``validationTokens`` JWT per request, freshly
   signed each time so the token cache never helps): JWT check against a served JWKS, RSA-OAEP +
   HMAC + AES decryption, directory lookup, ``engine.observe_many`` (the request's items in one
-  committed transaction per 16, with the resulting Dynamics commands enqueued) and only then 202;
+  committed transaction per 128, with the resulting Dynamics commands enqueued) and only then 202;
 - **basic** notifications (no content): directory lookup and the durable pending-read note, then
   202 (the background batcher's reads run in the same process, as in production, against an
   in-process reader);
