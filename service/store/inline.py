@@ -13,7 +13,7 @@ engine's hot path) go to the thread only where SQLite may wait:
 - the statements in between run inline on the loop thread: this connection holds the database's
   only write lock by then, and WAL readers never wait, so none of them waits on anyone.
 
-Every write of the store comes through here (reads stay on the async engine), under ``SqlStore``'s
+Every write of the store comes through here (reads stay on the async engine), under this module's
 one write lock, so this process never has two write transactions open at once; SQLite's own
 locking orders it against other processes as before.
 
@@ -30,8 +30,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +73,8 @@ class InlineSqlite:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="presence-sync-sqlite")
+        self._lock = asyncio.Lock()
+        """The process's one SQLite writer: held while a writer's statements run, and by a COMMIT."""
         self._chain: _Chain | None = None
         self._committer: asyncio.Task[None] | None = None
 
@@ -101,14 +103,14 @@ class InlineSqlite:
             self._thread.submit(self._end, conn, tx, False)
 
     @asynccontextmanager
-    async def chained(self, lock: Callable[[], AbstractAsyncContextManager[Any]]) -> AsyncIterator[InlineConnection]:
-        """One writer's part of a group commit (see the module docstring). ``lock`` is the store's
-        write lock: held while this writer's statements run, released before the COMMIT is awaited,
-        so writers queueing meanwhile join the same transaction. Returns once the COMMIT holding
+    async def chained(self) -> AsyncIterator[InlineConnection]:
+        """One writer's part of a group commit (see the module docstring). The write lock is held
+        while this writer's statements run and released before the COMMIT is awaited, so writers
+        queueing meanwhile join the same transaction. Returns once the COMMIT holding
         this writer's statements is durable; raises what the block raised (its statements rolled
         back alone), or the COMMIT's error."""
         loop = asyncio.get_running_loop()
-        async with lock():
+        async with self._lock:
             chain = self._chain
             if chain is None:
                 begun = loop.run_in_executor(self._thread, self._begin)
@@ -143,17 +145,17 @@ class InlineSqlite:
                     self._chain = None
                     await asyncio.shield(self._commit(chain))
                 else:
-                    self._schedule_commit(lock)
+                    self._schedule_commit()
         await asyncio.shield(done)
 
-    def _schedule_commit(self, lock: Callable[[], AbstractAsyncContextManager[Any]]) -> None:
+    def _schedule_commit(self) -> None:
         """A committer queues for the write lock behind the writers waiting now (they join the
         chain first) and then commits whatever chain is open."""
         if self._committer is None or self._committer.done():
-            self._committer = asyncio.ensure_future(self._commit_when_free(lock))
+            self._committer = asyncio.ensure_future(self._commit_when_free())
 
-    async def _commit_when_free(self, lock: Callable[[], AbstractAsyncContextManager[Any]]) -> None:
-        async with lock():
+    async def _commit_when_free(self) -> None:
+        async with self._lock:
             chain, self._chain = self._chain, None
             if chain is not None:
                 await self._commit(chain)
@@ -178,11 +180,11 @@ class InlineSqlite:
         if error is not None and not isinstance(error, Exception):
             raise error
 
-    async def flush(self, lock: Callable[[], AbstractAsyncContextManager[Any]]) -> None:
+    async def flush(self) -> None:
         """Commits the open chain, if any (at close)."""
         if self._committer is not None and not self._committer.done():
             await asyncio.shield(self._committer)
-        await self._commit_when_free(lock)
+        await self._commit_when_free()
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)

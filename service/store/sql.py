@@ -2,9 +2,10 @@
 
 ``mapping.memory.MemoryStore`` is the reference; ``tests/store`` runs one contract suite on both.
 Concurrency model:
-- SQLite has one writer. Inside a process, write transactions queue on an ``asyncio.Lock`` and
-  begin with ``BEGIN IMMEDIATE`` (other processes, e.g. the CLI beside ``serve``, wait on
-  ``busy_timeout``); reads run on their own connections and, thanks to WAL, never block.
+- SQLite has one writer. Inside a process, writers queue on one ``asyncio.Lock`` and share group
+  commits (``service.store.inline``); a transaction begins with ``BEGIN IMMEDIATE`` (other
+  processes, e.g. the CLI beside ``serve``, wait on ``busy_timeout``); reads run on their own
+  connections and, thanks to WAL, never block.
 - PostgreSQL has many writers, on many instances: ``load_state`` locks the agent's row, ``claim``
   skips rows other claimers hold, and leadership is an advisory lock (``service.store.leader``).
 """
@@ -79,7 +80,6 @@ class SqlStore(ConsoleSql):
         self.target = target
         self._box = secret_box
         self._sqlite = target.is_sqlite
-        self._write_lock: asyncio.Lock | None = asyncio.Lock() if self._sqlite else None
         # SQLite: the engine's transactions without aiosqlite's per-statement thread hops (inline.py).
         self._inline = InlineSqlite(create_inline_engine(target)) if self._sqlite else None
         self._leader = Leadership(None if self._sqlite else engine, target.schema or "")
@@ -95,22 +95,18 @@ class SqlStore(ConsoleSql):
         """One write transaction: commit on normal exit, rollback on exception.
 
         SQLite: every write (the engine's, the outbox's claims and acks, adapter records) runs on the
-        inline connection (``inline.py``), statements on the loop thread under the store's write
-        lock, only BEGIN and COMMIT on the thread. Through aiosqlite each statement was four thread
+        inline connection (``inline.py``), statements on the loop thread under its write lock,
+        only BEGIN and COMMIT on the thread. Through aiosqlite each statement was four thread
         hops with the write lock held, so under load every writer queued behind the hops of the
         others: during a burst of 1,000 routed changes the webhook waited 277 ms (p50) for its turn
         (``bench/scale.py``)."""
-        if self._inline is not None and self._write_lock is not None:
-            async with self._inline.chained(self._locked) as inline:
+        if self._inline is not None:
+            async with self._inline.chained() as inline:
                 # InlineConnection offers what the statement modules use of an AsyncConnection.
                 yield cast(AsyncConnection, inline)
             return
         async with self.engine.connect() as conn, conn.begin():
             yield conn
-
-    def _locked(self) -> asyncio.Lock:
-        assert self._write_lock is not None
-        return self._write_lock
 
     @asynccontextmanager
     async def _reading(self) -> AsyncIterator[AsyncConnection]:
@@ -332,7 +328,7 @@ class SqlStore(ConsoleSql):
         await self._leader.close()
         if self._inline is not None:
             with contextlib.suppress(Exception):  # a failed last COMMIT was already handed to its writers
-                await self._inline.flush(self._locked)
+                await self._inline.flush()
             await asyncio.to_thread(self._inline.close)
         await self.engine.dispose()
 
