@@ -19,7 +19,7 @@ from mapping.model import OutboxRow, System
 from service.store.directory_sql import to_agent
 from service.store.outbox_sql import to_row
 from service.store.schema import agent_state, agents, outbox
-from service.store.state_doc import from_doc
+from service.store.state_doc import SEEN_KEYS, from_doc
 
 _CHUNK = 500
 
@@ -29,8 +29,8 @@ def _sort_column(sort: str) -> Any:
     return {
         "name": func.lower(agents.c.display_name),
         "id": agents.c.dynamics_user_id,
-        "dynamics": doc[("dynamics_seen", "value")].as_string(),
-        "teams": doc[("teams_seen", "value")].as_string(),
+        "dynamics": doc[(SEEN_KEYS[System.DYNAMICS], "value")].as_string(),
+        "teams": doc[(SEEN_KEYS[System.TEAMS], "value")].as_string(),
         "changed": agent_state.c.updated_at,
     }[sort]
 
@@ -106,7 +106,7 @@ class ConsoleSql:
 
     async def console_last_teams_report(self, entra_ids: Sequence[str]) -> datetime | None:
         # ISO times in UTC (state_doc) order as strings, so the database takes the max.
-        seen_at = agent_state.c.doc[("teams_seen", "at")].as_string()
+        seen_at = agent_state.c.doc[(SEEN_KEYS[System.TEAMS], "at")].as_string()
         joined = agents.join(agent_state, agent_state.c.agent_id == agents.c.dynamics_user_id)
         ids = sorted({e.lower() for e in entra_ids})
         latest: str | None = None

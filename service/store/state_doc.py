@@ -12,7 +12,7 @@ from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any
 
-from mapping.model import AgentSyncState, DynamicsEvent, Seen, Write
+from mapping.model import AgentSyncState, DynamicsEvent, Seen, System, Write
 
 VERSION = 2
 """Sync rules version the document was written for (1 had another shape, see migration 0003)."""
@@ -36,7 +36,9 @@ _PLAIN = (
     "session_delivered",
     "read_after_landing",
 )
-_SEEN = ("dynamics_seen", "teams_seen")
+SEEN_KEYS = {System.DYNAMICS: "dynamics_seen", System.TEAMS: "teams_seen"}
+"""The document's key of each system's ``Seen`` (SQL reads its values by JSON path)."""
+_SEEN = tuple(SEEN_KEYS.values())
 
 
 def _t(value: datetime | None) -> str | None:

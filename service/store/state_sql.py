@@ -14,7 +14,7 @@ from mapping.clock import utcnow
 from mapping.model import AgentSyncState, System
 from service.store.dialect import upsert
 from service.store.schema import agent_state
-from service.store.state_doc import from_doc, to_doc
+from service.store.state_doc import SEEN_KEYS, from_doc, to_doc
 from service.store.types import UTCDateTime
 
 _CHUNK = 500  # ids per IN (...): far below both dialects' bound-parameter limits
@@ -26,27 +26,32 @@ async def load(conn: AsyncConnection, agent_id: str, *, lock: bool) -> AgentSync
     serialise on the agent instead of overwriting each other's decisions. Both in one round trip:
     an upsert whose conflict arm updates the row takes its row lock as ``SELECT ... FOR UPDATE``
     does, and returns the row as it stands (a placeholder when new)."""
-    if lock:
-        head = (await conn.execute(_lock_statement(conn.dialect.name), {"agent_id": agent_id, "now": utcnow()})).first()
-    else:
-        query = select(agent_state.c.saved, agent_state.c.doc).where(agent_state.c.agent_id == agent_id)
-        head = (await conn.execute(query)).first()
-    if head is None or not head.saved:
-        return AgentSyncState(agent_id)
-    return from_doc(agent_id, head.doc)
+    if not lock:
+        return (await load_many(conn, [agent_id])).get(agent_id) or AgentSyncState(agent_id)
+    head = (await conn.execute(_lock_statement(conn.dialect.name), {"agent_id": agent_id, "now": utcnow()})).first()
+    return _state_of(head) if head is not None else AgentSyncState(agent_id)
+
+
+def _placeholders(dialect: str, values: Any) -> Any:
+    """Inserts a placeholder row per agent or locks the existing one, returning each row as it stands.
+    The conflict arm sets only ``agent_id`` to itself, so a saved state is left as it is."""
+    stmt = upsert(dialect, agent_state).values(values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[agent_state.c.agent_id], set_={"agent_id": stmt.excluded.agent_id}
+    )
+    return stmt.returning(agent_state.c.agent_id, agent_state.c.saved, agent_state.c.doc)
 
 
 @functools.cache
 def _lock_statement(dialect: str) -> Any:
-    """``load(lock=True)``: insert a placeholder or lock the existing row, returning it. The conflict
-    arm sets only ``agent_id`` to itself, so a saved state is left as it is."""
-    stmt = upsert(dialect, agent_state).values(
-        agent_id=bindparam("agent_id"), saved=False, updated_at=bindparam("now", type_=UTCDateTime())
-    )
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[agent_state.c.agent_id], set_={"agent_id": stmt.excluded.agent_id}
-    )
-    return stmt.returning(agent_state.c.saved, agent_state.c.doc)
+    """``load(lock=True)``'s ``_placeholders`` for one agent, built once per dialect."""
+    now = bindparam("now", type_=UTCDateTime())
+    return _placeholders(dialect, {"agent_id": bindparam("agent_id"), "saved": False, "updated_at": now})
+
+
+def _state_of(row: Any) -> AgentSyncState:
+    """A row of ``_placeholders``: its saved state, or a blank one for a placeholder."""
+    return from_doc(row.agent_id, row.doc) if row.saved else AgentSyncState(row.agent_id)
 
 
 @functools.cache
@@ -62,10 +67,7 @@ def _save_statement(dialect: str) -> Any:
 
 
 async def save(conn: AsyncConnection, state: AgentSyncState) -> None:
-    await conn.execute(
-        _save_statement(conn.dialect.name),
-        {"agent_id": state.agent_id, "saved": True, "doc": to_doc(state), "updated_at": utcnow()},
-    )
+    await save_many(conn, [state])
 
 
 async def load_group(conn: AsyncConnection, agent_ids: Sequence[str], *, lock: bool) -> dict[str, AgentSyncState]:
@@ -79,15 +81,9 @@ async def load_group(conn: AsyncConnection, agent_ids: Sequence[str], *, lock: b
     out: dict[str, AgentSyncState] = {}
     now = utcnow()
     for start in range(0, len(ids), _CHUNK):
-        chunk = ids[start : start + _CHUNK]
-        stmt = upsert(conn.dialect.name, agent_state).values(
-            [{"agent_id": a, "saved": False, "updated_at": now} for a in chunk]
-        )
-        locking = stmt.on_conflict_do_update(
-            index_elements=[agent_state.c.agent_id], set_={"agent_id": stmt.excluded.agent_id}
-        ).returning(agent_state.c.agent_id, agent_state.c.saved, agent_state.c.doc)
-        for row in await conn.execute(locking):
-            out[row.agent_id] = from_doc(row.agent_id, row.doc) if row.saved else AgentSyncState(row.agent_id)
+        rows = [{"agent_id": a, "saved": False, "updated_at": now} for a in ids[start : start + _CHUNK]]
+        for row in await conn.execute(_placeholders(conn.dialect.name, rows)):
+            out[row.agent_id] = _state_of(row)
     return {a: out.get(a) or AgentSyncState(a) for a in ids}
 
 
@@ -102,17 +98,23 @@ async def save_many(conn: AsyncConnection, states: Sequence[AgentSyncState]) -> 
     )
 
 
+@functools.cache
+def _seen_statement(system: System) -> Any:
+    """``seen_values``' query, built once per system: the value read with the dialect's JSON path
+    operator (the console's sort keys are read the same way)."""
+    value = agent_state.c.doc[(SEEN_KEYS[system], "value")].as_string()
+    return select(agent_state.c.agent_id, value).where(
+        agent_state.c.agent_id.in_(bindparam("ids", expanding=True)), agent_state.c.saved.is_(True)
+    )
+
+
 async def seen_values(conn: AsyncConnection, agent_ids: Sequence[str], system: System) -> dict[str, str | None]:
-    """One value of each saved state's document, read with the dialect's JSON path operator (the
-    console's sort keys are read the same way)."""
-    column = agent_state.c.doc[("dynamics_seen" if system is System.DYNAMICS else "teams_seen", "value")].as_string()
+    """One value of each saved state's document, without decoding the documents."""
     out: dict[str, str | None] = {}
     ids = list(dict.fromkeys(agent_ids))
     for start in range(0, len(ids), _CHUNK):
-        query = select(agent_state.c.agent_id, column).where(
-            agent_state.c.agent_id.in_(ids[start : start + _CHUNK]), agent_state.c.saved.is_(True)
-        )
-        out.update((row[0], row[1]) for row in await conn.execute(query))
+        rows = await conn.execute(_seen_statement(system), {"ids": ids[start : start + _CHUNK]})
+        out.update((row[0], row[1]) for row in rows)
     return out
 
 
