@@ -175,8 +175,8 @@ class SyncEngine:
         # The directory is read in the transaction (one connection, no separate round trips before
         # it); locks are keyed by the id as the directory keeps it (lower case), so they can be
         # taken before the agents are known.
-        keys = sorted({event.agent_id.strip().lower() for event in events})
-        agents: dict[str, Agent | None] = {}
+        event_keys = [event.agent_id.strip().lower() for event in events]
+        keys = sorted(set(event_keys))
         decisions: list[R.Decision | None] = []
         async with contextlib.AsyncExitStack() as held:
             # Locks (and, in the transaction, state rows) are taken in one order, so two batches
@@ -186,12 +186,11 @@ class SyncEngine:
             now = self.clock()
             async with self.store.transaction() as tx:
                 found = await tx.get_agents(keys)
-                agents = {key: found.get(key) for key in keys}
-                known = sorted(a.dynamics_user_id for a in agents.values() if a is not None and a.enabled)
+                agents = [found.get(key) for key in event_keys]  # each event's directory entry
+                known = sorted(a.dynamics_user_id for a in found.values() if a.enabled)
                 states = await tx.load_states(known)
                 changed: set[str] = set()
-                for event in events:
-                    agent = agents[event.agent_id.strip().lower()]
+                for event, agent in zip(events, agents, strict=True):
                     if agent is None or not agent.enabled:
                         decisions.append(None)
                         continue
@@ -214,8 +213,7 @@ class SyncEngine:
                     decisions.append(decision)
                 await tx.save_states([states[agent_id] for agent_id in sorted(changed)])
         outcomes: list[Outcome] = []
-        for event, intake, done in zip(events, intakes, decisions, strict=True):
-            agent = agents[event.agent_id.strip().lower()]
+        for event, intake, agent, done in zip(events, intakes, agents, decisions, strict=True):
             source = intake or event.source
             if done is None:
                 self.telemetry.event(source, Result.UNKNOWN_AGENT)
