@@ -60,6 +60,89 @@ def _settle(
         future.set_result(outcome)
 
 
+class OutboxView:
+    """The outbox rows of a transaction's agents as read at its start, changed as its own writes
+    change them, and those writes in order: the rules ask the outbox about each event (what is queued
+    and unsent, whether a withdrawn write was still pending), and a group of events then costs one
+    read and one batch of writes instead of a few statements per event. The transitions are the
+    store's (``Transaction.enqueue``, ``cancel_pending``); the agents' state rows are locked (or the
+    store has one writer), so no other engine changes these rows meanwhile."""
+
+    def __init__(self, rows: Mapping[tuple[str, System], tuple[str, OutboxStatus]]) -> None:
+        self.rows = dict(rows)
+        self.writes: list[tuple[SetPresence, float, float] | SetPresence] = []
+        """Enqueues (command, hold, max hold) and cancellations (the withdrawn command), in order."""
+
+    def unsent(self, agent_id: str, system: System) -> str | None:
+        """``Transaction.unsent_value``: the row's value while it is pending."""
+        row = self.rows.get((agent_id, system))
+        return row[0] if row is not None and row[1] is OutboxStatus.PENDING else None
+
+    def enqueue(self, command: SetPresence, hold: float, max_hold: float) -> None:
+        key = (command.agent_id, command.system)
+        row = self.rows.get(key)
+        in_flight = row is not None and row[1] is OutboxStatus.IN_FLIGHT
+        self.rows[key] = (command.value, OutboxStatus.IN_FLIGHT if in_flight else OutboxStatus.PENDING)
+        self.writes.append((command, hold, max_hold))
+
+    def cancel(self, write: SetPresence) -> OutboxStatus | None:
+        """``Transaction.cancel_pending``: the status the live row had, or None when none was live."""
+        key = (write.agent_id, write.system)
+        row = self.rows.get(key)
+        if row is None or row[1] not in (OutboxStatus.PENDING, OutboxStatus.IN_FLIGHT):
+            return None
+        self.rows[key] = (row[0], OutboxStatus.DELIVERED)
+        self.writes.append(write)
+        return row[1]
+
+    async def write(self, tx: Transaction, now: datetime) -> None:
+        """The writes, in order: each run of enqueues in one statement."""
+        run: list[tuple[SetPresence, float, float]] = []
+        for item in self.writes:
+            if isinstance(item, tuple):
+                run.append(item)
+                continue
+            if run:
+                await tx.enqueue_many(run, now)
+                run = []
+            await tx.cancel_pending(item.agent_id, item.system, now)
+        if run:
+            await tx.enqueue_many(run, now)
+        self.writes = []
+
+
+def _write_out(
+    outbox: OutboxView,
+    state: AgentSyncState,
+    decision: R.Decision,
+    now: datetime,
+    holds: Mapping[System, float],
+) -> AgentSyncState:
+    """Withdraws and queues what ``decision`` says. The outbox knows what the rules cannot: a
+    withdrawn write that never left, and a queued value replaced before any attempt, will never reach
+    the system, and the state must stop expecting them there."""
+    commands = list(decision.commands)
+    for write in decision.cancel:
+        superseded = None
+        if outbox.unsent(write.agent_id, write.system) is None:
+            # In flight (the state still expects it, and it is not pending): an attempt cannot be
+            # called back, and cancelling would void its lease, so its failure would go unheard.
+            # Supersede it instead: the outbox then says, by the row, whether it is still under way.
+            superseded = R.superseded(state, write, now)
+        if superseded is not None:
+            state, cmd = superseded
+            commands.append(cmd)
+        elif outbox.cancel(write) is OutboxStatus.PENDING:
+            state = R.withdrawn(state, write)
+    for cmd in commands:
+        hold = holds.get(cmd.system, 0.0)
+        unsent = outbox.unsent(cmd.agent_id, cmd.system)
+        outbox.enqueue(cmd, hold, hold * HOLD_CAP_FACTOR)
+        if unsent is not None:
+            state = R.never_sent(state, cmd.system, unsent)
+    return state
+
+
 class SyncEngine:
     def __init__(
         self,
@@ -189,6 +272,7 @@ class SyncEngine:
                 agents = [found.get(key) for key in event_keys]  # each event's directory entry
                 known = sorted(a.dynamics_user_id for a in found.values() if a.enabled)
                 states = await tx.load_states(known)
+                outbox = OutboxView(await tx.outbox_rows(known))
                 changed: set[str] = set()
                 for event, agent in zip(events, agents, strict=True):
                     if agent is None or not agent.enabled:
@@ -196,12 +280,10 @@ class SyncEngine:
                         continue
                     agent_id = agent.dynamics_user_id
                     state = states[agent_id]
-                    unsent = (
-                        await tx.unsent_value(agent_id, event.system) if R.needs_unsent(state, event.system) else None
-                    )
+                    unsent = outbox.unsent(agent_id, event.system) if R.needs_unsent(state, event.system) else None
                     # A Teams event converges Dynamics too: it needs what the outbox says of Dynamics.
                     dynamics_unsent = (
-                        await tx.unsent_value(agent_id, System.DYNAMICS)
+                        outbox.unsent(agent_id, System.DYNAMICS)
                         if event.system is System.TEAMS and R.needs_unsent(state, System.DYNAMICS)
                         else None
                     )
@@ -209,8 +291,9 @@ class SyncEngine:
                     if decision.result not in (Result.STALE, Result.DUPLICATE):
                         states[agent_id] = decision.state
                         changed.add(agent_id)
-                    states[agent_id] = await self._write_out(tx, states[agent_id], decision, now, self.holds)
+                    states[agent_id] = _write_out(outbox, states[agent_id], decision, now, self.holds)
                     decisions.append(decision)
+                await outbox.write(tx, now)
                 await tx.save_states([states[agent_id] for agent_id in sorted(changed)])
         outcomes: list[Outcome] = []
         for event, intake, agent, done in zip(events, intakes, agents, decisions, strict=True):
@@ -232,38 +315,6 @@ class SyncEngine:
             for system in decision.read:
                 await self.reads.request_read(system, agent.dynamics_user_id, why)
 
-    @staticmethod
-    async def _write_out(
-        tx: Transaction,
-        state: AgentSyncState,
-        decision: R.Decision,
-        now: datetime,
-        holds: Mapping[System, float],
-    ) -> AgentSyncState:
-        """Withdraws and queues what ``decision`` says, in the transaction. The outbox knows what the
-        rules cannot: a withdrawn write that never left, and a queued value replaced before any
-        attempt, will never reach the system, and the state must stop expecting them there."""
-        commands = list(decision.commands)
-        for write in decision.cancel:
-            superseded = None
-            if await tx.unsent_value(write.agent_id, write.system) is None:
-                # In flight (the state still expects it, and it is not pending): an attempt cannot be
-                # called back, and cancelling would void its lease, so its failure would go unheard.
-                # Supersede it instead: the outbox then says, by the row, whether it is still under way.
-                superseded = R.superseded(state, write, now)
-            if superseded is not None:
-                state, cmd = superseded
-                commands.append(cmd)
-            elif await tx.cancel_pending(write.agent_id, write.system, now) is OutboxStatus.PENDING:
-                state = R.withdrawn(state, write)
-        for cmd in commands:
-            hold = holds.get(cmd.system, 0.0)
-            unsent = await tx.unsent_value(cmd.agent_id, cmd.system)
-            await tx.enqueue(cmd, now, hold, hold * HOLD_CAP_FACTOR)
-            if unsent is not None:
-                state = R.never_sent(state, cmd.system, unsent)
-        return state
-
     async def command(self, agent: Agent, presence_id: str, *, source: str = "bot") -> Outcome:
         """An agent's own request to change presence: Dynamics gets it, Teams follows."""
         presence = self.catalogue.get(presence_id)
@@ -283,7 +334,10 @@ class SyncEngine:
             now = self.clock()
             async with self.store.transaction() as tx:
                 decision = decide(await tx.load_state(agent.dynamics_user_id), now)
-                await tx.save_state(await self._write_out(tx, decision.state, decision, now, {}))
+                outbox = OutboxView(await tx.outbox_rows([agent.dynamics_user_id]))
+                state = _write_out(outbox, decision.state, decision, now, {})
+                await outbox.write(tx, now)
+                await tx.save_state(state)
         if decision.commands or source != "delivery":
             self._after(agent, source, None, decision)
         return decision

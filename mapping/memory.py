@@ -149,6 +149,14 @@ class MemoryTransaction:
             row.status = OutboxStatus.PENDING
         return row.id
 
+    async def enqueue_many(self, items: Sequence[tuple[SetPresence, float, float]], now: datetime) -> None:
+        for command, hold, max_hold in items:
+            await self.enqueue(command, now, hold, max_hold)
+
+    async def outbox_rows(self, agent_ids: Sequence[str]) -> dict[tuple[str, System], tuple[str, OutboxStatus]]:
+        wanted = set(agent_ids)
+        return {key: (row.value, row.status) for key, row in self.d.outbox.items() if key[0] in wanted}
+
     async def unsent_value(self, agent_id: str, system: System) -> str | None:
         row = self.d.outbox.get((agent_id, system))
         if row is None or row.status is not OutboxStatus.PENDING:

@@ -93,6 +93,16 @@ class Transaction(Protocol):
         waiting out a retry backoff starts a new run for its new value."""
         ...
 
+    async def enqueue_many(self, items: Sequence[tuple[SetPresence, float, float]], now: datetime) -> None:
+        """``enqueue(command, now, hold, max_hold)`` of each item in order, in one statement where the
+        store can (a group of observations' commands)."""
+        ...
+
+    async def outbox_rows(self, agent_ids: Sequence[str]) -> dict[tuple[str, System], tuple[str, OutboxStatus]]:
+        """The value and status of every outbox row of these agents, by (agent, system), in one read:
+        what the engine asks of the outbox for a group of observations (``mapping.engine.OutboxView``)."""
+        ...
+
     async def unsent_value(self, agent_id: str, system: System) -> str | None:
         """The value of the (agent, system) row while it is pending (queued or waiting out a retry):
         no attempt is under way and none succeeded, so the upstream does not show it and will not echo

@@ -7,12 +7,11 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mapping.clock import utcnow
-from mapping.model import Agent, System
-from service.store.dialect import upsert
+from mapping.model import Agent
 from service.store.schema import agents, unknown_ids
 
 
@@ -35,38 +34,20 @@ async def get(conn: AsyncConnection, dynamics_user_id: str) -> Agent | None:
     return to_agent(r) if r is not None else None
 
 
-async def get_many(conn: AsyncConnection, dynamics_user_ids: Sequence[str]) -> dict[str, Agent]:
-    """``get`` for a group of observations: one ``IN (...)`` per 500 ids instead of one query each."""
-    keys = list(dict.fromkeys(k.strip().lower() for k in dynamics_user_ids))
-    out: dict[str, Agent] = {}
-    for start in range(0, len(keys), _CHUNK):
-        rows = await conn.execute(_GET_MANY, {"ids": keys[start : start + _CHUNK]})
-        out.update((r.dynamics_user_id, to_agent(r)) for r in rows)
-    return out
-
-
-_GET_MANY = select(agents).where(agents.c.dynamics_user_id.in_(bindparam("ids", expanding=True)))
-
-
 async def get_by_entra(conn: AsyncConnection, entra_object_id: str) -> Agent | None:
     key = entra_object_id.strip().lower()
     r = (await conn.execute(select(agents).where(agents.c.entra_object_id == key))).first()
     return to_agent(r) if r is not None else None
 
 
-async def upsert_one(conn: AsyncConnection, agent: Agent) -> str:
-    """``added``/``updated``/``unchanged``; ValueError (both ids named) when the Entra id is another
-    agent's: one person must not be two agents, or their presences would be crossed."""
-    return (await upsert_many(conn, [agent]))[norm(agent).dynamics_user_id]
-
-
 _CHUNK = 500
 
 
 async def upsert_many(conn: AsyncConnection, batch: Sequence[Agent]) -> dict[str, str]:
-    """``upsert_one`` for a whole import (``agents discover`` at 50,000 agents): the same outcome,
-    agent by agent in batch order, but reading what exists in a few queries and inserting new agents
-    in bulk. Writes replay the batch order, so no intermediate state breaks the unique Entra id."""
+    """Upserts a whole import (``agents discover`` at 50,000 agents): each agent's outcome as if
+    upserted one by one in batch order (``plan_upserts``), but reading what exists in a few queries
+    and inserting new agents in bulk. Writes replay the batch order, so no intermediate state breaks
+    the unique Entra id."""
     normed = [norm(a) for a in batch]
     current: dict[str, Agent] = {}
     owner: dict[str, str] = {}
@@ -77,25 +58,7 @@ async def upsert_many(conn: AsyncConnection, batch: Sequence[Agent]) -> dict[str
             for r in (await conn.execute(select(agents).where(column.in_(keys[start : start + _CHUNK])))).all():
                 current[r.dynamics_user_id] = to_agent(r)
                 owner[r.entra_object_id] = r.dynamics_user_id
-    result: dict[str, str] = {}
-    writes: list[tuple[str, Agent]] = []
-    for agent in normed:
-        other = owner.get(agent.entra_object_id)
-        if other is not None and other != agent.dynamics_user_id:
-            raise ValueError(f"Entra object id {agent.entra_object_id} already belongs to agent {other}")
-        old = current.get(agent.dynamics_user_id)
-        if old is None:
-            result[agent.dynamics_user_id] = "added"
-            writes.append(("insert", agent))
-        elif old == agent:
-            result[agent.dynamics_user_id] = "unchanged"
-        else:
-            result[agent.dynamics_user_id] = "updated"
-            writes.append(("update", agent))
-            if old.entra_object_id != agent.entra_object_id:
-                owner.pop(old.entra_object_id, None)
-        current[agent.dynamics_user_id] = agent
-        owner[agent.entra_object_id] = agent.dynamics_user_id
+    result, writes = plan_upserts(normed, current, owner)
     now = utcnow()
     if all(kind == "insert" for kind, _ in writes):  # a first import: one statement per chunk
         for start in range(0, len(writes), _CHUNK):
@@ -118,6 +81,35 @@ async def upsert_many(conn: AsyncConnection, batch: Sequence[Agent]) -> dict[str
     return result
 
 
+def plan_upserts(
+    normed: Sequence[Agent], current: dict[str, Agent], owner: dict[str, str]
+) -> tuple[dict[str, str], list[tuple[str, Agent]]]:
+    """What upserting ``normed`` (in order) does, given the directory's rows for their ids
+    (``current``: by Dynamics id; ``owner``: Dynamics id by Entra id; both updated as it goes): each
+    agent's outcome, and the writes (``insert``/``update``) that replay it. ValueError when an Entra id
+    belongs to another agent."""
+    result: dict[str, str] = {}
+    writes: list[tuple[str, Agent]] = []
+    for agent in normed:
+        other = owner.get(agent.entra_object_id)
+        if other is not None and other != agent.dynamics_user_id:
+            raise ValueError(f"Entra object id {agent.entra_object_id} already belongs to agent {other}")
+        old = current.get(agent.dynamics_user_id)
+        if old is None:
+            result[agent.dynamics_user_id] = "added"
+            writes.append(("insert", agent))
+        elif old == agent:
+            result[agent.dynamics_user_id] = "unchanged"
+        else:
+            result[agent.dynamics_user_id] = "updated"
+            writes.append(("update", agent))
+            if old.entra_object_id != agent.entra_object_id:
+                owner.pop(old.entra_object_id, None)
+        current[agent.dynamics_user_id] = agent
+        owner[agent.entra_object_id] = agent.dynamics_user_id
+    return result, writes
+
+
 def _row(agent: Agent, now: datetime) -> dict[str, Any]:
     return {
         "dynamics_user_id": agent.dynamics_user_id,
@@ -137,18 +129,6 @@ async def set_enabled(conn: AsyncConnection, dynamics_user_id: str, enabled: boo
         .returning(agents.c.dynamics_user_id)
     )
     return (await conn.execute(stmt)).first() is not None
-
-
-async def record_unknown(conn: AsyncConnection, system: System, external_id: str, now: datetime) -> None:
-    stmt = upsert(conn.dialect.name, unknown_ids).values(
-        system=system.value, external_id=external_id, first_seen=now, last_seen=now, count=1
-    )
-    await conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=[unknown_ids.c.system, unknown_ids.c.external_id],
-            set_={"count": unknown_ids.c.count + 1, "last_seen": stmt.excluded.last_seen},
-        )
-    )
 
 
 async def list_unknown(conn: AsyncConnection) -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -47,6 +48,9 @@ class InlineConnection:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self.dialect = conn.dialect
+        self.raw: sqlite3.Connection = conn.connection.dbapi_connection  # type: ignore[assignment]
+        """The same connection as the ``sqlite3`` module's (``service.store.raw``), in the same
+        transaction."""
 
     async def execute(self, statement: Any, parameters: Any = None) -> Any:
         if parameters is None:

@@ -11,18 +11,16 @@ row lock held across a round trip and is correct under READ COMMITTED on Postgre
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, func, null, or_, select, update
+from sqlalchemy import and_, case, func, null, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from mapping.model import Delivery, OutboxRow, OutboxStatus, SetPresence, System
-from service.store.dialect import random_token, ts, upsert
+from mapping.model import Delivery, OutboxRow, OutboxStatus, System
+from service.store.dialect import random_token, ts
 from service.store.schema import outbox
-from service.store.types import UTCDateTime
 
 PENDING, IN_FLIGHT = OutboxStatus.PENDING.value, OutboxStatus.IN_FLIGHT.value
 DELIVERED, DEAD = OutboxStatus.DELIVERED.value, OutboxStatus.DEAD.value
@@ -47,114 +45,6 @@ def to_row(r: Any) -> OutboxRow:
         r.updated_at,
         r.reason,
     )
-
-
-@functools.cache
-def _enqueue_statement(dialect: str) -> Any:
-    """The coalescing upsert, built once per dialect and run with parameters (``:enq_now`` and
-    ``:enq_cap`` are the instants the hold compares with): building an ``ON CONFLICT`` statement costs
-    more CPU than running it, and ``enqueue`` runs for almost every event."""
-    now = bindparam("enq_now", type_=UTCDateTime())
-    cap = bindparam("enq_cap", type_=UTCDateTime())
-    holding = and_(
-        outbox.c.status == PENDING,
-        outbox.c.attempts == 0,
-        outbox.c.held_since.is_not(None),
-        outbox.c.next_attempt_at.is_not(None),
-        outbox.c.next_attempt_at > now,
-    )
-    # A failing run (rule 7) keeps its tries and its dead-letter clock for the new value (see
-    # ``mapping.memory``); a new value after a dead letter starts a new run.
-    failing = and_(outbox.c.failing_since.is_not(None), outbox.c.status != DEAD)
-    stmt = upsert(dialect, outbox)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[outbox.c.agent_id, outbox.c.system],
-        set_={
-            "value": stmt.excluded.value,
-            "reason": stmt.excluded.reason,
-            "generation": outbox.c.generation + 1,
-            "attempts": case((failing, outbox.c.attempts), else_=0),
-            "last_error": case((failing, outbox.c.last_error), else_=null()),
-            "updated_at": stmt.excluded.updated_at,
-            "next_attempt_at": case(
-                (and_(holding, outbox.c.held_since >= cap), stmt.excluded.next_attempt_at),
-                (holding, outbox.c.next_attempt_at),
-                else_=stmt.excluded.next_attempt_at,
-            ),
-            "held_since": case((holding, outbox.c.held_since), else_=stmt.excluded.held_since),
-            "failing_since": case((failing, outbox.c.failing_since), else_=null()),
-            "status": case((outbox.c.status == IN_FLIGHT, IN_FLIGHT), else_=PENDING),
-        },
-    )
-    return stmt.returning(outbox.c.id)
-
-
-async def enqueue(
-    conn: AsyncConnection, command: SetPresence, now: datetime, hold: float = 0.0, max_hold: float = 0.0
-) -> int:
-    """Coalescing upsert: the new value replaces the old one whatever its status; a row in flight
-    stays in flight (its lease holder acks, and ``ack`` sends it back to pending for this value). A
-    pending row in a hold run is due ``hold`` after this change, capped at ``max_hold`` after the
-    run's first change (see ``Transaction.enqueue``); the cap is kept as a comparison with a
-    precomputed instant, so no dialect-specific date arithmetic is needed."""
-    due = now + timedelta(seconds=hold)
-    params = {
-        "agent_id": command.agent_id,
-        "system": command.system.value,
-        "value": command.value,
-        "reason": command.reason,
-        "status": PENDING,
-        "generation": 1,
-        "delivered_generation": 0,
-        "attempts": 0,
-        "next_attempt_at": due,
-        "created_at": now,
-        "updated_at": now,
-        "held_since": now if hold > 0 else None,
-        "enq_now": now,
-        "enq_cap": due - timedelta(seconds=max(max_hold, hold)),
-    }
-    row_id = (await conn.execute(_enqueue_statement(_dialect(conn)), params)).scalar_one()
-    return int(row_id)
-
-
-_UNSENT = select(outbox.c.value).where(
-    outbox.c.agent_id == bindparam("agent_id"),
-    outbox.c.system == bindparam("system"),
-    outbox.c.status == PENDING,
-)
-"""Built once: ``unsent_value`` runs before every enqueue, and building the query cost more CPU than
-SQLite took to run it."""
-
-
-async def unsent_value(conn: AsyncConnection, agent_id: str, system: System) -> str | None:
-    """The row's value while it is pending (see ``Transaction.unsent_value``)."""
-    value = (await conn.execute(_UNSENT, {"agent_id": agent_id, "system": system.value})).scalar()
-    return None if value is None else str(value)
-
-
-async def cancel_pending(conn: AsyncConnection, agent_id: str, system: System, now: datetime) -> OutboxStatus | None:
-    """Marks a live row delivered as cancelled and drops its lease, so an attempt in flight cannot
-    ack it and nothing is redelivered after it. Returns the status the row had (the caller holds the
-    agent's state lock, so the read and the update see the same row)."""
-    where = (outbox.c.agent_id == agent_id, outbox.c.system == system.value, outbox.c.status.in_([PENDING, IN_FLIGHT]))
-    was = (await conn.execute(select(outbox.c.status).where(*where))).scalar()
-    if was is None:
-        return None
-    await conn.execute(
-        update(outbox)
-        .where(*where)
-        .values(
-            lease_owner=None,
-            lease_token=None,
-            lease_until=None,
-            status=DELIVERED,
-            updated_at=now,
-            last_error=CANCELLED,
-            failing_since=None,
-        )
-    )
-    return OutboxStatus(was)
 
 
 async def redrive(conn: AsyncConnection, system: System, now: datetime) -> int:

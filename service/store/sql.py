@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, cast
 
+import asyncpg
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -58,6 +59,7 @@ from service.store.migrate import (
     migration_status,
     upgrade,
 )
+from service.store.raw import PgDriver, SqliteDriver
 from service.store.schema import agents, docs, presences, secrets
 from service.store.secrets import SecretBox
 from service.store.tx import SqlTransaction
@@ -116,8 +118,23 @@ class SqlStore(ConsoleSql):
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqlTransaction]:
-        async with self._writing() as conn:
-            yield SqlTransaction(conn)
+        """The engine's transactions, on the drivers' own connections (``service.store.raw``): the
+        inline SQLite connection under the store's write lock and group commit, or an asyncpg
+        connection from the engine's pool in a transaction of its own."""
+        if self._inline is not None:
+            async with self._inline.chained() as inline:
+                yield SqlTransaction(SqliteDriver(inline.raw), lock_rows=False)
+            return
+        async with self.engine.connect() as conn:
+            fairy = await conn.get_raw_connection()
+            raw: asyncpg.Connection = fairy.driver_connection  # asyncpg under SQLAlchemy's pool
+            try:
+                async with raw.transaction():
+                    yield SqlTransaction(PgDriver(raw), lock_rows=True)
+            except (asyncio.CancelledError, OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
+                # The connection may be mid-statement or gone: the pool must not hand it out again.
+                fairy.invalidate()
+                raise
 
     # Directory ---------------------------------------------------------------------------------
     async def get_agent(self, dynamics_user_id: str) -> Agent | None:

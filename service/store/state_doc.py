@@ -42,29 +42,51 @@ _SEEN = tuple(SEEN_KEYS.values())
 
 
 def _t(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat() if value is not None else None
+    if value is None:
+        return None
+    return (value if value.tzinfo is UTC else value.astimezone(UTC)).isoformat()
 
 
 def _dt(value: Any) -> datetime | None:
-    return datetime.fromisoformat(value).astimezone(UTC) if isinstance(value, str) and value else None
+    if not isinstance(value, str) or not value:
+        return None
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo is UTC else parsed.astimezone(UTC)
+
+
+def _seen(seen: Seen) -> dict[str, Any]:
+    return {"value": seen.value, "version": seen.version, "at": _t(seen.at), "since": _t(seen.since)}
 
 
 def to_doc(state: AgentSyncState) -> dict[str, Any]:
-    doc: dict[str, Any] = {"v": VERSION}
-    for name in _PLAIN:
-        doc[name] = getattr(state, name)
-    for name in _TIMES:
-        doc[name] = _t(getattr(state, name))
-    for name in _SEEN:
-        seen: Seen = getattr(state, name)
-        doc[name] = {"value": seen.value, "version": seen.version, "at": _t(seen.at), "since": _t(seen.since)}
-    doc["dynamics_unconfirmed"] = [[w.value, _t(w.at), w.landed, w.below, w.above] for w in state.dynamics_unconfirmed]
-    doc["dynamics_recent"] = [[e.version, e.value, e.by, _t(e.at), e.echo, e.in_flight] for e in state.dynamics_recent]
-    doc["session_unacked"] = list(state.session_unacked)
-    doc["session_replaced"] = list(state.session_replaced)
-    undo = state.undo_command
-    doc["undo_command"] = None if undo is None else [undo[0], undo[1], _t(undo[2])]
-    return doc
+    # Spelled out field by field rather than looped over with getattr: encoded on every save.
+    s = state
+    undo = s.undo_command
+    return {
+        "v": VERSION,
+        "own_dynamics": s.own_dynamics,
+        "own_dynamics_by": s.own_dynamics_by,
+        "own_dynamics_version": s.own_dynamics_version,
+        "own_teams": s.own_teams,
+        "dynamics_written": s.dynamics_written,
+        "dynamics_delivered": s.dynamics_delivered,
+        "session_written": s.session_written,
+        "session_delivered": s.session_delivered,
+        "read_after_landing": s.read_after_landing,
+        "own_dynamics_at": _t(s.own_dynamics_at),
+        "chose_at": _t(s.chose_at),
+        "own_teams_since": _t(s.own_teams_since),
+        "dynamics_delivered_at": _t(s.dynamics_delivered_at),
+        "session_written_at": _t(s.session_written_at),
+        "session_landed_at": _t(s.session_landed_at),
+        "dynamics_seen": _seen(s.dynamics_seen),
+        "teams_seen": _seen(s.teams_seen),
+        "dynamics_unconfirmed": [[w.value, _t(w.at), w.landed, w.below, w.above] for w in s.dynamics_unconfirmed],
+        "dynamics_recent": [[e.version, e.value, e.by, _t(e.at), e.echo, e.in_flight] for e in s.dynamics_recent],
+        "session_unacked": list(s.session_unacked),
+        "session_replaced": list(s.session_replaced),
+        "undo_command": None if undo is None else [undo[0], undo[1], _t(undo[2])],
+    }
 
 
 def from_doc(agent_id: str, doc: dict[str, Any] | None) -> AgentSyncState:

@@ -1,55 +1,214 @@
 """``SqlTransaction``: the ``mapping.ports.Transaction`` the sync engine writes through.
 
-It is a thin view over one connection inside one database transaction; ``SqlStore.transaction``
-owns the begin/commit/rollback, so everything written here lands together or not at all.
+A thin view over one connection inside one database transaction; ``SqlStore.transaction`` owns the
+begin/commit/rollback, so everything written here lands together or not at all. Its statements run
+on the drivers' own connections (``service.store.raw``: SQLAlchemy's per-statement work cost several
+times what the databases took to run them, on the path every observation takes), written once for
+both dialects with the semantics of the in-memory reference (``mapping.memory``), which the contract
+suite (``tests/store``) holds all three to.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
+from mapping.clock import utcnow
 from mapping.model import Agent, AgentSyncState, OutboxStatus, SetPresence, System
-from service.store import directory_sql, outbox_sql, state_sql
+from service.store.directory_sql import norm, plan_upserts
+from service.store.raw import Driver, Sql
+from service.store.state_doc import from_doc, to_doc
+
+PENDING, IN_FLIGHT = OutboxStatus.PENDING.value, OutboxStatus.IN_FLIGHT.value
+CANCELLED = "cancelled (already shown)"
+
+_AGENTS = Sql.of(
+    "SELECT dynamics_user_id, entra_object_id, display_name, enabled FROM agents WHERE dynamics_user_id {in:1}"
+)
+_AGENT_ROWS = Sql.of(
+    "SELECT dynamics_user_id, entra_object_id, display_name, enabled FROM agents "
+    "WHERE dynamics_user_id = $1 OR entra_object_id = $2"
+)
+_INSERT_AGENT = Sql.of(
+    "INSERT INTO agents (dynamics_user_id, entra_object_id, display_name, enabled, created_at, updated_at) "
+    "VALUES ($1, $2, $3, $4, $5, $5)"
+)
+_UPDATE_AGENT = Sql.of(
+    "UPDATE agents SET entra_object_id = $2, display_name = $3, enabled = $4, updated_at = $5 "
+    "WHERE dynamics_user_id = $1"
+)
+_UNKNOWN = Sql.of(
+    "INSERT INTO unknown_ids (system, external_id, first_seen, last_seen, count) VALUES ($1, $2, $3, $3, 1) "
+    "ON CONFLICT (system, external_id) DO UPDATE SET count = unknown_ids.count + 1, last_seen = excluded.last_seen"
+)
+
+_STATES = Sql.of("SELECT agent_id, doc FROM agent_state WHERE saved AND agent_id {in:1}")
+_LOCK_STATES = Sql.of(
+    # PostgreSQL: a placeholder row for each agent that has none, and every row locked until commit,
+    # in one round trip (the conflict arm's update takes the row lock as SELECT ... FOR UPDATE does),
+    # in sorted order so that two groups of agents cannot deadlock. A saved state is left as it is.
+    "INSERT INTO agent_state (agent_id, saved, updated_at) "
+    "SELECT id, false, $2 FROM unnest($1::text[]) AS ids(id) ORDER BY id "
+    "ON CONFLICT (agent_id) DO UPDATE SET agent_id = excluded.agent_id "
+    "RETURNING agent_id, saved, doc"
+)
+_SAVE_STATE = Sql.of(
+    "INSERT INTO agent_state (agent_id, saved, doc, updated_at) VALUES ($1, true, $2::json, $3) "
+    "ON CONFLICT (agent_id) DO UPDATE SET saved = true, doc = excluded.doc, updated_at = excluded.updated_at"
+)
+
+_HOLDING = (
+    "outbox.status = 'pending' AND outbox.attempts = 0 AND outbox.held_since IS NOT NULL "
+    "AND outbox.next_attempt_at IS NOT NULL AND outbox.next_attempt_at > $6"
+)
+_FAILING = "outbox.failing_since IS NOT NULL AND outbox.status != 'dead'"
+_ENQUEUE = (
+    # The coalescing upsert (rule 6): $1 agent, $2 system, $3 value, $4 reason, $5 when due, $6 now,
+    # $7 held since (None: not held), $8 the hold's cap (a run started before it is due now).
+    "INSERT INTO outbox (agent_id, system, value, reason, status, generation, delivered_generation, attempts, "
+    "next_attempt_at, created_at, updated_at, held_since) "
+    "VALUES ($1, $2, $3, $4, 'pending', 1, 0, 0, $5, $6, $6, $7) "
+    "ON CONFLICT (agent_id, system) DO UPDATE SET "
+    "value = excluded.value, reason = excluded.reason, "
+    # A row in flight stays in flight: its lease holder acks, and ``ack`` sends it back to pending.
+    "status = CASE WHEN outbox.status = 'in_flight' THEN 'in_flight' ELSE 'pending' END, "
+    "generation = outbox.generation + 1, "
+    # A failing run keeps its tries and its dead-letter clock for the new value (rule 7).
+    f"attempts = CASE WHEN {_FAILING} THEN outbox.attempts ELSE 0 END, "
+    f"last_error = CASE WHEN {_FAILING} THEN outbox.last_error ELSE NULL END, "
+    f"failing_since = CASE WHEN {_FAILING} THEN outbox.failing_since ELSE NULL END, "
+    f"next_attempt_at = CASE WHEN {_HOLDING} AND outbox.held_since >= $8 THEN excluded.next_attempt_at "
+    f"WHEN {_HOLDING} THEN outbox.next_attempt_at ELSE excluded.next_attempt_at END, "
+    f"held_since = CASE WHEN {_HOLDING} THEN outbox.held_since ELSE excluded.held_since END, "
+    "updated_at = excluded.updated_at"
+)
+_ENQUEUE_ONE = Sql.of(_ENQUEUE + " RETURNING id")
+_ENQUEUE_MANY = Sql.of(_ENQUEUE)
+_OUTBOX_ROWS = Sql.of("SELECT agent_id, system, value, status FROM outbox WHERE agent_id {in:1}")
+_UNSENT = Sql.of("SELECT value FROM outbox WHERE agent_id = $1 AND system = $2 AND status = 'pending'")
+_LIVE = "agent_id = $1 AND system = $2 AND status IN ('pending', 'in_flight')"
+_LIVE_STATUS = Sql.of(f"SELECT status FROM outbox WHERE {_LIVE}")
+_CANCEL = Sql.of(
+    "UPDATE outbox SET lease_owner = NULL, lease_token = NULL, lease_until = NULL, status = 'delivered', "
+    f"updated_at = $3, last_error = $4, failing_since = NULL WHERE {_LIVE}"
+)
+
+
+def encode(state: AgentSyncState) -> str:
+    """A state as the JSON text of its document (``service.store.state_doc``)."""
+    return json.dumps(to_doc(state), separators=(",", ":"))
+
+
+def decode(agent_id: str, doc: Any) -> AgentSyncState:
+    """A saved state from its document as the driver hands it back (JSON text)."""
+    return from_doc(agent_id, json.loads(doc) if isinstance(doc, str | bytes) else doc)
 
 
 class SqlTransaction:
-    def __init__(self, conn: AsyncConnection) -> None:
-        self.conn = conn
-        # SQLite writers hold the only write lock already (BEGIN IMMEDIATE); PostgreSQL must lock the row.
-        self._lock_rows = conn.dialect.name == "postgresql"
+    def __init__(self, driver: Driver, *, lock_rows: bool) -> None:
+        """``lock_rows`` (PostgreSQL): ``load_state(s)`` lock each agent's row until commit, so
+        engines on other instances serialise on the agent instead of overwriting each other's
+        decisions; SQLite writers hold the database's only write lock already (``BEGIN
+        IMMEDIATE``)."""
+        self.db = driver
+        self._lock_rows = lock_rows
 
+    # Sync state --------------------------------------------------------------------------------
     async def load_state(self, agent_id: str) -> AgentSyncState:
-        return await state_sql.load(self.conn, agent_id, lock=self._lock_rows)
+        return (await self.load_states([agent_id]))[agent_id]
 
     async def save_state(self, state: AgentSyncState) -> None:
-        await state_sql.save(self.conn, state)
+        await self.save_states([state])
 
     async def load_states(self, agent_ids: Sequence[str]) -> dict[str, AgentSyncState]:
-        return await state_sql.load_group(self.conn, agent_ids, lock=self._lock_rows)
+        ids = list(dict.fromkeys(agent_ids))
+        db = self.db
+        if self._lock_rows:
+            rows = await db.fetch(_LOCK_STATES, db.ids(ids), db.time(utcnow()))
+            found = {r[0]: decode(r[0], r[2]) for r in rows if db.flag(r[1])}
+        else:
+            rows = await db.fetch(_STATES, db.ids(ids))
+            found = {r[0]: decode(r[0], r[1]) for r in rows}
+        return {a: found.get(a) or AgentSyncState(a) for a in ids}
 
     async def save_states(self, states: Sequence[AgentSyncState]) -> None:
-        await state_sql.save_many(self.conn, states)
+        if not states:
+            return
+        db = self.db
+        now = db.time(utcnow())
+        await db.executemany(_SAVE_STATE, [(s.agent_id, encode(s), now) for s in states])
+
+    # Outbox --------------------------------------------------------------------------------------
+    def _enqueue_args(self, command: SetPresence, now: datetime, hold: float, max_hold: float) -> tuple[Any, ...]:
+        """``Transaction.enqueue``'s parameters: due ``hold`` after ``now``; a hold run that started
+        before ``due - max(max_hold, hold)`` (its cap) is due now instead of later."""
+        due = now + timedelta(seconds=hold)
+        cap = due - timedelta(seconds=max(max_hold, hold))
+        t = self.db.time
+        return (
+            command.agent_id,
+            command.system.value,
+            command.value,
+            command.reason,
+            t(due),
+            t(now),
+            t(now) if hold > 0 else None,
+            t(cap),
+        )
 
     async def enqueue(self, command: SetPresence, now: datetime, hold: float = 0.0, max_hold: float = 0.0) -> int:
-        return await outbox_sql.enqueue(self.conn, command, now, hold, max_hold)
+        rows = await self.db.fetch(_ENQUEUE_ONE, *self._enqueue_args(command, now, hold, max_hold))
+        return int(rows[0][0])
+
+    async def enqueue_many(self, items: Sequence[tuple[SetPresence, float, float]], now: datetime) -> None:
+        await self.db.executemany(_ENQUEUE_MANY, [self._enqueue_args(c, now, h, m) for c, h, m in items])
+
+    async def outbox_rows(self, agent_ids: Sequence[str]) -> dict[tuple[str, System], tuple[str, OutboxStatus]]:
+        rows = await self.db.fetch(_OUTBOX_ROWS, self.db.ids(list(dict.fromkeys(agent_ids))))
+        return {(r[0], System(r[1])): (r[2], OutboxStatus(r[3])) for r in rows}
 
     async def unsent_value(self, agent_id: str, system: System) -> str | None:
-        return await outbox_sql.unsent_value(self.conn, agent_id, system)
+        rows = await self.db.fetch(_UNSENT, agent_id, system.value)
+        return None if not rows else str(rows[0][0])
 
     async def cancel_pending(self, agent_id: str, system: System, now: datetime) -> OutboxStatus | None:
-        return await outbox_sql.cancel_pending(self.conn, agent_id, system, now)
+        """Marks a live row delivered as cancelled and drops its lease, so an attempt in flight cannot
+        ack it and nothing is redelivered after it. The caller holds the agent's state lock, so the
+        read and the update see the same row."""
+        rows = await self.db.fetch(_LIVE_STATUS, agent_id, system.value)
+        if not rows:
+            return None
+        await self.db.execute(_CANCEL, agent_id, system.value, self.db.time(now), CANCELLED)
+        return OutboxStatus(rows[0][0])
 
+    # Directory -----------------------------------------------------------------------------------
     async def get_agent(self, dynamics_user_id: str) -> Agent | None:
-        return await directory_sql.get(self.conn, dynamics_user_id)
+        key = dynamics_user_id.strip().lower()
+        return (await self.get_agents([key])).get(key)
 
     async def get_agents(self, dynamics_user_ids: Sequence[str]) -> dict[str, Agent]:
-        return await directory_sql.get_many(self.conn, dynamics_user_ids)
+        keys = list(dict.fromkeys(k.strip().lower() for k in dynamics_user_ids))
+        rows = await self.db.fetch(_AGENTS, self.db.ids(keys))
+        return {r[0]: Agent(r[0], r[1], r[2], self.db.flag(r[3])) for r in rows}
 
     async def upsert_agent(self, agent: Agent) -> str:
-        return await directory_sql.upsert_one(self.conn, agent)
+        """``added``/``updated``/``unchanged``; ValueError (both ids named) when the Entra id is another
+        agent's (``directory_sql.plan_upserts``, the store's bulk upsert's own rule)."""
+        agent = norm(agent)
+        db = self.db
+        current: dict[str, Agent] = {}
+        owner: dict[str, str] = {}
+        for r in await db.fetch(_AGENT_ROWS, agent.dynamics_user_id, agent.entra_object_id):
+            current[r[0]] = Agent(r[0], r[1], r[2], db.flag(r[3]))
+            owner[r[1]] = r[0]
+        result, writes = plan_upserts([agent], current, owner)
+        now = db.time(utcnow())
+        for kind, a in writes:
+            sql = _INSERT_AGENT if kind == "insert" else _UPDATE_AGENT
+            await db.execute(sql, a.dynamics_user_id, a.entra_object_id, a.display_name, a.enabled, now)
+        return result[agent.dynamics_user_id]
 
     async def record_unknown(self, system: System, external_id: str, now: datetime) -> None:
-        await directory_sql.record_unknown(self.conn, system, external_id, now)
+        await self.db.execute(_UNKNOWN, system.value, external_id, self.db.time(now))

@@ -307,6 +307,44 @@ async def test_ten_enqueues_coalesce_into_one_row(any_store: Store) -> None:
     assert await any_store.outbox_counts() == {"pending": 2, "in_flight": 0, "delivered": 0, "dead": 0}
 
 
+async def test_a_batch_of_enqueues_is_the_same_enqueues_one_by_one(any_store: Store) -> None:
+    """``enqueue_many`` (the engine's group of commands) lands exactly as ``enqueue`` of each in
+    order: the same rows, values, generations, holds and due times."""
+    items = [
+        (cmd(ALICE, "a1"), 0.0, 0.0),
+        (cmd(BOB, "b1", DYN), 0.5, 5.0),
+        (cmd(ALICE, "a2", reason="again"), 0.5, 5.0),  # the same row twice in one batch
+        (cmd(ALICE, "d1", DYN), 0.0, 0.0),
+    ]
+    async with any_store.transaction() as tx:
+        await tx.enqueue_many(items, T0)
+    batched = sorted(await any_store.list_outbox(), key=lambda r: (r.agent_id, r.system))
+    assert [(r.agent_id, r.system, r.value, r.reason, r.generation, r.next_attempt_at) for r in batched] == [
+        (ALICE.dynamics_user_id, DYN, "d1", "", 1, T0),
+        (ALICE.dynamics_user_id, TEAMS, "a2", "again", 2, T0 + timedelta(seconds=0.5)),
+        (BOB.dynamics_user_id, DYN, "b1", "", 1, T0 + timedelta(seconds=0.5)),
+    ]
+
+
+async def test_outbox_rows_are_each_rows_value_and_status(any_store: Store) -> None:
+    await enqueue(any_store, cmd(ALICE, "a"), cmd(ALICE, "b", DYN), cmd(BOB, "c"), cmd(CAROL, "z"))
+    [claimed] = await any_store.claim([DYN], 10, 30, "w", T0)
+    async with any_store.transaction() as tx:
+        rows = await tx.outbox_rows([ALICE.dynamics_user_id, BOB.dynamics_user_id, "nobody"])
+        assert rows == {
+            (ALICE.dynamics_user_id, TEAMS): ("a", OutboxStatus.PENDING),
+            (ALICE.dynamics_user_id, DYN): ("b", OutboxStatus.IN_FLIGHT),
+            (BOB.dynamics_user_id, TEAMS): ("c", OutboxStatus.PENDING),
+        }
+        assert await tx.outbox_rows([]) == {}
+    assert await any_store.ack(claimed, T0)
+    async with any_store.transaction() as tx:
+        assert (await tx.outbox_rows([ALICE.dynamics_user_id]))[(ALICE.dynamics_user_id, DYN)] == (
+            "b",
+            OutboxStatus.DELIVERED,
+        )
+
+
 async def test_a_hold_folds_a_burst_into_one_delivery_and_a_stream_is_capped(any_store: Store) -> None:
     """Rule 6 with a hold: due ``hold`` after the newest change of a run, never later than
     ``max_hold`` after its first change (a steady stream cannot postpone delivery forever)."""
