@@ -33,7 +33,9 @@ ENV = "PRESENCE_SYNC_DATABASE_URL"
 BEGIN_MODE = "presence_sync_sqlite_begin"
 """Execution option read by the SQLite ``begin`` hook: ``IMMEDIATE`` for write transactions, which
 take the write lock up front (waiting up to ``busy_timeout``), so that a transaction that reads and
-then writes can never fail half-way with SQLITE_BUSY because another writer got in between."""
+then writes can never fail half-way with SQLITE_BUSY because another writer got in between;
+``MANUAL`` for a connection whose transactions are begun and ended with the driver's own statements
+(``service.store.inline``), so that SQLAlchemy begins nothing on it."""
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 PG_CONNECT_TIMEOUT_S = 10.0
@@ -174,7 +176,8 @@ def _sqlite_hooks(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         mode = conn.get_execution_options().get(BEGIN_MODE, "DEFERRED")
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        if mode != "MANUAL":  # MANUAL: the caller drives the transaction itself (service.store.inline)
+            conn.exec_driver_sql(f"BEGIN {mode}")
 
 
 def describe_connect_error(exc: BaseException) -> str:

@@ -1,21 +1,25 @@
-"""SQLite sync-engine transactions with their statements run on the event loop thread.
+"""SQLite write transactions with their statements run on the event loop thread.
 
 Why: through aiosqlite every statement is about four hops to its worker thread and back (cursor,
 execute, fetch, close), each a thread wake-up and an event-loop wake-up. On a busy machine those
 wake-ups, not SQLite, were the webhook's cost: one observation (about seven statements) took
 several milliseconds while SQLite itself runs such a statement in tens of microseconds
-(``bench/webhook_bench.py``). So the sync engine's transactions (``SqlStore.transaction``, the
-engine's hot path) go to the thread only where SQLite may wait:
+(``bench/webhook_bench.py``). So every write of the store (the engine's transactions, the
+outbox's claims and acks, adapter records) runs on one connection, kept open, and goes to a thread
+only where SQLite may wait:
 
-- ``BEGIN IMMEDIATE`` (another connection or process may hold the write lock: it waits up to
-  ``busy_timeout``) and ``COMMIT`` (the fsync of ``synchronous=FULL``, maybe a WAL checkpoint) run on
-  one dedicated thread;
-- the statements in between run inline on the loop thread: this connection holds the database's
-  only write lock by then, and WAL readers never wait, so none of them waits on anyone.
+- ``BEGIN IMMEDIATE`` is tried inline without waiting (the connection's ``busy_timeout`` is 0):
+  when another connection or process holds the write lock, it is tried again on the thread with
+  the store's full ``busy_timeout``, and the loop keeps running meanwhile;
+- ``COMMIT`` (the fsync of ``synchronous=FULL``, maybe a WAL checkpoint) runs on the thread;
+- the statements in between run inline: this connection holds the database's only write lock by
+  then, and WAL readers never wait, so none of them waits on anyone.
 
-Every write of the store comes through here (reads stay on the async engine), under this module's
-one write lock, so this process never has two write transactions open at once; SQLite's own
-locking orders it against other processes as before.
+The transaction is driven with the ``sqlite3`` connection's own statements (``BEGIN``, ``SAVEPOINT``,
+``COMMIT``); SQLAlchemy only runs statements on it (``InlineConnection.execute``) and never begins
+or ends anything (``BEGIN_MODE`` ``MANUAL``). Beginning and ending a transaction through a pooled
+SQLAlchemy connection (checkout, ``begin``, ``commit``, checkin) cost about half a millisecond of
+CPU, on the thread and under the GIL, for every group commit (``bench/webhook_bench.py``).
 
 Group commit (``chained``): writers that queue for the write lock while a transaction is open
 join it, each inside a SAVEPOINT of its own, and one COMMIT (one fsync) answers them all. Under load
@@ -38,17 +42,17 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
-from service.store.connect import BEGIN_MODE
+from service.store.connect import BEGIN_MODE, SQLITE_BUSY_TIMEOUT_MS
 
 
 class InlineConnection:
     """The part of ``AsyncConnection`` the statement modules use (``execute``, ``dialect``), over a
     sync connection whose statements never wait (see the module docstring)."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, raw: sqlite3.Connection) -> None:
         self._conn = conn
         self.dialect = conn.dialect
-        self.raw: sqlite3.Connection = conn.connection.dbapi_connection  # type: ignore[assignment]
+        self.raw = raw
         """The same connection as the ``sqlite3`` module's (``service.store.raw``), in the same
         transaction."""
 
@@ -66,9 +70,12 @@ CHAIN_MAX = 256
 class _Chain:
     """One open transaction shared by the writers that joined it, committed once for all."""
 
-    conn: Connection
-    tx: Any
     waiting: list[asyncio.Future[None]] = field(default_factory=list)
+
+
+def _busy(error: sqlite3.OperationalError) -> bool:
+    text = str(error)
+    return "locked" in text or "busy" in text
 
 
 class InlineSqlite:
@@ -79,32 +86,75 @@ class InlineSqlite:
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="presence-sync-sqlite")
         self._lock = asyncio.Lock()
         """The process's one SQLite writer: held while a writer's statements run, and by a COMMIT."""
+        self._conn: Connection | None = None
+        self._raw: sqlite3.Connection | None = None
         self._chain: _Chain | None = None
         self._committer: asyncio.Task[None] | None = None
+        self._savepoints = 0
 
-    def _begin(self) -> tuple[Connection, Any]:
-        conn = self.engine.connect().execution_options(**{BEGIN_MODE: "IMMEDIATE"})
+    # -------------------------------------------------------------------------- the one connection
+
+    def _open(self) -> None:
+        """On the thread: connecting sets WAL mode, which may wait for another process."""
+        if self._conn is not None:
+            return
+        conn = self.engine.connect().execution_options(**{BEGIN_MODE: "MANUAL"})
+        raw: sqlite3.Connection = conn.connection.dbapi_connection  # type: ignore[assignment]
+        raw.execute("PRAGMA busy_timeout=0")
+        self._conn, self._raw = conn, raw
+
+    def _begin_waiting(self) -> None:
+        """On the thread: BEGIN IMMEDIATE, waiting up to the store's busy timeout for the lock."""
+        assert self._raw is not None
+        self._raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         try:
-            return conn, conn.begin()
+            self._raw.execute("BEGIN IMMEDIATE")
+        finally:
+            self._raw.execute("PRAGMA busy_timeout=0")
+
+    def _end(self, commit: bool) -> None:
+        """COMMIT (or ROLLBACK); a COMMIT that fails leaves nothing open behind it."""
+        raw = self._raw
+        assert raw is not None
+        if not commit:
+            if raw.in_transaction:
+                raw.execute("ROLLBACK")
+            return
+        try:
+            raw.execute("COMMIT")
         except BaseException:
-            conn.close()
+            if raw.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    raw.execute("ROLLBACK")
             raise
 
-    @staticmethod
-    def _end(conn: Connection, tx: Any, commit: bool) -> None:
-        try:
-            if commit:
-                tx.commit()
-            else:
-                tx.rollback()
-        finally:
-            conn.close()
-
-    def _end_later(self, begun: asyncio.Future[tuple[Connection, Any]]) -> None:
-        """A caller cancelled while its BEGIN ran: roll that transaction back once it is open."""
+    def _end_later(self, begun: asyncio.Future[None]) -> None:
+        """A caller cancelled while its BEGIN waited on the thread: roll that transaction back once
+        it is open (the thread runs one call at a time, so this runs after the BEGIN)."""
         if not begun.cancelled() and begun.exception() is None:
-            conn, tx = begun.result()
-            self._thread.submit(self._end, conn, tx, False)
+            self._thread.submit(self._end, False)
+
+    async def _begin(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._raw is None:
+            await loop.run_in_executor(self._thread, self._open)
+        assert self._raw is not None
+        try:
+            self._raw.execute("BEGIN IMMEDIATE")  # busy_timeout 0: answers at once
+            return
+        except sqlite3.OperationalError as e:
+            if not _busy(e):
+                raise
+        begun = loop.run_in_executor(self._thread, self._begin_waiting)
+        try:
+            await asyncio.shield(begun)
+        except asyncio.CancelledError:
+            begun.add_done_callback(self._end_later)
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(begun)
+            raise
+
+    # -------------------------------------------------------------------------- writers
 
     @asynccontextmanager
     async def chained(self) -> AsyncIterator[InlineConnection]:
@@ -117,31 +167,31 @@ class InlineSqlite:
         async with self._lock:
             chain = self._chain
             if chain is None:
-                begun = loop.run_in_executor(self._thread, self._begin)
-                try:
-                    conn, tx = await asyncio.shield(begun)
-                except asyncio.CancelledError:
-                    begun.add_done_callback(self._end_later)
-                    with contextlib.suppress(BaseException):
-                        await asyncio.shield(begun)
-                    raise
-                chain = self._chain = _Chain(conn, tx)
+                await self._begin()
+                chain = self._chain = _Chain()
+            assert self._conn is not None and self._raw is not None
+            raw = self._raw
             done: asyncio.Future[None] = loop.create_future()
             try:
                 # The first writer of a chain needs no SAVEPOINT (two statements fewer for a lone
                 # writer): if it fails, nothing else is in the transaction, and the whole chain goes.
-                savepoint = chain.conn.begin_nested() if chain.waiting else None
+                savepoint = None
+                if chain.waiting:
+                    self._savepoints += 1
+                    savepoint = f"w{self._savepoints}"
+                    raw.execute(f"SAVEPOINT {savepoint}")
                 try:
-                    yield InlineConnection(chain.conn)
+                    yield InlineConnection(self._conn, raw)
                 except BaseException:
                     if savepoint is not None:
-                        savepoint.rollback()
+                        raw.execute(f"ROLLBACK TO {savepoint}")
+                        raw.execute(f"RELEASE {savepoint}")
                     elif self._chain is chain:
                         self._chain = None  # rolled back whole below, before anyone else joins
                         await asyncio.shield(self._commit(chain))
                     raise
                 if savepoint is not None:
-                    savepoint.commit()
+                    raw.execute(f"RELEASE {savepoint}")
                 chain.waiting.append(done)
             finally:
                 # Whatever happened here, the writers before this one in the chain need their COMMIT.
@@ -169,7 +219,7 @@ class InlineSqlite:
         loop = asyncio.get_running_loop()
         error: BaseException | None = None
         try:
-            await loop.run_in_executor(self._thread, self._end, chain.conn, chain.tx, bool(chain.waiting))
+            await loop.run_in_executor(self._thread, self._end, bool(chain.waiting))
         except BaseException as e:  # handed to every writer of the chain
             error = e
         for done in chain.waiting:
@@ -192,4 +242,10 @@ class InlineSqlite:
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
+        if self._conn is not None:
+            if self._raw is not None and self._raw.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._raw.execute("ROLLBACK")
+            self._conn.close()
+            self._conn = self._raw = None
         self.engine.dispose()

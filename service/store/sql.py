@@ -62,6 +62,7 @@ from service.store.migrate import (
 from service.store.raw import PgDriver, SqliteDriver
 from service.store.schema import agents, docs, presences, secrets
 from service.store.secrets import SecretBox
+from service.store.state_cache import StateCache
 from service.store.tx import SqlTransaction
 
 __all__ = ["SqlStore", "migration_status", "open_store", "upgrade"]
@@ -86,6 +87,7 @@ class SqlStore(ConsoleSql):
         # SQLite: the engine's transactions without aiosqlite's per-statement thread hops (inline.py).
         self._inline = InlineSqlite(create_inline_engine(target)) if self._sqlite else None
         self._leader = Leadership(None if self._sqlite else engine, target.schema or "")
+        self._states = StateCache()
         self._closed = False
 
     @property
@@ -123,14 +125,14 @@ class SqlStore(ConsoleSql):
         connection from the engine's pool in a transaction of its own."""
         if self._inline is not None:
             async with self._inline.chained() as inline:
-                yield SqlTransaction(SqliteDriver(inline.raw), lock_rows=False)
+                yield SqlTransaction(SqliteDriver(inline.raw), lock_rows=False, states=self._states)
             return
         async with self.engine.connect() as conn:
             fairy = await conn.get_raw_connection()
             raw: asyncpg.Connection = fairy.driver_connection  # asyncpg under SQLAlchemy's pool
             try:
                 async with raw.transaction():
-                    yield SqlTransaction(PgDriver(raw), lock_rows=True)
+                    yield SqlTransaction(PgDriver(raw), lock_rows=True, states=self._states)
             except (asyncio.CancelledError, OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
                 # The connection may be mid-statement or gone: the pool must not hand it out again.
                 fairy.invalidate()

@@ -10,7 +10,6 @@ suite (``tests/store``) holds all three to.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,7 +18,8 @@ from mapping.clock import utcnow
 from mapping.model import Agent, AgentSyncState, OutboxStatus, SetPresence, System
 from service.store.directory_sql import norm, plan_upserts
 from service.store.raw import Driver, Sql
-from service.store.state_doc import from_doc, to_doc
+from service.store.state_cache import StateCache
+from service.store.state_doc import encode
 
 PENDING, IN_FLIGHT = OutboxStatus.PENDING.value, OutboxStatus.IN_FLIGHT.value
 CANCELLED = "cancelled (already shown)"
@@ -96,24 +96,15 @@ _CANCEL = Sql.of(
 )
 
 
-def encode(state: AgentSyncState) -> str:
-    """A state as the JSON text of its document (``service.store.state_doc``)."""
-    return json.dumps(to_doc(state), separators=(",", ":"))
-
-
-def decode(agent_id: str, doc: Any) -> AgentSyncState:
-    """A saved state from its document as the driver hands it back (JSON text)."""
-    return from_doc(agent_id, json.loads(doc) if isinstance(doc, str | bytes) else doc)
-
-
 class SqlTransaction:
-    def __init__(self, driver: Driver, *, lock_rows: bool) -> None:
+    def __init__(self, driver: Driver, *, lock_rows: bool, states: StateCache) -> None:
         """``lock_rows`` (PostgreSQL): ``load_state(s)`` lock each agent's row until commit, so
         engines on other instances serialise on the agent instead of overwriting each other's
         decisions; SQLite writers hold the database's only write lock already (``BEGIN
-        IMMEDIATE``)."""
+        IMMEDIATE``). ``states``: the store's decoded states by their stored text."""
         self.db = driver
         self._lock_rows = lock_rows
+        self._states = states
 
     # Sync state --------------------------------------------------------------------------------
     async def load_state(self, agent_id: str) -> AgentSyncState:
@@ -127,10 +118,10 @@ class SqlTransaction:
         db = self.db
         if self._lock_rows:
             rows = await db.fetch(_LOCK_STATES, db.ids(ids), db.time(utcnow()))
-            found = {r[0]: decode(r[0], r[2]) for r in rows if db.flag(r[1])}
+            found = {r[0]: self._states.decode(r[0], r[2]) for r in rows if db.flag(r[1])}
         else:
             rows = await db.fetch(_STATES, db.ids(ids))
-            found = {r[0]: decode(r[0], r[1]) for r in rows}
+            found = {r[0]: self._states.decode(r[0], r[1]) for r in rows}
         return {a: found.get(a) or AgentSyncState(a) for a in ids}
 
     async def save_states(self, states: Sequence[AgentSyncState]) -> None:
@@ -138,7 +129,12 @@ class SqlTransaction:
             return
         db = self.db
         now = db.time(utcnow())
-        await db.executemany(_SAVE_STATE, [(s.agent_id, encode(s), now) for s in states])
+        rows = []
+        for state in states:
+            text = encode(state)
+            self._states.keep(state.agent_id, text, state)
+            rows.append((state.agent_id, text, now))
+        await db.executemany(_SAVE_STATE, rows)
 
     # Outbox --------------------------------------------------------------------------------------
     def _enqueue_args(self, command: SetPresence, now: datetime, hold: float, max_hold: float) -> tuple[Any, ...]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from edge.body import MAX_DEPTH, read_json
+from edge.body import MAX_DEPTH, JsonError, parse_json, read_json
 from edge.intake import Rejected, answer
 from edge.upstream import is_loopback, retry_after_seconds, upstream_base_url
 from mapping.errors import ConfigError
@@ -149,3 +150,32 @@ async def test_the_services_poison_hook_logs_counts_and_keeps_the_item_in_the_qu
     assert ("graph_pending_reads", "poison_item") in telemetry.rejections
     assert ("graph_pending_reads", "bad_id") in telemetry.quarantines
     assert "poison item taken out of its queue" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"a": 1, "a": 2}',
+        b"[123456789012345678901234567890, -98765432109876543210]",
+        b"[NaN, Infinity, 1e400]",
+        b'{"Depth": 18446744073709551616}',
+        b'["\\u00e9", "caf\\u00e9"]',
+        b"[0.1, -0.0, 1.7976931348623157e308]",
+        b"\xef\xbb\xbf[1]",  # a UTF-8 byte order mark: json skips it, orjson refuses it
+    ],
+)
+def test_bodies_read_exactly_as_the_standard_library_reads_them(raw):
+    """``parse_json`` reads most bodies with orjson; whatever it takes in must be what ``json`` makes
+    of the same bytes (exact big integers, NaN, the last of two equal keys)."""
+    got = parse_json(raw, what="a test document")
+    assert repr(got) == repr(json.loads(raw))
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind"),
+    [(b'{"a": "\\ud800"}', "bad_unicode"), (b"{'a': 1}", "invalid"), (b"  ", "empty")],
+)
+def test_refusals_keep_their_reasons(raw, kind):
+    with pytest.raises(JsonError) as refused:
+        parse_json(raw, what="a test document")
+    assert refused.value.kind == kind

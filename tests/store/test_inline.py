@@ -1,5 +1,5 @@
 """SQLite's inline write transactions (``service.store.inline``): statements on the loop thread,
-BEGIN and COMMIT on a thread of their own. What must hold: another process's write lock makes the
+COMMIT (and a BEGIN that must wait) on a thread of their own. What must hold: another process's write lock makes the
 transaction wait (on the thread, the event loop keeps running), a caller cancelled while it waits
 leaves no transaction open behind it, and what a transaction wrote is committed or rolled back as
 a whole."""
@@ -100,9 +100,9 @@ def _commits(store) -> list[bool]:
     ends: list[bool] = []
     inner = store._inline._end
 
-    def end(conn, tx, commit):
+    def end(commit):
         ends.append(commit)
-        return inner(conn, tx, commit)
+        return inner(commit)
 
     store._inline._end = end
     return ends
@@ -161,11 +161,11 @@ async def test_a_failed_commit_reaches_every_writer_of_its_chain(open_sql, sqlit
     await store.upsert_agents([ALICE, BOB])
     inner = store._inline._end
 
-    def end(conn, tx, commit):
+    def end(commit):
         if commit:
-            inner(conn, tx, False)
+            inner(False)
             raise sqlite3.OperationalError("disk I/O error")
-        return inner(conn, tx, commit)
+        return inner(commit)
 
     store._inline._end = end
 

@@ -1,0 +1,54 @@
+"""Decoded sync states by the exact text they are stored as, so that an agent's state is decoded
+from JSON once, not on every observation.
+
+Why it is safe: an entry is used only when the row's text, read in the same transaction, is exactly
+the text the entry was decoded from or saved as; any other writer (another instance, a CLI command,
+a migration) that changed the row changed its text, and a save that was rolled back left the row's
+older text, which its entry does not match. The cache hands out copies (``clone``) and keeps
+copies, so a caller that changes a state it loaded or saved changes nothing here.
+
+Why it pays: decoding a state (``json.loads`` and ``state_doc.from_doc``: every datetime parsed) was
+a fifth of the engine's time per observation (py-spy, ``bench/webhook_bench.py``); a copy costs a
+quarter of that. Bounded (least recently used first out), so 50,000 agents do not keep 50,000 states.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from mapping.model import AgentSyncState, clone
+from service.store.state_doc import decode, from_doc
+
+SIZE = 4096
+"""States kept: the agents changing now (a burst's, a sweep batch's), a few MB."""
+
+
+class StateCache:
+    def __init__(self, size: int = SIZE) -> None:
+        self.size = size
+        self._items: OrderedDict[str, tuple[str, AgentSyncState]] = OrderedDict()
+
+    def decode(self, agent_id: str, doc: Any) -> AgentSyncState:
+        """The state stored as ``doc`` (its JSON text; a decoded document is decoded, not kept)."""
+        if not isinstance(doc, str):
+            return decode(agent_id, doc) if isinstance(doc, bytes) else from_doc(agent_id, doc)
+        hit = self._items.get(agent_id)
+        if hit is not None and hit[0] == doc:
+            self._items.move_to_end(agent_id)
+            return clone(hit[1])
+        state = decode(agent_id, doc)
+        self._put(agent_id, doc, clone(state))
+        return state
+
+    def keep(self, agent_id: str, text: str, state: AgentSyncState) -> None:
+        """``state`` was just stored as ``text``."""
+        self._put(agent_id, text, clone(state))
+
+    def _put(self, agent_id: str, text: str, state: AgentSyncState) -> None:
+        if self.size <= 0:
+            return
+        self._items[agent_id] = (text, state)
+        self._items.move_to_end(agent_id)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
