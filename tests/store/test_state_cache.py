@@ -1,0 +1,61 @@
+"""``service.store.state_cache``: a state is decoded once, and the cache is never the reason a
+transaction sees something other than what the row holds."""
+
+from __future__ import annotations
+
+from mapping.model import AgentSyncState
+from service.store.state_cache import StateCache
+from service.store.state_doc import encode
+from tests.support import ALICE, BUSY
+
+
+async def test_another_writers_change_is_read_not_the_cached_state(open_sql, sql_url):
+    """Two stores on one database stand for two instances (or ``serve`` and a CLI command)."""
+    one, two = await open_sql(sql_url), await open_sql(sql_url)
+    agent = ALICE.dynamics_user_id
+    async with one.transaction() as tx:
+        await tx.save_state(AgentSyncState(agent, own_dynamics="first"))
+    async with one.transaction() as tx:
+        assert (await tx.load_state(agent)).own_dynamics == "first"  # cached now
+    async with two.transaction() as tx:
+        await tx.save_state(AgentSyncState(agent, own_dynamics="second"))
+    async with one.transaction() as tx:
+        assert (await tx.load_state(agent)).own_dynamics == "second"
+
+
+async def test_a_rolled_back_save_is_not_what_the_next_transaction_loads(open_sql, sql_url):
+    store = await open_sql(sql_url)
+    agent = ALICE.dynamics_user_id
+    async with store.transaction() as tx:
+        await tx.save_state(AgentSyncState(agent, own_dynamics="kept"))
+    try:
+        async with store.transaction() as tx:
+            await tx.save_state(AgentSyncState(agent, own_dynamics="rolled back"))
+            raise RuntimeError("the engine failed")
+    except RuntimeError:
+        pass
+    async with store.transaction() as tx:
+        assert (await tx.load_state(agent)).own_dynamics == "kept"
+
+
+def test_changing_a_loaded_or_saved_state_changes_nothing_kept():
+    cache = StateCache()
+    saved = AgentSyncState("a", own_dynamics=BUSY)
+    text = encode(saved)
+    cache.keep("a", text, saved)
+    saved.own_dynamics = "changed after saving"
+    saved.session_unacked.append("x")
+    loaded = cache.decode("a", text)
+    assert (loaded.own_dynamics, loaded.session_unacked) == (BUSY, [])
+    loaded.teams_seen.value = "changed after loading"
+    assert cache.decode("a", text).teams_seen.value is None
+
+
+def test_bounded_least_recently_used_first_out():
+    cache = StateCache(2)
+    texts = {name: encode(AgentSyncState(name)) for name in "abc"}
+    for name in "ab":
+        cache.keep(name, texts[name], AgentSyncState(name))
+    cache.decode("a", texts["a"])  # a used: b is now the oldest
+    cache.keep("c", texts["c"], AgentSyncState("c"))
+    assert set(cache._items) == {"a", "c"}
