@@ -16,7 +16,10 @@ Bodies, each parsed successfully before it is timed:
   (``MAX_NESTING`` parents), the agent only in the deepest.
 
 Each figure is the CPU time (``time.process_time``) per call, the median of ``--repeat`` timeit repeats;
-``x json`` is the parser's time over ``json.loads``'s on the same body.
+``x json`` is the parser's time over ``json.loads``'s on the same body. ``parse`` parses the same body
+again and again, as for an agent seen a moment ago; ``new ids`` empties the parser's memo of GUIDs
+(``dataverse.context._GUIDS``) before each parse, as for an agent not seen in the last few thousand
+GUIDs (the memo's limit), every id read afresh.
 
     python bench/context_parse.py [--repeat 7] [--target-seconds 0.2]
 """
@@ -42,6 +45,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from webhook_bench import Bodies, make_agents  # noqa: E402
 
+from dataverse import context  # noqa: E402
 from dataverse.context import MAX_NESTING, parse_context  # noqa: E402
 from tests.dataverse.conftest import DATA, partial_update  # noqa: E402
 
@@ -97,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-seconds", type=float, default=0.2, help="CPU seconds per repeat (about)")
     args = parser.parse_args(argv)
 
-    header = f"{'body':<14} {'bytes':>6} {'levels':>6} {'json.loads us':>13} {'parse us':>9} {'x json':>7}"
+    header = (
+        f"{'body':<14} {'bytes':>6} {'levels':>6} {'json.loads us':>13} {'parse us':>9} {'x json':>7}"
+        f" {'new ids us':>10} {'x json':>7}"
+    )
+    memo: dict[str, str] = getattr(context, "_GUIDS", {})
     rows = []
     for name, raw in bodies():
         decoded = json.loads(raw)
@@ -108,13 +116,18 @@ def main(argv: list[str] | None = None) -> int:
             levels, ctx = levels + 1, ctx.get("ParentContext")
         base = cpu_us(lambda raw=raw: json.loads(raw), args.repeat, args.target_seconds)
         parse = cpu_us(lambda decoded=decoded: parse_context(decoded), args.repeat, args.target_seconds)
-        rows.append(f"{name:<14} {len(raw):>6} {levels:>6} {base:>13.1f} {parse:>9.1f} {parse / base:>7.2f}")
+        cold = cpu_us(lambda decoded=decoded: (memo.clear(), parse_context(decoded)), args.repeat, args.target_seconds)
+        rows.append(
+            f"{name:<14} {len(raw):>6} {levels:>6} {base:>13.1f} {parse:>9.1f} {parse / base:>7.2f}"
+            f" {cold:>10.1f} {cold / base:>7.2f}"
+        )
     say(f"python {sys.version.split()[0]}; CPU us per call (time.process_time), median of {args.repeat} repeats")
     say(header)
     for row in rows:
         say(row)
     say("")
-    say("json.loads: decoding the body, the baseline every route pays; parse: parse_context on the decoded body.")
+    say("json.loads: decoding the body, the baseline every route pays; parse: parse_context on the decoded body;")
+    say("new ids: the same with the parser's GUID memo emptied before each call (an agent not seen lately).")
     return 0
 
 

@@ -158,6 +158,7 @@ def guid(*pool: str) -> st.SearchStrategy[Any]:
 MS = st.one_of(
     st.integers(-62135596800000, 253402300799999),
     st.sampled_from([0, -1, 1722582038000, 1721816904678, -62135596800000, 253402300799999]),
+    st.sampled_from([7999999999999, 8000000000000, 8589934591999, 8589934592000, 9999999999999, 10**13]),
 )
 GOOD_DATES = st.one_of(
     MS.map(lambda ms: f"/Date({ms})/"),
