@@ -5,14 +5,18 @@ wrong shape, each refused with a reason that names what was wrong."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
+import inspect
 import json
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from dataverse.context import MAX_NESTING, ContextError, Message, parse_context, parse_wcf_date
+from dataverse import context
+from dataverse.context import MAX_NESTING, AgentStatusChange, ContextError, Message, parse_context, parse_wcf_date
 from dataverse.registration import POST_IMAGE_ALIAS
 from tests.dataverse.conftest import DATA, partial_update, seed
 from tests.support import BUSY, OFFLINE
@@ -127,6 +131,11 @@ def test_slashes_escaped_or_not_parse_the_same() -> None:
         ("/Date(0)/", datetime(1970, 1, 1, tzinfo=UTC)),
         ("/Date(-86400000)/", datetime(1969, 12, 31, tzinfo=UTC)),
         (f" /Date({MS + 1})/ ", AT + timedelta(milliseconds=1)),
+        # Either side of the limit of the short way (datetime.fromtimestamp), and past its 13 digits.
+        ("/Date(7999999999999)/", datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=7999999999999)),
+        ("/Date(8000000000000+0000)/", datetime(2223, 7, 6, 14, 13, 20, tzinfo=UTC)),
+        (f"/Date(00{MS})/", AT),
+        ("/Date(253402300799999)/", datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)),
     ],
 )
 def test_wcf_dates(text: str, expected: datetime) -> None:
@@ -193,6 +202,16 @@ def test_first_occurrence_of_a_key_wins() -> None:
     t = target(ctx)
     t["Attributes"].insert(0, {"key": "msdyn_presencemodifiedby", "value": "SYSTEM"})
     assert parse_context(ctx).presence_modified_by == "SYSTEM"
+
+
+def test_first_target_wins_in_a_short_list_too() -> None:
+    ctx = update_only()
+    other = copy.deepcopy(target(ctx))
+    other["LogicalName"] = "contact"
+    ctx["InputParameters"].append({"key": "Target", "value": other})
+    assert parse_context(ctx).presence_id == BUSY
+    ctx["InputParameters"].reverse()
+    assert refused(ctx).endswith("is a 'contact'; this route handles msdyn_agentstatus only")
 
 
 def test_other_input_parameters_are_ignored() -> None:
@@ -638,3 +657,29 @@ def test_long_values_are_cut_in_reasons() -> None:
     ctx = seed("update-presence")
     ctx["MessageName"] = "x" * 5000
     assert len(refused(ctx)) < 300
+
+
+# ---------------------------------------------------------------------------------------------- the result
+
+
+def test_the_result_is_an_ordinary_frozen_agent_status_change() -> None:
+    """``parse_context`` fills the dataclass's fields at once (``context._change``): the object must be
+    the one its own constructor makes, every field set, equal, same hash, still frozen."""
+    assert list(inspect.signature(context._change).parameters) == [
+        f.name for f in dataclasses.fields(AgentStatusChange)
+    ]
+    change = parse_context(seed("update-presence"))
+    same = AgentStatusChange(**{f.name: getattr(change, f.name) for f in dataclasses.fields(AgentStatusChange)})
+    assert change == same and hash(change) == hash(same) and repr(change) == repr(same)
+    assert vars(change) == vars(same)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        change.agent_id = None  # type: ignore[misc]
+
+
+def test_the_memo_of_guids_stays_bounded_and_changes_nothing() -> None:
+    ctx = update_only()
+    for _ in range(context._GUIDS_KEPT + 10):
+        status = str(uuid.uuid4()).upper()
+        target(ctx)["Id"] = status
+        assert parse_context(ctx).agent_status_id == status.lower()
+        assert len(context._GUIDS) <= context._GUIDS_KEPT
