@@ -272,7 +272,7 @@ def _row_version(value: Any, where: str) -> int | None:
         return None
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isdecimal():  # isdigit() lets "²" through to int()
         return int(value.strip())
     raise ContextError(
         f"{where}.RowVersion: expected a RowVersion number (string of digits) or null, got {_kind(value)}"

@@ -180,6 +180,8 @@ def _unusable_bodies() -> list[tuple[str, bytes, str]]:
     no_agent = seed("update-presence")
     no_agent["ParentContext"] = None
     no_agent["PostEntityImages"] = []
+    superscript = seed("update-presence")
+    superscript["InputParameters"][0]["value"]["RowVersion"] = "\u00b2"  # a digit, not a decimal one
     return [
         ("invalid JSON", b'{"MessageName": ', "invalid_json"),
         ("an empty body", b"", "not_json"),
@@ -207,6 +209,7 @@ def _unusable_bodies() -> list[tuple[str, bytes, str]]:
             "unknown_shape",
         ),
         ("NUL bytes", b"\x00" * 10, "invalid_json"),
+        ("a RowVersion of a superscript digit", json.dumps(superscript).encode(), "unknown_shape"),
     ]
 
 
