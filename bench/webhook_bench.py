@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mapping.model import OOB_PRESENCE_IDS, Agent, BasePresence  # noqa: E402
-from service.app import create_app  # noqa: E402
+from service.app import create_app, freeze_start_up  # noqa: E402
 from service.runtime import Runtime  # noqa: E402
 from service.settings import load_settings  # noqa: E402
 from service.store import open_store  # noqa: E402
@@ -262,6 +262,7 @@ async def bench_store(
     await rt.store.upsert_agents(agents)
     bodies = Bodies(agents)
     app_runner, base = await serve_app(create_app(settings, runtime=rt, background=False))
+    freeze_start_up()  # as `serve` does once it listens
     relay_app = web.Application(client_max_size=2 * 1024 * 1024)
     relay_app.router.add_post(PATH, relay)
     relay_runner, relay_base = await serve_app(relay_app)
@@ -347,6 +348,7 @@ async def bench_delivery(
     stack = LocalStack(tmp / "delivery", people, overrides={"store_commit_timeout_seconds": 10})
     (tmp / "delivery").mkdir()
     await stack.start()
+    freeze_start_up()  # as `serve` does once it listens
     loop = asyncio.get_running_loop()
     try:
         rt = stack.runtime

@@ -60,7 +60,7 @@ async def _runtime(settings: Settings) -> Any:
 async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from service.app import create_app
+    from service.app import create_app, freeze_start_up
     from service.runtime import Runtime, serve_owner
 
     logs.configure(json_lines=True, level=settings.log_level)
@@ -84,6 +84,7 @@ async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
+        freeze_start_up()
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()

@@ -129,7 +129,7 @@ def create_engine(target: Target) -> AsyncEngine:
         settings["search_path"] = target.schema
     return create_async_engine(
         target.url,
-        pool_pre_ping=True,
+        pool_pre_ping=False,
         connect_args={"server_settings": settings, "timeout": PG_CONNECT_TIMEOUT_S},
     )
 

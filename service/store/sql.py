@@ -67,6 +67,9 @@ from service.store.tx import SqlTransaction
 
 __all__ = ["SqlStore", "migration_status", "open_store", "upgrade"]
 
+_CONNECTION_LOST = (asyncio.CancelledError, OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+"""What leaves an asyncpg connection unusable or in an unknown state (a cancelled statement too)."""
+
 
 class SqlStore(ConsoleSql):
     """Build it with ``open_store``; the constructor does no I/O and applies no migrations."""
@@ -127,16 +130,51 @@ class SqlStore(ConsoleSql):
             async with self._inline.chained() as inline:
                 yield SqlTransaction(SqliteDriver(inline.raw), lock_rows=False, states=self._states)
             return
-        async with self.engine.connect() as conn:
-            fairy = await conn.get_raw_connection()
-            raw: asyncpg.Connection = fairy.driver_connection  # asyncpg under SQLAlchemy's pool
+        async with self._pg_begun() as (fairy, raw, tr):
             try:
-                async with raw.transaction():
-                    yield SqlTransaction(PgDriver(raw), lock_rows=True, states=self._states)
-            except (asyncio.CancelledError, OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
-                # The connection may be mid-statement or gone: the pool must not hand it out again.
+                yield SqlTransaction(PgDriver(raw), lock_rows=True, states=self._states)
+            except BaseException as e:
+                if isinstance(e, _CONNECTION_LOST):
+                    fairy.invalidate()  # mid-statement or gone: the pool must not hand it out again
+                else:
+                    await tr.rollback()
+                raise
+            try:
+                await tr.commit()
+            except _CONNECTION_LOST:
                 fairy.invalidate()
                 raise
+
+    @asynccontextmanager
+    async def _pg_begun(self) -> AsyncIterator[tuple[Any, asyncpg.Connection, Any]]:
+        """A pooled asyncpg connection in a transaction just begun (with its SQLAlchemy pool entry, to
+        invalidate it, and the transaction). The pool does not ping a connection it hands out
+        (``pool_pre_ping``: BEGIN, SELECT and ROLLBACK, three round trips before every transaction):
+        a connection that the server dropped (a restart, a failover) fails its BEGIN instead, and
+        then the whole pool is replaced and a new connection tried once. The SQLAlchemy paths replace
+        the pool on such a failure themselves (a caller sees that one error; the outbox and the
+        webhook's spool retry)."""
+        for last in (False, True):
+            conn = await self.engine.connect()
+            try:
+                fairy = await conn.get_raw_connection()
+                raw: asyncpg.Connection = fairy.driver_connection  # asyncpg under SQLAlchemy's pool
+                try:
+                    tr = raw.transaction()
+                    await tr.start()
+                except BaseException as e:
+                    # A BEGIN fails only when the connection does (asyncpg words a connection the
+                    # server dropped in several ways, InternalClientError among them).
+                    fairy.invalidate()
+                    if last or not isinstance(e, Exception):
+                        raise
+                    await conn.close()
+                    await self.engine.dispose()  # its siblings are as stale
+                    continue
+                yield fairy, raw, tr
+                return
+            finally:
+                await conn.close()
 
     # Directory ---------------------------------------------------------------------------------
     async def get_agent(self, dynamics_user_id: str) -> Agent | None:

@@ -258,3 +258,26 @@ async def test_sqlite_runs_in_wal_mode_with_foreign_keys(sqlite_url: str, open_s
         assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
         assert (await conn.execute(text("PRAGMA foreign_keys"))).scalar() == 1
         assert (await conn.execute(text("PRAGMA busy_timeout"))).scalar_one() >= 1000
+
+
+@pytest.mark.postgres
+async def test_a_transaction_after_the_server_dropped_the_pools_connections_still_commits(
+    pg_server: str, pg_url: str, open_sql: OpenSql
+) -> None:
+    """The pool does not ping what it hands out (three round trips a transaction); a connection the
+    server dropped (a restart, a failover) fails its BEGIN, and the engine's transaction goes on on a
+    new one instead of failing the observation behind it."""
+    store = await open_sql(pg_url)
+    async with store.transaction() as tx:
+        await tx.save_state(AgentSyncState(ALICE.dynamics_user_id, own_dynamics="before"))
+        pid = tx.db.conn.get_server_pid()  # type: ignore[attr-defined]
+    admin = await asyncpg.connect(pg_server.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await admin.close()
+    async with store.transaction() as tx:
+        assert tx.db.conn.get_server_pid() != pid  # type: ignore[attr-defined]
+        await tx.save_state(AgentSyncState(ALICE.dynamics_user_id, own_dynamics="after"))
+    states = await store.load_states([ALICE.dynamics_user_id])
+    assert states[ALICE.dynamics_user_id].own_dynamics == "after"
