@@ -410,7 +410,14 @@ class SyncEngine:
         return count
 
     def _after(self, agent: Agent, source: str, event: PresenceObserved | None, decision: R.Decision) -> None:
+        """Counts the event, logs it (DEBUG: one line per event is thousands of lines a second in a
+        burst at scale; the counters and the console's timeline say what happened) and wakes the
+        outbox for the commands it queued."""
         self.telemetry.event(source, decision.result)
+        if decision.commands and self.on_enqueued:
+            self.on_enqueued()
+        if not log.isEnabledFor(logging.DEBUG):
+            return
         extra: dict[str, object] = {
             "agent": agent.dynamics_user_id,
             "agent_name": agent.display_name,
@@ -423,6 +430,4 @@ class SyncEngine:
         if decision.detail:
             extra["detail"] = decision.detail
         extra |= dict(decision.log)
-        log.info("event", extra={"fields": extra})
-        if decision.commands and self.on_enqueued:
-            self.on_enqueued()
+        log.debug("event", extra={"fields": extra})

@@ -137,29 +137,28 @@ class SqlTransaction:
         await db.executemany(_SAVE_STATE, rows)
 
     # Outbox --------------------------------------------------------------------------------------
-    def _enqueue_args(self, command: SetPresence, now: datetime, hold: float, max_hold: float) -> tuple[Any, ...]:
+    def _enqueue_args(
+        self, command: SetPresence, now: datetime, hold: float, max_hold: float, times: dict[tuple[float, float], Any]
+    ) -> tuple[Any, ...]:
         """``Transaction.enqueue``'s parameters: due ``hold`` after ``now``; a hold run that started
-        before ``due - max(max_hold, hold)`` (its cap) is due now instead of later."""
-        due = now + timedelta(seconds=hold)
-        cap = due - timedelta(seconds=max(max_hold, hold))
-        t = self.db.time
-        return (
-            command.agent_id,
-            command.system.value,
-            command.value,
-            command.reason,
-            t(due),
-            t(now),
-            t(now) if hold > 0 else None,
-            t(cap),
-        )
+        before ``due - max(max_hold, hold)`` (its cap) is due now instead of later. ``times``: the
+        instants already worked out for this ``now``, by (hold, max_hold)."""
+        known = times.get((hold, max_hold))
+        if known is None:
+            t = self.db.time
+            due = now + timedelta(seconds=hold)
+            cap = due - timedelta(seconds=max(max_hold, hold))
+            known = times[(hold, max_hold)] = (t(due), t(now), t(now) if hold > 0 else None, t(cap))
+        due_at, at, held_since, cap_at = known
+        return (command.agent_id, command.system.value, command.value, command.reason, due_at, at, held_since, cap_at)
 
     async def enqueue(self, command: SetPresence, now: datetime, hold: float = 0.0, max_hold: float = 0.0) -> int:
-        rows = await self.db.fetch(_ENQUEUE_ONE, *self._enqueue_args(command, now, hold, max_hold))
+        rows = await self.db.fetch(_ENQUEUE_ONE, *self._enqueue_args(command, now, hold, max_hold, {}))
         return int(rows[0][0])
 
     async def enqueue_many(self, items: Sequence[tuple[SetPresence, float, float]], now: datetime) -> None:
-        await self.db.executemany(_ENQUEUE_MANY, [self._enqueue_args(c, now, h, m) for c, h, m in items])
+        times: dict[tuple[float, float], Any] = {}
+        await self.db.executemany(_ENQUEUE_MANY, [self._enqueue_args(c, now, h, m, times) for c, h, m in items])
 
     async def outbox_rows(self, agent_ids: Sequence[str]) -> dict[tuple[str, System], tuple[str, OutboxStatus]]:
         rows = await self.db.fetch(_OUTBOX_ROWS, self.db.ids(list(dict.fromkeys(agent_ids))))
