@@ -141,10 +141,20 @@ class TokenValidator:
     ``azp`` (v2) or ``appid`` (v1) = Graph's change-tracking app, inside ``nbf``/``exp`` (with
     ``leeway`` seconds of clock skew), ``iss`` = the identity platform of the token's own ``tid``, and
     ``tid`` = our tenant when ``TENANT_ID`` is a GUID (compared as GUIDs, whatever the case). Tokens already
-    verified are remembered until they expire: Graph sends the same token on many batches."""
+    verified are remembered, by their exact text, until they expire (``exp`` plus ``leeway``, as the
+    check itself allows): Graph sends the same token on many batches, and the text is what the
+    signature covers, so any other token (another signature, ``kid`` or claim) is checked in full.
+    ``now``: the clock that expiry is measured by (seconds since the epoch)."""
 
     def __init__(
-        self, jwks: JwksCache, *, client_id: str, tenant_id: str | None = None, leeway: float = 60.0, memory: int = 256
+        self,
+        jwks: JwksCache,
+        *,
+        client_id: str,
+        tenant_id: str | None = None,
+        leeway: float = 60.0,
+        memory: int = 256,
+        now: Callable[[], float] = time.time,
     ) -> None:
         self.jwks = jwks
         self.client_id = client_id
@@ -155,12 +165,13 @@ class TokenValidator:
         self.tenant_guid = wanted if _GUID.match(wanted) else None
         self.leeway = leeway
         self.memory = memory
+        self.now = now
         self._verified: dict[str, float] = {}
 
     async def check(self, token: str) -> None:
         """Returns when the token is valid; raises ``ValueError`` (why) or ``KeysUnavailable``."""
         exp = self._verified.get(token)
-        if exp is not None and exp + self.leeway > time.time():
+        if exp is not None and exp + self.leeway > self.now():
             return
         try:
             header = jwt.get_unverified_header(token)
@@ -201,8 +212,8 @@ class TokenValidator:
         if self.tenant_guid is not None and tid != self.tenant_guid:
             raise ValueError("issued for another tenant")
         if len(self._verified) >= self.memory:
-            now = time.time()
-            self._verified = {t: e for t, e in self._verified.items() if e > now}
+            now = self.now()
+            self._verified = {t: e for t, e in self._verified.items() if e + self.leeway > now}
             if len(self._verified) >= self.memory:
                 self._verified.clear()
         self._verified[token] = float(claims["exp"])
