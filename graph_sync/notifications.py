@@ -74,6 +74,11 @@ NOTIFIED_EVERY = 60.0
 """Seconds between two writes of one subscription's time (an instance notes it at most this often)."""
 PROBE_ID = "00000000-0000-0000-0000-000000000000"
 """Looked up when every lookup of a round failed: if this one works, the ids are to blame, not the store."""
+AGENT_TTL = 60.0
+"""Seconds an agent found by Entra object id is reused before the directory is asked again (see
+``EntraAgents``): as long as the subscription upkeep takes to follow a directory change."""
+MAX_HELD = 200_000
+"""Most agents ``EntraAgents`` holds (four times the largest directory the bridge is sized for)."""
 _FILTER_IDS = re.compile(r"'([^']+)'")
 
 
@@ -130,6 +135,60 @@ class JwksCache:
             raise KeysUnavailable(f"JWKS {self.url} unavailable: {type(e).__name__}: {e}") from None
         self._keys = {k.key_id: k.key for k in keyset.keys if k.key_id}
         self._fetched = time.monotonic()
+
+
+class EntraAgents:
+    """The agent each Entra object id belongs to, as the directory last said, for ``ttl`` seconds.
+
+    Why: a rich notification names its user by Entra id, and asking the store costs a connection and
+    a query each time (about 1 ms of CPU on SQLite, more than the item's RSA unwrap), while a burst
+    notifies the same people again and again. Only agents found are kept: an unknown id is asked, and
+    recorded for ``agents list --unknown`` (rule 1), every time, as it may be added any moment.
+
+    Unlike the Dataverse webhook's cache (keyed by the systemuserid, an agent's own key, kept for
+    good), an Entra id is an attribute that ``agents import`` or discovery may correct or give to
+    another agent, maybe in another process. So an entry lives ``ttl`` seconds, then the directory is
+    asked again: such a change takes effect here within ``ttl``, as it reaches the subscriptions
+    within their upkeep interval. Whether the agent is enabled is not decided here: the engine reads
+    that in the observation's own transaction."""
+
+    def __init__(self, bridge: CoreApi, *, ttl: float = AGENT_TTL, clock: Callable[[], float] = time.monotonic) -> None:
+        self.bridge = bridge
+        self.ttl = ttl
+        self.clock = clock
+        self._known: dict[str, tuple[Agent, float]] = {}
+        """Entra id (as ``usable_id`` gives it) -> (agent, ``clock()`` when the directory said so)."""
+
+    async def get(self, entra_id: str) -> Agent | None:
+        """``CoreApi.agent_for(System.TEAMS, entra_id)``, from memory when it was asked lately."""
+        agent = self.held(entra_id)
+        if agent is not None:
+            return agent
+        agent = await self.bridge.agent_for(System.TEAMS, entra_id)
+        if agent is None:
+            self._known.pop(entra_id, None)
+        else:
+            self.remember([agent])
+        return agent
+
+    def forget(self) -> None:
+        """Drops everything held: the next lookup of every id asks the directory (the bench's cold runs)."""
+        self._known.clear()
+
+    def held(self, entra_id: str) -> Agent | None:
+        """The agent the directory gave for ``entra_id`` less than ``ttl`` seconds ago, else None."""
+        held = self._known.get(entra_id)
+        return held[0] if held is not None and self.clock() - held[1] < self.ttl else None
+
+    def remember(self, agents: Sequence[Agent]) -> None:
+        """Keeps what the directory just said of ``agents`` (a lookup, a listing)."""
+        now = self.clock()
+        if len(self._known) + len(agents) > MAX_HELD:  # bounded: what has expired goes first
+            self._known = {k: v for k, v in self._known.items() if now - v[1] < self.ttl}
+            if len(self._known) + len(agents) > MAX_HELD:
+                self._known.clear()
+        for agent in agents:
+            self._known[agent.entra_object_id.lower()] = (agent, now)
 
 
 _GUID = re.compile(r"^[0-9a-f]{8}-(?:[0-9a-f]{4}-){3}[0-9a-f]{12}$")
@@ -300,6 +359,7 @@ class GraphIntake:
             what="pending reads",
             name="graph-pending-reads",
         )
+        self.agents = EntraAgents(bridge)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._notified: dict[str, float] = {}
         """Subscription id -> ``time.monotonic()`` of its last ``NOTIFIED_KIND`` write."""
@@ -512,7 +572,7 @@ class GraphIntake:
         if rid != user_id or not isinstance(availability, str) or not availability:
             self.bridge.telemetry.rejected(ROUTE, "malformed_item")
             return False
-        agent = await self.bridge.agent_for(System.TEAMS, user_id)
+        agent = await self.agents.get(user_id)
         if agent is None:
             self.bridge.telemetry.event(INTAKE, "unknown_agent")
             return True
@@ -689,25 +749,37 @@ class GraphIntake:
         return observed
 
     async def _agents_for(self, ids: Sequence[str], holder: Mapping[str, str], notes: Mapping[str, Any]) -> list[Agent]:
-        """The enabled agents of ``ids``, each looked up on its own (one directory listing for many):
-        a lookup failing for one id is that id's poison, unless every lookup failed and a probe of the
-        store fails too (the store is down: raised, every note kept)."""
+        """The enabled agents of ``ids``, in their order: those ``EntraAgents`` saw enabled lately from
+        memory, the others each looked up on its own (one directory listing for many). A lookup
+        failing for one id is that id's poison, unless every lookup failed and a probe of the store
+        fails too (the store is down: raised, every note kept)."""
         directory = self.bridge.directory
+        known: dict[str, Agent] = {}
+        asked: list[str] = []
+        for uid in ids:  # a disabled agent is asked again: it may be enabled by now
+            agent = self.agents.held(uid)
+            if agent is not None and agent.enabled:
+                known[uid] = agent
+            else:
+                asked.append(uid)
         listed: dict[str, Agent] | None = None
-        if len(ids) > 50:
-            listed = {a.entra_object_id.lower(): a for a in await directory.list_agents(enabled_only=True)}
-        found: list[Agent] = []
+        if len(asked) > 50:
+            everyone = await directory.list_agents(enabled_only=True)
+            self.agents.remember(everyone)
+            listed = {a.entra_object_id.lower(): a for a in everyone}
         failed: dict[str, Exception] = {}
-        for uid in ids:
+        for uid in asked:
             try:
                 agent = listed.get(uid) if listed is not None else await directory.get_agent_by_entra(uid)
                 if agent is not None and agent.enabled:
-                    found.append(agent)
+                    known[uid] = agent
+                    if listed is None:
+                        self.agents.remember([agent])
                 elif await self.bridge.agent_for(System.TEAMS, uid) is None:
                     self.bridge.telemetry.event(INTAKE, "unknown_agent")  # recorded for `agents list --unknown`
             except Exception as e:
                 failed[uid] = e
-        if failed and len(failed) == len(ids):
+        if failed and len(failed) == len(asked):
             try:
                 await directory.get_agent_by_entra(PROBE_ID)
             except Exception:
@@ -720,7 +792,7 @@ class GraphIntake:
                 f"user id {_shown(uid)} could not be looked up ({type(error).__name__}: {error}); "
                 "the other ids are read",
             )
-        return found
+        return [known[uid] for uid in ids if uid in known]
 
     async def _poison_note(self, key: str, note: Any, reason: str, detail: str) -> None:
         await hand_off(self.on_poison, PENDING_ROUTE, reason, encode_item({"key": key, "note": note}), detail)
