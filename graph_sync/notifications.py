@@ -50,7 +50,7 @@ from graph_sync.teams import MAX_IDS
 from mapping.api import CoreApi
 from mapping.engine import MANY
 from mapping.model import Agent, PresenceObserved, System
-from mapping.ports import PresenceReader
+from mapping.ports import AdapterRecords, PresenceReader
 from mapping.rounds import Rounds
 
 log = logging.getLogger("presence_sync.graph")
@@ -79,6 +79,8 @@ AGENT_TTL = 60.0
 ``EntraAgents``): as long as the subscription upkeep takes to follow a directory change."""
 MAX_HELD = 200_000
 """Most agents ``EntraAgents`` holds (four times the largest directory the bridge is sized for)."""
+NOTES_PER_WRITE = 256
+"""Most pending-read notes written in one transaction (``NoteWriter``)."""
 _FILTER_IDS = re.compile(r"'([^']+)'")
 
 
@@ -189,6 +191,69 @@ class EntraAgents:
                 self._known.clear()
         for agent in agents:
             self._known[agent.entra_object_id.lower()] = (agent, now)
+
+
+class NoteWriter:
+    """Pending-read notes written by group commit: a note arriving while an earlier group is being
+    written waits for that write and goes with the others in the next one, up to ``most`` in one
+    ``put_docs`` transaction. Nothing waits for company (a lone note is written at once), and each
+    caller returns only once the write holding its note committed; when that write fails, every
+    caller of the group gets its error (the route answers 503 and Graph sends the batch again).
+
+    Why: a basic notification's only durable work is its note, one small row; written one by one,
+    concurrent requests queue for the store's single writer (SQLite) or pay a transaction's round
+    trips each (PostgreSQL), and that write is most of their CPU. Each note keeps its own key and
+    shape, so the batcher reads them as before."""
+
+    def __init__(self, records: AdapterRecords, kind: str, *, most: int = NOTES_PER_WRITE) -> None:
+        self.records = records
+        self.kind = kind
+        self.most = most
+        self._queue: list[tuple[str, dict[str, Any], asyncio.Future[None]]] = []
+        self._writer: asyncio.Future[None] | None = None
+        self.writes = 0
+        """Transactions written so far (tests, the bench)."""
+
+    @property
+    def queued(self) -> int:
+        """Notes waiting for the write in progress to finish (tests)."""
+        return len(self._queue)
+
+    async def put(self, key: str, doc: dict[str, Any]) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((key, doc, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._flush())
+        await future
+
+    async def _flush(self) -> None:
+        while self._queue:
+            group = self._queue[: self.most]
+            del self._queue[: self.most]
+            try:
+                self.writes += 1
+                await self.records.put_docs(self.kind, {key: doc for key, doc, _ in group})
+            except Exception as e:
+                _settle_all(group, e)
+                continue
+            except BaseException as e:  # cancelled (shutdown): no caller may wait forever
+                _settle_all(group + self._queue, e)
+                self._queue.clear()
+                raise
+            _settle_all(group, None)
+
+
+def _settle_all(group: Sequence[tuple[str, dict[str, Any], asyncio.Future[None]]], error: BaseException | None) -> None:
+    """Answers the callers of ``group`` that still wait: done, or ``error`` (cancelled if that is)."""
+    for _, _, future in group:
+        if future.done():
+            continue
+        if isinstance(error, asyncio.CancelledError):
+            future.cancel()
+        elif error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(None)
 
 
 _GUID = re.compile(r"^[0-9a-f]{8}-(?:[0-9a-f]{4}-){3}[0-9a-f]{12}$")
@@ -360,6 +425,7 @@ class GraphIntake:
             name="graph-pending-reads",
         )
         self.agents = EntraAgents(bridge)
+        self.notes = NoteWriter(bridge.records, PENDING_KIND)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._notified: dict[str, float] = {}
         """Subscription id -> ``time.monotonic()`` of its last ``NOTIFIED_KIND`` write."""
@@ -670,14 +736,15 @@ class GraphIntake:
     # ------------------------------------------------------------------ pending reads
 
     async def _queue_reads(self, user_ids: Sequence[str], why: str) -> None:
-        """Durably notes users to read: one small document per request, whatever its size (one store
-        write, not one per user), under a key of its own, so no request overwrites another's note."""
+        """Durably notes users to read: one small document per request, whatever its size, under a key
+        of its own, so no request overwrites another's note; concurrent requests' notes share one
+        store write (``NoteWriter``), and this returns once the write holding this one committed."""
         ids = list(dict.fromkeys(u for u in map(usable_id, user_ids) if u is not None))
         if not ids:
             return
         now = self.bridge.clock()
         key = f"{now.strftime('%Y%m%dT%H%M%S.%f')}-{uuid.uuid4().hex[:12]}"
-        await self.bridge.records.put_doc(PENDING_KIND, key, {"ids": ids, "why": why, "at": now.isoformat()})
+        await self.notes.put(key, {"ids": ids, "why": why, "at": now.isoformat()})
         self._batcher.wake()
 
     async def request_read(self, system: System, agent_id: str, why: str) -> None:
