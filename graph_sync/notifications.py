@@ -48,7 +48,7 @@ from graph_sync.crypto import DecryptionError, Decryptor
 from graph_sync.subscriptions import SubscriptionManager
 from graph_sync.teams import MAX_IDS
 from mapping.api import CoreApi
-from mapping.engine import MANY
+from mapping.engine import BATCH, MANY
 from mapping.model import Agent, PresenceObserved, System
 from mapping.ports import AdapterRecords, PresenceReader
 from mapping.rounds import Rounds
@@ -81,6 +81,8 @@ MAX_HELD = 200_000
 """Most agents ``EntraAgents`` holds (four times the largest directory the bridge is sized for)."""
 NOTES_PER_WRITE = 256
 """Most pending-read notes written in one transaction (``NoteWriter``)."""
+DELETES_AT_ONCE = 8
+"""Pending-read notes deleted at once after a round (fewer than a PostgreSQL pool's connections)."""
 _FILTER_IDS = re.compile(r"'([^']+)'")
 
 
@@ -792,15 +794,24 @@ class GraphIntake:
         entra = {a.dynamics_user_id: a.entra_object_id.lower() for a in agents}
         for start in range(0, len(agents), MAX_IDS):
             results = await self.reader.read(agents[start : start + MAX_IDS])  # Graph down: raised, all kept
+            # What is read has shown since the (latest) notification that prompted the read.
+            results = [dataclasses.replace(o, since=wanted.get(entra.get(o.agent_id, ""))) for o in results]
             failed: list[tuple[PresenceObserved, Exception]] = []
-            for obs in results:  # one short transaction each: acks of new notifications interleave
-                # What is read has shown since the (latest) notification that prompted the read.
-                obs = dataclasses.replace(obs, since=wanted.get(entra.get(obs.agent_id, "")))
-                try:
-                    await self.bridge.observe(obs, intake=INTAKE)
-                    observed += 1
-                except Exception as e:
-                    failed.append((obs, e))
+            for first in range(0, len(results), BATCH):
+                # A slice at a time, all at once: the engine's group commit writes it in one short
+                # transaction (acks of new notifications interleave between slices), and each
+                # observation still gets its own outcome or its own error.
+                part = results[first : first + BATCH]
+                outcomes = await asyncio.gather(
+                    *(self.bridge.observe(obs, intake=INTAKE) for obs in part), return_exceptions=True
+                )
+                for obs, outcome in zip(part, outcomes, strict=True):
+                    if isinstance(outcome, Exception):
+                        failed.append((obs, outcome))
+                    elif isinstance(outcome, BaseException):
+                        raise outcome
+                    else:
+                        observed += 1
             if failed and not observed:
                 raise failed[0][1]  # nothing went through: the store, not the items
             for obs, error in failed:
@@ -811,9 +822,22 @@ class GraphIntake:
                     "observe_failed",
                     f"what Teams shows for user {_shown(uid)} could not be applied ({type(error).__name__}: {error})",
                 )
-        for key in notes:
-            await self.bridge.records.delete_doc(PENDING_KIND, key)
+        await self._delete_notes(list(notes))
         return observed
+
+    async def _delete_notes(self, keys: Sequence[str]) -> None:
+        """Deletes the notes a round covered, a slice at a time, all of a slice at once: the store
+        then commits them together (SQLite's group commit) instead of one transaction each, which
+        cost a round more than its reads. A note not deleted (an error, raised after the slice) is
+        read again next round: a second read, never a lost one."""
+        for start in range(0, len(keys), DELETES_AT_ONCE):
+            done = await asyncio.gather(
+                *(self.bridge.records.delete_doc(PENDING_KIND, key) for key in keys[start : start + DELETES_AT_ONCE]),
+                return_exceptions=True,
+            )
+            for result in done:
+                if isinstance(result, BaseException):
+                    raise result
 
     async def _agents_for(self, ids: Sequence[str], holder: Mapping[str, str], notes: Mapping[str, Any]) -> list[Agent]:
         """The enabled agents of ``ids``, in their order: those ``EntraAgents`` saw enabled lately from
