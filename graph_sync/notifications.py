@@ -30,6 +30,7 @@ import asyncio
 import dataclasses
 import hmac
 import logging
+import math
 import re
 import time
 import uuid
@@ -77,6 +78,8 @@ PROBE_ID = "00000000-0000-0000-0000-000000000000"
 AGENT_TTL = 60.0
 """Seconds an agent found by Entra object id is reused before the directory is asked again (see
 ``EntraAgents``): as long as the subscription upkeep takes to follow a directory change."""
+LIST_AFTER = 32
+"""Ids asked about within one ``AGENT_TTL`` after which ``EntraAgents`` lists the directory instead."""
 MAX_HELD = 200_000
 """Most agents ``EntraAgents`` holds (four times the largest directory the bridge is sized for)."""
 NOTES_PER_WRITE = 256
@@ -149,25 +152,45 @@ class EntraAgents:
     notifies the same people again and again. Only agents found are kept: an unknown id is asked, and
     recorded for ``agents list --unknown`` (rule 1), every time, as it may be added any moment.
 
+    A burst of first sightings (a shift starting: everyone's presence changes once) would still ask
+    the store per item; so once ``list_after`` ids were asked about within one ``ttl``, the enabled
+    agents are listed in one read, in the background (the lookups meanwhile go on one by one), at
+    most once per ``ttl``: a listing costs what a few dozen lookups cost (about 6 us per agent).
+
     Unlike the Dataverse webhook's cache (keyed by the systemuserid, an agent's own key, kept for
     good), an Entra id is an attribute that ``agents import`` or discovery may correct or give to
-    another agent, maybe in another process. So an entry lives ``ttl`` seconds, then the directory is
-    asked again: such a change takes effect here within ``ttl``, as it reaches the subscriptions
-    within their upkeep interval. Whether the agent is enabled is not decided here: the engine reads
-    that in the observation's own transaction."""
+    another agent, maybe in another process. So an entry lives ``ttl`` seconds from when the
+    directory was read, then the directory is asked again: such a change takes effect here within
+    ``ttl``, as it reaches the subscriptions within their upkeep interval. Whether the agent is
+    enabled is not decided here: the engine reads that in the observation's own transaction."""
 
-    def __init__(self, bridge: CoreApi, *, ttl: float = AGENT_TTL, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        bridge: CoreApi,
+        *,
+        ttl: float = AGENT_TTL,
+        list_after: int = LIST_AFTER,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.bridge = bridge
         self.ttl = ttl
+        self.list_after = list_after
         self.clock = clock
         self._known: dict[str, tuple[Agent, float]] = {}
         """Entra id (as ``usable_id`` gives it) -> (agent, ``clock()`` when the directory said so)."""
+        self._asked = 0
+        """Ids asked about since ``_asked_since``."""
+        self._asked_since = -math.inf
+        self._listed_at = -math.inf
+        """When the last listing started (read, or handed in through ``remember``)."""
+        self._listing: asyncio.Task[None] | None = None
 
     async def get(self, entra_id: str) -> Agent | None:
         """``CoreApi.agent_for(System.TEAMS, entra_id)``, from memory when it was asked lately."""
         agent = self.held(entra_id)
         if agent is not None:
             return agent
+        self._count_asked()
         agent = await self.bridge.agent_for(System.TEAMS, entra_id)
         if agent is None:
             self._known.pop(entra_id, None)
@@ -175,24 +198,60 @@ class EntraAgents:
             self.remember([agent])
         return agent
 
-    def forget(self) -> None:
-        """Drops everything held: the next lookup of every id asks the directory (the bench's cold runs)."""
-        self._known.clear()
-
     def held(self, entra_id: str) -> Agent | None:
         """The agent the directory gave for ``entra_id`` less than ``ttl`` seconds ago, else None."""
         held = self._known.get(entra_id)
         return held[0] if held is not None and self.clock() - held[1] < self.ttl else None
 
-    def remember(self, agents: Sequence[Agent]) -> None:
-        """Keeps what the directory just said of ``agents`` (a lookup, a listing)."""
-        now = self.clock()
+    def remember(self, agents: Sequence[Agent], *, at: float | None = None, listing: bool = False) -> None:
+        """Keeps what the directory said of ``agents`` at ``at`` (default: now): a lookup, or a
+        ``listing`` of every enabled agent (which also counts as this period's listing)."""
+        now = self.clock() if at is None else at
+        if listing:
+            self._listed_at = max(self._listed_at, now)
         if len(self._known) + len(agents) > MAX_HELD:  # bounded: what has expired goes first
-            self._known = {k: v for k, v in self._known.items() if now - v[1] < self.ttl}
+            self._known = {k: v for k, v in self._known.items() if self.clock() - v[1] < self.ttl}
             if len(self._known) + len(agents) > MAX_HELD:
                 self._known.clear()
         for agent in agents:
             self._known[agent.entra_object_id.lower()] = (agent, now)
+
+    def forget(self) -> None:
+        """Drops everything held, as if nothing had been asked yet (the bench's cold runs)."""
+        self._known.clear()
+        self._asked, self._asked_since, self._listed_at = 0, -math.inf, -math.inf
+
+    async def listed(self) -> None:
+        """Waits for a listing under way, if any (tests, the bench)."""
+        if self._listing is not None:
+            await asyncio.gather(self._listing, return_exceptions=True)
+
+    async def stop(self) -> None:
+        if self._listing is not None:
+            self._listing.cancel()
+            await asyncio.gather(self._listing, return_exceptions=True)
+            self._listing = None
+
+    def _count_asked(self) -> None:
+        now = self.clock()
+        if now - self._asked_since >= self.ttl:
+            self._asked, self._asked_since = 0, now
+        self._asked += 1
+        if (
+            self._asked >= self.list_after
+            and now - self._listed_at >= self.ttl
+            and (self._listing is None or self._listing.done())
+        ):
+            self._listed_at = now  # one listing per period, even if this one fails
+            self._listing = asyncio.create_task(self._list(now), name="graph-directory-listing")
+
+    async def _list(self, started: float) -> None:
+        try:
+            agents = await self.bridge.directory.list_agents(enabled_only=True)
+        except Exception as e:  # the lookups one by one go on: slower, never wrong
+            log.warning("directory listing failed; looking agents up one by one", extra={"fields": {"error": str(e)}})
+            return
+        self.remember(agents, at=started, listing=True)
 
 
 class NoteWriter:
@@ -445,6 +504,7 @@ class GraphIntake:
 
     async def stop(self) -> None:
         await self._batcher.stop()
+        await self.agents.stop()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -855,8 +915,9 @@ class GraphIntake:
                 asked.append(uid)
         listed: dict[str, Agent] | None = None
         if len(asked) > 50:
+            read_at = self.agents.clock()
             everyone = await directory.list_agents(enabled_only=True)
-            self.agents.remember(everyone)
+            self.agents.remember(everyone, at=read_at, listing=True)
             listed = {a.entra_object_id.lower(): a for a in everyone}
         failed: dict[str, Exception] = {}
         for uid in asked:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from graph_sync.notifications import AGENT_TTL, PENDING_KIND
+from graph_sync.notifications import AGENT_TTL, LIST_AFTER, PENDING_KIND
 from mapping.model import Agent
 from tests.graph.conftest import Certificate, Rig, agents
 from tests.graph.test_notifications import dynamics_value, known_agents, post, rich_item, token
@@ -123,3 +123,45 @@ async def test_the_batcher_reads_enabled_agents_from_memory_and_asks_again_about
     assert lookups == [BOB.entra_object_id]  # Alice from memory; Bob's disabled entry not trusted
     assert await dynamics_value(rig, ALICE) == BUSY and await dynamics_value(rig, BOB) == BUSY
     assert await rig.bridge.store.list_docs(PENDING_KIND) == {}
+
+
+async def test_a_burst_of_first_sightings_lists_the_directory_once_per_ttl_and_the_rest_comes_from_it(
+    rich_rig: Rig,
+    certificate: Certificate,
+    http: aiohttp.ClientSession,
+    lookups: list[str],
+    ticker: Ticker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rig = rich_rig
+    crowd = agents(LIST_AFTER + 8, start=500)
+    await known_agents(rig, crowd)
+    listings: list[bool] = []
+    real_list = rig.bridge.store.list_agents
+
+    async def list_agents(*, enabled_only: bool = False) -> list[Agent]:
+        listings.append(enabled_only)
+        return await real_list(enabled_only=enabled_only)
+
+    monkeypatch.setattr(rig.bridge.store, "list_agents", list_agents)
+
+    async def burst(people: list[Agent], availability: str, activity: str) -> None:
+        items = [rich_item(rig, certificate, a, availability, activity) for a in people]
+        status, answer = await post(http, rig.notify_url, {"value": items, "validationTokens": [token(rig)]})
+        assert status == 202 and answer == {"accepted": len(people)}
+
+    await burst(crowd[:LIST_AFTER], "Busy", "InACall")
+    assert lookups == [a.entra_object_id for a in crowd[:LIST_AFTER]]
+    await rig.intake.agents.listed()
+    assert listings == [True]  # one read of the enabled agents
+    await burst(crowd[LIST_AFTER:], "Busy", "InACall")
+    assert len(lookups) == LIST_AFTER  # the others came from the listing
+    assert [await dynamics_value(rig, a) for a in crowd] == [BUSY] * len(crowd)
+    strangers = agents(LIST_AFTER, start=900)  # more ids asked about within the period: no second listing
+    await burst(strangers, "Busy", "InACall")
+    await rig.intake.agents.listed()
+    assert len(lookups) == 2 * LIST_AFTER and listings == [True]
+    ticker.now += AGENT_TTL  # a new period: what was listed has expired and is asked again
+    await burst(crowd[:1], "DoNotDisturb", "Presenting")
+    assert lookups[-1] == crowd[0].entra_object_id and listings == [True]
+    assert await dynamics_value(rig, crowd[0]) == DND
