@@ -210,7 +210,8 @@ class EntraAgents:
         if listing:
             self._listed_at = max(self._listed_at, now)
         if len(self._known) + len(agents) > MAX_HELD:  # bounded: what has expired goes first
-            self._known = {k: v for k, v in self._known.items() if self.clock() - v[1] < self.ttl}
+            cut = self.clock() - self.ttl
+            self._known = {k: v for k, v in self._known.items() if v[1] > cut}
             if len(self._known) + len(agents) > MAX_HELD:
                 self._known.clear()
         for agent in agents:
