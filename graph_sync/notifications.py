@@ -30,6 +30,7 @@ import asyncio
 import dataclasses
 import hmac
 import logging
+import math
 import re
 import time
 import uuid
@@ -48,9 +49,9 @@ from graph_sync.crypto import DecryptionError, Decryptor
 from graph_sync.subscriptions import SubscriptionManager
 from graph_sync.teams import MAX_IDS
 from mapping.api import CoreApi
-from mapping.engine import MANY
+from mapping.engine import BATCH, MANY
 from mapping.model import Agent, PresenceObserved, System
-from mapping.ports import PresenceReader
+from mapping.ports import AdapterRecords, PresenceReader
 from mapping.rounds import Rounds
 
 log = logging.getLogger("presence_sync.graph")
@@ -74,6 +75,17 @@ NOTIFIED_EVERY = 60.0
 """Seconds between two writes of one subscription's time (an instance notes it at most this often)."""
 PROBE_ID = "00000000-0000-0000-0000-000000000000"
 """Looked up when every lookup of a round failed: if this one works, the ids are to blame, not the store."""
+AGENT_TTL = 60.0
+"""Seconds an agent found by Entra object id is reused before the directory is asked again (see
+``EntraAgents``): as long as the subscription upkeep takes to follow a directory change."""
+LIST_AFTER = 32
+"""Ids asked about within one ``AGENT_TTL`` after which ``EntraAgents`` lists the directory instead."""
+MAX_HELD = 200_000
+"""Most agents ``EntraAgents`` holds (four times the largest directory the bridge is sized for)."""
+NOTES_PER_WRITE = 256
+"""Most pending-read notes written in one transaction (``NoteWriter``)."""
+DELETES_AT_ONCE = 8
+"""Pending-read notes deleted at once after a round (fewer than a PostgreSQL pool's connections)."""
 _FILTER_IDS = re.compile(r"'([^']+)'")
 
 
@@ -132,6 +144,180 @@ class JwksCache:
         self._fetched = time.monotonic()
 
 
+class EntraAgents:
+    """The agent each Entra object id belongs to, as the directory last said, for ``ttl`` seconds.
+
+    Why: a rich notification names its user by Entra id, and asking the store costs a connection and
+    a query each time (about 1 ms of CPU on SQLite, more than the item's RSA unwrap), while a burst
+    notifies the same people again and again. Only agents found are kept: an unknown id is asked, and
+    recorded for ``agents list --unknown`` (rule 1), every time, as it may be added any moment.
+
+    A burst of first sightings (a shift starting: everyone's presence changes once) would still ask
+    the store per item; so once ``list_after`` ids were asked about within one ``ttl``, the enabled
+    agents are listed in one read, in the background (the lookups meanwhile go on one by one), at
+    most once per ``ttl``: a listing costs what a few dozen lookups cost (about 6 us per agent).
+
+    Unlike the Dataverse webhook's cache (keyed by the systemuserid, an agent's own key, kept for
+    good), an Entra id is an attribute that ``agents import`` or discovery may correct or give to
+    another agent, maybe in another process. So an entry lives ``ttl`` seconds from when the
+    directory was read, then the directory is asked again: such a change takes effect here within
+    ``ttl``, as it reaches the subscriptions within their upkeep interval. Whether the agent is
+    enabled is not decided here: the engine reads that in the observation's own transaction."""
+
+    def __init__(
+        self,
+        bridge: CoreApi,
+        *,
+        ttl: float = AGENT_TTL,
+        list_after: int = LIST_AFTER,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.bridge = bridge
+        self.ttl = ttl
+        self.list_after = list_after
+        self.clock = clock
+        self._known: dict[str, tuple[Agent, float]] = {}
+        """Entra id (as ``usable_id`` gives it) -> (agent, ``clock()`` when the directory said so)."""
+        self._asked = 0
+        """Ids asked about since ``_asked_since``."""
+        self._asked_since = -math.inf
+        self._listed_at = -math.inf
+        """When the last listing started (read, or handed in through ``remember``)."""
+        self._listing: asyncio.Task[None] | None = None
+
+    async def get(self, entra_id: str) -> Agent | None:
+        """``CoreApi.agent_for(System.TEAMS, entra_id)``, from memory when it was asked lately."""
+        agent = self.held(entra_id)
+        if agent is not None:
+            return agent
+        self._count_asked()
+        agent = await self.bridge.agent_for(System.TEAMS, entra_id)
+        if agent is None:
+            self._known.pop(entra_id, None)
+        else:
+            self.remember([agent])
+        return agent
+
+    def held(self, entra_id: str) -> Agent | None:
+        """The agent the directory gave for ``entra_id`` less than ``ttl`` seconds ago, else None."""
+        held = self._known.get(entra_id)
+        return held[0] if held is not None and self.clock() - held[1] < self.ttl else None
+
+    def remember(self, agents: Sequence[Agent], *, at: float | None = None, listing: bool = False) -> None:
+        """Keeps what the directory said of ``agents`` at ``at`` (default: now): a lookup, or a
+        ``listing`` of every enabled agent (which also counts as this period's listing)."""
+        now = self.clock() if at is None else at
+        if listing:
+            self._listed_at = max(self._listed_at, now)
+        if len(self._known) + len(agents) > MAX_HELD:  # bounded: what has expired goes first
+            cut = self.clock() - self.ttl
+            self._known = {k: v for k, v in self._known.items() if v[1] > cut}
+            if len(self._known) + len(agents) > MAX_HELD:
+                self._known.clear()
+        for agent in agents:
+            self._known[agent.entra_object_id.lower()] = (agent, now)
+
+    def forget(self) -> None:
+        """Drops everything held, as if nothing had been asked yet (the bench's cold runs)."""
+        self._known.clear()
+        self._asked, self._asked_since, self._listed_at = 0, -math.inf, -math.inf
+
+    async def listed(self) -> None:
+        """Waits for a listing under way, if any (tests, the bench)."""
+        if self._listing is not None:
+            await asyncio.gather(self._listing, return_exceptions=True)
+
+    async def stop(self) -> None:
+        if self._listing is not None:
+            self._listing.cancel()
+            await asyncio.gather(self._listing, return_exceptions=True)
+            self._listing = None
+
+    def _count_asked(self) -> None:
+        now = self.clock()
+        if now - self._asked_since >= self.ttl:
+            self._asked, self._asked_since = 0, now
+        self._asked += 1
+        if (
+            self._asked >= self.list_after
+            and now - self._listed_at >= self.ttl
+            and (self._listing is None or self._listing.done())
+        ):
+            self._listed_at = now  # one listing per period, even if this one fails
+            self._listing = asyncio.create_task(self._list(now), name="graph-directory-listing")
+
+    async def _list(self, started: float) -> None:
+        try:
+            agents = await self.bridge.directory.list_agents(enabled_only=True)
+        except Exception as e:  # the lookups one by one go on: slower, never wrong
+            log.warning("directory listing failed; looking agents up one by one", extra={"fields": {"error": str(e)}})
+            return
+        self.remember(agents, at=started, listing=True)
+
+
+class NoteWriter:
+    """Pending-read notes written by group commit: a note arriving while an earlier group is being
+    written waits for that write and goes with the others in the next one, up to ``most`` in one
+    ``put_docs`` transaction. Nothing waits for company (a lone note is written at once), and each
+    caller returns only once the write holding its note committed; when that write fails, every
+    caller of the group gets its error (the route answers 503 and Graph sends the batch again).
+
+    Why: a basic notification's only durable work is its note, one small row; written one by one,
+    concurrent requests queue for the store's single writer (SQLite) or pay a transaction's round
+    trips each (PostgreSQL), and that write is most of their CPU. Each note keeps its own key and
+    shape, so the batcher reads them as before."""
+
+    def __init__(self, records: AdapterRecords, kind: str, *, most: int = NOTES_PER_WRITE) -> None:
+        self.records = records
+        self.kind = kind
+        self.most = most
+        self._queue: list[tuple[str, dict[str, Any], asyncio.Future[None]]] = []
+        self._writer: asyncio.Future[None] | None = None
+        self.writes = 0
+        """Transactions written so far (tests, the bench)."""
+
+    @property
+    def queued(self) -> int:
+        """Notes waiting for the write in progress to finish (tests)."""
+        return len(self._queue)
+
+    async def put(self, key: str, doc: dict[str, Any]) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((key, doc, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._flush())
+        await future
+
+    async def _flush(self) -> None:
+        while self._queue:
+            group = self._queue[: self.most]
+            del self._queue[: self.most]
+            try:
+                self.writes += 1
+                await self.records.put_docs(self.kind, {key: doc for key, doc, _ in group})
+            except Exception as e:
+                _settle_all(group, e)
+                continue
+            except BaseException as e:  # cancelled (shutdown): no caller may wait forever
+                _settle_all(group + self._queue, e)
+                self._queue.clear()
+                raise
+            _settle_all(group, None)
+
+
+def _settle_all(group: Sequence[tuple[str, dict[str, Any], asyncio.Future[None]]], error: BaseException | None) -> None:
+    """Answers the callers of ``group`` that still wait: done, or ``error`` (cancelled if that is)."""
+    for _, _, future in group:
+        if future.done():
+            continue
+        if isinstance(error, asyncio.CancelledError):
+            future.cancel()
+        elif error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(None)
+
+
 _GUID = re.compile(r"^[0-9a-f]{8}-(?:[0-9a-f]{4}-){3}[0-9a-f]{12}$")
 ENTRA_V2 = "https://login.microsoftonline.com/"
 
@@ -141,10 +327,20 @@ class TokenValidator:
     ``azp`` (v2) or ``appid`` (v1) = Graph's change-tracking app, inside ``nbf``/``exp`` (with
     ``leeway`` seconds of clock skew), ``iss`` = the identity platform of the token's own ``tid``, and
     ``tid`` = our tenant when ``TENANT_ID`` is a GUID (compared as GUIDs, whatever the case). Tokens already
-    verified are remembered until they expire: Graph sends the same token on many batches."""
+    verified are remembered, by their exact text, until they expire (``exp`` plus ``leeway``, as the
+    check itself allows): Graph sends the same token on many batches, and the text is what the
+    signature covers, so any other token (another signature, ``kid`` or claim) is checked in full.
+    ``now``: the clock that expiry is measured by (seconds since the epoch)."""
 
     def __init__(
-        self, jwks: JwksCache, *, client_id: str, tenant_id: str | None = None, leeway: float = 60.0, memory: int = 256
+        self,
+        jwks: JwksCache,
+        *,
+        client_id: str,
+        tenant_id: str | None = None,
+        leeway: float = 60.0,
+        memory: int = 256,
+        now: Callable[[], float] = time.time,
     ) -> None:
         self.jwks = jwks
         self.client_id = client_id
@@ -155,12 +351,13 @@ class TokenValidator:
         self.tenant_guid = wanted if _GUID.match(wanted) else None
         self.leeway = leeway
         self.memory = memory
+        self.now = now
         self._verified: dict[str, float] = {}
 
     async def check(self, token: str) -> None:
         """Returns when the token is valid; raises ``ValueError`` (why) or ``KeysUnavailable``."""
         exp = self._verified.get(token)
-        if exp is not None and exp + self.leeway > time.time():
+        if exp is not None and exp + self.leeway > self.now():
             return
         try:
             header = jwt.get_unverified_header(token)
@@ -201,8 +398,8 @@ class TokenValidator:
         if self.tenant_guid is not None and tid != self.tenant_guid:
             raise ValueError("issued for another tenant")
         if len(self._verified) >= self.memory:
-            now = time.time()
-            self._verified = {t: e for t, e in self._verified.items() if e > now}
+            now = self.now()
+            self._verified = {t: e for t, e in self._verified.items() if e + self.leeway > now}
             if len(self._verified) >= self.memory:
                 self._verified.clear()
         self._verified[token] = float(claims["exp"])
@@ -289,6 +486,8 @@ class GraphIntake:
             what="pending reads",
             name="graph-pending-reads",
         )
+        self.agents = EntraAgents(bridge)
+        self.notes = NoteWriter(bridge.records, PENDING_KIND)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._notified: dict[str, float] = {}
         """Subscription id -> ``time.monotonic()`` of its last ``NOTIFIED_KIND`` write."""
@@ -306,6 +505,7 @@ class GraphIntake:
 
     async def stop(self) -> None:
         await self._batcher.stop()
+        await self.agents.stop()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -501,7 +701,7 @@ class GraphIntake:
         if rid != user_id or not isinstance(availability, str) or not availability:
             self.bridge.telemetry.rejected(ROUTE, "malformed_item")
             return False
-        agent = await self.bridge.agent_for(System.TEAMS, user_id)
+        agent = await self.agents.get(user_id)
         if agent is None:
             self.bridge.telemetry.event(INTAKE, "unknown_agent")
             return True
@@ -599,14 +799,15 @@ class GraphIntake:
     # ------------------------------------------------------------------ pending reads
 
     async def _queue_reads(self, user_ids: Sequence[str], why: str) -> None:
-        """Durably notes users to read: one small document per request, whatever its size (one store
-        write, not one per user), under a key of its own, so no request overwrites another's note."""
+        """Durably notes users to read: one small document per request, whatever its size, under a key
+        of its own, so no request overwrites another's note; concurrent requests' notes share one
+        store write (``NoteWriter``), and this returns once the write holding this one committed."""
         ids = list(dict.fromkeys(u for u in map(usable_id, user_ids) if u is not None))
         if not ids:
             return
         now = self.bridge.clock()
         key = f"{now.strftime('%Y%m%dT%H%M%S.%f')}-{uuid.uuid4().hex[:12]}"
-        await self.bridge.records.put_doc(PENDING_KIND, key, {"ids": ids, "why": why, "at": now.isoformat()})
+        await self.notes.put(key, {"ids": ids, "why": why, "at": now.isoformat()})
         self._batcher.wake()
 
     async def request_read(self, system: System, agent_id: str, why: str) -> None:
@@ -654,15 +855,24 @@ class GraphIntake:
         entra = {a.dynamics_user_id: a.entra_object_id.lower() for a in agents}
         for start in range(0, len(agents), MAX_IDS):
             results = await self.reader.read(agents[start : start + MAX_IDS])  # Graph down: raised, all kept
+            # What is read has shown since the (latest) notification that prompted the read.
+            results = [dataclasses.replace(o, since=wanted.get(entra.get(o.agent_id, ""))) for o in results]
             failed: list[tuple[PresenceObserved, Exception]] = []
-            for obs in results:  # one short transaction each: acks of new notifications interleave
-                # What is read has shown since the (latest) notification that prompted the read.
-                obs = dataclasses.replace(obs, since=wanted.get(entra.get(obs.agent_id, "")))
-                try:
-                    await self.bridge.observe(obs, intake=INTAKE)
-                    observed += 1
-                except Exception as e:
-                    failed.append((obs, e))
+            for first in range(0, len(results), BATCH):
+                # A slice at a time, all at once: the engine's group commit writes it in one short
+                # transaction (acks of new notifications interleave between slices), and each
+                # observation still gets its own outcome or its own error.
+                part = results[first : first + BATCH]
+                outcomes = await asyncio.gather(
+                    *(self.bridge.observe(obs, intake=INTAKE) for obs in part), return_exceptions=True
+                )
+                for obs, outcome in zip(part, outcomes, strict=True):
+                    if isinstance(outcome, Exception):
+                        failed.append((obs, outcome))
+                    elif isinstance(outcome, BaseException):
+                        raise outcome
+                    else:
+                        observed += 1
             if failed and not observed:
                 raise failed[0][1]  # nothing went through: the store, not the items
             for obs, error in failed:
@@ -673,30 +883,56 @@ class GraphIntake:
                     "observe_failed",
                     f"what Teams shows for user {_shown(uid)} could not be applied ({type(error).__name__}: {error})",
                 )
-        for key in notes:
-            await self.bridge.records.delete_doc(PENDING_KIND, key)
+        await self._delete_notes(list(notes))
         return observed
 
+    async def _delete_notes(self, keys: Sequence[str]) -> None:
+        """Deletes the notes a round covered, a slice at a time, all of a slice at once: the store
+        then commits them together (SQLite's group commit) instead of one transaction each, which
+        cost a round more than its reads. A note not deleted (an error, raised after the slice) is
+        read again next round: a second read, never a lost one."""
+        for start in range(0, len(keys), DELETES_AT_ONCE):
+            done = await asyncio.gather(
+                *(self.bridge.records.delete_doc(PENDING_KIND, key) for key in keys[start : start + DELETES_AT_ONCE]),
+                return_exceptions=True,
+            )
+            for result in done:
+                if isinstance(result, BaseException):
+                    raise result
+
     async def _agents_for(self, ids: Sequence[str], holder: Mapping[str, str], notes: Mapping[str, Any]) -> list[Agent]:
-        """The enabled agents of ``ids``, each looked up on its own (one directory listing for many):
-        a lookup failing for one id is that id's poison, unless every lookup failed and a probe of the
-        store fails too (the store is down: raised, every note kept)."""
+        """The enabled agents of ``ids``, in their order: those ``EntraAgents`` saw enabled lately from
+        memory, the others each looked up on its own (one directory listing for many). A lookup
+        failing for one id is that id's poison, unless every lookup failed and a probe of the store
+        fails too (the store is down: raised, every note kept)."""
         directory = self.bridge.directory
+        known: dict[str, Agent] = {}
+        asked: list[str] = []
+        for uid in ids:  # a disabled agent is asked again: it may be enabled by now
+            agent = self.agents.held(uid)
+            if agent is not None and agent.enabled:
+                known[uid] = agent
+            else:
+                asked.append(uid)
         listed: dict[str, Agent] | None = None
-        if len(ids) > 50:
-            listed = {a.entra_object_id.lower(): a for a in await directory.list_agents(enabled_only=True)}
-        found: list[Agent] = []
+        if len(asked) > 50:
+            read_at = self.agents.clock()
+            everyone = await directory.list_agents(enabled_only=True)
+            self.agents.remember(everyone, at=read_at, listing=True)
+            listed = {a.entra_object_id.lower(): a for a in everyone}
         failed: dict[str, Exception] = {}
-        for uid in ids:
+        for uid in asked:
             try:
                 agent = listed.get(uid) if listed is not None else await directory.get_agent_by_entra(uid)
                 if agent is not None and agent.enabled:
-                    found.append(agent)
+                    known[uid] = agent
+                    if listed is None:
+                        self.agents.remember([agent])
                 elif await self.bridge.agent_for(System.TEAMS, uid) is None:
                     self.bridge.telemetry.event(INTAKE, "unknown_agent")  # recorded for `agents list --unknown`
             except Exception as e:
                 failed[uid] = e
-        if failed and len(failed) == len(ids):
+        if failed and len(failed) == len(asked):
             try:
                 await directory.get_agent_by_entra(PROBE_ID)
             except Exception:
@@ -709,7 +945,7 @@ class GraphIntake:
                 f"user id {_shown(uid)} could not be looked up ({type(error).__name__}: {error}); "
                 "the other ids are read",
             )
-        return found
+        return [known[uid] for uid in ids if uid in known]
 
     async def _poison_note(self, key: str, note: Any, reason: str, detail: str) -> None:
         await hand_off(self.on_poison, PENDING_ROUTE, reason, encode_item({"key": key, "note": note}), detail)
