@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -59,7 +58,7 @@ from service.store.migrate import (
     migration_status,
     upgrade,
 )
-from service.store.raw import PgDriver, SqliteDriver
+from service.store.raw import Driver, PgDriver, Sql, SqliteDriver, dumps
 from service.store.schema import agents, docs, presences, secrets
 from service.store.secrets import SecretBox
 from service.store.state_cache import StateCache
@@ -126,13 +125,21 @@ class SqlStore(ConsoleSql):
         """The engine's transactions, on the drivers' own connections (``service.store.raw``): the
         inline SQLite connection under the store's write lock and group commit, or an asyncpg
         connection from the engine's pool in a transaction of its own."""
+        async with self._raw_writing() as db:
+            yield SqlTransaction(db, lock_rows=not self._sqlite, states=self._states)
+
+    @asynccontextmanager
+    async def _raw_writing(self) -> AsyncIterator[Driver]:
+        """One write transaction on the drivers' own connections (``service.store.raw``): commit on
+        normal exit, rollback on exception. SQLite: the inline connection under the store's write lock
+        and group commit; PostgreSQL: an asyncpg connection from the engine's pool."""
         if self._inline is not None:
             async with self._inline.chained() as inline:
-                yield SqlTransaction(SqliteDriver(inline.raw), lock_rows=False, states=self._states)
+                yield SqliteDriver(inline.raw)
             return
         async with self._pg_begun() as (fairy, raw, tr):
             try:
-                yield SqlTransaction(PgDriver(raw), lock_rows=True, states=self._states)
+                yield PgDriver(raw)
             except BaseException as e:
                 if isinstance(e, _CONNECTION_LOST):
                     fairy.invalidate()  # mid-statement or gone: the pool must not hand it out again
@@ -293,16 +300,17 @@ class SqlStore(ConsoleSql):
         await self.put_docs(kind, {key: doc})
 
     async def put_docs(self, kind: str, items: Mapping[str, dict[str, Any]]) -> None:
+        """On the drivers' own connections, as the engine's writes: basic Graph notifications note a
+        pending read each, and SQLAlchemy's execution cost more than the write."""
         if not items:
             return
-        now = utcnow()
-        rows = [{"kind": kind, "key": k, "doc": d, "updated_at": now} for k, d in items.items()]
-        async with self._writing() as conn:
-            await conn.execute(_put_docs_statement(self.dialect), rows)
+        async with self._raw_writing() as db:
+            now = db.time(utcnow())
+            await db.executemany(_PUT_DOC, [(kind, key, dumps(doc), now) for key, doc in items.items()])
 
     async def delete_doc(self, kind: str, key: str) -> None:
-        async with self._writing() as conn:
-            await conn.execute(delete(docs).where(docs.c.kind == kind, docs.c.key == key))
+        async with self._raw_writing() as db:
+            await db.execute(_DELETE_DOC, kind, key)
 
     async def list_docs(self, kind: str) -> dict[str, dict[str, Any]]:
         async with self._reading() as conn:
@@ -387,15 +395,11 @@ class SqlStore(ConsoleSql):
         await self.engine.dispose()
 
 
-@functools.cache
-def _put_docs_statement(dialect: str) -> Any:
-    """``put_docs``' upsert, built once per dialect (as ``state_sql``'s): building an ``ON CONFLICT``
-    statement costs more CPU than running it, and basic notifications note a pending read each."""
-    stmt = upsert(dialect, docs)
-    return stmt.on_conflict_do_update(
-        index_elements=[docs.c.kind, docs.c.key],
-        set_={"doc": stmt.excluded.doc, "updated_at": stmt.excluded.updated_at},
-    )
+_PUT_DOC = Sql.of(
+    "INSERT INTO docs (kind, key, doc, updated_at) VALUES ($1, $2, $3::json, $4) "
+    "ON CONFLICT (kind, key) DO UPDATE SET doc = excluded.doc, updated_at = excluded.updated_at"
+)
+_DELETE_DOC = Sql.of("DELETE FROM docs WHERE kind = $1 AND key = $2")
 
 
 async def open_store(
