@@ -23,8 +23,10 @@ from typing import Any, TypeVar
 
 import asyncpg
 import pytest
+from aiohttp import web
 from cryptography.fernet import Fernet
 
+from emulators.serving import serve_app
 from mapping.memory import MemoryStore
 from mapping.ports import Store
 from service.store import SqlStore, open_store
@@ -154,3 +156,30 @@ async def any_store(request: pytest.FixtureRequest, open_sql: Callable[..., Awai
         return MemoryStore()
     url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
     return await open_sql(url)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[Callable[[Handler], Awaitable[tuple[str, list[web.Request]]]]]:
+    """A tiny fake upstream: ``await stub(handler)`` serves ``handler`` for every path on a free
+    loopback port and returns its base URL and the requests it saw."""
+    runners: list[web.AppRunner] = []
+
+    async def make(handler: Handler) -> tuple[str, list[web.Request]]:
+        seen: list[web.Request] = []
+
+        async def record(request: web.Request) -> web.StreamResponse:
+            seen.append(request)
+            return await handler(request)
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", record)
+        runner, base = await serve_app(app)
+        runners.append(runner)
+        return base, seen
+
+    yield make
+    for r in runners:
+        await r.cleanup()

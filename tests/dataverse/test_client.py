@@ -8,7 +8,7 @@ from __future__ import annotations
 import email.utils
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import pytest
@@ -18,7 +18,6 @@ from dataverse.client import READ_BATCH, DataverseClient, check_dataverse_url
 from dataverse.registration import register_webhook
 from edge.upstream import retry_after_seconds
 from emulators.dataverse import AVAILABLE, AWAY, BUSY, DND, LUNCH, OFFLINE, RETIRED, TRAINING, DataverseEmulator
-from emulators.serving import serve_app
 from mapping.errors import ConfigError, PermanentError, RetryableError, Throttled, UpstreamError
 from mapping.model import Agent, BasePresence, OutboxStatus, SetPresence, System
 from tests.dataverse.conftest import KEY, TOKEN, Served
@@ -380,32 +379,6 @@ async def test_a_next_link_to_another_origin_is_refused_before_any_call(
     assert isinstance(e, PermanentError)
     assert "https://evil.example" in e.message and "refusing to send the token there" in e.message
     assert tokens.scopes == []
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@pytest.fixture
-async def stub() -> AsyncIterator[Callable[[Handler], Awaitable[tuple[str, list[web.Request]]]]]:
-    """A tiny fake org: ``await stub(handler)`` serves it and returns its URL and the requests seen."""
-    runners: list[web.AppRunner] = []
-
-    async def make(handler: Handler) -> tuple[str, list[web.Request]]:
-        seen: list[web.Request] = []
-
-        async def record(request: web.Request) -> web.StreamResponse:
-            seen.append(request)
-            return await handler(request)
-
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", record)
-        runner, base = await serve_app(app)
-        runners.append(runner)
-        return base, seen
-
-    yield make
-    for r in runners:
-        await r.cleanup()
 
 
 async def test_a_foreign_next_link_in_a_page_is_not_followed(stub: Any) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,7 +19,6 @@ import pytest
 from aiohttp import web
 
 from emulators.graph import GraphEmulator
-from emulators.serving import serve_app
 from graph_sync.client import make_http_client
 from graph_sync.teams import TeamsPresenceClient
 from mapping.errors import PermanentError, RetryableError, Throttled, UpstreamError
@@ -32,31 +31,6 @@ from tests.support import StaticTokens
 ALICE = Agent("97c90b02-4e38-ef11-a315-000d3a5a54dc", entra(1), "Alice Agent")
 JWT = "eyJhbGciOiJSUzI1NiJ9.eyJhdWQiOiJodHRwczovL2dyYXBoLm1pY3Jvc29mdC5jb20ifQ.c2lnbmF0dXJlLXBhcnQ"
 """A token shaped as Entra's are, so that an echo of it is recognisable wherever it lands."""
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@pytest.fixture
-async def stub() -> AsyncIterator[Callable[[Handler], Awaitable[tuple[str, list[web.Request]]]]]:
-    """Serves ``handler`` for every path on a free loopback port: (base URL, the requests it saw)."""
-    runners: list[web.AppRunner] = []
-
-    async def make(handler: Handler) -> tuple[str, list[web.Request]]:
-        seen: list[web.Request] = []
-
-        async def record(request: web.Request) -> web.StreamResponse:
-            seen.append(request)
-            return await handler(request)
-
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", record)
-        runner, base = await serve_app(app)
-        runners.append(runner)
-        return base, seen
-
-    yield make
-    for r in runners:
-        await r.cleanup()
 
 
 @pytest.fixture
