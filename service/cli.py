@@ -67,6 +67,7 @@ async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     # Fail fast, with one line, before binding the port. The lease owner survives a restart (host
     # and port: two instances on one host cannot share a port), so rows in flight are taken back.
     runtime = await Runtime.open(settings, owner=serve_owner(settings))
+    freeze_start_up()  # before the app starts its work: what that work makes stays collectable
     app = create_app(settings, runtime=runtime)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -84,7 +85,6 @@ async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-        freeze_start_up()
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()

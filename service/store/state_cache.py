@@ -20,8 +20,9 @@ from typing import Any
 from mapping.model import AgentSyncState, clone
 from service.store.state_doc import decode, from_doc
 
-SIZE = 4096
-"""States kept: the agents changing now (a burst's, a sweep batch's), a few MB."""
+SIZE = 2048
+"""States kept: the agents changing now (a burst's, most of a sweep batch's); about 4 KB each, so
+about 9 MB at most (a 50,000-agent ``serve`` must stay under 300 MB, ``bench/scale.py``)."""
 
 
 class StateCache:
