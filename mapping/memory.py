@@ -237,6 +237,9 @@ class MemoryStore:
         agents = sorted(self.d.agents.values(), key=lambda a: (a.display_name.lower(), a.dynamics_user_id))
         return [a for a in agents if a.enabled or not enabled_only]
 
+    async def count_agents(self, *, enabled_only: bool = False) -> int:
+        return sum(1 for a in self.d.agents.values() if a.enabled or not enabled_only)
+
     async def upsert_agents(self, agents: Sequence[Agent]) -> dict[str, str]:
         async with self.transaction() as tx:
             return {_norm(a).dynamics_user_id: await tx.upsert_agent(a) for a in agents}

@@ -108,7 +108,7 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append(f"webhook spool unwritable: {rt.spool.problem} (check PRESENCE_SYNC_SPOOL_DIR)")
     if problems:
         return web.json_response({"status": "not ready", "problems": problems, "spool": spool}, status=503)
-    agents = len(await rt.store.list_agents(enabled_only=True))
+    agents = await rt.store.count_agents(enabled_only=True)  # counted, not read: 50,000 agents per poll
     return web.json_response({"status": "ready", "agents": agents, "spool": spool})
 
 

@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Any, cast
 
 import asyncpg
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from mapping.clock import utcnow
@@ -200,6 +200,13 @@ class SqlStore(ConsoleSql):
             found = [directory_sql.to_agent(r) for r in (await conn.execute(query)).all()]
         # Sorted in Python: SQL lower() and collations differ between dialects for non-ASCII names.
         return sorted(found, key=lambda a: (a.display_name.lower(), a.dynamics_user_id))
+
+    async def count_agents(self, *, enabled_only: bool = False) -> int:
+        query = select(func.count()).select_from(agents)
+        if enabled_only:
+            query = query.where(agents.c.enabled.is_(True))
+        async with self._reading() as conn:
+            return int((await conn.execute(query)).scalar_one())
 
     async def upsert_agents(self, agent_list: Sequence[Agent]) -> dict[str, str]:
         async with self._writing() as conn:

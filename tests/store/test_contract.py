@@ -57,6 +57,14 @@ async def test_upsert_reports_added_updated_unchanged(any_store: Store) -> None:
         assert await tx.get_agent(BOB.dynamics_user_id) == renamed
 
 
+async def test_agents_are_counted_as_listed(any_store: Store) -> None:
+    assert await any_store.count_agents() == 0
+    await any_store.upsert_agents([ALICE, BOB, CAROL])
+    await any_store.set_agent_enabled(BOB.dynamics_user_id, False)
+    assert await any_store.count_agents() == len(await any_store.list_agents()) == 3
+    assert await any_store.count_agents(enabled_only=True) == len(await any_store.list_agents(enabled_only=True)) == 2
+
+
 async def test_ids_are_lower_cased_and_found_either_way(any_store: Store) -> None:
     shouting = Agent(" " + ALICE.dynamics_user_id.upper(), ALICE.entra_object_id.upper() + " ", "Alice")
     assert await any_store.upsert_agents([shouting]) == {ALICE.dynamics_user_id: "added"}
