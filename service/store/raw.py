@@ -82,11 +82,7 @@ class Driver(Protocol):
         ...
 
     def ids(self, values: Sequence[str]) -> Any:
-        """A list parameter (``{ids:N}``)."""
-        ...
-
-    def flag(self, value: Any) -> bool:
-        """A boolean column's value read back."""
+        """A list parameter (``{in:N}``)."""
         ...
 
 
@@ -122,9 +118,6 @@ class SqliteDriver:
         # Ids are GUIDs, the usual case: nothing to escape, and json.dumps cost more than the query.
         return '["' + '","'.join(values) + '"]' if values else "[]"
 
-    def flag(self, value: Any) -> bool:
-        return bool(value)
-
 
 class PgDriver:
     """An asyncpg connection (taken from the SQLAlchemy engine's pool) in a transaction."""
@@ -152,6 +145,3 @@ class PgDriver:
 
     def ids(self, values: Sequence[str]) -> Any:
         return list(values)
-
-    def flag(self, value: Any) -> bool:
-        return bool(value)

@@ -175,7 +175,6 @@ class SqlStore(ConsoleSql):
                     fairy.invalidate()
                     if last or not isinstance(e, Exception):
                         raise
-                    await conn.close()
                     await self.engine.dispose()  # its siblings are as stale
                     continue
                 yield fairy, raw, tr

@@ -30,16 +30,18 @@ class StateCache:
         self.size = size
         self._items: OrderedDict[str, tuple[str, AgentSyncState]] = OrderedDict()
 
-    def decode(self, agent_id: str, doc: Any) -> AgentSyncState:
-        """The state stored as ``doc`` (its JSON text; a decoded document is decoded, not kept)."""
-        if not isinstance(doc, str):
-            return decode(agent_id, doc) if isinstance(doc, bytes) else from_doc(agent_id, doc)
+    def decode(self, agent_id: str, text: str | dict[str, Any]) -> AgentSyncState:
+        """The state stored as ``text``, its JSON document. On PostgreSQL the pool's connections
+        decode ``json`` columns themselves (SQLAlchemy's asyncpg codec) and hand back a dict: that is
+        decoded into a state, not kept (there is no stored text to compare)."""
+        if not isinstance(text, str):
+            return from_doc(agent_id, text)
         hit = self._items.get(agent_id)
-        if hit is not None and hit[0] == doc:
+        if hit is not None and hit[0] == text:
             self._items.move_to_end(agent_id)
             return clone(hit[1])
-        state = decode(agent_id, doc)
-        self._put(agent_id, doc, clone(state))
+        state = decode(agent_id, text)
+        self._put(agent_id, text, clone(state))
         return state
 
     def keep(self, agent_id: str, text: str, state: AgentSyncState) -> None:

@@ -118,7 +118,7 @@ class SqlTransaction:
         db = self.db
         if self._lock_rows:
             rows = await db.fetch(_LOCK_STATES, db.ids(ids), db.time(utcnow()))
-            found = {r[0]: self._states.decode(r[0], r[2]) for r in rows if db.flag(r[1])}
+            found = {r[0]: self._states.decode(r[0], r[2]) for r in rows if r[1]}
         else:
             rows = await db.fetch(_STATES, db.ids(ids))
             found = {r[0]: self._states.decode(r[0], r[1]) for r in rows}
@@ -186,7 +186,7 @@ class SqlTransaction:
     async def get_agents(self, dynamics_user_ids: Sequence[str]) -> dict[str, Agent]:
         keys = list(dict.fromkeys(k.strip().lower() for k in dynamics_user_ids))
         rows = await self.db.fetch(_AGENTS, self.db.ids(keys))
-        return {r[0]: Agent(r[0], r[1], r[2], self.db.flag(r[3])) for r in rows}
+        return {r[0]: Agent(r[0], r[1], r[2], bool(r[3])) for r in rows}
 
     async def upsert_agent(self, agent: Agent) -> str:
         """``added``/``updated``/``unchanged``; ValueError (both ids named) when the Entra id is another
@@ -196,7 +196,7 @@ class SqlTransaction:
         current: dict[str, Agent] = {}
         owner: dict[str, str] = {}
         for r in await db.fetch(_AGENT_ROWS, agent.dynamics_user_id, agent.entra_object_id):
-            current[r[0]] = Agent(r[0], r[1], r[2], db.flag(r[3]))
+            current[r[0]] = Agent(r[0], r[1], r[2], bool(r[3]))
             owner[r[1]] = r[0]
         result, writes = plan_upserts([agent], current, owner)
         now = db.time(utcnow())
