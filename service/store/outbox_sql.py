@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, func, null, or_, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mapping.model import Delivery, OutboxRow, OutboxStatus, System
-from service.store.dialect import random_token, ts
+from service.store.raw import Driver, Sql
 from service.store.schema import outbox
 
 PENDING, IN_FLIGHT = OutboxStatus.PENDING.value, OutboxStatus.IN_FLIGHT.value
@@ -73,126 +73,87 @@ async def release_leases(conn: AsyncConnection, owner: str, now: datetime) -> in
     return int(result.rowcount or 0)
 
 
+_DUE = (
+    "system {in:1} AND ((status = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= $2)) "
+    "OR (status = 'in_flight' AND lease_until IS NOT NULL AND lease_until <= $2))"
+)
+_LEASE = "SET status = 'in_flight', lease_owner = $4, lease_until = $5, lease_token = "
+_CLAIMED = (
+    "RETURNING {t}id, {t}agent_id, {t}system, {t}value, {t}generation, {t}attempts, {t}lease_token, {t}reason, "
+    "{t}failing_since"
+)
+_CLAIM = Sql(
+    # FOR UPDATE SKIP LOCKED: concurrent claimers pass over each other's rows instead of waiting.
+    Sql.of(
+        f"WITH picked AS (SELECT id FROM outbox WHERE {_DUE} ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) "
+        f"UPDATE outbox {_LEASE}replace(gen_random_uuid()::text, '-', '') "
+        f"FROM picked WHERE outbox.id = picked.id {_CLAIMED.format(t='outbox.')}"
+    ).pg,
+    # SQLite: the claimer holds the database's only write lock.
+    Sql.of(
+        f"UPDATE outbox {_LEASE}lower(hex(randomblob(16))) "
+        f"WHERE id IN (SELECT id FROM outbox WHERE {_DUE} ORDER BY id LIMIT $3) {_CLAIMED.format(t='')}"
+    ).sqlite,
+)
+_HELD = "WHERE agent_id = $1 AND system = $2 AND status = 'in_flight' AND lease_token = $3"
+_MOVED = "generation != $4"  # a newer value was enqueued during the attempt
+_RELEASE = "lease_owner = NULL, lease_token = NULL, lease_until = NULL, updated_at = $5::timestamptz"
+_ACK = Sql.of(
+    f"UPDATE outbox SET {_RELEASE}, delivered_generation = $4, failing_since = NULL, "
+    f"status = CASE WHEN {_MOVED} THEN 'pending' ELSE 'delivered' END, "
+    f"attempts = CASE WHEN {_MOVED} THEN 0 ELSE attempts END, "
+    f"next_attempt_at = CASE WHEN {_MOVED} THEN $5 ELSE next_attempt_at END, "
+    f"last_error = CASE WHEN {_MOVED} THEN last_error ELSE NULL END "
+    f"{_HELD} RETURNING id"
+)
+_DIE = Sql.of(
+    # Dead, unless a newer value came: that one starts a new run.
+    f"UPDATE outbox SET {_RELEASE}, last_error = $6, "
+    f"status = CASE WHEN {_MOVED} THEN 'pending' ELSE 'dead' END, "
+    f"attempts = CASE WHEN {_MOVED} THEN 0 ELSE $7 END, "
+    f"next_attempt_at = CASE WHEN {_MOVED} THEN $5 ELSE NULL END, "
+    f"failing_since = CASE WHEN {_MOVED} THEN NULL ELSE coalesce(failing_since, $5) END "
+    f"{_HELD} RETURNING status"
+)
+_RETRY = Sql.of(
+    # A newer value is due now but inherits the failing run's tries and clock (``mapping.memory``).
+    f"UPDATE outbox SET {_RELEASE}, last_error = $6, status = 'pending', attempts = $7, "
+    f"next_attempt_at = CASE WHEN {_MOVED} THEN $5 ELSE $8::timestamptz END, failing_since = coalesce(failing_since, $5) "
+    f"{_HELD} RETURNING status"
+)
+
+
 async def claim(
-    conn: AsyncConnection, systems: Sequence[System], limit: int, lease_seconds: float, owner: str, now: datetime
+    db: Driver, systems: Sequence[System], limit: int, lease_seconds: float, owner: str, now: datetime
 ) -> list[Delivery]:
-    """Leases due rows in ONE statement. On PostgreSQL ``FOR UPDATE SKIP LOCKED`` in the CTE makes
-    concurrent claimers pass over each other's rows instead of waiting or double-claiming; the lease
-    itself (status and ``lease_until`` checked in the CTE) keeps a row to one holder afterwards."""
+    """Leases due rows in ONE statement (the outbox workers claim on every wake-up, so it runs on the
+    drivers' own connections: ``service.store.raw``). The lease itself (status and ``lease_until``
+    tested) keeps a row to one holder afterwards; each row gets a token of its own, made by the
+    server."""
     if not systems or limit <= 0:
         return []
-    due = or_(
-        and_(outbox.c.status == PENDING, or_(outbox.c.next_attempt_at.is_(None), outbox.c.next_attempt_at <= now)),
-        and_(outbox.c.status == IN_FLIGHT, outbox.c.lease_until.is_not(None), outbox.c.lease_until <= now),
-    )
-    picked = (
-        select(outbox.c.id)
-        .where(outbox.c.system.in_([s.value for s in systems]), due)
-        .order_by(outbox.c.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .cte("picked")
-    )
-    stmt = (
-        update(outbox)
-        .where(outbox.c.id == picked.c.id)
-        .values(
-            status=IN_FLIGHT,
-            lease_owner=owner,
-            lease_token=random_token(_dialect(conn)),
-            lease_until=now + timedelta(seconds=lease_seconds),
-        )
-        .returning(
-            outbox.c.id,
-            outbox.c.agent_id,
-            outbox.c.system,
-            outbox.c.value,
-            outbox.c.generation,
-            outbox.c.attempts,
-            outbox.c.lease_token,
-            outbox.c.reason,
-            outbox.c.failing_since,
-        )
-    )
-    rows = (await conn.execute(stmt)).all()
+    until = now + timedelta(seconds=lease_seconds)
+    rows = await db.fetch(_CLAIM, db.ids([s.value for s in systems]), db.time(now), limit, owner, db.time(until))
     return sorted(
-        (
-            Delivery(
-                r.id,
-                r.agent_id,
-                System(r.system),
-                r.value,
-                r.generation,
-                r.attempts,
-                r.lease_token,
-                r.reason,
-                r.failing_since,
-            )
-            for r in rows
-        ),
+        (Delivery(r[0], r[1], System(r[2]), r[3], r[4], r[5], r[6], r[7], db.read_time(r[8])) for r in rows),
         key=lambda d: d.id,
     )
 
 
-def _held(d: Delivery) -> Any:
-    return and_(
-        outbox.c.agent_id == d.agent_id,
-        outbox.c.system == d.system.value,
-        outbox.c.status == IN_FLIGHT,
-        outbox.c.lease_token == d.lease_token,
-    )
+async def ack(db: Driver, d: Delivery, now: datetime) -> bool:
+    rows = await db.fetch(_ACK, d.agent_id, d.system.value, d.lease_token, d.generation, db.time(now))
+    return bool(rows)
 
 
-async def ack(conn: AsyncConnection, d: Delivery, now: datetime) -> bool:
-    moved = outbox.c.generation != d.generation
-    stmt = (
-        update(outbox)
-        .where(_held(d))
-        .values(
-            lease_owner=None,
-            lease_token=None,
-            lease_until=None,
-            updated_at=now,
-            delivered_generation=d.generation,
-            failing_since=None,
-            status=case((moved, PENDING), else_=DELIVERED),
-            attempts=case((moved, 0), else_=outbox.c.attempts),
-            next_attempt_at=case((moved, ts(now)), else_=outbox.c.next_attempt_at),
-            last_error=case((moved, outbox.c.last_error), else_=null()),
-        )
-        .returning(outbox.c.id)
-    )
-    return (await conn.execute(stmt)).first() is not None
-
-
-async def fail(
-    conn: AsyncConnection, d: Delivery, error: str, next_attempt_at: datetime | None, now: datetime
-) -> OutboxStatus:
+async def fail(db: Driver, d: Delivery, error: str, next_attempt_at: datetime | None, now: datetime) -> OutboxStatus:
     """Pending again at ``next_attempt_at``, dead when it is None; a generation enqueued meanwhile
     is retried at once with fresh attempts instead. IN_FLIGHT when the lease was not ours."""
-    moved = outbox.c.generation != d.generation
-    if next_attempt_at is None:  # dead, unless a newer value came: that one starts a new run
-        values: dict[str, Any] = {
-            "status": case((moved, PENDING), else_=DEAD),
-            "attempts": case((moved, 0), else_=d.attempts + 1),
-            "next_attempt_at": case((moved, ts(now)), else_=null()),
-            "failing_since": case((moved, null()), else_=func.coalesce(outbox.c.failing_since, ts(now))),
-        }
-    else:  # a newer value is due now but inherits the failing run's tries and clock (``mapping.memory``)
-        values = {
-            "status": PENDING,
-            "attempts": d.attempts + 1,
-            "next_attempt_at": case((moved, ts(now)), else_=ts(next_attempt_at)),
-            "failing_since": func.coalesce(outbox.c.failing_since, ts(now)),
-        }
-    stmt = (
-        update(outbox)
-        .where(_held(d))
-        .values(lease_owner=None, lease_token=None, lease_until=None, updated_at=now, last_error=error, **values)
-        .returning(outbox.c.status)
-    )
-    status = (await conn.execute(stmt)).scalar_one_or_none()
-    return OutboxStatus.IN_FLIGHT if status is None else OutboxStatus(status)
+    held = (d.agent_id, d.system.value, d.lease_token, d.generation, db.time(now), error, d.attempts + 1)
+    if next_attempt_at is None:
+        rows = await db.fetch(_DIE, *held)
+    else:
+        rows = await db.fetch(_RETRY, *held, db.time(next_attempt_at))
+    return OutboxStatus.IN_FLIGHT if not rows else OutboxStatus(rows[0][0])
 
 
 async def list_rows(conn: AsyncConnection, status: OutboxStatus | None, limit: int) -> list[OutboxRow]:

@@ -81,6 +81,10 @@ class Driver(Protocol):
         """A datetime as the dialect's column holds it."""
         ...
 
+    def read_time(self, value: Any) -> datetime | None:
+        """A datetime column's value as read: aware UTC, as ``UTCDateTime`` hands it back."""
+        ...
+
     def ids(self, values: Sequence[str]) -> Any:
         """A list parameter (``{in:N}``)."""
         ...
@@ -110,6 +114,9 @@ class SqliteDriver:
         # SQLAlchemy's SQLite DATETIME format (naive UTC, microseconds): text comparisons in SQL
         # order these values in time, and SQLAlchemy's reads parse them.
         return utc(value).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+    def read_time(self, value: Any) -> datetime | None:
+        return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
 
     def ids(self, values: Sequence[str]) -> Any:
         flat = "".join(values)
@@ -142,6 +149,9 @@ class PgDriver:
 
     def time(self, value: datetime | None) -> Any:
         return None if value is None else utc(value)
+
+    def read_time(self, value: Any) -> datetime | None:
+        return None if value is None else value.astimezone(UTC)
 
     def ids(self, values: Sequence[str]) -> Any:
         return list(values)

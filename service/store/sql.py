@@ -259,8 +259,8 @@ class SqlStore(ConsoleSql):
     async def claim(
         self, systems: Sequence[System], limit: int, lease_seconds: float, owner: str, now: datetime
     ) -> list[Delivery]:
-        async with self._writing() as conn:
-            return await outbox_sql.claim(conn, systems, limit, lease_seconds, owner, now)
+        async with self._raw_writing() as db:
+            return await outbox_sql.claim(db, systems, limit, lease_seconds, owner, now)
 
     async def redrive(self, system: System, now: datetime) -> int:
         async with self._writing() as conn:
@@ -271,14 +271,14 @@ class SqlStore(ConsoleSql):
             return await outbox_sql.release_leases(conn, owner, now)
 
     async def ack(self, delivery: Delivery, now: datetime) -> bool:
-        async with self._writing() as conn:
-            return await outbox_sql.ack(conn, delivery, now)
+        async with self._raw_writing() as db:
+            return await outbox_sql.ack(db, delivery, now)
 
     async def fail(
         self, delivery: Delivery, error: str, next_attempt_at: datetime | None, now: datetime
     ) -> OutboxStatus:
-        async with self._writing() as conn:
-            return await outbox_sql.fail(conn, delivery, error, next_attempt_at, now)
+        async with self._raw_writing() as db:
+            return await outbox_sql.fail(db, delivery, error, next_attempt_at, now)
 
     async def list_outbox(self, status: OutboxStatus | None = None, limit: int = 100) -> list[OutboxRow]:
         async with self._reading() as conn:
