@@ -118,7 +118,8 @@ _DIE = Sql.of(
 _RETRY = Sql.of(
     # A newer value is due now but inherits the failing run's tries and clock (``mapping.memory``).
     f"UPDATE outbox SET {_RELEASE}, last_error = $6, status = 'pending', attempts = $7, "
-    f"next_attempt_at = CASE WHEN {_MOVED} THEN $5 ELSE $8::timestamptz END, failing_since = coalesce(failing_since, $5) "
+    f"next_attempt_at = CASE WHEN {_MOVED} THEN $5 ELSE $8::timestamptz END, "
+    "failing_since = coalesce(failing_since, $5) "
     f"{_HELD} RETURNING status"
 )
 

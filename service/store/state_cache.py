@@ -2,10 +2,12 @@
 from JSON once, not on every observation.
 
 Why it is safe: an entry is used only when the row's text, read in the same transaction, is exactly
-the text the entry was decoded from or saved as; any other writer (another instance, a CLI command,
-a migration) that changed the row changed its text, and a save that was rolled back left the row's
-older text, which its entry does not match. The cache hands out copies (``clone``) and keeps
-copies, so a caller that changes a state it loaded or saved changes nothing here.
+the text the entry was saved as; any other writer (another instance, a CLI command, a migration)
+that changed the row changed its text, and a save that was rolled back left the row's older text,
+which its entry does not match. The cache keeps a copy (``clone``) of what is saved and hands that
+copy out once, to the next transaction that reads the same text (and forgets it), so a caller that
+changes a state it loaded or saved changes nothing here. On PostgreSQL the statements read the
+``json`` column as its text (``doc::text``: the type keeps the text as written), for the same test.
 
 Why it pays: decoding a state (``json.loads`` and ``state_doc.from_doc``: every datetime parsed) was
 a fifth of the engine's time per observation (py-spy, ``bench/webhook_bench.py``); a copy costs a
@@ -15,10 +17,9 @@ quarter of that. Bounded (least recently used first out), so 50,000 agents do no
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
 
 from mapping.model import AgentSyncState, clone
-from service.store.state_doc import decode, from_doc
+from service.store.state_doc import decode
 
 SIZE = 2048
 """States kept: the agents changing now (a burst's, most of a sweep batch's); about 4 KB each, so
@@ -30,19 +31,14 @@ class StateCache:
         self.size = size
         self._items: OrderedDict[str, tuple[str, AgentSyncState]] = OrderedDict()
 
-    def decode(self, agent_id: str, text: str | dict[str, Any]) -> AgentSyncState:
-        """The state stored as ``text``, its JSON document. On PostgreSQL the pool's connections
-        decode ``json`` columns themselves (SQLAlchemy's asyncpg codec) and hand back a dict: that is
-        decoded into a state, not kept (there is no stored text to compare)."""
-        if not isinstance(text, str):
-            return from_doc(agent_id, text)
-        hit = self._items.get(agent_id)
+    def decode(self, agent_id: str, text: str) -> AgentSyncState:
+        """The state stored as ``text``, its JSON document. A hit is handed out as it is and leaves
+        the cache (the caller owns it and may change it; its transaction keeps what it saves): no
+        copy on the way out, and none on a miss either."""
+        hit = self._items.pop(agent_id, None)
         if hit is not None and hit[0] == text:
-            self._items.move_to_end(agent_id)
-            return clone(hit[1])
-        state = decode(agent_id, text)
-        self._put(agent_id, text, clone(state))
-        return state
+            return hit[1]
+        return decode(agent_id, text)
 
     def keep(self, agent_id: str, text: str, state: AgentSyncState) -> None:
         """``state`` was just stored as ``text``."""

@@ -52,7 +52,7 @@ _LOCK_STATES = Sql.of(
     "INSERT INTO agent_state (agent_id, saved, updated_at) "
     "SELECT id, false, $2 FROM unnest($1::text[]) AS ids(id) ORDER BY id "
     "ON CONFLICT (agent_id) DO UPDATE SET agent_id = excluded.agent_id "
-    "RETURNING agent_id, saved, doc"
+    "RETURNING agent_id, saved, doc::text"
 )
 _SAVE_STATE = Sql.of(
     "INSERT INTO agent_state (agent_id, saved, doc, updated_at) VALUES ($1, true, $2::json, $3) "

@@ -56,6 +56,39 @@ def test_bounded_least_recently_used_first_out():
     texts = {name: encode(AgentSyncState(name)) for name in "abc"}
     for name in "ab":
         cache.keep(name, texts[name], AgentSyncState(name))
-    cache.decode("a", texts["a"])  # a used: b is now the oldest
+    cache.keep("a", texts["a"], AgentSyncState("a"))  # a saved again: b is now the oldest
     cache.keep("c", texts["c"], AgentSyncState("c"))
     assert set(cache._items) == {"a", "c"}
+
+
+def test_a_hit_is_handed_out_once():
+    """The caller owns what it loaded: the cache forgets it instead of copying it."""
+    cache = StateCache()
+    text = encode(AgentSyncState("a", own_dynamics=BUSY))
+    cache.keep("a", text, AgentSyncState("a", own_dynamics=BUSY))
+    first = cache.decode("a", text)
+    first.own_dynamics = "changed by its owner"
+    assert cache.decode("a", text).own_dynamics == BUSY  # decoded from the text again
+
+
+async def test_a_saved_state_is_loaded_without_decoding_its_text(open_sql, sql_url, monkeypatch):
+    """On both stores (PostgreSQL reads the json column as its text for this)."""
+    import service.store.state_cache as state_cache
+    from service.store import state_doc
+
+    decoded: list[str] = []
+    real = state_doc.from_doc
+
+    def spy(agent_id: str, doc: dict) -> AgentSyncState:
+        decoded.append(agent_id)
+        return real(agent_id, doc)
+
+    monkeypatch.setattr(state_doc, "from_doc", spy)
+    monkeypatch.setattr(state_cache, "from_doc", spy, raising=False)  # wherever a decoder holds it
+    store = await open_sql(sql_url)
+    agent = ALICE.dynamics_user_id
+    async with store.transaction() as tx:
+        await tx.save_state(AgentSyncState(agent, own_dynamics=BUSY))
+    async with store.transaction() as tx:
+        assert (await tx.load_state(agent)).own_dynamics == BUSY
+    assert decoded == []
