@@ -276,7 +276,26 @@ class DataverseIntake:
         task = asyncio.ensure_future(work)
         self._attempts.add(task)
         task.add_done_callback(self._attempt_done)
-        return await asyncio.wait_for(asyncio.shield(task), self.commit_timeout)
+        # What ``asyncio.wait_for(asyncio.shield(task), timeout)`` does, with one future and one timer
+        # instead of their extra futures and callbacks: this runs on every webhook, and they cost 2.5%
+        # of its instructions (36,000 of 1.43 million, callgrind, store and engine included).
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: object = None) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        timer = loop.call_later(self.commit_timeout, wake)
+        task.add_done_callback(wake)
+        try:
+            await waiter  # cancelling this request leaves the task running, as shield does
+        finally:
+            timer.cancel()
+            task.remove_done_callback(wake)
+        if not task.done():
+            raise TimeoutError
+        return task.result()
 
     def _attempt_done(self, task: asyncio.Task[Any]) -> None:
         self._attempts.discard(task)
