@@ -268,11 +268,9 @@ class SyncEngine:
                 await held.enter_async_context(self._lock(key))
             now = self.clock()
             async with self.store.transaction() as tx:
-                found = await tx.get_agents(keys)
+                found, states = await tx.agents_with_states(keys)
                 agents = [found.get(key) for key in event_keys]  # each event's directory entry
-                known = sorted(a.dynamics_user_id for a in found.values() if a.enabled)
-                states = await tx.load_states(known)
-                outbox = OutboxView(await tx.outbox_rows(known))
+                outbox = OutboxView(await tx.outbox_rows(list(states)))
                 changed: set[str] = set()
                 for event, agent in zip(events, agents, strict=True):
                     if agent is None or not agent.enabled:

@@ -183,6 +183,12 @@ class MemoryTransaction:
             a.dynamics_user_id: a for k in dynamics_user_ids if (a := self.d.agents.get(k.strip().lower())) is not None
         }
 
+    async def agents_with_states(
+        self, dynamics_user_ids: Sequence[str]
+    ) -> tuple[dict[str, Agent], dict[str, AgentSyncState]]:
+        agents = await self.get_agents(dynamics_user_ids)
+        return agents, await self.load_states(sorted(a.dynamics_user_id for a in agents.values() if a.enabled))
+
     async def upsert_agent(self, agent: Agent) -> str:
         agent = _norm(agent)
         old = self.d.agents.get(agent.dynamics_user_id)

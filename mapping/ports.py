@@ -124,6 +124,14 @@ class Transaction(Protocol):
         read; ids not in the directory are left out."""
         ...
 
+    async def agents_with_states(
+        self, dynamics_user_ids: Sequence[str]
+    ) -> tuple[dict[str, Agent], dict[str, AgentSyncState]]:
+        """``get_agents`` of these ids, and ``load_states`` of the enabled ones among them (locked on
+        PostgreSQL, in sorted order): what the engine reads first in every transaction, in one round
+        trip where the store can (PostgreSQL) instead of two."""
+        ...
+
     async def upsert_agent(self, agent: Agent) -> str:
         """Returns ``added``, ``updated`` or ``unchanged``."""
         ...

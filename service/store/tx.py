@@ -54,6 +54,18 @@ _LOCK_STATES = Sql.of(
     "ON CONFLICT (agent_id) DO UPDATE SET agent_id = excluded.agent_id "
     "RETURNING agent_id, saved, doc::text"
 )
+_AGENTS_LOCKING_STATES = Sql.of(
+    # PostgreSQL: the directory entries and, for the enabled ones, what _LOCK_STATES does, in one
+    # round trip. The agents are read with the statement's snapshot; each state row as it is once
+    # locked (the conflict arm's RETURNING gives the row's latest committed version).
+    "WITH a AS (SELECT dynamics_user_id, entra_object_id, display_name, enabled FROM agents "
+    "WHERE dynamics_user_id {in:1}), "
+    "l AS (INSERT INTO agent_state (agent_id, saved, updated_at) "
+    "SELECT dynamics_user_id, false, $2 FROM a WHERE enabled ORDER BY dynamics_user_id "
+    "ON CONFLICT (agent_id) DO UPDATE SET agent_id = excluded.agent_id RETURNING agent_id, saved, doc::text AS doc) "
+    "SELECT a.dynamics_user_id, a.entra_object_id, a.display_name, a.enabled, l.saved, l.doc "
+    "FROM a LEFT JOIN l ON l.agent_id = a.dynamics_user_id"
+)
 _SAVE_STATE = Sql.of(
     "INSERT INTO agent_state (agent_id, saved, doc, updated_at) VALUES ($1, true, $2::json, $3) "
     "ON CONFLICT (agent_id) DO UPDATE SET saved = true, doc = excluded.doc, updated_at = excluded.updated_at"
@@ -187,6 +199,21 @@ class SqlTransaction:
         keys = list(dict.fromkeys(k.strip().lower() for k in dynamics_user_ids))
         rows = await self.db.fetch(_AGENTS, self.db.ids(keys))
         return {r[0]: Agent(r[0], r[1], r[2], bool(r[3])) for r in rows}
+
+    async def agents_with_states(
+        self, dynamics_user_ids: Sequence[str]
+    ) -> tuple[dict[str, Agent], dict[str, AgentSyncState]]:
+        if not self._lock_rows:  # SQLite: two statements on the loop thread cost no round trip
+            agents = await self.get_agents(dynamics_user_ids)
+            return agents, await self.load_states(sorted(a.dynamics_user_id for a in agents.values() if a.enabled))
+        keys = list(dict.fromkeys(k.strip().lower() for k in dynamics_user_ids))
+        db = self.db
+        agents, states = {}, {}
+        for r in await db.fetch(_AGENTS_LOCKING_STATES, db.ids(keys), db.time(utcnow())):
+            agents[r[0]] = Agent(r[0], r[1], r[2], bool(r[3]))
+            if r[3]:
+                states[r[0]] = self._states.decode(r[0], r[5]) if r[4] else AgentSyncState(r[0])
+        return agents, dict(sorted(states.items()))
 
     async def upsert_agent(self, agent: Agent) -> str:
         """``added``/``updated``/``unchanged``; ValueError (both ids named) when the Entra id is another

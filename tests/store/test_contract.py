@@ -264,6 +264,26 @@ async def test_a_groups_states_and_agents_load_and_save_together(any_store: Stor
     assert found[BOB.dynamics_user_id] == await any_store.get_agent(BOB.dynamics_user_id)
 
 
+async def test_agents_with_states_is_get_agents_and_the_enabled_ones_states(any_store: Store) -> None:
+    """The engine's first read (one round trip on PostgreSQL): what ``get_agents`` and ``load_states``
+    of the enabled agents give, a blank state for an enabled agent never saved, no state for a
+    disabled agent or an id not in the directory."""
+    dave = Agent("d4d4d4d4-0000-4000-8000-00000000000d", "0a1b2c3d-0000-4000-8000-00000000000d", "Dave Agent")
+    await any_store.upsert_agents([ALICE, BOB, dave])
+    await any_store.set_agent_enabled(BOB.dynamics_user_id, False)
+    saved = full_state(ALICE.dynamics_user_id)
+    async with any_store.transaction() as tx:
+        await tx.save_states([saved, AgentSyncState(BOB.dynamics_user_id, own_dynamics=BUSY)])
+    asked = [dave.dynamics_user_id, ALICE.dynamics_user_id.upper(), BOB.dynamics_user_id, CAROL.dynamics_user_id]
+    async with any_store.transaction() as tx:
+        agents, states = await tx.agents_with_states(asked)
+        assert await tx.agents_with_states([]) == ({}, {})
+    assert set(agents) == {ALICE.dynamics_user_id, BOB.dynamics_user_id, dave.dynamics_user_id}
+    assert agents[BOB.dynamics_user_id] == await any_store.get_agent(BOB.dynamics_user_id)
+    assert not agents[BOB.dynamics_user_id].enabled
+    assert states == {ALICE.dynamics_user_id: saved, dave.dynamics_user_id: AgentSyncState(dave.dynamics_user_id)}
+
+
 async def test_seen_values_are_the_saved_states_values(any_store: Store) -> None:
     async with any_store.transaction() as tx:
         await tx.save_state(full_state(ALICE.dynamics_user_id))
