@@ -281,3 +281,20 @@ async def test_a_transaction_after_the_server_dropped_the_pools_connections_stil
         await tx.save_state(AgentSyncState(ALICE.dynamics_user_id, own_dynamics="after"))
     states = await store.load_states([ALICE.dynamics_user_id])
     assert states[ALICE.dynamics_user_id].own_dynamics == "after"
+
+
+async def test_a_claim_searches_the_live_rows_index_not_the_whole_outbox(sqlite_url: str, open_sql: OpenSql) -> None:
+    """Delivered rows stay (one per agent and system): a claim that scanned them all took 11 ms at
+    50,000 agents, with the write lock held, on every wake-up of the outbox workers. SQLite's planner
+    uses the partial claim index only when the statement names the index's condition itself."""
+    from service.store.outbox_sql import _CLAIM
+
+    store = await open_sql(sqlite_url)
+    async with store.engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        plan = await raw.driver_connection.execute_fetchall(
+            "EXPLAIN QUERY PLAN " + _CLAIM.sqlite, ('["teams"]', "2026-12-06 00:00:00.000000", 16, "me", "x")
+        )
+    steps = [str(step[-1]) for step in plan]
+    assert any("USING INDEX ix_outbox_claim" in step for step in steps), steps
+    assert not any(step == "SCAN outbox" for step in steps), steps
