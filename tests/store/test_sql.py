@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any, cast
 
 import asyncpg
 import pytest
@@ -187,24 +188,32 @@ async def test_naive_datetimes_are_refused(sql_url: str, open_sql: OpenSql) -> N
 @pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.parametrize("known", [False, True], ids=["new-agent", "saved-agent"])
-async def test_load_state_locks_the_agent_until_commit(pg_url: str, open_sql: OpenSql, known: bool) -> None:
+@pytest.mark.parametrize("read", ["load_state", "agents_with_states"])
+async def test_load_state_locks_the_agent_until_commit(pg_url: str, open_sql: OpenSql, known: bool, read: str) -> None:
     """Two instances observing the same agent: the second waits for the first's decision and sees it,
     instead of deciding on the same old state and overwriting it. A new agent has no row to lock
-    yet (the placeholder insert is what waits); a saved one relies on ``SELECT ... FOR UPDATE``."""
+    yet (the placeholder insert is what waits); a saved one relies on the conflict arm's row lock.
+    ``agents_with_states`` (the engine's first read) locks as ``load_state`` does."""
     one, two = await open_sql(pg_url), await open_sql(pg_url)
+    await one.upsert_agents([ALICE])
     agent = ALICE.dynamics_user_id
     if known:
         async with one.transaction() as tx:
             await tx.save_state(AgentSyncState(agent))
     second_saw: list[str | None] = []
 
+    async def load(tx: Any) -> AgentSyncState:
+        if read == "load_state":
+            return cast(AgentSyncState, await tx.load_state(agent))
+        _, states = await tx.agents_with_states([agent])
+        return cast(AgentSyncState, states[agent])
+
     async def second() -> None:
         async with two.transaction() as tx:
-            state = await tx.load_state(agent)
-            second_saw.append(state.own_dynamics)
+            second_saw.append((await load(tx)).own_dynamics)
 
     async with one.transaction() as tx:
-        state = await tx.load_state(agent)
+        state = await load(tx)
         waiting = asyncio.create_task(second())
         await asyncio.sleep(0.3)
         assert not waiting.done(), "the second transaction read the agent while the first held it"
@@ -291,8 +300,9 @@ async def test_a_claim_searches_the_live_rows_index_not_the_whole_outbox(sqlite_
 
     store = await open_sql(sqlite_url)
     async with store.engine.connect() as conn:
-        raw = await conn.get_raw_connection()
-        plan = await raw.driver_connection.execute_fetchall(
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        plan = await driver.execute_fetchall(
             "EXPLAIN QUERY PLAN " + _CLAIM.sqlite, ('["teams"]', "2026-12-06 00:00:00.000000", 16, "me", "x")
         )
     steps = [str(step[-1]) for step in plan]
