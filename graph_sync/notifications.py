@@ -53,6 +53,7 @@ from mapping.engine import BATCH, MANY
 from mapping.model import Agent, PresenceObserved, System
 from mapping.ports import AdapterRecords, PresenceReader
 from mapping.rounds import Rounds
+from mapping.waiters import reject, resolve
 
 log = logging.getLogger("presence_sync.graph")
 
@@ -308,14 +309,10 @@ class NoteWriter:
 def _settle_all(group: Sequence[tuple[str, dict[str, Any], asyncio.Future[None]]], error: BaseException | None) -> None:
     """Answers the callers of ``group`` that still wait: done, or ``error`` (cancelled if that is)."""
     for _, _, future in group:
-        if future.done():
-            continue
-        if isinstance(error, asyncio.CancelledError):
-            future.cancel()
-        elif error is not None:
-            future.set_exception(error)
+        if error is None:
+            resolve(future, None)
         else:
-            future.set_result(None)
+            reject(future, error)
 
 
 _GUID = re.compile(r"^[0-9a-f]{8}-(?:[0-9a-f]{4}-){3}[0-9a-f]{12}$")

@@ -19,6 +19,7 @@ from mapping.ports import ReadRequests, Store, Transaction
 from mapping.rules import Result
 from mapping.telemetry import NullTelemetry, Telemetry
 from mapping.translation import Rules
+from mapping.waiters import reject, resolve
 
 log = logging.getLogger("presence_sync.engine")
 
@@ -43,21 +44,6 @@ MANY = 128
 the directory, states and saves of a chunk are one statement each, so a chunk costs little more than
 its decisions (about 30 µs each) and its commit; bigger chunks spare commits (an fsync each), and 128
 still holds the write lock only a few milliseconds."""
-
-
-def _settle(
-    future: asyncio.Future[Outcome], *, outcome: Outcome | None = None, error: BaseException | None = None
-) -> None:
-    """Answers one waiting ``observe`` caller, unless it stopped waiting (cancelled)."""
-    if future.done():
-        return
-    if isinstance(error, asyncio.CancelledError):
-        future.cancel()
-    elif error is not None:
-        future.set_exception(error)
-    else:
-        assert outcome is not None
-        future.set_result(outcome)
 
 
 class OutboxView:
@@ -219,7 +205,7 @@ class SyncEngine:
                 outcomes = await self._observe_chunk([e for e, _, _ in group], [i for _, i, _ in group])
             except Exception as e:
                 if len(group) == 1:
-                    _settle(group[0][2], error=e)
+                    reject(group[0][2], e)
                     continue
                 for event, intake, future in group:  # the group rolled back: each on its own
                     if future.done():
@@ -227,17 +213,17 @@ class SyncEngine:
                     try:
                         (outcome,) = await self._observe_chunk([event], [intake])
                     except Exception as alone:
-                        _settle(future, error=alone)
+                        reject(future, alone)
                     else:
-                        _settle(future, outcome=outcome)
+                        resolve(future, outcome)
                 continue
             except BaseException as e:  # cancelled (shutdown): no caller may wait forever
                 for _, _, future in group + self._queue:
-                    _settle(future, error=e)
+                    reject(future, e)
                 self._queue.clear()
                 raise
             for (_, _, future), outcome in zip(group, outcomes, strict=True):
-                _settle(future, outcome=outcome)
+                resolve(future, outcome)
 
     async def observe_many(self, events: Sequence[PresenceObserved], *, intake: str | None = None) -> list[Outcome]:
         """Applies observations in their order, up to ``MANY`` per transaction: one commit for a

@@ -23,12 +23,7 @@ from service.store.raw import Driver, Sql
 from service.store.schema import outbox
 
 PENDING, IN_FLIGHT = OutboxStatus.PENDING.value, OutboxStatus.IN_FLIGHT.value
-DELIVERED, DEAD = OutboxStatus.DELIVERED.value, OutboxStatus.DEAD.value
-CANCELLED = "cancelled (already shown)"
-
-
-def _dialect(conn: AsyncConnection) -> str:
-    return conn.dialect.name
+DEAD = OutboxStatus.DEAD.value
 
 
 def to_row(r: Any) -> OutboxRow:
