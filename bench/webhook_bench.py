@@ -12,6 +12,10 @@ agent's own presence change.
 Beside it, in the same run and on the same bodies, a **raw aiohttp relay**: a handler that reads the
 body, parses the JSON and answers 200, the floor any aiohttp endpoint pays here.
 
+And a **ceiling**, on the same bodies again: the webhook with the core's ``observe`` (the engine, its
+transaction and commit) a no-op that answers at once, so what is left is the route's own part (key
+check, body, context, directory entry): how close to the relay tuning the core alone could bring it.
+
 Stores: SQLite (a temporary file, WAL, as in production) and PostgreSQL (``PRESENCE_SYNC_TEST_PG_URL``,
 default ``postgresql+asyncpg://postgres@127.0.0.1:5432/test``, in a fresh schema of its own, dropped
 afterwards; left out with a note when unreachable). The outbox workers are not started (the commands
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import copy
 import json
 import os
@@ -35,6 +40,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +55,9 @@ from emulators.serving import serve_app
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mapping.model import OOB_PRESENCE_IDS, Agent, BasePresence  # noqa: E402
+from mapping.engine import Outcome  # noqa: E402
+from mapping.model import OOB_PRESENCE_IDS, Agent, BasePresence, PresenceObserved  # noqa: E402
+from mapping.rules import Result  # noqa: E402
 from service.app import create_app, freeze_start_up  # noqa: E402
 from service.runtime import Runtime  # noqa: E402
 from service.settings import load_settings  # noqa: E402
@@ -233,6 +241,24 @@ HEADER = (
 # ------------------------------------------------------------------ one store
 
 
+@contextlib.contextmanager
+def core_no_op(rt: Runtime) -> Iterator[None]:
+    """The core's part of a webhook (``observe``: the engine, its transaction and commit) answers at
+    once meanwhile, as if every change needed nothing: what is left is the route's own part (key
+    check, body, context, directory entry), the ceiling of what tuning the core could give."""
+    bridge = rt.bridge
+
+    async def no_observe(event: PresenceObserved, *, intake: str | None = None) -> Outcome:
+        return Outcome(Result.NO_CHANGE, None)
+
+    observe = bridge.observe
+    bridge.observe = no_observe  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        bridge.observe = observe  # type: ignore[method-assign]
+
+
 async def bench_store(
     pool: concurrent.futures.ProcessPoolExecutor,
     name: str,
@@ -284,11 +310,13 @@ async def bench_store(
         await run("warm-up", base + PATH, bodies.next(min(100, args.requests)), 4)
         for concurrency in args.concurrency:
             batch = bodies.next(args.requests)
-            for scenario, url in (("relay", relay_base + PATH), ("webhook", base + PATH)):
+            for scenario, url in (("relay", relay_base + PATH), ("webhook", base + PATH), ("no-core", base + PATH)):
                 if time.monotonic() > deadline:
                     say(f"timeout: skipped {name} {scenario} c={concurrency}")
                     continue
-                rows.append(await run(scenario, url, batch, concurrency))
+                with core_no_op(rt) if scenario == "no-core" else contextlib.nullcontext():
+                    # The same bodies again: with the core a no-op nothing of the first pass is seen.
+                    rows.append(await run(scenario, url, batch, concurrency))
         counts = await rt.store.outbox_counts()
         say(f"  {name}: outbox rows after the run {counts}; rejections {timings.rejections or 'none'}")
     finally:
@@ -311,6 +339,14 @@ def goals(rows: list[Row]) -> list[str]:
     by = {(r.store, r.scenario, r.concurrency): r for r in rows}
     for (store, scenario, conc), row in sorted(by.items()):
         relay = by.get((store, "relay", conc))
+        if scenario == "no-core" and relay is not None:
+            mine, floor = row.statuses.get(200, 0) / row.wall, relay.statuses.get(200, 0) / relay.wall
+            out.append(
+                f"ceiling {store} c={conc}: webhook with the core a no-op {mine:.0f}/s beside relay {floor:.0f}/s "
+                f"= {mine / floor if floor else 0.0:.3f}x, server CPU {row.cpu_ms:.3f} ms per request beside relay "
+                f"{relay.cpu_ms:.3f} ms (the route's own part: what tuning the core alone could reach)"
+            )
+            continue
         if scenario not in ("webhook", "delivered") or relay is None:
             continue
         mine, floor = row.statuses.get(200, 0) / row.wall, relay.statuses.get(200, 0) / relay.wall
