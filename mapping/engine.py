@@ -106,7 +106,8 @@ def _write_out(
 ) -> AgentSyncState:
     """Withdraws and queues what ``decision`` says. The outbox knows what the rules cannot: a
     withdrawn write that never left, and a queued value replaced before any attempt, will never reach
-    the system, and the state must stop expecting them there."""
+    the system, and the state must stop expecting them there. ``state`` is the engine's own (this
+    transaction's), changed in place where the rules allow it."""
     commands = list(decision.commands)
     for write in decision.cancel:
         superseded = None
@@ -125,7 +126,7 @@ def _write_out(
         unsent = outbox.unsent(cmd.agent_id, cmd.system)
         outbox.enqueue(cmd, hold, hold * HOLD_CAP_FACTOR)
         if unsent is not None:
-            state = R.never_sent(state, cmd.system, unsent)
+            state = R.never_sent(state, cmd.system, unsent, owned=True)
     return state
 
 
@@ -271,7 +272,10 @@ class SyncEngine:
                         if event.system is System.TEAMS and R.needs_unsent(state, System.DYNAMICS)
                         else None
                     )
-                    decision = R.decide(state, event, self.rules, self.catalogue, now, unsent, dynamics_unsent)
+                    # The state is this transaction's own (loaded for it, or the last decision's).
+                    decision = R.decide(
+                        state, event, self.rules, self.catalogue, now, unsent, dynamics_unsent, owned=True
+                    )
                     if decision.result not in (Result.STALE, Result.DUPLICATE):
                         states[agent_id] = decision.state
                         changed.add(agent_id)

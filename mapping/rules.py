@@ -111,13 +111,20 @@ def decide(
     now: datetime,
     unsent: str | None = None,
     dynamics_unsent: str | None = None,
+    *,
+    owned: bool = False,
 ) -> Decision:
     """What the bridge does about one observation. ``state`` is not modified; the new one is returned.
 
     ``unsent``: the value queued for the event's system that no attempt has sent yet (the outbox
     knows; see ``needs_unsent``): the system cannot be showing it, nor echoing it. For a Teams event,
     ``dynamics_unsent`` is the same for Dynamics: the outbox may show that a Dynamics attempt failed,
-    which changes P (``_retry_pending``), and a Teams event converges Dynamics too."""
+    which changes P (``_retry_pending``), and a Teams event converges Dynamics too.
+
+    ``owned``: the caller hands ``state`` over (it holds no other reference it will read, nor one
+    anyone else holds): the new state is then ``state`` changed in place instead of a copy. The
+    engine's states are its own (loaded for its transaction), and the copy was a tenth of its time
+    per observation (py-spy)."""
     given = state
     state = _retry_pending(state, unsent if event.system is System.DYNAMICS else dynamics_unsent)
     verdict = order(state, event)
@@ -137,7 +144,7 @@ def decide(
             # (a STALE or DUPLICATE decision is not saved), and P may have changed with it.
             return _converge(clone(state), rules, catalogue, now, "failed attempt", Result.NO_CHANGE)
         return Decision(verdict, state, detail=f"{event.system} {event.value} v{event.version}")
-    s = clone(state)
+    s = state if owned else clone(state)
     if event.system is System.DYNAMICS:
         if event.value not in catalogue:
             return Decision(
@@ -599,11 +606,11 @@ def withdrawn(state: AgentSyncState, write: SetPresence) -> AgentSyncState:
     return never_sent(state, write.system, write.value)
 
 
-def never_sent(state: AgentSyncState, system: System, value: str) -> AgentSyncState:
+def never_sent(state: AgentSyncState, system: System, value: str, *, owned: bool = False) -> AgentSyncState:
     """A write replaced in the outbox before it was ever attempted (coalescing, rule 6) or withdrawn
     never reaches the system: Teams cannot be showing it, and Dynamics will not echo it, so a later
-    report of that value is the person's own or the agent's own change."""
-    s = clone(state)
+    report of that value is the person's own or the agent's own change. ``owned``: as ``decide``'s."""
+    s = state if owned else clone(state)
     if system is System.DYNAMICS:
         # The oldest entry not landed: with the same value written again, the newest stays expected.
         s.dynamics_unconfirmed = _drop_unlanded(s.dynamics_unconfirmed, value)
