@@ -42,10 +42,15 @@ async def teams(emu: GraphEmulator) -> AsyncIterator[TeamsPresenceClient]:
     await client.close()
 
 
-def on(base: str, token: str = JWT) -> TeamsPresenceClient:
+@asynccontextmanager
+async def on(base: str, token: str = JWT) -> AsyncIterator[TeamsPresenceClient]:
+    """A client of the stub at ``base`` that tries once, closed afterwards."""
     client = TeamsPresenceClient(f"{base}/v1.0", StaticTokens(token), session_id=CLIENT_ID, store=MemoryStore())
     client.retry = client.retry.__class__(max_attempts=1)
-    return client
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 async def failure(aw: Awaitable[Any]) -> UpstreamError:
@@ -121,15 +126,12 @@ async def test_an_echoed_token_is_redacted_in_the_error_the_health_note_and_the_
         return web.json_response({"error": {"code": "Forbidden", "message": said}}, status=403)
 
     base, _ = await stub(echo)
-    client = on(base)
     caplog.set_level(logging.DEBUG)
-    try:
+    async with on(base) as client:
         write = await failure(client.apply(ALICE, "Busy/InACall"))
         read = await failure(client.read([ALICE]))
         check = await client.check_read(ALICE)
         health = await client.health()
-    finally:
-        await client.close()
     assert type(write) is PermanentError and write.status == 403
     assert (
         "Presence.ReadWrite.All (application)" in write.message and "Forbidden: Denied for Bearer ***" in write.message
@@ -148,11 +150,8 @@ async def test_a_gateway_page_is_quoted_briefly_and_retried(stub: Any) -> None:
         return web.Response(status=502, text=page, content_type="text/html")
 
     base, _ = await stub(gateway)
-    client = on(base)
-    try:
+    async with on(base) as client:
         e = await failure(client.apply(ALICE, "Away/Away"))
-    finally:
-        await client.close()
     assert type(e) is RetryableError and e.status == 502
     assert "Graph failed with 502: Bad Gateway: <html><head><title>502 Bad Gateway</title>" in e.message
     assert len(e.message) < 400
@@ -168,12 +167,9 @@ async def test_a_redirect_is_not_followed_and_the_token_goes_nowhere_else(stub: 
         return web.Response(status=307, headers={"Location": f"{other}/v1.0{request.path.removeprefix('/v1.0')}"})
 
     base, seen = await stub(moved)
-    client = on(base)
-    try:
+    async with on(base) as client:
         write = await failure(client.apply(ALICE, "Away/Away"))
         read = await failure(client.read([ALICE]))
-    finally:
-        await client.close()
     assert followed == []
     assert len(seen) == 2
     assert type(write) is PermanentError and write.status == 307 and "Graph answered 307" in write.message
@@ -189,11 +185,8 @@ async def test_a_claims_challenge_is_one_call_not_a_second_one(stub: Any) -> Non
         )
 
     base, seen = await stub(challenge)
-    client = on(base)
-    try:
+    async with on(base) as client:
         e = await failure(client.apply(ALICE, "Away/Away"))
-    finally:
-        await client.close()
     assert type(e) is RetryableError and e.status == 401
     assert len(seen) == 1  # the outbox retries (DESIGN rule 7), not the writer
 
@@ -203,11 +196,8 @@ async def test_an_unreadable_read_answer_is_retryable(stub: Any) -> None:
         return web.Response(status=200, text="{not json", content_type="application/json")
 
     base, _ = await stub(garbage)
-    client = on(base)
-    try:
+    async with on(base) as client:
         e = await failure(client.read([ALICE]))
-    finally:
-        await client.close()
     assert type(e) is RetryableError and "getPresencesByUserId for 1 users: unexpected JSONDecodeError" in e.message
 
 
@@ -216,12 +206,9 @@ async def test_the_user_id_is_one_encoded_path_segment_and_the_request_is_graphs
         return web.Response(status=200)
 
     base, seen = await stub(ok)
-    client = on(base)
     odd = Agent("97c90b02-0000-4000-8000-000000000009", "odd/id@x y", "Odd Agent")
-    try:
+    async with on(base) as client:
         await client.apply(odd, "DoNotDisturb/Presenting")
-    finally:
-        await client.close()
     (request,) = seen
     assert request.method == "POST"
     assert request.raw_path == "/v1.0/users/odd%2Fid%40x%20y/presence/setPresence"
