@@ -45,14 +45,16 @@ _UNKNOWN = Sql.of(
 )
 
 _STATES = Sql.of("SELECT agent_id, doc FROM agent_state WHERE saved AND agent_id {in:1}")
-_LOCK_STATES = Sql.of(
+_LOCKING = (
     # PostgreSQL: a placeholder row for each agent that has none, and every row locked until commit,
     # in one round trip (the conflict arm's update takes the row lock as SELECT ... FOR UPDATE does),
-    # in sorted order so that two groups of agents cannot deadlock. A saved state is left as it is.
+    # in sorted order so that two groups of agents cannot deadlock. A saved state is left as it is,
+    # and read as its text (the state cache compares texts).
+    "ON CONFLICT (agent_id) DO UPDATE SET agent_id = excluded.agent_id RETURNING agent_id, saved, doc::text AS doc"
+)
+_LOCK_STATES = Sql.of(
     "INSERT INTO agent_state (agent_id, saved, updated_at) "
-    "SELECT id, false, $2 FROM unnest($1::text[]) AS ids(id) ORDER BY id "
-    "ON CONFLICT (agent_id) DO UPDATE SET agent_id = excluded.agent_id "
-    "RETURNING agent_id, saved, doc::text"
+    f"SELECT id, false, $2 FROM unnest($1::text[]) AS ids(id) ORDER BY id {_LOCKING}"
 )
 _AGENTS_LOCKING_STATES = Sql.of(
     # PostgreSQL: the directory entries and, for the enabled ones, what _LOCK_STATES does, in one
@@ -61,8 +63,7 @@ _AGENTS_LOCKING_STATES = Sql.of(
     "WITH a AS (SELECT dynamics_user_id, entra_object_id, display_name, enabled FROM agents "
     "WHERE dynamics_user_id {in:1}), "
     "l AS (INSERT INTO agent_state (agent_id, saved, updated_at) "
-    "SELECT dynamics_user_id, false, $2 FROM a WHERE enabled ORDER BY dynamics_user_id "
-    "ON CONFLICT (agent_id) DO UPDATE SET agent_id = excluded.agent_id RETURNING agent_id, saved, doc::text AS doc) "
+    f"SELECT dynamics_user_id, false, $2 FROM a WHERE enabled ORDER BY dynamics_user_id {_LOCKING}) "
     "SELECT a.dynamics_user_id, a.entra_object_id, a.display_name, a.enabled, l.saved, l.doc "
     "FROM a LEFT JOIN l ON l.agent_id = a.dynamics_user_id"
 )
