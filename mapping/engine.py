@@ -282,7 +282,8 @@ class SyncEngine:
                     states[agent_id] = _write_out(outbox, states[agent_id], decision, now, self.holds)
                     decisions.append(decision)
                 await outbox.write(tx, now)
-                await tx.save_states([states[agent_id] for agent_id in sorted(changed)])
+                # Handed over: nothing here reads or changes these states after the save.
+                await tx.save_states([states[agent_id] for agent_id in sorted(changed)], handed_over=True)
         outcomes: list[Outcome] = []
         for event, intake, agent, done in zip(events, intakes, agents, decisions, strict=True):
             source = intake or event.source

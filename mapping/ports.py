@@ -78,8 +78,11 @@ class Transaction(Protocol):
         the order given; callers sort the ids so that two groups cannot deadlock."""
         ...
 
-    async def save_states(self, states: Sequence[AgentSyncState]) -> None:
-        """``save_state`` of each, in one statement (executemany) where the store can."""
+    async def save_states(self, states: Sequence[AgentSyncState], *, handed_over: bool = False) -> None:
+        """``save_state`` of each, in one statement (executemany) where the store can.
+        ``handed_over``: the caller gives these objects up (it neither reads nor changes them
+        afterwards), so a store that keeps what it saved (a cache) may keep them as they are instead
+        of a copy of each."""
         ...
 
     async def enqueue(self, command: SetPresence, now: datetime, hold: float = 0.0, max_hold: float = 0.0) -> int:

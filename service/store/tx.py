@@ -137,7 +137,7 @@ class SqlTransaction:
             found = {r[0]: self._states.decode(r[0], r[1]) for r in rows}
         return {a: found.get(a) or AgentSyncState(a) for a in ids}
 
-    async def save_states(self, states: Sequence[AgentSyncState]) -> None:
+    async def save_states(self, states: Sequence[AgentSyncState], *, handed_over: bool = False) -> None:
         if not states:
             return
         db = self.db
@@ -145,7 +145,7 @@ class SqlTransaction:
         rows = []
         for state in states:
             text = encode(state)
-            self._states.keep(state.agent_id, text, state)
+            self._states.keep(state.agent_id, text, state, copy=not handed_over)
             rows.append((state.agent_id, text, now))
         await db.executemany(_SAVE_STATE, rows)
 

@@ -63,7 +63,7 @@ class _Tx:
             raise ValueError(f"the store cannot hold agent {state.agent_id}'s state")
         await self.inner.save_state(state)
 
-    async def save_states(self, states: Any) -> None:
+    async def save_states(self, states: Any, *, handed_over: bool = False) -> None:
         for state in states:
             await self.save_state(state)
 

@@ -92,3 +92,22 @@ async def test_a_saved_state_is_loaded_without_decoding_its_text(open_sql, sql_u
     async with store.transaction() as tx:
         assert (await tx.load_state(agent)).own_dynamics == BUSY
     assert decoded == []
+
+
+async def test_a_handed_over_save_is_kept_as_it_is_and_a_plain_one_as_a_copy(open_sql, sql_url):
+    """The engine hands its states over (it drops them once saved): the next transaction gets that
+    very object, no copy made. A plain save is copied, so its caller may go on changing it."""
+    store = await open_sql(sql_url)
+    agent = ALICE.dynamics_user_id
+    handed = AgentSyncState(agent, own_dynamics=BUSY)
+    async with store.transaction() as tx:
+        await tx.save_states([handed], handed_over=True)
+    async with store.transaction() as tx:
+        assert await tx.load_state(agent) is handed
+    kept = AgentSyncState(agent, own_dynamics="kept")
+    async with store.transaction() as tx:
+        await tx.save_states([kept])
+    kept.own_dynamics = "changed after saving"
+    async with store.transaction() as tx:
+        loaded = await tx.load_state(agent)
+    assert loaded is not kept and loaded.own_dynamics == "kept"
