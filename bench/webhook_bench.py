@@ -12,6 +12,13 @@ agent's own presence change.
 Beside it, in the same run and on the same bodies, a **raw aiohttp relay**: a handler that reads the
 body, parses the JSON and answers 200, the floor any aiohttp endpoint pays here.
 
+And a **durable floor**, on the same bodies: the relay plus one small row per request (the context's
+``PrimaryEntityId`` and ``CorrelationId``) upserted and committed before the answer, requests that
+arrive together sharing one commit, as the store's group commit does: on SQLite a file of its own in
+WAL with ``synchronous=FULL``, ``COMMIT`` on a thread; on PostgreSQL one transaction per group on one
+asyncpg connection. No key check, no context, no rules, no outbox: the least any intake pays that
+answers only once the change is durable (rule 7), which is what the webhook must do.
+
 And a **ceiling**, on the same bodies again: the webhook with the core's ``observe`` (the engine, its
 transaction and commit) a no-op that answers at once, so what is left is the route's own part (key
 check, body, context, directory entry): how close to the relay tuning the core alone could bring it.
@@ -36,11 +43,12 @@ import contextlib
 import copy
 import json
 import os
+import sqlite3
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,6 +199,83 @@ async def relay(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+class DurableFloor:
+    """The durable floor's group commit (see the module docstring): requests queue their row, one
+    writer takes whatever is queued (up to 16, as the engine's ``BATCH``) into one transaction, and
+    each request is answered after the commit that holds its row. ``write`` runs one group."""
+
+    def __init__(self, write: Callable[[list[tuple[str, str]]], Awaitable[None]]) -> None:
+        self.write = write
+        self.queue: list[tuple[tuple[str, str], asyncio.Future[None]]] = []
+        self.writer: asyncio.Task[None] | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.queue.append(((str(body["PrimaryEntityId"]), str(body["CorrelationId"])), done))
+        if self.writer is None or self.writer.done():
+            self.writer = asyncio.ensure_future(self._drain())
+        await done
+        return web.json_response({"status": "ok"})
+
+    async def _drain(self) -> None:
+        while self.queue:
+            group, self.queue = self.queue[:16], self.queue[16:]
+            try:
+                await self.write([row for row, _ in group])
+            except Exception as e:
+                for _, done in group:
+                    done.set_exception(e)
+                continue
+            for _, done in group:
+                done.set_result(None)
+
+
+FLOOR_UPSERT = (
+    "INSERT INTO floor (id, correlation) VALUES ($1, $2) "
+    "ON CONFLICT (id) DO UPDATE SET correlation = excluded.correlation"
+)
+
+
+@contextlib.asynccontextmanager
+async def sqlite_floor(folder: str) -> AsyncIterator[DurableFloor]:
+    """The durable floor on SQLite: a file of its own, the store's pragmas, COMMIT on a thread."""
+    db = sqlite3.connect(Path(folder) / "floor.db", isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE IF NOT EXISTS floor (id TEXT PRIMARY KEY, correlation TEXT)")
+    upsert = FLOOR_UPSERT.replace("$1", "?").replace("$2", "?")
+    thread = concurrent.futures.ThreadPoolExecutor(1)
+
+    async def write(rows: list[tuple[str, str]]) -> None:
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany(upsert, rows)
+        await asyncio.get_running_loop().run_in_executor(thread, db.execute, "COMMIT")
+
+    try:
+        yield DurableFloor(write)
+    finally:
+        thread.shutdown()
+        db.close()
+
+
+@contextlib.asynccontextmanager
+async def postgres_floor(url: str, schema: str) -> AsyncIterator[DurableFloor]:
+    """The durable floor on PostgreSQL: a table in the run's schema, one asyncpg connection."""
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://", 1), timeout=10)
+    await conn.execute(f'CREATE TABLE "{schema}".floor (id text PRIMARY KEY, correlation text)')
+    await conn.execute(f'SET search_path TO "{schema}"')
+
+    async def write(rows: list[tuple[str, str]]) -> None:
+        async with conn.transaction():
+            await conn.executemany(FLOOR_UPSERT, rows)
+
+    try:
+        yield DurableFloor(write)
+    finally:
+        await conn.close()
+
+
 @dataclass
 class Row:
     store: str
@@ -266,6 +351,7 @@ async def bench_store(
     schema: str | None,
     args: argparse.Namespace,
     deadline: float,
+    floor: DurableFloor,
 ) -> list[Row]:
     store = await open_store(database_url, schema=schema)
     settings = load_settings(
@@ -292,6 +378,9 @@ async def bench_store(
     relay_app = web.Application(client_max_size=2 * 1024 * 1024)
     relay_app.router.add_post(PATH, relay)
     relay_runner, relay_base = await serve_app(relay_app)
+    floor_app = web.Application(client_max_size=2 * 1024 * 1024)
+    floor_app.router.add_post(PATH, floor.handle)
+    floor_runner, floor_base = await serve_app(floor_app)
     loop = asyncio.get_running_loop()
     rows: list[Row] = []
 
@@ -301,6 +390,7 @@ async def bench_store(
         latencies, statuses, wall = await loop.run_in_executor(
             pool, run_client, url, batch, concurrency, max(1.0, deadline - time.monotonic())
         )
+
         cpu = time.process_time() - cpu
         server = list(timings.acks) if scenario == "webhook" else []
         say(f"  {name} {scenario} c={concurrency}: {len(latencies)} requests in {wall:.2f} s")
@@ -310,7 +400,13 @@ async def bench_store(
         await run("warm-up", base + PATH, bodies.next(min(100, args.requests)), 4)
         for concurrency in args.concurrency:
             batch = bodies.next(args.requests)
-            for scenario, url in (("relay", relay_base + PATH), ("webhook", base + PATH), ("no-core", base + PATH)):
+            scenarios = (
+                ("relay", relay_base + PATH),
+                ("durable", floor_base + PATH),
+                ("webhook", base + PATH),
+                ("no-core", base + PATH),
+            )
+            for scenario, url in scenarios:
                 if time.monotonic() > deadline:
                     say(f"timeout: skipped {name} {scenario} c={concurrency}")
                     continue
@@ -322,6 +418,7 @@ async def bench_store(
     finally:
         await app_runner.cleanup()
         await relay_runner.cleanup()
+        await floor_runner.cleanup()
         await rt.close()
     return rows
 
@@ -339,6 +436,19 @@ def goals(rows: list[Row]) -> list[str]:
     by = {(r.store, r.scenario, r.concurrency): r for r in rows}
     for (store, scenario, conc), row in sorted(by.items()):
         relay = by.get((store, "relay", conc))
+        if scenario == "durable" and relay is not None:
+            mine, floor = row.statuses.get(200, 0) / row.wall, relay.statuses.get(200, 0) / relay.wall
+            webhook = by.get((store, "webhook", conc))
+            of_floor = ""
+            if webhook is not None and mine:
+                rate = webhook.statuses.get(200, 0) / webhook.wall
+                of_floor = f"; the webhook {rate:.0f}/s = {rate / mine:.3f}x of it"
+            out.append(
+                f"durable floor {store} c={conc}: relay + one row committed per request {mine:.0f}/s beside relay "
+                f"{floor:.0f}/s = {mine / floor if floor else 0.0:.3f}x, server CPU {row.cpu_ms:.3f} ms per request "
+                f"beside relay {relay.cpu_ms:.3f} ms (the least a durable answer costs){of_floor}"
+            )
+            continue
         if scenario == "no-core" and relay is not None:
             mine, floor = row.statuses.get(200, 0) / row.wall, relay.statuses.get(200, 0) / relay.wall
             out.append(
@@ -461,7 +571,8 @@ async def main_async(args: argparse.Namespace) -> int:
                 continue
             if store == "sqlite":
                 url = f"sqlite+aiosqlite:///{Path(tmp) / 'bench.db'}"
-                rows += await bench_store(pool, "sqlite", url, None, args, deadline)
+                async with sqlite_floor(tmp) as floor:
+                    rows += await bench_store(pool, "sqlite", url, None, args, deadline, floor)
                 continue
             url = os.environ.get(PG_URL_ENV, DEFAULT_PG_URL)
             schema, problem = await pg_schema(url)
@@ -469,7 +580,8 @@ async def main_async(args: argparse.Namespace) -> int:
                 notes.append(f"postgres not measured: {url} unreachable ({problem}); set {PG_URL_ENV}")
                 continue
             try:
-                rows += await bench_store(pool, "postgres", url, schema, args, deadline)
+                async with postgres_floor(url, schema) as floor:
+                    rows += await bench_store(pool, "postgres", url, schema, args, deadline, floor)
             finally:
                 await drop_schema(url, schema)
         if args.delivery and time.monotonic() < deadline:
@@ -485,6 +597,7 @@ async def main_async(args: argparse.Namespace) -> int:
     say("")
     say("client-side latency (request sent -> answer read); srv: the route's own ack time (telemetry).")
     say("relay: read + json.loads + 200 on the same bodies, the aiohttp floor; webhook: the full path above.")
+    say("durable: the relay + one small row upserted and committed (group commit) before the answer.")
     say("cpu ms: the server process's CPU time (every thread, the stack's emulators included) per request.")
     say("")
     for line in goals(rows):
