@@ -32,7 +32,6 @@ COMMIT that holds its writes; one whose block raises is rolled back to its savep
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
@@ -42,6 +41,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
+from service.store.calls_thread import CallsThread
 from service.store.connect import BEGIN_MODE, SQLITE_BUSY_TIMEOUT_MS
 
 
@@ -83,7 +83,7 @@ class InlineSqlite:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="presence-sync-sqlite")
+        self._thread = CallsThread("presence-sync-sqlite")
         self._lock = asyncio.Lock()
         """The process's one SQLite writer: held while a writer's statements run, and by a COMMIT."""
         self._conn: Connection | None = None
@@ -135,9 +135,8 @@ class InlineSqlite:
             self._thread.submit(self._end, False)
 
     async def _begin(self) -> None:
-        loop = asyncio.get_running_loop()
         if self._raw is None:
-            await loop.run_in_executor(self._thread, self._open)
+            await self._thread.call(self._open)
         assert self._raw is not None
         try:
             self._raw.execute("BEGIN IMMEDIATE")  # busy_timeout 0: answers at once
@@ -145,7 +144,7 @@ class InlineSqlite:
         except sqlite3.OperationalError as e:
             if not _busy(e):
                 raise
-        begun = loop.run_in_executor(self._thread, self._begin_waiting)
+        begun = self._thread.call(self._begin_waiting)
         try:
             await asyncio.shield(begun)
         except asyncio.CancelledError:
@@ -216,10 +215,9 @@ class InlineSqlite:
 
     async def _commit(self, chain: _Chain) -> None:
         """COMMIT (rollback when empty) on the thread; every joined writer gets its outcome."""
-        loop = asyncio.get_running_loop()
         error: BaseException | None = None
         try:
-            await loop.run_in_executor(self._thread, self._end, bool(chain.waiting))
+            await self._thread.call(self._end, bool(chain.waiting))
         except BaseException as e:  # handed to every writer of the chain
             error = e
         for done in chain.waiting:
@@ -241,7 +239,7 @@ class InlineSqlite:
         await self._commit_when_free()
 
     def close(self) -> None:
-        self._thread.shutdown(wait=True)
+        self._thread.shutdown()
         if self._conn is not None:
             if self._raw is not None and self._raw.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
