@@ -61,6 +61,8 @@ def dumps(doc: Any) -> str:
 def utc(value: datetime) -> datetime:
     """``value`` in UTC; ``ValueError`` for a naive datetime (the core works in aware UTC only, so a
     naive one is a bug to surface, not a time zone to guess)."""
+    if value.tzinfo is UTC:  # the core's own datetimes: nothing to convert (most of this call's cost)
+        return value
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"naive datetime {value.isoformat()} given to the store; use an aware UTC datetime")
     return value.astimezone(UTC)
@@ -112,8 +114,9 @@ class SqliteDriver:
         if value is None:
             return None
         # SQLAlchemy's SQLite DATETIME format (naive UTC, microseconds): text comparisons in SQL
-        # order these values in time, and SQLAlchemy's reads parse them.
-        return utc(value).replace(tzinfo=None).isoformat(" ", "microseconds")
+        # order these values in time, and SQLAlchemy's reads parse them. The first 26 characters
+        # of the UTC text are exactly that (the "+00:00" cut off instead of a naive copy made).
+        return utc(value).isoformat(" ", "microseconds")[:26]
 
     def read_time(self, value: Any) -> datetime | None:
         return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)

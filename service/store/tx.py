@@ -161,7 +161,8 @@ class SqlTransaction:
             t = self.db.time
             due = now + timedelta(seconds=hold)
             cap = due - timedelta(seconds=max(max_hold, hold))
-            known = times[(hold, max_hold)] = (t(due), t(now), t(now) if hold > 0 else None, t(cap))
+            at = t(now)
+            known = times[(hold, max_hold)] = (t(due), at, at if hold > 0 else None, t(cap))
         due_at, at, held_since, cap_at = known
         return (command.agent_id, command.system.value, command.value, command.reason, due_at, at, held_since, cap_at)
 

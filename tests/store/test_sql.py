@@ -174,6 +174,20 @@ async def test_datetimes_come_back_aware_utc(sql_url: str, open_sql: OpenSql) ->
     assert len(await store.claim([System.TEAMS], 10, 30, "w", T0.astimezone(eastern))) == 1
 
 
+def test_the_raw_sqlite_driver_writes_datetimes_as_sqlalchemy_does() -> None:
+    """Both layers write the same columns and compare their texts in SQL: the raw driver's text must
+    be SQLAlchemy's SQLite DATETIME text of the same instant (naive UTC, microseconds always)."""
+    from sqlalchemy.dialects import sqlite
+
+    from service.store.raw import SqliteDriver
+
+    bind = sqlite.DATETIME().bind_processor(sqlite.dialect())
+    assert bind is not None
+    eastern = timezone(timedelta(hours=-5, minutes=-30))
+    for at in (T0, T0.replace(microsecond=7), T0.astimezone(eastern), datetime(2026, 1, 2, 3, 4, 5, 999999, UTC)):
+        assert SqliteDriver(None).time(at) == bind(at.astimezone(UTC).replace(tzinfo=None))
+
+
 async def test_naive_datetimes_are_refused(sql_url: str, open_sql: OpenSql) -> None:
     store = await open_sql(sql_url)
     with pytest.raises(Exception, match="naive datetime"):
