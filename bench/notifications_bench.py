@@ -22,7 +22,11 @@ Baselines, in the same run on the same bodies: a **relay** (reads the body, pars
 202: the floor of any aiohttp endpoint here) and, for rich bodies, a **crypto relay**: what a minimal
 correct receiver must do per request, i.e. the relay plus each distinct validation token verified
 (RS256 with the key its ``kid`` names, ``aud``, ``azp``) and remembered by its exact text until its
-``exp`` (a correct receiver may: the signature covers that text), plus each item decrypted.
+``exp`` (a correct receiver may: the signature covers that text), plus each item decrypted. For basic
+bodies also a **durable floor** (``bench/durable_floor.py``): the relay plus one small row per item
+(its resource) committed before the 202, requests arriving together sharing one commit, on SQLite as
+the store: the least any receiver pays that answers only once the read it owes is durable, as the
+basic intake's pending-read note is.
 
 Tokens: a token (one per app and tenant in a batch) lives about an hour and Graph sends the same one
 on many batches, so by default every request carries the run's one token, and both the intake and the
@@ -73,6 +77,8 @@ from multidict import CIMultiDict, MultiDict
 # Run as a script from anywhere: the repository root on the path (the editable install predates
 # graph_sync/ and emulators/).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from durable_floor import sqlite_floor
 
 from emulators.graph_crypto import SigningKey, encrypt_for_certificate, generate_certificate, sign_validation_token
 from emulators.serving import serve_app
@@ -192,6 +198,11 @@ def rich_bodies(
         token = make_token(args, crypto, shared)
         bodies.append(json.dumps({"value": items, "validationTokens": [token]}).encode())
     return bodies
+
+
+def floor_rows(body: Any) -> list[tuple[str, str]]:
+    """The durable floor's rows of a basic body: each item's resource, as the pending-read note."""
+    return [(str(item["resource"]), str(item["changeType"])) for item in body["value"]]
 
 
 def basic_bodies(args: argparse.Namespace, agents: list[Agent]) -> list[bytes]:
@@ -389,9 +400,11 @@ GOALS = {
     "intake basic (reads after the run)": ("relay (basic bodies)", 0.5),
     "intake basic (reads during the run)": ("relay (basic bodies)", 0.5),
     "intake basic, no note written": ("relay (basic bodies)", 0.5),
+    "durable floor (basic bodies)": ("relay (basic bodies)", 0.5),
 }
 """Issue 16: each intake's item rate at least this fraction of its baseline's, in the same run."""
 CEILINGS = {"intake rich (seen), core a no-op", "intake basic, no note written"}
+FLOOR = "durable floor (basic bodies)"
 """Rows with the core's or the store's part left out: the intake's own part, what it allows at most."""
 
 
@@ -404,6 +417,15 @@ def goal_lines(rows: list[Row]) -> list[str]:
             continue
         ratio = mine.rate / base.rate if base.rate else 0.0
         by_cpu = base.cpu_us / mine.cpu_us if mine.cpu_us else 0.0
+        if name == FLOOR:
+            basic = by.get("intake basic (reads after the run)")
+            of_floor = f"; the basic intake (reads after) = {basic.rate / mine.rate:.3f}x of it" if basic else ""
+            out.append(
+                f"{name}: {mine.rate:.0f} items/s beside {base_name} {base.rate:.0f} items/s = {ratio:.3f}x; by "
+                f"server CPU per item {mine.cpu_us:.0f} us beside {base.cpu_us:.0f} us = {by_cpu:.3f}x (the least "
+                f"a durable answer costs){of_floor}"
+            )
+            continue
         what = "ceiling" if name in CEILINGS else "goal"
         out.append(
             f"{what} {name}: {mine.rate:.0f} items/s beside {base_name} {base.rate:.0f} items/s = {ratio:.3f}x "
@@ -551,6 +573,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
     deadline = time.monotonic() + args.timeout
     with tempfile.TemporaryDirectory() as tmp:
+        stack = contextlib.AsyncExitStack()  # closed with the servers, in the ``finally`` below
         store: Any = await open_store(f"sqlite+aiosqlite:///{Path(tmp) / 'bench.db'}")
         timings = Timings()
         bridge = Bridge.assemble(store, Catalogue(CATALOGUE), Rules(), {}, telemetry=timings, limiters={})
@@ -587,6 +610,8 @@ async def main_async(args: argparse.Namespace) -> int:
         relay_app = web.Application(client_max_size=2 * 1024 * 1024)
         relay_app.router.add_post("/relay", relay)
         relay_app.router.add_post("/crypto", crypto_relay(crypto.decryptor, tokens))
+        floor = await stack.enter_async_context(sqlite_floor(tmp))
+        relay_app.router.add_post("/floor", floor.handler(floor_rows, 202))
         relay_runner, relay_base = await serve_app(relay_app)
 
         say(
@@ -606,6 +631,7 @@ async def main_async(args: argparse.Namespace) -> int:
             "intake rich (agents seen)",
             "intake rich (seen), core a no-op",
             "relay (basic bodies)",
+            FLOOR,
             "intake basic (reads after the run)",
             "intake basic (reads during the run)",
             "intake basic, no note written",
@@ -629,6 +655,7 @@ async def main_async(args: argparse.Namespace) -> int:
                         ("intake rich (agents seen)", f"{base}{INTAKE_PATH}", seen, timings),
                         ("intake rich (seen), core a no-op", f"{base}{INTAKE_PATH}", seen, timings),
                         ("relay (basic bodies)", f"{relay_base}/relay", basic, None),
+                        (FLOOR, f"{relay_base}/floor", basic, None),
                         ("intake basic (reads after the run)", f"{base}{INTAKE_PATH}", basic, timings),
                         ("intake basic (reads during the run)", f"{base}{INTAKE_PATH}", basic, timings),
                         ("intake basic, no note written", f"{base}{INTAKE_PATH}", basic, timings),
@@ -662,6 +689,7 @@ async def main_async(args: argparse.Namespace) -> int:
             await intake.stop()
             for runner in (app_runner, relay_runner, jwks_runner):
                 await runner.cleanup()
+            await stack.aclose()
             counts = await store.outbox_counts()
             await store.close()
 

@@ -12,12 +12,10 @@ agent's own presence change.
 Beside it, in the same run and on the same bodies, a **raw aiohttp relay**: a handler that reads the
 body, parses the JSON and answers 200, the floor any aiohttp endpoint pays here.
 
-And a **durable floor**, on the same bodies: the relay plus one small row per request (the context's
-``PrimaryEntityId`` and ``CorrelationId``) upserted and committed before the answer, requests that
-arrive together sharing one commit, as the store's group commit does: on SQLite a file of its own in
-WAL with ``synchronous=FULL``, ``COMMIT`` on a thread; on PostgreSQL one transaction per group on one
-asyncpg connection. No key check, no context, no rules, no outbox: the least any intake pays that
-answers only once the change is durable (rule 7), which is what the webhook must do.
+And a **durable floor** (``bench/durable_floor.py``), on the same bodies: the relay plus one small row
+per request (the context's ``PrimaryEntityId`` and ``CorrelationId``) upserted and committed before
+the answer, requests arriving together sharing one commit, on the same kind of store: the least any
+intake pays that answers only once the change is durable (rule 7), which is what the webhook must do.
 
 And a **ceiling**, on the same bodies again: the webhook with the core's ``observe`` (the engine, its
 transaction and commit) a no-op that answers at once, so what is left is the route's own part (key
@@ -43,12 +41,11 @@ import contextlib
 import copy
 import json
 import os
-import sqlite3
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +59,8 @@ from emulators.serving import serve_app
 # Run as a script from anywhere: the repository root on the path.
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from durable_floor import DurableFloor, postgres_floor, sqlite_floor  # noqa: E402
 
 from mapping.engine import Outcome  # noqa: E402
 from mapping.model import OOB_PRESENCE_IDS, Agent, BasePresence, PresenceObserved  # noqa: E402
@@ -105,6 +104,11 @@ class AckTimings:
         if name == "ack.dataverse_webhook":
             self.acks.append(seconds)
         self.inner.latency(name, seconds)
+
+
+def floor_rows(context: Any) -> list[tuple[str, str]]:
+    """The durable floor's row of a webhook: the context's row id and correlation id."""
+    return [(str(context["PrimaryEntityId"]), str(context["CorrelationId"]))]
 
 
 def make_agents(n: int) -> list[Agent]:
@@ -197,83 +201,6 @@ async def relay(request: web.Request) -> web.Response:
     """The baseline: what any aiohttp endpoint taking a JSON body costs, and nothing more."""
     json.loads(await request.read())
     return web.json_response({"status": "ok"})
-
-
-class DurableFloor:
-    """The durable floor's group commit (see the module docstring): requests queue their row, one
-    writer takes whatever is queued (up to 16, as the engine's ``BATCH``) into one transaction, and
-    each request is answered after the commit that holds its row. ``write`` runs one group."""
-
-    def __init__(self, write: Callable[[list[tuple[str, str]]], Awaitable[None]]) -> None:
-        self.write = write
-        self.queue: list[tuple[tuple[str, str], asyncio.Future[None]]] = []
-        self.writer: asyncio.Task[None] | None = None
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = json.loads(await request.read())
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.queue.append(((str(body["PrimaryEntityId"]), str(body["CorrelationId"])), done))
-        if self.writer is None or self.writer.done():
-            self.writer = asyncio.ensure_future(self._drain())
-        await done
-        return web.json_response({"status": "ok"})
-
-    async def _drain(self) -> None:
-        while self.queue:
-            group, self.queue = self.queue[:16], self.queue[16:]
-            try:
-                await self.write([row for row, _ in group])
-            except Exception as e:
-                for _, done in group:
-                    done.set_exception(e)
-                continue
-            for _, done in group:
-                done.set_result(None)
-
-
-FLOOR_UPSERT = (
-    "INSERT INTO floor (id, correlation) VALUES ($1, $2) "
-    "ON CONFLICT (id) DO UPDATE SET correlation = excluded.correlation"
-)
-
-
-@contextlib.asynccontextmanager
-async def sqlite_floor(folder: str) -> AsyncIterator[DurableFloor]:
-    """The durable floor on SQLite: a file of its own, the store's pragmas, COMMIT on a thread."""
-    db = sqlite3.connect(Path(folder) / "floor.db", isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("CREATE TABLE IF NOT EXISTS floor (id TEXT PRIMARY KEY, correlation TEXT)")
-    upsert = FLOOR_UPSERT.replace("$1", "?").replace("$2", "?")
-    thread = concurrent.futures.ThreadPoolExecutor(1)
-
-    async def write(rows: list[tuple[str, str]]) -> None:
-        db.execute("BEGIN IMMEDIATE")
-        db.executemany(upsert, rows)
-        await asyncio.get_running_loop().run_in_executor(thread, db.execute, "COMMIT")
-
-    try:
-        yield DurableFloor(write)
-    finally:
-        thread.shutdown()
-        db.close()
-
-
-@contextlib.asynccontextmanager
-async def postgres_floor(url: str, schema: str) -> AsyncIterator[DurableFloor]:
-    """The durable floor on PostgreSQL: a table in the run's schema, one asyncpg connection."""
-    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://", 1), timeout=10)
-    await conn.execute(f'CREATE TABLE "{schema}".floor (id text PRIMARY KEY, correlation text)')
-    await conn.execute(f'SET search_path TO "{schema}"')
-
-    async def write(rows: list[tuple[str, str]]) -> None:
-        async with conn.transaction():
-            await conn.executemany(FLOOR_UPSERT, rows)
-
-    try:
-        yield DurableFloor(write)
-    finally:
-        await conn.close()
 
 
 @dataclass
@@ -379,7 +306,7 @@ async def bench_store(
     relay_app.router.add_post(PATH, relay)
     relay_runner, relay_base = await serve_app(relay_app)
     floor_app = web.Application(client_max_size=2 * 1024 * 1024)
-    floor_app.router.add_post(PATH, floor.handle)
+    floor_app.router.add_post(PATH, floor.handler(floor_rows, 200))
     floor_runner, floor_base = await serve_app(floor_app)
     loop = asyncio.get_running_loop()
     rows: list[Row] = []
