@@ -404,8 +404,9 @@ GOALS = {
 }
 """Issue 16: each intake's item rate at least this fraction of its baseline's, in the same run."""
 CEILINGS = {"intake rich (seen), core a no-op", "intake basic, no note written"}
-FLOOR = "durable floor (basic bodies)"
 """Rows with the core's or the store's part left out: the intake's own part, what it allows at most."""
+FLOOR = "durable floor (basic bodies)"
+"""The durable floor's row: a baseline of its own (``bench/durable_floor.py``), not a goal of the issue."""
 
 
 def goal_lines(rows: list[Row]) -> list[str]:

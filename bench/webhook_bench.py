@@ -317,7 +317,6 @@ async def bench_store(
         latencies, statuses, wall = await loop.run_in_executor(
             pool, run_client, url, batch, concurrency, max(1.0, deadline - time.monotonic())
         )
-
         cpu = time.process_time() - cpu
         server = list(timings.acks) if scenario == "webhook" else []
         say(f"  {name} {scenario} c={concurrency}: {len(latencies)} requests in {wall:.2f} s")
