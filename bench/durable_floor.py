@@ -26,6 +26,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
+from mapping.waiters import reject, resolve
 from service.store.calls_thread import CallsThread
 
 Rows = list[tuple[str, str]]
@@ -63,10 +64,10 @@ class DurableFloor:
                 await self.write([row for rows, _ in group for row in rows])
             except Exception as e:
                 for _, done in group:
-                    done.set_exception(e)
+                    reject(done, e)
                 continue
-            for _, done in group:
-                done.set_result(None)
+            for _, done in group:  # a request whose sender went away meanwhile is left alone
+                resolve(done, None)
 
 
 UPSERT = "INSERT INTO floor (id, detail) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET detail = excluded.detail"

@@ -16,18 +16,11 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from mapping.waiters import reject, resolve
+
 T = TypeVar("T")
 
 _Call = tuple[Callable[..., Any], tuple[Any, ...], asyncio.AbstractEventLoop | None, "asyncio.Future[Any] | None"]
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():  # its awaiter was cancelled meanwhile; the call ran all the same
-        return
-    if error is None:
-        future.set_result(result)
-    else:
-        future.set_exception(error)
 
 
 class CallsThread:
@@ -83,6 +76,10 @@ class CallsThread:
             if loop is None or future is None:
                 continue
             try:
-                loop.call_soon_threadsafe(_settle, future, result, error)
+                # A future whose awaiter was cancelled meanwhile is left alone: the call ran all the same.
+                if error is None:
+                    loop.call_soon_threadsafe(resolve, future, result)
+                else:
+                    loop.call_soon_threadsafe(reject, future, error)
             except RuntimeError:  # the loop closed meanwhile: nobody is left to answer
                 pass

@@ -41,6 +41,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
+from mapping.waiters import reject, resolve
 from service.store.calls_thread import CallsThread
 from service.store.connect import BEGIN_MODE, SQLITE_BUSY_TIMEOUT_MS
 
@@ -221,14 +222,10 @@ class InlineSqlite:
         except BaseException as e:  # handed to every writer of the chain
             error = e
         for done in chain.waiting:
-            if done.done():
-                continue
             if error is None:
-                done.set_result(None)
-            elif isinstance(error, asyncio.CancelledError):
-                done.cancel()
+                resolve(done, None)
             else:
-                done.set_exception(error)
+                reject(done, error)
         if error is not None and not isinstance(error, Exception):
             raise error
 
